@@ -1,0 +1,35 @@
+"""The engine's single source of defaults: the CLI reads its flags from these dataclasses."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenwire.tokenizer.model_resolver import DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16                 # tokens per KV block
+    kv_cache_memory_gb: float = 1.0      # memory budget for the whole KV pool (all layers, K and V)
+    num_blocks: int | None = None        # overrides the budget when set (tests use it to force preemption)
+    enable_prefix_cache: bool = True     # reuse KV blocks of identical token-id prefixes
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64               # bound on running requests
+    max_num_batched_tokens: int = 512    # per-step token budget (prefill chunks + decodes)
+    enable_chunked_prefill: bool = True  # split long prompts across steps under the budget
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = DEFAULT_MODEL           # resolver name, local folder or hub id
+    device: str = "auto"                 # "auto" (cuda if present, else cpu), "cpu", "cuda", "cuda:N"
+    dtype: str = "auto"                  # "auto" (fastest on this machine), "float32", "bfloat16", "float16"
+    max_model_len: int | None = None     # defaults to the model's own context length
+    max_new_tokens_cap: int = 4096       # the largest max_new_tokens a request may ask for
+    max_logprobs: int = 20               # the largest top-n logprobs a request may ask for
+    trust_remote_code: bool = False      # never run code shipped with a checkpoint unless asked
+    seed: int = 0                        # seeds requests that give none, so runs are reproducible
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -1,0 +1,71 @@
+"""Per-request sampling parameters, validated once at submission (never inside the step loop)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses at submission; `field` names the offending field."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 1.0             # 0 means greedy
+    top_k: int = 0                       # 0 disables
+    top_p: float = 1.0                   # in (0, 1]; 1 disables
+    min_p: float = 0.0                   # in [0, 1]; 0 disables
+    repetition_penalty: float = 1.0      # > 0; 1 disables (CTRL-style, on prompt and output tokens)
+    presence_penalty: float = 0.0        # subtracted once from every token already generated
+    frequency_penalty: float = 0.0       # subtracted per occurrence in the generated tokens
+    seed: int | None = None              # same seed -> same tokens, whatever else is in the batch
+    stop_token_ids: tuple[int, ...] = () # extra ids that end generation (the eos id always does)
+    stop: tuple[str, ...] = ()           # stop strings, matched on detokenized output text
+    ignore_eos: bool = False             # keep going past eos (benchmarks)
+    logprobs: int | None = None          # None: none; 0: the chosen token's; n: plus top-n alternatives
+    skip_special_tokens: bool = True     # for the detokenized text used by stop strings
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+    def validate(self, max_new_tokens_cap: int, max_logprobs: int, vocab_size: int) -> None:
+        _check(isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= max_new_tokens_cap,
+               "max_new_tokens", f"must be an integer in [1, {max_new_tokens_cap}], got {self.max_new_tokens!r}")
+        _check(_finite(self.temperature) and self.temperature >= 0,
+               "temperature", f"must be a finite number >= 0, got {self.temperature!r}")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k!r}")
+        _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        _check(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
+        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0,
+               "repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_finite(value) and -2 <= value <= 2, name, f"must be in [-2, 2], got {value!r}")
+        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+               "seed", f"must be in [0, 2^63), got {self.seed!r}")
+        bad_ids = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        _check(not bad_ids, "stop_token_ids", f"ids outside the vocabulary [0, {vocab_size}): {bad_ids[:5]}")
+        _check(len(self.stop) <= 16, "stop", f"at most 16 stop strings, got {len(self.stop)}")
+        _check(all(0 < len(s) <= 256 for s in self.stop), "stop", "stop strings must have 1 to 256 characters")
+        _check(self.logprobs is None or 0 <= self.logprobs <= max_logprobs,
+               "logprobs", f"must be in [0, {max_logprobs}], got {self.logprobs!r}")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(field_name, message)

@@ -1,0 +1,67 @@
+"""One request's state as it moves through the engine. Plain Python: no torch, no gRPC."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from tokenwire.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"      # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"      # holds KV blocks and is scheduled every step
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"            # eos, a stop token id or a stop string
+    LENGTH = "length"        # max_new_tokens or the model's context
+    ABORT = "abort"          # aborted by the caller (cancel, deadline, shutdown)
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = 0.0
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    block_table: list[int] = field(default_factory=list)   # KV block ids, in position order
+    num_computed_tokens: int = 0        # tokens whose KV is already in the cache
+    num_cached_prompt_tokens: int = 0   # prompt tokens served by the prefix cache (first admission)
+    num_preemptions: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_id_at(self, position: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Positions [start, start + num_tokens) of one sequence, fed to the model in this step."""
+    seq: Sequence
+    start: int           # == seq.num_computed_tokens when scheduled
+    num_tokens: int      # a prefill chunk (many) or a decode (1)
+    sample: bool         # the chunk reaches the sequence's last known token: sample the next one
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
