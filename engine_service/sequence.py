@@ -25,6 +25,7 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = 0.0
+    seed: int = 0                       # sampling seed: params.seed, or one the engine drew for it
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
