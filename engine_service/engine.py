@@ -1,0 +1,178 @@
+"""The in-process engine: requests in (text or token ids), one step = schedule -> forward -> sample ->
+post-process, per-request output deltas out. Single-threaded by design; `EngineLoop` runs it on a thread.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Sequence as Seq
+
+from transformers import AutoTokenizer
+
+from tokenwire.engine.config import EngineConfig
+from tokenwire.engine.kv_cache import BlockManager
+from tokenwire.engine.model_runner import ModelRunner
+from tokenwire.engine.output_processor import OutputProcessor, RequestState
+from tokenwire.engine.outputs import EngineStats, RequestOutput
+from tokenwire.engine.sampler import Sampler
+from tokenwire.engine.sampling_params import InvalidRequestError, SamplingParams
+from tokenwire.engine.scheduler import Scheduler
+from tokenwire.engine.sequence import FinishReason, Sequence
+from tokenwire.tokenizer.model_resolver import resolve_model
+from tokenwire.tokenizer.tokenizer import tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig = EngineConfig()):
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model),
+                                                       trust_remote_code=config.trust_remote_code)
+        self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.vocab_size = self.runner.vocab_size
+        self.max_model_len = self.runner.max_model_len
+        self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size,
+                                          config.cache.enable_prefix_cache)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        self.sampler = Sampler()
+        self.outputs = OutputProcessor(self.tokenizer, self.runner.eos_token_ids, self.max_model_len)
+        self._states: dict[str, RequestState] = {}
+        self._encode_lock = threading.Lock()
+        self._encodes = 0
+        self._seed_rng = random.Random(config.seed)
+        self._ids = itertools.count()
+        log.info("engine ready: %s (%s) on %s/%s, %d KV blocks of %d tokens, context %d",
+                 config.model, self.runner.architecture, self.runner.device, self.runner.dtype,
+                 self.runner.num_blocks, self.runner.block_size, self.max_model_len)
+
+    # ---- submission (validation and encoding happen here, never inside the step loop) ----
+
+    @property
+    def num_prompt_encodes(self) -> int:
+        """Prompts this engine has tokenized: 0 for every request that arrived as token ids."""
+        return self._encodes
+
+    def encode_prompt(self, text: str) -> list[int]:
+        if not isinstance(text, str) or not text:
+            raise InvalidRequestError("prompt", "must be a non-empty string")
+        ids = self.tokenizer.encode(text)
+        with self._encode_lock:
+            self._encodes += 1
+        return ids
+
+    def prepare(self, prompt: str | None = None, prompt_token_ids: Seq[int] | None = None,
+                params: SamplingParams | None = None, request_id: str | None = None,
+                arrival_time: float | None = None) -> Sequence:
+        """Validate a request and build its Sequence. Thread-safe: callers run it off the engine thread."""
+        params = params or SamplingParams()
+        if (prompt is None) == (prompt_token_ids is None):
+            raise InvalidRequestError("prompt", "give exactly one of prompt text or prompt_token_ids")
+        params.validate(self.config.max_new_tokens_cap, self.config.max_logprobs, self.vocab_size)
+        ids = self.encode_prompt(prompt) if prompt is not None else self._checked_ids(prompt_token_ids)
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt", f"is {len(ids)} tokens; the context holds {self.max_model_len} "
+                          f"and at least one new token must fit")
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        return Sequence(request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", ids, params,
+                        arrival_time=arrival_time or time.monotonic(), seed=seed)
+
+    def _checked_ids(self, ids: Seq[int]) -> list[int]:
+        ids = list(ids)
+        if not ids:
+            raise InvalidRequestError("prompt_token_ids", "must not be empty")
+        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise InvalidRequestError("prompt_token_ids",
+                                      f"ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        return ids
+
+    def add(self, seq: Sequence, want_text: bool = False) -> str:
+        """Queue a prepared sequence. Engine thread only."""
+        if seq.request_id in self._states:
+            raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in use")
+        self._states[seq.request_id] = self.outputs.new_state(seq, seq.arrival_time, want_text)
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def add_request(self, prompt: str | None = None, prompt_token_ids: Seq[int] | None = None,
+                    params: SamplingParams | None = None, request_id: str | None = None,
+                    want_text: bool = False) -> str:
+        return self.add(self.prepare(prompt, prompt_token_ids, params, request_id), want_text)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request now and free its blocks; returns its terminal output (None if unknown/done)."""
+        return self._end(request_id, FinishReason.ABORT)
+
+    def fail(self, request_id: str, error: str) -> RequestOutput | None:
+        return self._end(request_id, FinishReason.ABORT, error)
+
+    def _end(self, request_id: str, reason: FinishReason, error: str | None = None) -> RequestOutput | None:
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return None
+        self.scheduler.abort(request_id)
+        return self.outputs.make_output(state, [], None, "", reason, time.monotonic(), error)
+
+    # ---- the step ----
+
+    def has_unfinished(self) -> bool:
+        return bool(self._states)
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.chunks:
+            return []
+        now = time.monotonic()
+        for chunk in batch.chunks:
+            timings = self._states[chunk.seq.request_id].timings
+            if timings.first_scheduled_time is None:
+                timings.first_scheduled_time = now
+        if batch.block_copies:
+            self.runner.copy_blocks(batch.block_copies)
+        logits = self.runner.execute(batch.chunks)
+        seqs = [chunk.seq for chunk in batch.chunks if chunk.sample]
+        sampled = self.sampler.sample(logits, seqs)
+        self.scheduler.on_step_done(batch)
+        return self._postprocess(seqs, sampled.token_ids, sampled.logprobs)
+
+    def _postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs) -> list[RequestOutput]:
+        now = time.monotonic()
+        outputs = []
+        for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
+            state = self._states[seq.request_id]
+            output, reason = self.outputs.process(state, token_id, logprob, now)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self._states[seq.request_id]
+            outputs.append(output)
+        return outputs
+
+    # ---- offline use and introspection ----
+
+    def generate(self, prompts: Seq[str] | None = None, prompt_token_ids: Seq[Seq[int]] | None = None,
+                 params: SamplingParams | Seq[SamplingParams] | None = None) -> list[list[int]]:
+        """Run a batch to completion; returns each request's generated ids, in input order."""
+        items = [dict(prompt=p) for p in prompts] if prompts is not None else \
+            [dict(prompt_token_ids=ids) for ids in prompt_token_ids]
+        all_params = params if isinstance(params, (list, tuple)) else [params] * len(items)
+        rids = [self.add_request(params=p, **item) for item, p in zip(items, all_params)]
+        results: dict[str, list[int]] = {rid: [] for rid in rids}
+        while self.has_unfinished():
+            for out in self.step():
+                results[out.request_id].extend(out.new_token_ids)
+        return [results[rid] for rid in rids]
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            num_kv_blocks=self.runner.num_blocks, num_free_kv_blocks=bm.num_free_blocks,
+            num_prompt_encodes=self._encodes, prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
+            num_preemptions=self.scheduler.num_preemptions)

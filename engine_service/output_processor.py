@@ -1,0 +1,95 @@
+"""Post-processing of sampled tokens: append, detect the end of a request, build its output delta.
+
+Stop strings are matched on incrementally detokenized text (O(1) per token, never a re-decode of the
+whole sequence); only requests that ask for text or have stop strings pay for detokenization.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from tokenwire.engine.outputs import RequestOutput, RequestTimings, TokenLogprob
+from tokenwire.engine.sequence import FinishReason, Sequence
+from tokenwire.tokenizer.detokenizer import IncrementalDetokenizer
+
+
+@dataclass
+class RequestState:
+    seq: Sequence
+    timings: RequestTimings
+    detokenizer: IncrementalDetokenizer | None = None
+    held_text: str = ""          # text not yet emitted: it may still turn out to start a stop string
+    stop_window: int = 0         # longest stop string - 1: how much text must be held back
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, eos_token_ids: set[int], max_model_len: int):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+
+    def new_state(self, seq: Sequence, arrival_time: float, want_text: bool) -> RequestState:
+        state = RequestState(seq, RequestTimings(arrival_time))
+        if want_text or seq.params.stop:
+            state.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, skip_special_tokens=seq.params.skip_special_tokens,
+                prompt_ids=seq.prompt_token_ids)
+            state.stop_window = max((len(s) for s in seq.params.stop), default=1) - 1
+        return state
+
+    def process(self, state: RequestState, token_id: int, logprob: TokenLogprob | None,
+                now: float) -> tuple[RequestOutput, FinishReason | None]:
+        """Append one sampled token; return the request's output delta and why it ended, if it did."""
+        seq = state.seq
+        seq.output_token_ids.append(token_id)
+        if state.timings.first_token_time is None:
+            state.timings.first_token_time = now
+        reason = self._finish_reason(seq, token_id)
+        text = ""
+        if state.detokenizer is not None:
+            text, hit_stop = self._text_delta(state, token_id, final=reason is not None)
+            if hit_stop and reason is None:
+                reason = FinishReason.STOP
+        output = self.make_output(state, [token_id], [logprob] if logprob else None, text, reason, now)
+        return output, reason
+
+    def make_output(self, state: RequestState, token_ids: list[int], logprobs, text: str,
+                    reason: FinishReason | None, now: float, error: str | None = None) -> RequestOutput:
+        seq = state.seq
+        finished = reason is not None
+        if finished:
+            state.timings.finish_time = now
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=token_ids, new_logprobs=logprobs, text_delta=text,
+            finished=finished, finish_reason=reason, error=error,
+            num_prompt_tokens=seq.num_prompt_tokens, num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+            num_output_tokens=len(seq.output_token_ids), timings=state.timings if finished else None)
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        params = seq.params
+        if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _text_delta(self, state: RequestState, token_id: int, final: bool) -> tuple[str, bool]:
+        """New text safe to emit, and whether a stop string was found (text is cut before it)."""
+        skip = (token_id in self.eos_token_ids or token_id in state.seq.params.stop_token_ids)
+        new_text = "" if skip else state.detokenizer.push([token_id])
+        if final:
+            new_text += state.detokenizer.finish()
+        text = state.held_text + new_text
+        stops = state.seq.params.stop
+        if stops:
+            # Only the held tail plus the new text can contain a stop string that was not seen before.
+            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                state.held_text = ""
+                return text[:cut], True
+        if final or not stops:
+            state.held_text = ""
+            return text, False
+        keep = min(state.stop_window, len(text))
+        state.held_text = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep], False
