@@ -36,9 +36,10 @@ class LLMEngine:
                                                        trust_remote_code=config.trust_remote_code)
         self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.vocab_size = self.runner.vocab_size
-        self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size,
                                           config.cache.enable_prefix_cache)
+        # A sequence longer than the whole KV pool could never be scheduled again once preempted.
+        self.max_model_len = min(self.runner.max_model_len, self.block_manager.num_token_slots)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
         self.sampler = Sampler()
         self.outputs = OutputProcessor(self.tokenizer, self.runner.eos_token_ids, self.max_model_len)
@@ -168,6 +169,10 @@ class LLMEngine:
             for out in self.step():
                 results[out.request_id].extend(out.new_token_ids)
         return [results[rid] for rid in rids]
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (benchmarks use it to measure cold runs)."""
+        self.block_manager.reset_prefix_cache()
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

@@ -1,0 +1,211 @@
+"""Continuous batching: which tokens of which sequences the model runs in the next step.
+
+Each step, under a token budget: (1) every decoding sequence gets its one token, oldest first, so
+decodes never starve behind prefills; (2) sequences part-way through a chunked prefill get their next
+chunk; (3) waiting sequences are admitted in arrival order while the budget, `max_num_seqs` and free
+KV blocks allow. When a running sequence needs a block the pool cannot give, the youngest running
+sequence is preempted by recompute: its blocks are freed, its generated tokens kept, and it waits at
+the front of the queue to prefill prompt + outputs again (mostly from the prefix cache, when enabled).
+The oldest sequence therefore always progresses. Plain Python: no torch, no gRPC.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from tokenwire.engine.config import SchedulerConfig
+from tokenwire.engine.kv_cache import BlockManager, PrefixMatch
+from tokenwire.engine.sequence import FinishReason, ScheduledChunk, Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]             # what the model runs this step: decodes first, then prefills
+    block_copies: list[tuple[int, int]]      # (src, dst) KV block copies to do before the forward pass
+    preempted: list[Sequence]                # sent back to waiting this step; their KV is gone
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(chunk.num_tokens for chunk in self.chunks)
+
+
+@dataclass
+class _Step:
+    """The step being built. Chunks are keyed by sequence so a preemption can take one back."""
+    budget: int
+    chunks: dict[Sequence, ScheduledChunk] = field(default_factory=dict)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def add(self, seq: Sequence, num_tokens: int) -> None:
+        start = seq.num_computed_tokens
+        self.chunks[seq] = ScheduledChunk(seq, start, num_tokens, sample=start + num_tokens == seq.num_tokens)
+        self.budget = max(self.budget - num_tokens, 0)
+
+    def drop(self, seq: Sequence) -> None:
+        chunk = self.chunks.pop(seq, None)
+        if chunk is not None:
+            self.budget += chunk.num_tokens
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int):
+        if config.max_num_seqs < 1 or config.max_num_batched_tokens < config.max_num_seqs:
+            raise ValueError("need 1 <= max_num_seqs <= max_num_batched_tokens (every running sequence "
+                             f"must fit a decode in one step), got {config.max_num_seqs} and "
+                             f"{config.max_num_batched_tokens}")
+        self.config = config
+        self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()     # arrival order; preempted ones (the oldest) in front
+        self.running: list[Sequence] = []           # arrival order: the last one is preempted first
+        self.num_preemptions = 0
+        self._by_id: dict[str, Sequence] = {}
+        self._arrival: dict[Sequence, int] = {}
+        self._arrivals = itertools.count()
+
+    # ---- queue ----
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._by_id.get(request_id)
+
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self._by_id:
+            raise ValueError(f"request id {seq.request_id!r} is already scheduled")
+        if not 0 < seq.num_tokens <= self.max_model_len:
+            raise ValueError(f"{seq.request_id}: {seq.num_tokens} tokens, need 1 to {self.max_model_len}")
+        seq.status = SequenceStatus.WAITING
+        self._by_id[seq.request_id] = seq
+        self._arrival[seq] = next(self._arrivals)
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """End a waiting or running sequence now and free its blocks; None if unknown or already done."""
+        seq = self._by_id.get(request_id)
+        if seq is not None:
+            self.finish(seq, FinishReason.ABORT)
+        return seq
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.is_finished or self._by_id.get(seq.request_id) is not seq:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        del self._by_id[seq.request_id], self._arrival[seq]
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    # ---- the step ----
+
+    def schedule(self) -> SchedulerOutput:
+        step = _Step(budget=self.config.max_num_batched_tokens)
+        self._schedule_running(step, decoding=True)
+        self._schedule_running(step, decoding=False)
+        if not step.preempted:   # under KV pressure, finish what runs before taking on more
+            self._admit_waiting(step)
+        return SchedulerOutput(list(step.chunks.values()), self.block_manager.pop_block_copies(),
+                               step.preempted)
+
+    def on_step_done(self, output: SchedulerOutput) -> None:
+        """The step's KV is written: advance each sequence and index its newly filled blocks.
+        Call before appending sampled tokens; sequences finished or aborted meanwhile are skipped."""
+        for chunk in output.chunks:
+            seq = chunk.seq
+            if seq.status is SequenceStatus.RUNNING and seq.num_computed_tokens == chunk.start:
+                seq.num_computed_tokens = chunk.end
+                self.block_manager.commit(seq)
+
+    def _schedule_running(self, step: _Step, decoding: bool) -> None:
+        for seq in list(self.running):   # a snapshot: preemption removes from the live list
+            if step.budget == 0:
+                return
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            if seq.status is not SequenceStatus.RUNNING or remaining <= 0 or (remaining == 1) != decoding:
+                continue
+            num_tokens = self._chunk_size(remaining, step)
+            if num_tokens > 1 and self.config.enable_chunked_prefill:
+                num_tokens = self._fit_chunk(seq, num_tokens, step)
+            if num_tokens and self._reserve(seq, num_tokens, step):
+                step.add(seq, num_tokens)
+
+    def _fit_chunk(self, seq: Sequence, num_tokens: int, step: _Step) -> int:
+        """Shrink a prefill chunk to the free KV rather than preempt others for all of it; preempt
+        only when not even one token fits. 0 if `seq` itself had to go."""
+        if not self._reserve(seq, 1, step):
+            return 0
+        return min(num_tokens, self.block_manager.num_writable_tokens(seq))
+
+    def _admit_waiting(self, step: _Step) -> None:
+        bm = self.block_manager
+        while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            match = bm.match_prefix(seq)
+            num_tokens = self._chunk_size(seq.num_tokens - match.num_cached_tokens, step)
+            if num_tokens == 0 or not bm.can_allocate(seq, num_tokens, match):
+                return   # FIFO: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            self._start(seq, match, num_tokens)
+            step.add(seq, num_tokens)
+
+    def _start(self, seq: Sequence, match: PrefixMatch, num_tokens: int) -> None:
+        seq.num_computed_tokens = self.block_manager.allocate_prefix(seq, match)
+        if seq.num_preemptions == 0:
+            seq.num_cached_prompt_tokens = seq.num_computed_tokens
+        if not self.block_manager.ensure_slots(seq, num_tokens):
+            raise RuntimeError(f"{seq.request_id}: blocks vanished between can_allocate and ensure_slots")
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=self._arrival.__getitem__)
+
+    def _chunk_size(self, remaining: int, step: _Step) -> int:
+        """How many of `remaining` prefill tokens run this step; 0 when none can."""
+        if remaining <= step.budget:
+            return remaining
+        if self.config.enable_chunked_prefill:
+            return step.budget
+        # Without chunking a prompt runs whole. One longer than the whole budget would never fit,
+        # so it runs alone in a step that is otherwise empty rather than starve.
+        return remaining if not step.chunks else 0
+
+    def _reserve(self, seq: Sequence, num_tokens: int, step: _Step) -> bool:
+        """Find blocks for `seq`, preempting the youngest running sequences (possibly `seq` itself)."""
+        while not self.block_manager.ensure_slots(seq, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim, step)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, step: _Step) -> None:
+        """Preemption by recompute: free the KV, keep the generated tokens, requeue ahead of newcomers."""
+        self.running.remove(seq)
+        step.drop(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        step.preempted.append(seq)
+        self._requeue(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        # Preempted sequences are older than anything never admitted, so they sit at the front,
+        # among themselves in arrival order; the scan stops within that short front run.
+        key, i = self._arrival[seq], 0
+        while i < len(self.waiting) and self._arrival[self.waiting[i]] < key:
+            i += 1
+        self.waiting.insert(i, seq)
