@@ -1,0 +1,120 @@
+"""Text <-> ids on the Rust tokenizer: encode, batch encode, decode, chat templates. No gRPC here.
+
+Safe to call from several threads at once: it never touches the backend's truncation or padding
+state (transformers rewrites that state on every `tokenizer(...)` call, a race under threads).
+Truncation is instead done the way the Rust tokenizer does it internally: encode without special
+tokens, truncate, then add the special tokens with `post_process`. The results equal
+`tokenizer(text, truncation=True, max_length=n)["input_ids"]`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tokenwire.tokenizer.detokenizer import IncrementalDetokenizer, skipped_token_ids
+from tokenwire.tokenizer.tokenizer import TokenizerInfo, describe_tokenizer
+
+TRUNCATION_SIDES = ("right", "left")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class InvalidArgumentError(ValueError):
+    """A request the service refuses; `field` names the offending request field."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+class NoChatTemplateError(RuntimeError):
+    """The tokenizer has no chat template, so ApplyChatTemplate cannot work (a server precondition)."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    truncated: bool  # max_length cut the encoding short
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    add_special_tokens: bool = True
+    max_length: int | None = None         # None: no truncation
+    truncation_side: str | None = None    # "right" / "left"; None: the tokenizer's own default
+
+
+class TokenCodec:
+    """One loaded tokenizer and the operations the service offers on it."""
+
+    def __init__(self, tokenizer: Any, model: str):
+        if getattr(tokenizer, "backend_tokenizer", None) is None:
+            raise ValueError(f"{model}: the tokenizer service needs a fast (tokenizers) tokenizer")
+        self.tokenizer = tokenizer
+        self.info: TokenizerInfo = describe_tokenizer(tokenizer, model)
+        self._backend = tokenizer.backend_tokenizer
+        self._skipped = skipped_token_ids(tokenizer)
+        self._default_side = getattr(tokenizer, "truncation_side", "right")
+
+    def encode_batch(self, texts: Sequence[str], options: EncodeOptions) -> list[Encoded]:
+        """The ids of every text; one call into the Rust tokenizer's parallel batch path."""
+        budget = self._content_budget(options)
+        if budget is None:
+            encodings = self._backend.encode_batch_fast(list(texts), add_special_tokens=options.add_special_tokens)
+            return [Encoded(e.ids, False) for e in encodings]
+        side = options.truncation_side or self._default_side
+        results = []
+        for encoding in self._backend.encode_batch_fast(list(texts), add_special_tokens=False):
+            truncated = len(encoding) > budget
+            if truncated:
+                encoding.truncate(budget, direction=side)
+            if options.add_special_tokens:
+                encoding = self._backend.post_process(encoding, add_special_tokens=True)
+            results.append(Encoded(encoding.ids, truncated))
+        return results
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        """`tokenizer.decode` without clean-up, so it equals the concatenated DecodeStream deltas."""
+        self.check_ids("ids", ids)
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def detokenizer(self, skip_special_tokens: bool, prompt_ids: Sequence[int] = ()) -> IncrementalDetokenizer:
+        self.check_ids("prompt_ids", prompt_ids)
+        return IncrementalDetokenizer(self.tokenizer, skip_special_tokens, prompt_ids, skipped_ids=self._skipped)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]],
+                            add_generation_prompt: bool) -> tuple[list[int], str]:
+        """The rendered prompt's ids and text; the template writes every special token itself."""
+        if not self.info.has_chat_template:
+            raise NoChatTemplateError(f"{self.info.model} has no chat template")
+        if not messages:
+            raise InvalidArgumentError("messages", "must contain at least one message")
+        for i, message in enumerate(messages):
+            if message.get("role") not in CHAT_ROLES:
+                raise InvalidArgumentError(f"messages[{i}].role", f"must be one of {CHAT_ROLES}")
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        except TemplateError as error:  # templates raise on conversations they reject (e.g. role order)
+            raise InvalidArgumentError("messages", f"rejected by the chat template: {error}") from error
+        ids = self._backend.encode(text, add_special_tokens=False).ids
+        return ids, text
+
+    def check_ids(self, field_name: str, ids: Sequence[int]) -> None:
+        if ids and max(ids) >= self.info.vocab_size:
+            bad = [i for i in ids if i >= self.info.vocab_size][:5]
+            raise InvalidArgumentError(field_name, f"ids outside the vocabulary [0, {self.info.vocab_size}): {bad}")
+
+    def _content_budget(self, options: EncodeOptions) -> int | None:
+        """How many ids the text itself may keep once the special tokens are added; None: no limit."""
+        if options.truncation_side not in (None, *TRUNCATION_SIDES):
+            raise InvalidArgumentError("truncation_side", f"must be one of {TRUNCATION_SIDES}")
+        if options.max_length is None:
+            return None
+        specials = self._backend.num_special_tokens_to_add(False) if options.add_special_tokens else 0
+        if options.max_length < max(specials, 1):
+            raise InvalidArgumentError(
+                "max_length", f"must be >= {max(specials, 1)} (special tokens included), got {options.max_length}")
+        return options.max_length - specials

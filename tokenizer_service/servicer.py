@@ -1,0 +1,136 @@
+"""The TokenizerService gRPC handlers (grpc.aio): validate, convert, call the codec, convert back.
+
+Errors map to status codes and never escape as crashes: InvalidArgumentError -> INVALID_ARGUMENT
+(the message names the field), a missing chat template -> FAILED_PRECONDITION, a request before the
+tokenizer has loaded -> UNAVAILABLE, anything unexpected -> INTERNAL (and a logged traceback).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from tokenwire.tokenizer import convert
+from tokenwire.tokenizer.codec import InvalidArgumentError, NoChatTemplateError, TokenCodec
+from tokenwire.tokenizer.config import TokenizerServiceConfig
+from tokenwire.v1 import tokenizer_pb2 as pb
+from tokenwire.v1 import tokenizer_pb2_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext
+
+
+class NotReadyError(RuntimeError):
+    """The tokenizer is still loading."""
+
+
+def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(error, InvalidArgumentError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, NoChatTemplateError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(error)
+    if isinstance(error, NotReadyError):
+        return grpc.StatusCode.UNAVAILABLE, str(error)
+    log.exception("unexpected error in a tokenizer RPC", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+
+
+def _unary(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Runs a unary handler, turning its exceptions into one status (abort stays outside the try)."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: TokenizerServicer, request: Any, context: Context) -> Any:
+        try:
+            return await handler(self, request, context)
+        except Exception as error:  # every failure becomes a status, never a dead handler
+            code, message = _status_of(error)
+        await context.abort(code, message)
+
+    return wrapper
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
+    """Answers UNAVAILABLE until `attach` hands it a loaded codec."""
+
+    def __init__(self, config: TokenizerServiceConfig):
+        self.config = config
+        self._codec: TokenCodec | None = None
+
+    def attach(self, codec: TokenCodec) -> None:
+        self._codec = codec
+
+    @property
+    def codec(self) -> TokenCodec:
+        if self._codec is None:
+            raise NotReadyError("the tokenizer is still loading; retry when health reports SERVING")
+        return self._codec
+
+    async def _run(self, size: int, fn: Callable[..., T], *args: Any) -> T:
+        # Small work costs microseconds: a thread hop would cost more than it saves.
+        if size <= self.config.inline_work_limit:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
+
+    @_unary
+    async def Encode(self, request: pb.EncodeRequest, context: Context) -> pb.EncodeResponse:
+        options = convert.encode_options(request)
+        [encoded] = await self._run(len(request.text), self.codec.encode_batch, [request.text], options)
+        return pb.EncodeResponse(ids=encoded.ids, truncated=encoded.truncated)
+
+    @_unary
+    async def BatchEncode(self, request: pb.BatchEncodeRequest, context: Context) -> pb.BatchEncodeResponse:
+        if len(request.texts) > self.config.max_batch_size:
+            raise InvalidArgumentError(
+                "texts", f"at most {self.config.max_batch_size} texts per call, got {len(request.texts)}")
+        options = convert.encode_options(request)
+        texts = list(request.texts)
+        size = sum(map(len, texts))
+        encoded = await self._run(size, self.codec.encode_batch, texts, options)
+        return pb.BatchEncodeResponse(encodings=[convert.token_sequence(e) for e in encoded])
+
+    @_unary
+    async def Decode(self, request: pb.DecodeRequest, context: Context) -> pb.DecodeResponse:
+        ids = list(request.ids)
+        text = await self._run(len(ids), self.codec.decode, ids, request.skip_special_tokens)
+        return pb.DecodeResponse(text=text)
+
+    async def DecodeStream(self, request_iterator: AsyncIterator[pb.DecodeStreamRequest],
+                           context: Context) -> AsyncIterator[pb.DecodeStreamResponse]:
+        try:
+            async for response in self._decode_stream(request_iterator):
+                yield response
+            return
+        except Exception as error:
+            code, message = _status_of(error)
+        await context.abort(code, message)
+
+    async def _decode_stream(self, requests: AsyncIterator[pb.DecodeStreamRequest]):
+        """One delta per request message, then a final flush once the client half-closes."""
+        codec, detokenizer = self.codec, None
+        async for request in requests:
+            if detokenizer is None:
+                detokenizer = codec.detokenizer(request.skip_special_tokens, list(request.prompt_ids))
+            elif request.prompt_ids:
+                raise InvalidArgumentError("prompt_ids", "only allowed in the first message of the stream")
+            ids = list(request.ids)
+            codec.check_ids("ids", ids)
+            yield pb.DecodeStreamResponse(text=detokenizer.push(ids))
+        tail = detokenizer.finish() if detokenizer is not None else ""
+        yield pb.DecodeStreamResponse(text=tail, final=True)
+
+    @_unary
+    async def ApplyChatTemplate(self, request: pb.ApplyChatTemplateRequest,
+                                context: Context) -> pb.ApplyChatTemplateResponse:
+        messages = convert.chat_messages(request.messages)
+        size = sum(len(m["content"]) for m in messages)
+        ids, text = await self._run(size, self.codec.apply_chat_template, messages, request.add_generation_prompt)
+        return pb.ApplyChatTemplateResponse(ids=ids, text=text if request.return_text else "")
+
+    @_unary
+    async def GetInfo(self, request: pb.GetInfoRequest, context: Context) -> pb.GetInfoResponse:
+        return convert.info_response(self.codec.info)
