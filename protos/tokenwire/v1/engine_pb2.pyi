@@ -200,6 +200,8 @@ Global___TokenIds: _TypeAlias = TokenIds  # noqa: Y015
 
 @_typing.final
 class GenerateRequest(_message.Message):
+    """One generation request: a prompt, how to sample, and what to stream back."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
@@ -433,6 +435,8 @@ Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
 
 @_typing.final
 class GenerateBatchRequest(_message.Message):
+    """Many generation requests for one offline call."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUESTS_FIELD_NUMBER: _builtins.int
@@ -455,6 +459,8 @@ Global___GenerateBatchRequest: _TypeAlias = GenerateBatchRequest  # noqa: Y015
 
 @_typing.final
 class GenerateBatchResponse(_message.Message):
+    """The results of a GenerateBatch call."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
@@ -479,6 +485,8 @@ Global___GenerateBatchResponse: _TypeAlias = GenerateBatchResponse  # noqa: Y015
 
 @_typing.final
 class GetModelInfoRequest(_message.Message):
+    """Ask what the engine serves and how busy it is."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -602,6 +610,8 @@ Global___EngineStats: _TypeAlias = EngineStats  # noqa: Y015
 
 @_typing.final
 class GetModelInfoResponse(_message.Message):
+    """The served model, the engine configuration and live statistics."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int

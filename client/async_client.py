@@ -1,0 +1,290 @@
+"""AsyncClient: the asyncio SDK for tokenwire.
+
+Text is encoded once by the tokenizer service, the ids (with the tokenizer's fingerprint) go to the engine,
+and generated ids come back as text through the tokenizer service's DecodeStream, so the client needs no
+model files. Without a tokenizer service (`tokenizer=None`) text goes straight to the engine instead.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Unpack
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tokenwire.client import convert
+from tokenwire.client.calls import CallScope, RetryPolicy, TextStream, stream_with_retries, with_retries
+from tokenwire.client.errors import DeadlineExceededError, TokenwireError
+from tokenwire.client.types import (ChatMessage, Completion, GenerationChunk, ModelInfo, SamplingOptions,
+                                    TokenizerInfo)
+from tokenwire.v1 import engine_pb2, engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+
+DEFAULT_TOKENIZER = os.environ.get("TOKENWIRE_TOKENIZER", "localhost:50051")
+DEFAULT_ENGINE = os.environ.get("TOKENWIRE_ENGINE", "localhost:50052")
+_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            # Reconnect quickly to a local service that is still starting (gRPC's default starts at 1 s).
+            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2000),
+            # Spread calls over every address a name resolves to (dns:///engine:50052 -> all replicas).
+            ("grpc.lb_policy_name", "round_robin")]
+Message = ChatMessage | Mapping[str, str]
+
+
+class AsyncClient:
+    """`timeout` is the default deadline (seconds) of every call; each method also takes `timeout=`."""
+
+    def __init__(self, tokenizer: str | None = DEFAULT_TOKENIZER, engine: str = DEFAULT_ENGINE, *,
+                 timeout: float | None = None, retry: RetryPolicy = RetryPolicy(),
+                 interceptors: Sequence[grpc.aio.ClientInterceptor] = ()):
+        """`tokenizer`/`engine` are "host:port" addresses; `interceptors` (tracing, auth, metrics)
+        wrap every RPC on both channels."""
+        self.timeout = timeout
+        self.retry = retry
+        channel = lambda address: grpc.aio.insecure_channel(  # noqa: E731
+            address, options=_OPTIONS, interceptors=list(interceptors))
+        self._engine_channel = channel(engine)
+        self._engine = engine_pb2_grpc.EngineServiceStub(self._engine_channel)
+        self._tokenizer_channel = channel(tokenizer) if tokenizer else None
+        self._tokenizer = (tokenizer_pb2_grpc.TokenizerServiceStub(self._tokenizer_channel)
+                           if self._tokenizer_channel else None)
+        self._tokenizer_info: TokenizerInfo | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for channel in (self._engine_channel, self._tokenizer_channel):
+            if channel is not None:
+                await channel.close()
+
+    # ---- generation ----
+
+    async def generate(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
+                       timeout: float | None = None, request_id: str | None = None,
+                       **sampling: Unpack[SamplingOptions]) -> AsyncIterator[GenerationChunk]:
+        """Stream a generation for `prompt` text or `token_ids`; the last chunk carries finish reason,
+        usage and timings. Leaving the loop early cancels the request (the engine frees its blocks).
+        `request_id` (default: a fresh one) names the request in both services' logs and the engine."""
+        scope = self._scope(timeout, request_id)
+        request, prompt_ids = await self._request(prompt, token_ids, sampling, scope)
+        async for chunk in self._stream(request, prompt_ids, scope):
+            yield chunk
+
+    async def chat(self, messages: Iterable[Message], *, timeout: float | None = None,
+                   request_id: str | None = None, **sampling: Unpack[SamplingOptions]
+                   ) -> AsyncIterator[GenerationChunk]:
+        """Stream the assistant's reply; the tokenizer service applies the model's chat template."""
+        scope = self._scope(timeout, request_id)
+        ids = await self._chat_ids(messages, scope)
+        async for chunk in self._stream(self._ids_request(ids, sampling), ids, scope):
+            yield chunk
+
+    async def complete(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
+                       messages: Iterable[Message] | None = None, timeout: float | None = None,
+                       request_id: str | None = None, **sampling: Unpack[SamplingOptions]) -> Completion:
+        """The whole generation at once, for text, token ids or chat messages."""
+        scope = self._scope(timeout, request_id)
+        if messages is not None:
+            token_ids = await self._chat_ids(messages, scope)
+        request, prompt_ids = await self._request(prompt, token_ids, sampling, scope)
+        result, texts = engine_pb2.GenerateResponse(), []
+        async for message in self._engine_stream(request, scope):
+            result.token_ids.extend(message.token_ids)
+            result.logprobs.extend(message.logprobs)
+            texts.append(message.text)
+            if message.finish_reason:
+                result.finish_reason = message.finish_reason
+                result.usage.CopyFrom(message.usage)
+                if message.HasField("timings"):
+                    result.timings.CopyFrom(message.timings)
+        result.text = "".join(texts)
+        return await self._completion(result, prompt_ids, request, scope)
+
+    async def complete_batch(self, prompts: Sequence[str] | None = None, *,
+                             token_ids: Sequence[Sequence[int]] | None = None, timeout: float | None = None,
+                             request_id: str | None = None, **sampling: Unpack[SamplingOptions]
+                             ) -> list[Completion]:
+        """Many prompts in one engine call (offline use); results in input order (engine request ids
+        `<request_id>-<i>`)."""
+        scope = self._scope(timeout, request_id)
+        if (prompts is None) == (token_ids is None):
+            raise TypeError("give exactly one of prompts or token_ids")
+        if prompts is not None and self._tokenizer is not None:
+            token_ids = await self._encode_batch(prompts, scope)
+        if token_ids is not None:
+            fingerprint = await self._fingerprint(scope) if self._tokenizer is not None else ""
+            requests = [self._ids_request(ids, sampling, fingerprint) for ids in token_ids]
+        else:
+            requests = [self._text_request(text, sampling) for text in prompts]
+        for i, request in enumerate(requests):
+            request.request_id = f"{scope.request_id}-{i}"
+        results = await self._generate_batch(requests, scope)
+        return list(await asyncio.gather(*(
+            self._completion(result, request.token_ids.ids, request, scope)
+            for result, request in zip(results, requests))))
+
+    # ---- tokenizer service ----
+
+    async def encode(self, text: str, *, timeout: float | None = None) -> list[int]:
+        response = await self._call("tokenizer", self._tokenizer_stub().Encode,
+                                    tokenizer_pb2.EncodeRequest(text=text), self._scope(timeout))
+        return list(response.ids)
+
+    async def encode_batch(self, texts: Sequence[str], *, timeout: float | None = None) -> list[list[int]]:
+        return await self._encode_batch(texts, self._scope(timeout))
+
+    async def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True,
+                     timeout: float | None = None) -> str:
+        request = tokenizer_pb2.DecodeRequest(ids=token_ids, skip_special_tokens=skip_special_tokens)
+        response = await self._call("tokenizer", self._tokenizer_stub().Decode, request, self._scope(timeout))
+        return response.text
+
+    async def apply_chat_template(self, messages: Iterable[Message], *, timeout: float | None = None
+                                  ) -> list[int]:
+        """The prompt ids of a conversation, ending with the header of the assistant's turn."""
+        return await self._chat_ids(messages, self._scope(timeout))
+
+    async def tokenizer_info(self, *, timeout: float | None = None) -> TokenizerInfo:
+        return await self._info(self._scope(timeout))
+
+    # ---- engine service ----
+
+    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        response = await self._call("engine", self._engine.GetModelInfo, engine_pb2.GetModelInfoRequest(),
+                                    self._scope(timeout))
+        return convert.model_info(response)
+
+    async def wait_ready(self, *, timeout: float | None = 60.0) -> None:
+        """Wait until every configured service reports SERVING on grpc.health.v1."""
+        scope = CallScope(timeout)
+        channels = [c for c in (self._tokenizer_channel, self._engine_channel) if c is not None]
+        for channel in channels:
+            await _wait_serving(health_pb2_grpc.HealthStub(channel), scope)
+
+    # ---- internals ----
+
+    def _scope(self, timeout: float | None, request_id: str | None = None) -> CallScope:
+        return CallScope(self.timeout if timeout is None else timeout, request_id)
+
+    def _tokenizer_stub(self) -> tokenizer_pb2_grpc.TokenizerServiceStub:
+        if self._tokenizer is None:
+            raise TokenwireError("this client has no tokenizer service (tokenizer=None)")
+        return self._tokenizer
+
+    async def _call(self, service: str, method, request, scope: CallScope):
+        return await with_retries(lambda: method(request, timeout=scope.remaining(), metadata=scope.metadata),
+                                  self.retry,
+                                  scope, service)
+
+    async def _info(self, scope: CallScope) -> TokenizerInfo:
+        if self._tokenizer_info is None:  # a tokenizer's identity never changes: ask once
+            response = await self._call("tokenizer", self._tokenizer_stub().GetInfo,
+                                        tokenizer_pb2.GetInfoRequest(), scope)
+            self._tokenizer_info = convert.tokenizer_info(response)
+        return self._tokenizer_info
+
+    async def _fingerprint(self, scope: CallScope) -> str:
+        return (await self._info(scope)).fingerprint
+
+    async def _request(self, prompt: str | None, token_ids: Sequence[int] | None, sampling: Mapping,
+                       scope: CallScope) -> tuple[engine_pb2.GenerateRequest, Sequence[int]]:
+        """The engine request, and the prompt ids used as detokenization context."""
+        if (prompt is None) == (token_ids is None):
+            raise TypeError("give exactly one of prompt (text) or token_ids")
+        if token_ids is None and self._tokenizer is None:
+            return self._text_request(prompt, sampling), ()
+        if token_ids is None:
+            response = await self._call("tokenizer", self._tokenizer.Encode,
+                                        tokenizer_pb2.EncodeRequest(text=prompt), scope)
+            token_ids = list(response.ids)
+        fingerprint = await self._fingerprint(scope) if self._tokenizer is not None else ""
+        return self._ids_request(token_ids, sampling, fingerprint), token_ids
+
+    def _ids_request(self, ids: Sequence[int], sampling: Mapping, fingerprint: str = ""
+                     ) -> engine_pb2.GenerateRequest:
+        # With stop strings the engine detokenizes anyway (to find them) and its text stops right before
+        # the match, while the ids run to the end of the matching token: take the engine's text then.
+        return engine_pb2.GenerateRequest(token_ids=engine_pb2.TokenIds(ids=ids), tokenizer_fingerprint=fingerprint,
+                                          sampling=convert.sampling_params(sampling),
+                                          return_text=self._tokenizer is None or bool(sampling.get("stop")))
+
+    def _text_request(self, text: str, sampling: Mapping) -> engine_pb2.GenerateRequest:
+        return engine_pb2.GenerateRequest(text=text, sampling=convert.sampling_params(sampling), return_text=True)
+
+    async def _chat_ids(self, messages: Iterable[Message], scope: CallScope) -> list[int]:
+        request = tokenizer_pb2.ApplyChatTemplateRequest(messages=convert.chat_messages(messages),
+                                                         add_generation_prompt=True)
+        response = await self._call("tokenizer", self._tokenizer_stub().ApplyChatTemplate, request, scope)
+        return list(response.ids)
+
+    async def _encode_batch(self, texts: Sequence[str], scope: CallScope) -> list[list[int]]:
+        response = await self._call("tokenizer", self._tokenizer_stub().BatchEncode,
+                                    tokenizer_pb2.BatchEncodeRequest(texts=texts), scope)
+        return [list(encoding.ids) for encoding in response.encodings]
+
+    async def _generate_batch(self, requests: list[engine_pb2.GenerateRequest], scope: CallScope
+                              ) -> Sequence[engine_pb2.GenerateResponse]:
+        response = await self._call("engine", self._engine.GenerateBatch,
+                                    engine_pb2.GenerateBatchRequest(requests=requests), scope)
+        return response.results
+
+    async def _stream(self, request: engine_pb2.GenerateRequest, prompt_ids: Sequence[int],
+                      scope: CallScope) -> AsyncIterator[GenerationChunk]:
+        text = None if request.return_text else TextStream(
+            self._tokenizer, prompt_ids, _skip_special(request), scope)
+        try:
+            async for message in self._engine_stream(request, scope):
+                delta = message.text
+                if text is not None:
+                    delta = await text.push(message.token_ids)
+                    if message.finish_reason:
+                        delta += await text.finish()
+                yield convert.chunk(message, delta)
+        finally:
+            if text is not None:
+                text.cancel()
+
+    def _engine_stream(self, request: engine_pb2.GenerateRequest, scope: CallScope
+                       ) -> AsyncIterator[engine_pb2.GenerateResponse]:
+        request.request_id = request.request_id or scope.request_id  # the engine's id is the call's id
+        start = lambda: self._engine.Generate(  # noqa: E731
+            request, timeout=scope.remaining(), metadata=scope.metadata)
+        return stream_with_retries(start, self.retry, scope, "engine")
+
+    async def _completion(self, result: engine_pb2.GenerateResponse, prompt_ids: Sequence[int],
+                          request: engine_pb2.GenerateRequest, scope: CallScope) -> Completion:
+        if request.return_text:
+            return convert.completion(result, result.text)
+        # The same DecodeStream as generate(), so complete().text == the concatenated stream.
+        text = TextStream(self._tokenizer, prompt_ids, _skip_special(request), scope)
+        try:
+            body = await text.push(result.token_ids)
+            return convert.completion(result, body + await text.finish())
+        finally:
+            text.cancel()
+
+
+def _skip_special(request: engine_pb2.GenerateRequest) -> bool:
+    sampling = request.sampling
+    return sampling.skip_special_tokens if sampling.HasField("skip_special_tokens") else True
+
+
+async def _wait_serving(stub: health_pb2_grpc.HealthStub, scope: CallScope) -> None:
+    """Watch the server's health until SERVING; a server not up yet is waited for, not an error."""
+    while True:
+        call = stub.Watch(health_pb2.HealthCheckRequest(), timeout=scope.remaining(), wait_for_ready=True)
+        try:
+            async for response in call:
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceededError("services not ready before the deadline", error.code()) from None
+        finally:
+            call.cancel()
+        await asyncio.sleep(0.1)  # the server went away mid-watch (restart): look again

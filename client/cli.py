@@ -1,0 +1,136 @@
+"""`tokenwire`: talk to running services from the terminal.
+
+    tokenwire generate "The capital of France is" [--ids] [--max-new-tokens N] [--temperature T] ...
+    tokenwire chat [--system TEXT]          # interactive; an empty line or Ctrl-D ends it
+    tokenwire info                          # model, tokenizer and live engine stats
+
+Service addresses come from --tokenizer / --engine, else $TOKENWIRE_TOKENIZER / $TOKENWIRE_ENGINE.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+
+from tokenwire.client.async_client import DEFAULT_ENGINE, DEFAULT_TOKENIZER
+from tokenwire.client.errors import TokenwireError
+from tokenwire.client.sync_client import Client
+from tokenwire.client.types import GenerationChunk
+
+# (flag, type, help); unset flags take the engine's defaults, except max_new_tokens (16 is too short here).
+_SAMPLING_FLAGS = [
+    ("max_new_tokens", int, "most tokens to generate (default: 256)"),
+    ("temperature", float, "0 is greedy (engine default: 1)"),
+    ("top_k", int, "keep the k most likely tokens; 0 disables"),
+    ("top_p", float, "nucleus mass in (0, 1]"),
+    ("min_p", float, "drop tokens below min_p x the top probability"),
+    ("repetition_penalty", float, "> 1 discourages repeats"),
+    ("seed", int, "same seed, same output"),
+]
+_CLI_MAX_NEW_TOKENS = 256
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenwire", description="tokenwire command-line client")
+    parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer service (default: %(default)s)")
+    parser.add_argument("--engine", default=DEFAULT_ENGINE, help="engine service (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=None, help="deadline per request, seconds")
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="stream a completion of a prompt")
+    generate.add_argument("prompt")
+    chat = commands.add_parser("chat", help="interactive chat (the model's chat template)")
+    chat.add_argument("--system", default=None, help="system message opening the conversation")
+    for sub in (generate, chat):
+        sub.add_argument("--ids", action="store_true", help="show token ids next to the text")
+        for name, kind, text in _SAMPLING_FLAGS:
+            sub.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+        sub.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+        sub.add_argument("--ignore-eos", action="store_true", default=None, help="keep going past eos")
+    commands.add_parser("info", help="show the served model and live engine stats")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with Client(args.tokenizer, args.engine, timeout=args.timeout) as client:
+            return {"generate": _generate, "chat": _chat, "info": _info}[args.command](client, args)
+    except TokenwireError as error:
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    options = {name: getattr(args, name) for name, _, _ in _SAMPLING_FLAGS}
+    options.update(stop=args.stop, ignore_eos=args.ignore_eos)
+    if options["max_new_tokens"] is None:
+        options["max_new_tokens"] = _CLI_MAX_NEW_TOKENS
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _generate(client: Client, args: argparse.Namespace) -> int:
+    if args.ids:
+        ids = client.encode(args.prompt)
+        print(f"prompt ids: {ids}", file=sys.stderr)
+        chunks = client.generate(token_ids=ids, **_sampling(args))
+    else:
+        chunks = client.generate(args.prompt, **_sampling(args))
+    _print_stream(chunks, args.ids)
+    return 0
+
+
+def _chat(client: Client, args: argparse.Namespace) -> int:
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            return 0
+        if not line.strip():
+            return 0
+        messages.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        reply = _print_stream(client.chat(messages, **_sampling(args)), args.ids)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _print_stream(chunks: Iterable[GenerationChunk], show_ids: bool) -> str:
+    """Write text deltas as they arrive (with --ids, each chunk's ids too); a summary goes to stderr."""
+    text, last = [], None
+    for chunk in chunks:
+        text.append(chunk.text)
+        if show_ids:
+            print(f"{list(chunk.token_ids)} {chunk.text!r}", flush=True)
+        else:
+            print(chunk.text, end="", flush=True)
+        last = chunk
+    if not show_ids:
+        print()
+    if last is not None and last.usage is not None:
+        ttft = last.timings.time_to_first_token_s if last.timings else None
+        print(f"[{last.finish_reason.value}: {last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} "
+              f"completion tokens" + (f", first token after {ttft * 1000:.0f} ms]" if ttft is not None else "]"),
+              file=sys.stderr)
+    return "".join(text)
+
+
+def _info(client: Client, args: argparse.Namespace) -> int:
+    model, tokenizer = client.model_info(), client.tokenizer_info()
+    print(f"model        {model.model} ({model.architecture}), context {model.max_model_len}, "
+          f"vocab {model.vocab_size}")
+    print(f"engine       {model.config.device}/{model.config.dtype}, {model.config.num_kv_blocks} KV blocks "
+          f"of {model.config.block_size} tokens, up to {model.config.max_num_seqs} running")
+    match = "matches" if tokenizer.fingerprint == model.tokenizer_fingerprint else "DOES NOT MATCH"
+    print(f"tokenizer    {tokenizer.model}, fingerprint {tokenizer.fingerprint[:16]}... ({match} the engine)")
+    stats = model.stats
+    print(f"live         {stats.num_running} running, {stats.num_waiting} waiting, "
+          f"{stats.num_free_kv_blocks}/{stats.num_kv_blocks} blocks free, "
+          f"{stats.num_prompt_encodes} engine-side encodes, prefix hit rate {stats.prefix_cache_hit_rate:.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Protobuf <-> SDK dataclasses: the only client module besides the two clients that touches `*_pb2`."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+from tokenwire.client.errors import InvalidRequestError
+from tokenwire.client.types import (ChatMessage, Completion, EngineConfigInfo, EngineStats, FinishReason,
+                                    GenerationChunk, ModelInfo, Timings, TokenizerInfo, TokenLogprob, Usage)
+from tokenwire.v1 import common_pb2, engine_pb2, tokenizer_pb2
+
+_FINISH = {engine_pb2.FINISH_REASON_STOP: FinishReason.STOP, engine_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH}
+_ROLES = {"system": common_pb2.CHAT_ROLE_SYSTEM, "user": common_pb2.CHAT_ROLE_USER,
+          "assistant": common_pb2.CHAT_ROLE_ASSISTANT, "tool": common_pb2.CHAT_ROLE_TOOL}
+_SAMPLING_FIELDS = frozenset(engine_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
+
+
+def sampling_params(options: Mapping[str, object]) -> engine_pb2.SamplingParams:
+    """Keyword options -> SamplingParams; only the options given are set (the engine fills the rest)."""
+    unknown = sorted(set(options) - _SAMPLING_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown sampling option(s) {unknown}; known: {sorted(_SAMPLING_FIELDS)}")
+    return engine_pb2.SamplingParams(**{k: v for k, v in options.items() if v is not None})
+
+
+def chat_messages(messages: Iterable[ChatMessage | Mapping[str, str]]) -> list[common_pb2.ChatMessage]:
+    out = []
+    for i, message in enumerate(messages):
+        message = ChatMessage.of(message)
+        role = _ROLES.get(message.role)
+        if role is None:
+            raise InvalidRequestError(f"messages[{i}].role: {message.role!r} is not one of {sorted(_ROLES)}",
+                                      field=f"messages[{i}].role")
+        out.append(common_pb2.ChatMessage(role=role, content=message.content))
+    return out
+
+
+def chunk(msg: engine_pb2.GenerateResponse, text: str) -> GenerationChunk:
+    finished = msg.finish_reason != engine_pb2.FINISH_REASON_UNSPECIFIED
+    return GenerationChunk(
+        text=text, token_ids=tuple(msg.token_ids), logprobs=logprobs(msg.logprobs),
+        finish_reason=_FINISH[msg.finish_reason] if finished else None,
+        usage=usage(msg.usage) if finished else None,
+        timings=timings(msg.timings) if finished and msg.HasField("timings") else None)
+
+
+def completion(msg: engine_pb2.GenerateResponse, text: str) -> Completion:
+    return Completion(text=text, token_ids=tuple(msg.token_ids), finish_reason=_FINISH[msg.finish_reason],
+                      usage=usage(msg.usage), logprobs=logprobs(msg.logprobs),
+                      timings=timings(msg.timings) if msg.HasField("timings") else None)
+
+
+def logprobs(msgs: Iterable[engine_pb2.TokenLogprob]) -> tuple[TokenLogprob, ...]:
+    return tuple(TokenLogprob(m.token_id, m.logprob, tuple((t.token_id, t.logprob) for t in m.top))
+                 for m in msgs)
+
+
+def usage(msg: engine_pb2.Usage) -> Usage:
+    return Usage(msg.prompt_tokens, msg.completion_tokens, msg.cached_prompt_tokens)
+
+
+def timings(msg: engine_pb2.Timings) -> Timings:
+    return Timings(queue_wait_s=msg.queue_wait_s if msg.HasField("queue_wait_s") else None,
+                   time_to_first_token_s=(msg.time_to_first_token_s
+                                          if msg.HasField("time_to_first_token_s") else None),
+                   total_s=msg.total_s)
+
+
+def model_info(msg: engine_pb2.GetModelInfoResponse) -> ModelInfo:
+    return ModelInfo(model=msg.model, architecture=msg.architecture, max_model_len=msg.max_model_len,
+                     vocab_size=msg.vocab_size, tokenizer_fingerprint=msg.tokenizer_fingerprint,
+                     eos_token_ids=tuple(msg.eos_token_ids),
+                     config=_same_fields(EngineConfigInfo, msg.config), stats=_same_fields(EngineStats, msg.stats))
+
+
+def tokenizer_info(msg: tokenizer_pb2.GetInfoResponse) -> TokenizerInfo:
+    return TokenizerInfo(
+        model=msg.model, vocab_size=msg.vocab_size, fingerprint=msg.fingerprint,
+        bos_token_id=msg.bos_token_id if msg.HasField("bos_token_id") else None,
+        eos_token_id=msg.eos_token_id if msg.HasField("eos_token_id") else None,
+        has_chat_template=msg.has_chat_template, max_model_length=msg.max_model_length)
+
+
+def _same_fields(cls, msg):
+    """A dataclass whose fields mirror a message's fields one for one."""
+    return cls(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)})

@@ -1,0 +1,140 @@
+"""What the SDK hands out: typed, frozen dataclasses (never protobuf), and the sampling options."""
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TypedDict
+
+
+class SamplingOptions(TypedDict, total=False):
+    """Keyword arguments of generate()/chat()/complete(); anything left out takes the engine's default."""
+    max_new_tokens: int          # default 16
+    temperature: float           # 0 is greedy; default 1
+    top_k: int                   # 0 disables
+    top_p: float                 # in (0, 1]; 1 disables
+    min_p: float                 # in [0, 1]; 0 disables
+    repetition_penalty: float    # 1 disables
+    presence_penalty: float      # in [-2, 2]
+    frequency_penalty: float     # in [-2, 2]
+    seed: int                    # same seed, same tokens
+    stop_token_ids: list[int]    # extra ids that end generation
+    stop: list[str]              # stop strings (the text is cut before them)
+    ignore_eos: bool             # keep going past eos
+    logprobs: int                # 0: the chosen token's logprob; n: plus the top-n alternatives
+    skip_special_tokens: bool    # leave special tokens out of the text; default True
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"                # eos, a stop token id or a stop string
+    LENGTH = "length"            # max_new_tokens, or the model's context is full
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()    # (token id, logprob) alternatives, most likely first
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int    # prompt tokens served by the engine's prefix cache
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Server-side latencies in seconds, from the request's arrival at the engine."""
+    queue_wait_s: float | None
+    time_to_first_token_s: float | None
+    total_s: float
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One piece of a streamed generation. The last chunk has `finish_reason`, `usage` and `timings`."""
+    text: str                                   # text delta (may be "" while a character is incomplete)
+    token_ids: tuple[int, ...]                  # newly generated ids
+    logprobs: tuple[TokenLogprob, ...] = ()     # one per id, when logprobs were asked for
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole generation."""
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings | None
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str                    # "system", "user", "assistant" or "tool"
+    content: str
+
+    @classmethod
+    def of(cls, message: ChatMessage | Mapping[str, str]) -> ChatMessage:
+        """Accepts OpenAI-style dicts ({"role": ..., "content": ...}) as well."""
+        if isinstance(message, ChatMessage):
+            return message
+        return cls(role=message["role"], content=message["content"])
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    model: str
+    vocab_size: int
+    fingerprint: str             # the engine refuses ids from a tokenizer with another fingerprint
+    bos_token_id: int | None
+    eos_token_id: int | None
+    has_chat_template: bool
+    max_model_length: int        # 0 when unknown
+
+
+@dataclass(frozen=True)
+class EngineConfigInfo:
+    device: str
+    dtype: str
+    block_size: int
+    num_kv_blocks: int
+    enable_prefix_cache: bool
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_chunked_prefill: bool
+    max_new_tokens_cap: int
+    max_logprobs: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    num_prompt_encodes: int      # prompts the engine tokenized itself: 0 while everything sends ids
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+    num_active_requests: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model: str
+    architecture: str
+    max_model_len: int
+    vocab_size: int
+    tokenizer_fingerprint: str
+    eos_token_ids: tuple[int, ...]
+    config: EngineConfigInfo
+    stats: EngineStats

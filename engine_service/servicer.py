@@ -1,0 +1,232 @@
+"""The EngineService gRPC handlers (grpc.aio).
+
+Handlers validate and encode off the event loop (`asyncio.to_thread(engine.prepare, ...)`), hand the
+prepared sequence to the EngineLoop's inbox, and read its outputs from a per-request asyncio queue that
+the engine thread fills with `call_soon_threadsafe`. Whatever way a handler exits (finish, error, client
+cancel, deadline, shutdown) an unfinished request is aborted inside the engine, which frees its blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence as Seq
+from typing import TYPE_CHECKING
+
+import grpc
+
+from tokenwire.engine import convert
+from tokenwire.engine.outputs import RequestOutput
+from tokenwire.engine.sampling_params import InvalidRequestError
+from tokenwire.engine.sequence import FinishReason, Sequence
+from tokenwire.v1 import engine_pb2 as pb
+from tokenwire.v1 import engine_pb2_grpc
+
+if TYPE_CHECKING:  # kept out of the import path: the server binds its port before loading torch
+    from tokenwire.engine.engine import LLMEngine
+    from tokenwire.engine.engine_loop import EngineLoop
+
+# Trailing metadata key naming the offending request field of an INVALID_ARGUMENT error.
+FIELD_METADATA_KEY = "tokenwire-field"
+
+
+class _Refused(Exception):
+    """A request the servicer turns into an error status (raised before or during its stream)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.field = code, message, field
+
+
+class _Submitted:
+    """One sequence inside the engine: its output queue, and its abort if the caller leaves early."""
+
+    def __init__(self, engine_loop: EngineLoop, seq: Sequence, want_text: bool):
+        self._engine_loop = engine_loop
+        self._aio_loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.request_id = seq.request_id
+        self.finished = False
+        engine_loop.submit(seq, self._sink, want_text)
+
+    def _sink(self, output: RequestOutput) -> None:  # engine thread: hand over, nothing more
+        self._aio_loop.call_soon_threadsafe(self._queue.put_nowait, output)
+
+    async def next_outputs(self) -> list[RequestOutput]:
+        """Wait for one output, then take every one already queued (a slow reader gets them merged)."""
+        outputs = [await self._queue.get()]
+        while not self._queue.empty():
+            outputs.append(self._queue.get_nowait())
+        self.finished = outputs[-1].finished
+        return outputs
+
+    async def all_outputs(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        while not self.finished:
+            outputs += await self.next_outputs()
+        return outputs
+
+    def abort_unless_finished(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._engine_loop.abort(self.request_id)
+
+
+def _raise_if_failed(output: RequestOutput) -> None:
+    """Errors travel as a status, never inside an OK stream."""
+    if output.error is not None:
+        raise _Refused(grpc.StatusCode.INTERNAL, f"the engine failed this request: {output.error}")
+    if output.finished and output.finish_reason is FinishReason.ABORT:
+        # Not our own abort (that ends the handler first): the engine loop is shutting down.
+        raise _Refused(grpc.StatusCode.UNAVAILABLE, "request aborted: the engine is shutting down")
+
+
+class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
+    def __init__(self, max_pending_requests: int):
+        self.max_pending_requests = max_pending_requests
+        self.engine_loop: EngineLoop | None = None
+        self.draining = False
+        self._active: set[str] = set()   # request ids being served (also refuses duplicates)
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def attach(self, engine_loop: EngineLoop) -> None:
+        """Start serving generation once the model is loaded and warmed up."""
+        self.engine_loop = engine_loop
+
+    @property
+    def num_active_requests(self) -> int:
+        return len(self._active)
+
+    async def wait_idle(self) -> None:
+        """Returns once no request is being served (used while draining)."""
+        await self._idle.wait()
+
+    # ---- RPCs ----
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.GenerateResponse]:
+        arrival = time.monotonic()
+        try:
+            engine_loop = self._serving_loop()
+            with self._reserve([request.request_id]) as (rid,):
+                seq = await asyncio.to_thread(_prepare, engine_loop.engine, request, rid, arrival)
+                submitted = _Submitted(engine_loop, seq, request.return_text)
+                try:
+                    while not submitted.finished:
+                        outputs = await submitted.next_outputs()
+                        _raise_if_failed(outputs[-1])
+                        yield convert.generate_response(rid, outputs)
+                finally:  # client cancel / deadline lands here as CancelledError
+                    submitted.abort_unless_finished()
+        except _Refused as refused:
+            await _abort(context, refused)
+
+    async def GenerateBatch(self, request: pb.GenerateBatchRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.GenerateBatchResponse:
+        arrival = time.monotonic()
+        try:
+            engine_loop = self._serving_loop()
+            with self._reserve([r.request_id for r in request.requests]) as rids:
+                seqs = await asyncio.to_thread(_prepare_batch, engine_loop.engine, request.requests, rids, arrival)
+                batch = [_Submitted(engine_loop, seq, r.return_text) for seq, r in zip(seqs, request.requests)]
+                try:
+                    results = await asyncio.gather(*(s.all_outputs() for s in batch))
+                finally:
+                    for submitted in batch:
+                        submitted.abort_unless_finished()
+            for outputs in results:
+                _raise_if_failed(outputs[-1])
+            return pb.GenerateBatchResponse(
+                results=[convert.generate_response(s.request_id, outs) for s, outs in zip(batch, results)])
+        except _Refused as refused:
+            await _abort(context, refused)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.GetModelInfoResponse:
+        try:
+            engine_loop = self._serving_loop(allow_draining=True)
+        except _Refused as refused:
+            await _abort(context, refused)
+        engine = engine_loop.engine
+        stats = await asyncio.to_thread(engine_loop.call, engine.stats)  # a snapshot between two steps
+        runner = engine.runner
+        return pb.GetModelInfoResponse(
+            model=engine.config.model, architecture=runner.architecture,
+            max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
+            tokenizer_fingerprint=engine.tokenizer_fingerprint,
+            config=convert.engine_config_info(engine.config, str(runner.device), _dtype_name(runner.dtype),
+                                              runner.num_blocks, runner.block_size),
+            stats=convert.engine_stats(stats, self.num_active_requests),
+            eos_token_ids=sorted(runner.eos_token_ids))
+
+    # ---- admission ----
+
+    def _serving_loop(self, allow_draining: bool = False) -> EngineLoop:
+        if self.engine_loop is None:
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        if self.draining and not allow_draining:
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        return self.engine_loop
+
+    @contextlib.contextmanager
+    def _reserve(self, request_ids: Seq[str]):
+        """Claim request ids (assigning missing ones) for the handler's lifetime; refuse overload."""
+        if len(self._active) + len(request_ids) > self.max_pending_requests:
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"{len(self._active)} requests in flight; the limit is {self.max_pending_requests}")
+        rids = [rid or uuid.uuid4().hex for rid in request_ids]
+        seen: set[str] = set()
+        for rid in rids:
+            if rid in self._active or rid in seen:
+                raise _Refused(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in flight",
+                               "request_id")
+            seen.add(rid)
+        self._active.update(rids)
+        self._idle.clear()
+        try:
+            yield rids
+        finally:
+            self._active.difference_update(rids)
+            if not self._active:
+                self._idle.set()
+
+
+def _prepare_batch(engine: LLMEngine, requests: Seq[pb.GenerateRequest], rids: Seq[str],
+                   arrival: float) -> list[Sequence]:
+    if not requests:
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "requests: must not be empty", "requests")
+    return [_prepare(engine, r, rid, arrival, f"requests[{i}].") for i, (r, rid) in enumerate(zip(requests, rids))]
+
+
+def _prepare(engine: LLMEngine, request: pb.GenerateRequest, rid: str, arrival: float,
+             field_prefix: str = "") -> Sequence:
+    """Fingerprint check first (no work for a mismatched tokenizer), then validation and, for a text
+    prompt, its one encode. Runs in a worker thread: a long prompt must not stall the event loop."""
+    fingerprint = request.tokenizer_fingerprint
+    if fingerprint and fingerprint != engine.tokenizer_fingerprint:
+        raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                       f"{field_prefix}tokenizer_fingerprint: the ids were made by tokenizer "
+                       f"{fingerprint[:16]}..., this engine serves {engine.tokenizer_fingerprint[:16]}...",
+                       f"{field_prefix}tokenizer_fingerprint")
+    prompt = convert.prompt_kwargs(request)
+    if not prompt:
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{field_prefix}prompt: set text or token_ids",
+                       f"{field_prefix}prompt")
+    try:
+        return engine.prepare(params=convert.sampling_params(request.sampling), request_id=rid,
+                              arrival_time=arrival, **prompt)
+    except InvalidRequestError as exc:
+        field = field_prefix + convert.request_field_path(exc.field, request)
+        message = str(exc).removeprefix(f"{exc.field}: ")
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field) from None
+
+
+async def _abort(context: grpc.aio.ServicerContext, refused: _Refused) -> None:
+    metadata = ((FIELD_METADATA_KEY, refused.field),) if refused.field else ()
+    await context.abort(refused.code, refused.message, trailing_metadata=metadata)
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,118 @@
+"""The SDK on its own: a light import, one surface for both clients, typed errors, and retries only where
+they cannot duplicate output. Real gRPC servers on port 0; no model is loaded."""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from tests.rpc_log import CallLog
+from tokenwire.client import (AsyncClient, Client, InvalidRequestError, RetryPolicy, UnavailableError)
+from tokenwire.client.convert import chat_messages, sampling_params
+from tokenwire.engine.config import EngineConfig
+from tokenwire.engine.server import EngineServer, ServerConfig
+from tokenwire.v1 import engine_pb2 as pb
+from tokenwire.v1 import engine_pb2_grpc
+
+FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.002)
+
+
+def test_import_pulls_no_model_code():
+    probe = "import sys, tokenwire.client; print(sorted({'torch', 'transformers', 'tokenizers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_sync_and_async_clients_have_the_same_surface():
+    def surface(cls):
+        return {name: list(inspect.signature(fn).parameters) for name, fn in vars(cls).items()
+                if inspect.isfunction(fn) and not name.startswith("_")}
+    assert surface(Client) == surface(AsyncClient)
+
+
+def test_sampling_options_are_checked_by_name():
+    assert sampling_params({"temperature": 0.0, "seed": None}) == pb.SamplingParams(temperature=0.0)
+    with pytest.raises(TypeError, match="temprature"):
+        sampling_params({"temprature": 0.5})
+
+
+def test_chat_roles_are_checked():
+    with pytest.raises(InvalidRequestError) as err:
+        chat_messages([{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}])
+    assert err.value.field == "messages[1].role"
+
+
+class FlakyEngine(engine_pb2_grpc.EngineServiceServicer):
+    """Refuses the first `refusals` calls as UNAVAILABLE; the next sends one token, then fails UNAVAILABLE."""
+
+    def __init__(self, refusals: int):
+        self.refusals = refusals
+
+    async def Generate(self, request, context):
+        if self.refusals > 0:
+            self.refusals -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        yield pb.GenerateResponse(token_ids=[7])
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "went away mid-stream")
+
+
+async def _serve(servicer) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    engine_pb2_grpc.add_EngineServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def test_retries_only_before_the_first_token():
+    log = CallLog()
+
+    async def main():
+        server, address = await _serve(FlakyEngine(refusals=2))
+        received = []
+        try:
+            async with AsyncClient(None, address, retry=FAST_RETRY, interceptors=log.interceptors) as client:
+                with pytest.raises(UnavailableError, match="mid-stream"):
+                    async for chunk in client.generate(token_ids=[1, 2, 3]):
+                        received.append(chunk)
+        finally:
+            await server.stop(0)
+        return received
+
+    received = asyncio.run(main())
+    assert [c.token_ids for c in received] == [(7,)]
+    assert log.methods() == ["Generate"] * 3   # two refusals retried; the failure after a token was not
+
+
+def test_gives_up_after_max_attempts():
+    log = CallLog()
+
+    async def main():
+        server, address = await _serve(FlakyEngine(refusals=100))
+        try:
+            async with AsyncClient(None, address, retry=FAST_RETRY, interceptors=log.interceptors) as client:
+                with pytest.raises(UnavailableError, match="warming up"):
+                    await client.complete(token_ids=[1])
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+    assert log.methods() == ["Generate"] * FAST_RETRY.max_attempts
+
+
+def test_engine_still_loading_is_unavailable_to_the_sdk():
+    async def main():
+        server = EngineServer(EngineConfig(model="never-loaded"), ServerConfig(port=0))
+        port = await server.start()                 # bound and answering, model not loaded
+        try:
+            async with AsyncClient(None, f"127.0.0.1:{port}", retry=RetryPolicy(max_attempts=1)) as client:
+                with pytest.raises(UnavailableError, match="loading"):
+                    await client.model_info()
+        finally:
+            await server.stop(grace_s=0)
+
+    asyncio.run(main())

@@ -1,0 +1,32 @@
+"""The engine's CLI and wire types stay in step with the engine's dataclasses (no model is loaded)."""
+from __future__ import annotations
+
+import dataclasses
+
+from tokenwire.engine import convert
+from tokenwire.engine.cli import build_parser, configs_from_args
+from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.engine.server import ServerConfig
+from tokenwire.v1 import engine_pb2 as pb
+
+
+def test_cli_flags_come_from_the_config_dataclasses():
+    parser = build_parser()
+    engine, server = configs_from_args(parser.parse_args(["--model", "m"]))
+    assert (engine, server) == (EngineConfig(model="m"), ServerConfig())
+    engine, server = configs_from_args(parser.parse_args(
+        ["--model", "m", "--port", "0", "--num-blocks", "8", "--no-enable-prefix-cache", "--max-num-seqs", "4",
+         "--dtype", "float32", "--max-model-len", "512"]))
+    assert engine == EngineConfig(model="m", dtype="float32", max_model_len=512,
+                                  cache=CacheConfig(num_blocks=8, enable_prefix_cache=False),
+                                  scheduler=SchedulerConfig(max_num_seqs=4))
+    assert server.port == 0
+    assert "tokens per KV block" in parser.format_help()   # help text is the dataclass field's comment
+
+
+def test_proto_sampling_params_mirror_the_engine_dataclass():
+    assert set(pb.SamplingParams.DESCRIPTOR.fields_by_name) == {f.name for f in dataclasses.fields(SamplingParams)}
+    assert convert.sampling_params(pb.SamplingParams()) == SamplingParams()
+    assert convert.sampling_params(pb.SamplingParams(temperature=0.0, stop=["\n"], logprobs=0)) == SamplingParams(
+        temperature=0.0, stop=("\n",), logprobs=0)
