@@ -31,7 +31,7 @@ protos: install
 	$(PY) protos/generate.py
 
 bench: model
-	$(PY) -m tokenwire.bench --workload P1
+	$(PY) -m tokenwire.engine.bench --workload P1 --ceiling --json bench-out/p1.json --plot bench-out/p1.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info

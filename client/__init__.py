@@ -7,9 +7,9 @@
 """
 from tokenwire.client.async_client import AsyncClient
 from tokenwire.client.calls import RetryPolicy
-from tokenwire.client.errors import (DeadlineExceededError, InvalidRequestError, OverloadedError,
-                                     RequestCancelledError, ServerError, TokenizerMismatchError, TokenwireError,
-                                     UnavailableError)
+from tokenwire.client.errors import (AuthenticationError, DeadlineExceededError, InvalidRequestError,
+                                     OverloadedError, RequestCancelledError, ServerError, TokenizerMismatchError,
+                                     TokenwireError, UnavailableError)
 from tokenwire.client.sync_client import Client
 from tokenwire.client.types import (ChatMessage, Completion, EngineConfigInfo, EngineStats, FinishReason,
                                     GenerationChunk, ModelInfo, SamplingOptions, Timings, TokenizerInfo,
@@ -18,7 +18,7 @@ from tokenwire.client.types import (ChatMessage, Completion, EngineConfigInfo, E
 __all__ = [
     "AsyncClient", "Client", "RetryPolicy",
     "TokenwireError", "InvalidRequestError", "TokenizerMismatchError", "OverloadedError", "UnavailableError",
-    "RequestCancelledError", "DeadlineExceededError", "ServerError",
+    "RequestCancelledError", "DeadlineExceededError", "ServerError", "AuthenticationError",
     "ChatMessage", "Completion", "EngineConfigInfo", "EngineStats", "FinishReason", "GenerationChunk",
     "ModelInfo", "SamplingOptions", "Timings", "TokenizerInfo", "TokenLogprob", "Usage",
 ]

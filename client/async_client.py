@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Unpack
 
 import grpc
@@ -23,6 +24,7 @@ from tokenwire.v1 import engine_pb2, engine_pb2_grpc, tokenizer_pb2, tokenizer_p
 
 DEFAULT_TOKENIZER = os.environ.get("TOKENWIRE_TOKENIZER", "localhost:50051")
 DEFAULT_ENGINE = os.environ.get("TOKENWIRE_ENGINE", "localhost:50052")
+AUTH_TOKEN_ENV = "TOKENWIRE_AUTH_TOKEN"   # the same variable the services read their token from
 _OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             # Reconnect quickly to a local service that is still starting (gRPC's default starts at 1 s).
@@ -37,13 +39,25 @@ class AsyncClient:
 
     def __init__(self, tokenizer: str | None = DEFAULT_TOKENIZER, engine: str = DEFAULT_ENGINE, *,
                  timeout: float | None = None, retry: RetryPolicy = RetryPolicy(),
-                 interceptors: Sequence[grpc.aio.ClientInterceptor] = ()):
+                 interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+                 tls_root_cert: str | bytes | None = None, credentials: grpc.ChannelCredentials | None = None,
+                 auth_token: str | None = None):
         """`tokenizer`/`engine` are "host:port" addresses; `interceptors` (tracing, auth, metrics)
-        wrap every RPC on both channels."""
+        wrap every RPC on both channels. TLS: `tls_root_cert` is the CA (a PEM file path, or PEM bytes)
+        that signed the services' certificates; `credentials` (`grpc.ssl_channel_credentials(...)`,
+        e.g. with a client key and certificate for mutual TLS) takes its place for anything else.
+        `auth_token` is sent as `authorization: Bearer <token>` (None: $TOKENWIRE_AUTH_TOKEN, if set)."""
         self.timeout = timeout
         self.retry = retry
-        channel = lambda address: grpc.aio.insecure_channel(  # noqa: E731
-            address, options=_OPTIONS, interceptors=list(interceptors))
+        credentials = credentials or channel_credentials(tls_root_cert)
+        auth_token = os.environ.get(AUTH_TOKEN_ENV) if auth_token is None else auth_token
+        self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
+
+        def channel(address: str) -> grpc.aio.Channel:
+            if credentials is None:
+                return grpc.aio.insecure_channel(address, options=_OPTIONS, interceptors=list(interceptors))
+            return grpc.aio.secure_channel(address, credentials, options=_OPTIONS, interceptors=list(interceptors))
+
         self._engine_channel = channel(engine)
         self._engine = engine_pb2_grpc.EngineServiceStub(self._engine_channel)
         self._tokenizer_channel = channel(tokenizer) if tokenizer else None
@@ -169,7 +183,7 @@ class AsyncClient:
     # ---- internals ----
 
     def _scope(self, timeout: float | None, request_id: str | None = None) -> CallScope:
-        return CallScope(self.timeout if timeout is None else timeout, request_id)
+        return CallScope(self.timeout if timeout is None else timeout, request_id, self._metadata)
 
     def _tokenizer_stub(self) -> tokenizer_pb2_grpc.TokenizerServiceStub:
         if self._tokenizer is None:
@@ -267,6 +281,14 @@ class AsyncClient:
             return convert.completion(result, body + await text.finish())
         finally:
             text.cancel()
+
+
+def channel_credentials(tls_root_cert: str | bytes | None) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials trusting `tls_root_cert` (PEM bytes, or a path to a PEM file); None: plaintext."""
+    if tls_root_cert is None:
+        return None
+    pem = tls_root_cert if isinstance(tls_root_cert, bytes) else Path(tls_root_cert).read_bytes()
+    return grpc.ssl_channel_credentials(root_certificates=pem)
 
 
 def _skip_special(request: engine_pb2.GenerateRequest) -> bool:

@@ -41,9 +41,11 @@ class CallScope:
     """One SDK call, however many RPCs (and retries) it takes: one deadline, and one request id sent as
     `x-request-id` metadata on each RPC, so the log lines of both services for this call share it."""
 
-    def __init__(self, timeout_s: float | None, request_id: str | None = None):
+    def __init__(self, timeout_s: float | None, request_id: str | None = None,
+                 metadata: tuple[tuple[str, str], ...] = ()):
+        """`metadata`: sent on every RPC of the call too (e.g. the client's authorization header)."""
         self.request_id = request_id or uuid.uuid4().hex
-        self.metadata = ((REQUEST_ID_METADATA, self.request_id),)
+        self.metadata = ((REQUEST_ID_METADATA, self.request_id), *metadata)
         self._at = None if timeout_s is None else time.monotonic() + timeout_s
 
     def remaining(self) -> float | None:

@@ -4,7 +4,8 @@
     tokenwire chat [--system TEXT]          # interactive; an empty line or Ctrl-D ends it
     tokenwire info                          # model, tokenizer and live engine stats
 
-Service addresses come from --tokenizer / --engine, else $TOKENWIRE_TOKENIZER / $TOKENWIRE_ENGINE.
+Service addresses come from --tokenizer / --engine, else $TOKENWIRE_TOKENIZER / $TOKENWIRE_ENGINE; a bearer
+token for services started with auth comes from $TOKENWIRE_AUTH_TOKEN.
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer service (default: %(default)s)")
     parser.add_argument("--engine", default=DEFAULT_ENGINE, help="engine service (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=None, help="deadline per request, seconds")
+    parser.add_argument("--tls-root-cert", default=None,
+                        help="PEM file of the CA that signed the services' TLS certificates (turns TLS on)")
+    # No --auth-token flag: a command line is visible to every user of the machine.
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="stream a completion of a prompt")
     generate.add_argument("prompt")
@@ -53,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with Client(args.tokenizer, args.engine, timeout=args.timeout) as client:
+        with Client(args.tokenizer, args.engine, timeout=args.timeout, tls_root_cert=args.tls_root_cert) as client:
             return {"generate": _generate, "chat": _chat, "info": _info}[args.command](client, args)
     except TokenwireError as error:
         print(f"\nerror: {error}", file=sys.stderr)

@@ -35,6 +35,11 @@ class OverloadedError(TokenwireError):
     """The service has too much work in flight (RESOURCE_EXHAUSTED); retry later or elsewhere."""
 
 
+class AuthenticationError(TokenwireError):
+    """The service refused the caller's credentials (UNAUTHENTICATED / PERMISSION_DENIED): set
+    `auth_token=` (or $TOKENWIRE_AUTH_TOKEN) to the services' token."""
+
+
 class UnavailableError(TokenwireError):
     """The service is unreachable, loading its model or draining (UNAVAILABLE)."""
 
@@ -60,7 +65,12 @@ _BY_CODE: dict[grpc.StatusCode, type[TokenwireError]] = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.CANCELLED: RequestCancelledError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
 }
+# gRPC's own RESOURCE_EXHAUSTED for a message over the size limit: the request is too big, not the
+# service too busy, so retrying it elsewhere cannot help.
+_TOO_LARGE = "message larger than max"
 
 
 def from_rpc_error(error: grpc.RpcError, service: str = "") -> TokenwireError:
@@ -69,6 +79,8 @@ def from_rpc_error(error: grpc.RpcError, service: str = "") -> TokenwireError:
     details = error.details() or code.name
     message = f"{service}: {details}" if service else details
     cls = _BY_CODE.get(code, ServerError)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in details:
+        return InvalidRequestError(message, code, "request")
     if cls is InvalidRequestError:
         return InvalidRequestError(message, code, _field(error, details))
     return cls(message, code)

@@ -28,11 +28,15 @@ class Client:
 
     def __init__(self, tokenizer: str | None = DEFAULT_TOKENIZER, engine: str = DEFAULT_ENGINE, *,
                  timeout: float | None = None, retry: RetryPolicy = RetryPolicy(),
-                 interceptors: Sequence[grpc.aio.ClientInterceptor] = ()):
+                 interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+                 tls_root_cert: str | bytes | None = None, credentials: grpc.ChannelCredentials | None = None,
+                 auth_token: str | None = None):
+        """See AsyncClient: the same options, TLS and auth included."""
         self._loop = _shared_loop()
         self._closed = False
         self._client: AsyncClient = self._run(_make(tokenizer, engine, timeout=timeout, retry=retry,
-                                                     interceptors=interceptors))
+                                                     interceptors=interceptors, tls_root_cert=tls_root_cert,
+                                                     credentials=credentials, auth_token=auth_token))
 
     def __enter__(self) -> Client:
         return self

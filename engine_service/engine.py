@@ -14,6 +14,7 @@ from collections.abc import Sequence as Seq
 from transformers import AutoTokenizer
 
 from tokenwire.engine.config import EngineConfig
+from tokenwire.engine.faults import FaultInjector
 from tokenwire.engine.kv_cache import BlockManager
 from tokenwire.engine.model_runner import ModelRunner
 from tokenwire.engine.output_processor import OutputProcessor, RequestState
@@ -48,6 +49,9 @@ class LLMEngine:
         self._encodes = 0
         self._seed_rng = random.Random(config.seed)
         self._ids = itertools.count()
+        self.faults = FaultInjector.from_env()   # None unless TOKENWIRE_FAULT_INJECT is set (tests)
+        if self.faults is not None:
+            log.warning("fault injection is ON: %s", self.faults.rules)
         log.info("engine ready: %s (%s) on %s/%s, %d KV blocks of %d tokens, context %d",
                  config.model, self.runner.architecture, self.runner.device, self.runner.dtype,
                  self.runner.num_blocks, self.runner.block_size, self.max_model_len)
@@ -135,11 +139,17 @@ class LLMEngine:
             timings = self._states[chunk.seq.request_id].timings
             if timings.first_scheduled_time is None:
                 timings.first_scheduled_time = now
-        if batch.block_copies:
-            self.runner.copy_blocks(batch.block_copies)
-        logits = self.runner.execute(batch.chunks)
         seqs = [chunk.seq for chunk in batch.chunks if chunk.sample]
-        sampled = self.sampler.sample(logits, seqs)
+        try:
+            if self.faults is not None:
+                self.faults.check("forward", (chunk.seq.request_id for chunk in batch.chunks))
+            if batch.block_copies:
+                self.runner.copy_blocks(batch.block_copies)
+            logits = self.runner.execute(batch.chunks)
+            sampled = self.sampler.sample(logits, seqs)
+        except Exception as exc:  # cannot tell whose fault: fail this batch, keep serving the rest
+            log.exception("engine step failed; failing the %d requests of its batch", len(batch.chunks))
+            return self._fail_batch(batch.chunks, f"engine step failed: {exc!r}")
         self.scheduler.on_step_done(batch)
         return self._postprocess(seqs, sampled.token_ids, sampled.logprobs)
 
@@ -147,13 +157,28 @@ class LLMEngine:
         now = time.monotonic()
         outputs = []
         for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
-            state = self._states[seq.request_id]
-            output, reason = self.outputs.process(state, token_id, logprob, now)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                del self._states[seq.request_id]
-            outputs.append(output)
+            try:
+                outputs.append(self._process_one(seq, token_id, logprob, now))
+            except Exception as exc:  # this request's problem only: fail it, the others go on
+                log.exception("post-processing failed for %s", seq.request_id)
+                failed = self.fail(seq.request_id, f"post-processing failed: {exc!r}")
+                if failed is not None:
+                    outputs.append(failed)
         return outputs
+
+    def _process_one(self, seq: Sequence, token_id: int, logprob, now: float) -> RequestOutput:
+        if self.faults is not None:
+            self.faults.check("postprocess", (seq.request_id,))
+        state = self._states[seq.request_id]
+        output, reason = self.outputs.process(state, token_id, logprob, now)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self._states[seq.request_id]
+        return output
+
+    def _fail_batch(self, chunks, error: str) -> list[RequestOutput]:
+        request_ids = dict.fromkeys(chunk.seq.request_id for chunk in chunks)  # unique, in batch order
+        return [out for out in (self.fail(rid, error) for rid in request_ids) if out is not None]
 
     # ---- offline use and introspection ----
 

@@ -8,6 +8,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 
 from tokenwire.engine.engine import LLMEngine
 from tokenwire.engine.outputs import RequestOutput
@@ -43,12 +44,21 @@ class EngineLoop:
         """Ends the request at the next step boundary; its sink gets a final ABORT output."""
         self._inbox.put(lambda: self._emit(self.engine.abort(request_id)))
 
-    def call(self, fn: Callable[[], object]) -> object:
-        """Run `fn` on the engine thread between steps and return its result (tests, admin)."""
-        done, box = threading.Event(), []
-        self._inbox.put(lambda: (box.append(fn()), done.set()))
-        done.wait()
-        return box[0]
+    def call(self, fn: Callable[[], object], timeout: float | None = None) -> object:
+        """Run `fn` on the engine thread between steps and return its result, or raise its exception
+        (tests, admin). Raises RuntimeError rather than wait forever on a loop that has stopped."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine loop is not running")
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+
+        self._inbox.put(run)
+        return future.result(timeout)
 
     # ---- engine thread ----
 
@@ -73,7 +83,10 @@ class EngineLoop:
         while True:
             if item is _STOP:
                 return False
-            item()
+            try:
+                item()
+            except Exception:  # one bad command (an abort, an add) must not end the engine thread
+                log.exception("engine loop command failed")
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:

@@ -5,6 +5,11 @@ import math
 from dataclasses import dataclass, field
 
 
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+
+
 class InvalidRequestError(ValueError):
     """A request the engine refuses at submission; `field` names the offending field."""
 
@@ -54,10 +59,14 @@ class SamplingParams:
             _check(_finite(value) and -2 <= value <= 2, name, f"must be in [-2, 2], got {value!r}")
         _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
                "seed", f"must be in [0, 2^63), got {self.seed!r}")
+        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+               f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
         bad_ids = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         _check(not bad_ids, "stop_token_ids", f"ids outside the vocabulary [0, {vocab_size}): {bad_ids[:5]}")
-        _check(len(self.stop) <= 16, "stop", f"at most 16 stop strings, got {len(self.stop)}")
-        _check(all(0 < len(s) <= 256 for s in self.stop), "stop", "stop strings must have 1 to 256 characters")
+        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop",
+               f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        _check(all(0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop), "stop",
+               f"stop strings must have 1 to {MAX_STOP_STRING_CHARS} characters")
         _check(self.logprobs is None or 0 <= self.logprobs <= max_logprobs,
                "logprobs", f"must be in [0, {max_logprobs}], got {self.logprobs!r}")
 

@@ -22,7 +22,9 @@ from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.metrics import EngineMetrics, EngineStatsCollector
 from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.engine.servicer import EngineServicer
+from tokenwire.tokenizer import security
 from tokenwire.tokenizer.metrics import MetricsEndpoint, RpcMetrics
+from tokenwire.tokenizer.request_guard import RequestGuard
 from tokenwire.tokenizer.rpc_observer import RpcObserver
 from tokenwire.v1 import engine_pb2, engine_pb2_grpc
 
@@ -33,11 +35,8 @@ if TYPE_CHECKING:  # the engine (torch, transformers) is imported by load(), aft
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
-_MAX_MESSAGE_BYTES = 64 * 1024 * 1024   # GenerateBatch carries many prompts in one message
 _CHANNEL_OPTIONS = [
     ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not silently share it
-    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
 ]
 
 
@@ -46,20 +45,32 @@ class ServerConfig:
     host: str = "127.0.0.1"              # interface to bind; "0.0.0.0" accepts other machines (containers)
     port: int = 50052                    # 0 picks a free port (logged)
     max_pending_requests: int = 1024     # requests in flight before new ones get RESOURCE_EXHAUSTED
+    max_waiting_requests: int = 512      # requests accepted but not yet generating, past which new ones
+                                         # get RESOURCE_EXHAUSTED (a bounded queue: fail fast, not wait)
+    max_message_bytes: int = 64 << 20    # gRPC receive/send limit; a bigger request gets RESOURCE_EXHAUSTED
     drain_grace_s: float = 30.0          # after SIGTERM, how long in-flight requests may still finish
     metrics_port: int = -1               # Prometheus /metrics port on `host`; 0 picks a free one, -1 is off
+    tls_cert: str = ""                   # PEM certificate chain: serve TLS (with tls_key) instead of plaintext
+    tls_key: str = ""                    # PEM private key of tls_cert
+    tls_client_ca: str = ""              # PEM CA bundle: also require client certificates it signed (mTLS)
+    auth_token: str = ""                 # require `authorization: Bearer <token>` on every RPC but health
 
     @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"{host}:{self.port}"  # IPv6 literals need brackets
 
+    @property
+    def grpc_options(self) -> list[tuple[str, int]]:
+        return [("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes)]
+
 
 class EngineServer:
     def __init__(self, engine_config: EngineConfig, server_config: ServerConfig = ServerConfig()):
         self.engine_config = engine_config
         self.config = server_config
-        self.servicer = EngineServicer(server_config.max_pending_requests)
+        self.servicer = EngineServicer(server_config.max_pending_requests, server_config.max_waiting_requests)
         self.health = health.aio.HealthServicer()
         self.engine_loop: EngineLoop | None = None
         self.port: int | None = None
@@ -69,7 +80,11 @@ class EngineServer:
             lambda: self.engine_loop and self.engine_loop.engine, lambda: self.servicer.num_active_requests))
         self.metrics_endpoint = MetricsEndpoint(self.registry)
         observer = RpcObserver(RpcMetrics(self.registry), self.metrics.on_response)
-        self._server = grpc.aio.server(options=_CHANNEL_OPTIONS, interceptors=[observer])
+        # Outermost first: observe every call, then authenticate, then turn unparsable requests into
+        # INVALID_ARGUMENT.
+        interceptors = [observer, *security.server_interceptors(server_config.auth_token), RequestGuard()]
+        self._server = grpc.aio.server(options=_CHANNEL_OPTIONS + server_config.grpc_options,
+                                       interceptors=interceptors)
         engine_pb2_grpc.add_EngineServiceServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -78,7 +93,9 @@ class EngineServer:
     async def start(self) -> int:
         """Bind and answer health checks (NOT_SERVING); returns the bound port."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(self.config.address)  # raises if it cannot bind
+        config = self.config  # TLS when a certificate is configured; raises if it cannot bind
+        self.port = security.add_port(self._server, config.address, config.tls_cert, config.tls_key,
+                                      config.tls_client_ca)
         await self._server.start()
         if self.config.metrics_port >= 0:
             self.metrics_endpoint.start(self.config.host, self.config.metrics_port)

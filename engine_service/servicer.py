@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator, Callable, Sequence as Seq
 from typing import TYPE_CHECKING
 
 import grpc
@@ -27,8 +29,13 @@ if TYPE_CHECKING:  # kept out of the import path: the server binds its port befo
     from tokenwire.engine.engine import LLMEngine
     from tokenwire.engine.engine_loop import EngineLoop
 
+log = logging.getLogger(__name__)
+
 # Trailing metadata key naming the offending request field of an INVALID_ARGUMENT error.
 FIELD_METADATA_KEY = "tokenwire-field"
+# Request ids land in logs and metrics: printable ASCII without spaces, so none can forge a log line.
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,256}")
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 class _Refused(Exception):
@@ -40,18 +47,27 @@ class _Refused(Exception):
 
 
 class _Submitted:
-    """One sequence inside the engine: its output queue, and its abort if the caller leaves early."""
+    """One sequence inside the engine: its output queue, and its abort if the caller leaves early.
+    `on_start` runs (on the event loop) when its first output arrives: it has left the waiting queue."""
 
-    def __init__(self, engine_loop: EngineLoop, seq: Sequence, want_text: bool):
+    def __init__(self, engine_loop: EngineLoop, seq: Sequence, want_text: bool,
+                 on_start: Callable[[str], None] = lambda request_id: None):
         self._engine_loop = engine_loop
         self._aio_loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._on_start: Callable[[str], None] | None = on_start
         self.request_id = seq.request_id
         self.finished = False
         engine_loop.submit(seq, self._sink, want_text)
 
     def _sink(self, output: RequestOutput) -> None:  # engine thread: hand over, nothing more
-        self._aio_loop.call_soon_threadsafe(self._queue.put_nowait, output)
+        self._aio_loop.call_soon_threadsafe(self._deliver, output)
+
+    def _deliver(self, output: RequestOutput) -> None:
+        if self._on_start is not None:
+            self._on_start(self.request_id)
+            self._on_start = None
+        self._queue.put_nowait(output)
 
     async def next_outputs(self) -> list[RequestOutput]:
         """Wait for one output, then take every one already queued (a slow reader gets them merged)."""
@@ -68,6 +84,7 @@ class _Submitted:
         return outputs
 
     def abort_unless_finished(self) -> None:
+        self._on_start = None  # the handler is leaving: its id may soon name another request
         if not self.finished:
             self.finished = True
             self._engine_loop.abort(self.request_id)
@@ -83,11 +100,17 @@ def _raise_if_failed(output: RequestOutput) -> None:
 
 
 class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
-    def __init__(self, max_pending_requests: int):
+    """Admission: at most `max_pending_requests` requests in flight, of which at most
+    `max_waiting_requests` not generating yet; past either bound a request gets RESOURCE_EXHAUSTED at
+    once, before any work, rather than queueing without bound."""
+
+    def __init__(self, max_pending_requests: int, max_waiting_requests: int | None = None):
         self.max_pending_requests = max_pending_requests
+        self.max_waiting_requests = max_waiting_requests or max_pending_requests
         self.engine_loop: EngineLoop | None = None
         self.draining = False
         self._active: set[str] = set()   # request ids being served (also refuses duplicates)
+        self._waiting: set[str] = set()  # ...of which those with no output yet (queued or prefilling)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -112,7 +135,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             engine_loop = self._serving_loop()
             with self._reserve([request.request_id]) as (rid,):
                 seq = await asyncio.to_thread(_prepare, engine_loop.engine, request, rid, arrival)
-                submitted = _Submitted(engine_loop, seq, request.return_text)
+                submitted = _Submitted(engine_loop, seq, request.return_text, self._waiting.discard)
                 try:
                     while not submitted.finished:
                         outputs = await submitted.next_outputs()
@@ -122,15 +145,19 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                     submitted.abort_unless_finished()
         except _Refused as refused:
             await _abort(context, refused)
+        except Exception as exc:  # a bug must end this call cleanly (INTERNAL), never hang or kill others
+            await _abort(context, _internal(exc))
 
     async def GenerateBatch(self, request: pb.GenerateBatchRequest, context: grpc.aio.ServicerContext
                             ) -> pb.GenerateBatchResponse:
         arrival = time.monotonic()
         try:
             engine_loop = self._serving_loop()
-            with self._reserve([r.request_id for r in request.requests]) as rids:
+            self._check_batch_size(len(request.requests))
+            with self._reserve([r.request_id for r in request.requests], batch=True) as rids:
                 seqs = await asyncio.to_thread(_prepare_batch, engine_loop.engine, request.requests, rids, arrival)
-                batch = [_Submitted(engine_loop, seq, r.return_text) for seq, r in zip(seqs, request.requests)]
+                batch = [_Submitted(engine_loop, seq, r.return_text, self._waiting.discard)
+                         for seq, r in zip(seqs, request.requests)]
                 try:
                     results = await asyncio.gather(*(s.all_outputs() for s in batch))
                 finally:
@@ -142,6 +169,8 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                 results=[convert.generate_response(s.request_id, outs) for s, outs in zip(batch, results)])
         except _Refused as refused:
             await _abort(context, refused)
+        except Exception as exc:
+            await _abort(context, _internal(exc))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
                            ) -> pb.GetModelInfoResponse:
@@ -170,27 +199,47 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             raise _Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         return self.engine_loop
 
+    def _check_batch_size(self, size: int) -> None:
+        """A batch bigger than the admission bounds could never be admitted: a bad request, not overload."""
+        limit = min(self.max_pending_requests, self.max_waiting_requests)
+        if size > limit:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"requests: at most {limit} requests per call, got {size}", "requests")
+
     @contextlib.contextmanager
-    def _reserve(self, request_ids: Seq[str]):
+    def _reserve(self, request_ids: Seq[str], batch: bool = False):
         """Claim request ids (assigning missing ones) for the handler's lifetime; refuse overload."""
-        if len(self._active) + len(request_ids) > self.max_pending_requests:
-            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"{len(self._active)} requests in flight; the limit is {self.max_pending_requests}")
+        fields = [f"requests[{i}].request_id" if batch else "request_id" for i in range(len(request_ids))]
+        for rid, field in zip(request_ids, fields):
+            if rid and not _REQUEST_ID.fullmatch(rid):
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{field}: must be 1 to 256 printable ASCII characters without spaces", field)
+        self._check_capacity(len(request_ids))
         rids = [rid or uuid.uuid4().hex for rid in request_ids]
         seen: set[str] = set()
-        for rid in rids:
+        for rid, field in zip(rids, fields):
             if rid in self._active or rid in seen:
-                raise _Refused(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in flight",
-                               "request_id")
+                raise _Refused(grpc.StatusCode.ALREADY_EXISTS, f"{field}: {rid!r} is already in flight", field)
             seen.add(rid)
         self._active.update(rids)
+        self._waiting.update(rids)
         self._idle.clear()
         try:
             yield rids
         finally:
             self._active.difference_update(rids)
+            self._waiting.difference_update(rids)
             if not self._active:
                 self._idle.set()
+
+    def _check_capacity(self, num_requests: int) -> None:
+        if len(self._active) + num_requests > self.max_pending_requests:
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"{len(self._active)} requests in flight; the limit is {self.max_pending_requests}")
+        if len(self._waiting) + num_requests > self.max_waiting_requests:
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"{len(self._waiting)} requests waiting to start; the limit is "
+                           f"{self.max_waiting_requests}")
 
 
 def _prepare_batch(engine: LLMEngine, requests: Seq[pb.GenerateRequest], rids: Seq[str],
@@ -205,6 +254,10 @@ def _prepare(engine: LLMEngine, request: pb.GenerateRequest, rid: str, arrival: 
     """Fingerprint check first (no work for a mismatched tokenizer), then validation and, for a text
     prompt, its one encode. Runs in a worker thread: a long prompt must not stall the event loop."""
     fingerprint = request.tokenizer_fingerprint
+    if fingerprint and not _FINGERPRINT.fullmatch(fingerprint):
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"{field_prefix}tokenizer_fingerprint: must be 64 lowercase hex digits (GetInfo's "
+                       f"fingerprint) or empty", f"{field_prefix}tokenizer_fingerprint")
     if fingerprint and fingerprint != engine.tokenizer_fingerprint:
         raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                        f"{field_prefix}tokenizer_fingerprint: the ids were made by tokenizer "
@@ -221,6 +274,11 @@ def _prepare(engine: LLMEngine, request: pb.GenerateRequest, rid: str, arrival: 
         field = field_prefix + convert.request_field_path(exc.field, request)
         message = str(exc).removeprefix(f"{exc.field}: ")
         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field) from None
+
+
+def _internal(exc: Exception) -> _Refused:
+    log.exception("unexpected error serving a request", exc_info=exc)
+    return _Refused(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
 
 async def _abort(context: grpc.aio.ServicerContext, refused: _Refused) -> None:

@@ -1,12 +1,14 @@
-"""`tokenwire-tokenizer`: run the tokenizer service. Flag defaults come from TokenizerServiceConfig."""
+"""`tokenwire-tokenizer`: run the tokenizer service. Flag defaults come from TokenizerServiceConfig; each
+flag can also be set through the environment as TOKENWIRE_<FLAG> (cli_env.py)."""
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 from dataclasses import fields
 
+from tokenwire.tokenizer.cli_env import apply_env_defaults
 from tokenwire.tokenizer.config import TokenizerServiceConfig
+from tokenwire.tokenizer.logging_setup import add_logging_arguments, configure_logging
 from tokenwire.tokenizer.server import serve
 
 _HELP = {
@@ -16,8 +18,13 @@ _HELP = {
     "max_message_bytes": "gRPC send/receive message size limit",
     "max_batch_size": "most texts per BatchEncode",
     "inline_work_limit": "requests up to this many chars/ids run on the event loop, bigger in a thread",
-    "grace_period_s": "seconds in-flight RPCs get to finish on shutdown",
+    "drain_grace_s": "seconds in-flight RPCs get to finish after SIGTERM",
+    "metrics_port": "Prometheus /metrics port on --host; 0 picks a free one, -1 turns it off",
     "trust_remote_code": "allow code shipped with the checkpoint",
+    "tls_cert": "PEM certificate chain; with --tls-key, serve TLS instead of plaintext",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA bundle; also require client certificates signed by it (mutual TLS)",
+    "auth_token": "require 'authorization: Bearer TOKEN' on every RPC but health (prefer the env variable)",
 }
 
 
@@ -31,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(flag, type=type(default), default=default,
                                 help=f"{_HELP[f.name]} (default: %(default)s)")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    add_logging_arguments(parser)
+    apply_env_defaults(parser)  # every flag can also be set as TOKENWIRE_<FLAG>
     return parser
 
 
@@ -41,7 +49,7 @@ def config_from_args(args: argparse.Namespace) -> TokenizerServiceConfig:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     asyncio.run(serve(config_from_args(args)))
 
 

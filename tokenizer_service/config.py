@@ -15,8 +15,13 @@ class TokenizerServiceConfig:
     max_batch_size: int = 4096           # texts per BatchEncode
     inline_work_limit: int = 16384       # requests up to this many chars/ids run on the event loop;
                                          # bigger ones go to a worker thread so the loop stays responsive
-    grace_period_s: float = 5.0          # on shutdown, in-flight RPCs get this long to finish
+    drain_grace_s: float = 5.0           # on SIGTERM, in-flight RPCs get this long to finish
+    metrics_port: int = -1               # Prometheus /metrics port on `host`; 0 picks a free one, -1 is off
     trust_remote_code: bool = False      # never run code shipped with a checkpoint unless asked
+    tls_cert: str = ""                   # PEM certificate chain: serve TLS (with tls_key) instead of plaintext
+    tls_key: str = ""                    # PEM private key of tls_cert
+    tls_client_ca: str = ""              # PEM CA bundle: also require client certificates it signed (mTLS)
+    auth_token: str = ""                 # require `authorization: Bearer <token>` on every RPC but health
 
     @property
     def address(self) -> str:

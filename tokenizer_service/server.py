@@ -15,9 +15,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
+from tokenwire.tokenizer import security
 from tokenwire.tokenizer.codec import TokenCodec
 from tokenwire.tokenizer.config import TokenizerServiceConfig
+from tokenwire.tokenizer.metrics import MetricsEndpoint, RpcMetrics, TokenizerMetrics
+from tokenwire.tokenizer.request_guard import RequestGuard
+from tokenwire.tokenizer.rpc_observer import RpcObserver
 from tokenwire.tokenizer.servicer import TokenizerServicer
 from tokenwire.tokenizer.tokenizer import TokenizerInfo, load_tokenizer
 from tokenwire.v1 import tokenizer_pb2, tokenizer_pb2_grpc
@@ -29,26 +34,37 @@ _HEALTH_SERVICES = ("", SERVICE_NAME)  # "" is the whole server, as grpc-health-
 
 
 class TokenizerServer:
-    """One server: TokenizerService + grpc.health.v1 + server reflection on one port."""
+    """One server: TokenizerService + grpc.health.v1 + server reflection on one port, and /metrics."""
 
     def __init__(self, config: TokenizerServiceConfig):
         self.config = config
         self.servicer = TokenizerServicer(config)
         self.health = health.aio.HealthServicer()
+        self.registry = CollectorRegistry()  # this server's own: several servers can share a process
+        self.metrics = TokenizerMetrics(self.registry)
+        self.metrics_endpoint = MetricsEndpoint(self.registry)
+        self._observer = RpcObserver(RpcMetrics(self.registry), self.metrics.on_response)
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
         """Binds and starts serving (health NOT_SERVING until `load`); returns the bound port."""
-        server = grpc.aio.server(options=self.config.grpc_options)
+        # Outermost first: observe every call, then authenticate, then turn unparsable requests into
+        # INVALID_ARGUMENT.
+        interceptors = [self._observer, *security.server_interceptors(self.config.auth_token), RequestGuard()]
+        server = grpc.aio.server(options=self.config.grpc_options, interceptors=interceptors)
         tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = server.add_insecure_port(self.config.address)  # raises if the address is taken
+        # TLS when a certificate is configured; raises if the address is taken.
+        self.port = security.add_port(server, self.config.address, self.config.tls_cert, self.config.tls_key,
+                                      self.config.tls_client_ca)
         await server.start()
         self._server = server
+        if self.config.metrics_port >= 0:
+            self.metrics_endpoint.start(self.config.host, self.config.metrics_port)
         log.info("tokenizer service listening on %s:%d (loading %s)", self.config.host, self.port, self.config.model)
         return self.port
 
@@ -66,8 +82,9 @@ class TokenizerServer:
         """NOT_SERVING first (so balancers stop routing here), then drain and close."""
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._server.stop(self.config.grace_period_s if grace_s is None else grace_s)
+            await self._server.stop(self.config.drain_grace_s if grace_s is None else grace_s)
             self._server = None
+        self.metrics_endpoint.stop()
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

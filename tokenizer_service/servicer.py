@@ -17,6 +17,7 @@ import grpc
 from tokenwire.tokenizer import convert
 from tokenwire.tokenizer.codec import InvalidArgumentError, NoChatTemplateError, TokenCodec
 from tokenwire.tokenizer.config import TokenizerServiceConfig
+from tokenwire.tokenizer.request_guard import FIELD_METADATA_KEY
 from tokenwire.v1 import tokenizer_pb2 as pb
 from tokenwire.v1 import tokenizer_pb2_grpc
 
@@ -27,6 +28,11 @@ Context = grpc.aio.ServicerContext
 
 class NotReadyError(RuntimeError):
     """The tokenizer is still loading."""
+
+
+def _field_metadata(error: Exception) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata naming the offending field of an INVALID_ARGUMENT, as the engine sends it."""
+    return ((FIELD_METADATA_KEY, error.field),) if isinstance(error, InvalidArgumentError) else ()
 
 
 def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
@@ -49,7 +55,8 @@ def _unary(handler: Callable[..., Any]) -> Callable[..., Any]:
             return await handler(self, request, context)
         except Exception as error:  # every failure becomes a status, never a dead handler
             code, message = _status_of(error)
-        await context.abort(code, message)
+            metadata = _field_metadata(error)
+        await context.abort(code, message, trailing_metadata=metadata)
 
     return wrapper
 
@@ -107,7 +114,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             return
         except Exception as error:
             code, message = _status_of(error)
-        await context.abort(code, message)
+            metadata = _field_metadata(error)
+        await context.abort(code, message, trailing_metadata=metadata)
 
     async def _decode_stream(self, requests: AsyncIterator[pb.DecodeStreamRequest]):
         """One delta per request message, then a final flush once the client half-closes."""

@@ -1,0 +1,152 @@
+"""Overload and cancellation. Past the bound on requests in flight, or on requests waiting to start, a
+new request gets RESOURCE_EXHAUSTED at once (the SDK raises OverloadedError) and the engine keeps
+serving what it accepted; a flood ends with every request either served correctly or refused. An abort
+lands inside the engine before its next step."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import pytest
+
+from tests.servers import EngineThread, rpc_error, wait_until_idle
+from tokenwire.client import Client, OverloadedError
+from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from tokenwire.engine.engine import LLMEngine
+from tokenwire.engine.engine_loop import EngineLoop
+from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.engine.sequence import FinishReason
+from tokenwire.engine.server import ServerConfig
+from tokenwire.v1 import engine_pb2 as pb
+from tokenwire.v1 import engine_pb2_grpc
+
+MAX_RUNNING = 2
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def ids_request(ids, **sampling) -> pb.GenerateRequest:
+    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(**sampling))
+
+
+def endless(i: int) -> pb.GenerateRequest:
+    return ids_request([10 + i, 11, 12], max_new_tokens=4096, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def config(tiny_llama_dir) -> EngineConfig:
+    return EngineConfig(model=tiny_llama_dir, dtype="float32", cache=CacheConfig(num_blocks=128),
+                        scheduler=SchedulerConfig(max_num_seqs=MAX_RUNNING))
+
+
+@pytest.fixture(scope="module")
+def server(config):
+    thread = EngineThread(config, ServerConfig(port=0, max_pending_requests=3, max_waiting_requests=2))
+    yield thread
+    thread.close()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.address) as channel:
+        yield engine_pb2_grpc.EngineServiceStub(channel)
+
+
+def test_full_server_refuses_at_once_and_keeps_serving(server, stub):
+    servicer = server.server.servicer
+    running = [stub.Generate(endless(i), timeout=60) for i in range(MAX_RUNNING)]
+    for stream in running:
+        assert next(stream).token_ids           # both are generating: max_num_seqs is reached
+    queued = stub.Generate(endless(2), timeout=60)  # waits for a free running slot
+    _wait_for(lambda: servicer.num_active_requests == 3)
+
+    # Bound 1: requests in flight (3).
+    start = time.monotonic()
+    error = rpc_error(stub.Generate, ids_request([1, 2], max_new_tokens=2), timeout=30)
+    assert error.code() == EXHAUSTED and "in flight" in error.details()
+    with Client(tokenizer=None, engine=server.address, timeout=30) as client:
+        with pytest.raises(OverloadedError):
+            client.complete(token_ids=[1, 2], max_new_tokens=2)
+    assert time.monotonic() - start < 2.0      # refused at once, not queued
+
+    # Bound 2: requests waiting to start (2), with room left in flight.
+    servicer.max_pending_requests = 10
+    also_queued = stub.Generate(endless(3), timeout=60)
+    _wait_for(lambda: servicer.num_active_requests == 4)
+    error = rpc_error(stub.Generate, ids_request([1, 2], max_new_tokens=2), timeout=30)
+    assert error.code() == EXHAUSTED and "waiting" in error.details()
+
+    # The accepted requests were never disturbed: once the first two go, the queued ones start.
+    for stream in running:
+        assert next(stream).token_ids
+        stream.cancel()
+    for stream in (queued, also_queued):
+        assert next(stream).token_ids
+        stream.cancel()
+    assert wait_until_idle(stub).num_free_kv_blocks == 128
+    servicer.max_pending_requests = 3
+    ok = list(stub.Generate(ids_request([1, 2], max_new_tokens=3, ignore_eos=True), timeout=30))
+    assert sum(len(r.token_ids) for r in ok) == 3
+
+
+def test_a_flood_is_served_or_refused_never_hung(server, stub):
+    """200 concurrent requests against 3 slots: each either completes with the right tokens or is
+    refused with RESOURCE_EXHAUSTED, quickly; nothing leaks."""
+    expected = [t for r in stub.Generate(ids_request([7, 8, 9], max_new_tokens=4, temperature=0.0,
+                                                     ignore_eos=True)) for t in r.token_ids]
+
+    async def one(aio_stub) -> grpc.StatusCode | list[int]:
+        try:
+            call = aio_stub.Generate(ids_request([7, 8, 9], max_new_tokens=4, temperature=0.0, ignore_eos=True),
+                                     timeout=60)
+            return [t async for r in call for t in r.token_ids]
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+
+    async def flood():
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            aio_stub = engine_pb2_grpc.EngineServiceStub(channel)
+            return await asyncio.gather(*(one(aio_stub) for _ in range(200)))
+
+    start = time.monotonic()
+    results = asyncio.run(flood())
+    assert time.monotonic() - start < 30
+    served = [r for r in results if isinstance(r, list)]
+    assert served and all(r == expected for r in served)
+    assert all(r == EXHAUSTED for r in results if not isinstance(r, list))
+    assert wait_until_idle(stub).num_free_kv_blocks == 128
+
+
+def test_abort_lands_before_the_next_step(config):
+    """A request aborted while its first token is being delivered never gets a second one: the loop
+    applies queued aborts between steps."""
+    loop = EngineLoop(LLMEngine(config)).start()
+    try:
+        finals: list = []
+        done = threading.Event()
+
+        def sink(output):  # engine thread
+            if output.finished:
+                finals.append(output)
+                done.set()
+            elif output.num_output_tokens == 1:
+                loop.abort(output.request_id)
+
+        seq = loop.engine.prepare(prompt_token_ids=[1, 2, 3], request_id="abort-me",
+                                  params=SamplingParams(max_new_tokens=1000, ignore_eos=True))
+        loop.submit(seq, sink)
+        assert done.wait(30)
+        (final,) = finals
+        assert final.finish_reason is FinishReason.ABORT and final.num_output_tokens == 1
+        stats = loop.call(loop.engine.stats)
+        assert stats.num_free_kv_blocks == stats.num_kv_blocks and stats.num_running == 0
+    finally:
+        loop.stop()
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.005)
