@@ -1,0 +1,288 @@
+"""`python -m tokenwire.engine.bench`: how fast tokenwire is, measured honestly, beside its baselines.
+
+Modes (comma-separated `--mode`, run in this order, one process):
+  offline  every request submitted to the in-process engine at once; throughput.
+  naive    the same requests one at a time through the same engine.
+  online   through the real gRPC services (started here, or given by address), streaming, at a Poisson
+           `--request-rate` and/or a `--concurrency` bound.
+  hf       transformers `generate()` (one static left-padded batch) and `generate_batch()` (its
+           continuous batching): same checkpoint, dtype and prompts. `hf_static` / `hf_batch` alone too.
+`--pretok` tokenizes text prompts before the timed region and sends ids (the engine then encodes
+nothing); without it, text goes in and tokenization is timed. Metrics: see bench_metrics.py.
+
+    python -m tokenwire.engine.bench --workload P1 --json p1.json --plot p1.png
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import sys
+from dataclasses import asdict, replace
+
+import torch
+from transformers import AutoTokenizer
+
+from tokenwire.engine import bench_baselines as hf
+from tokenwire.engine.bench_metrics import RunRecord, latency_samples, summarize
+from tokenwire.engine.bench_report import environment, format_table, progress_bar, write_json, write_plot
+from tokenwire.engine.bench_workloads import STANDARD, BenchRequest, build_requests, make_spec, pretokenize
+from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.tokenizer.model_resolver import DEFAULT_MODEL, resolve_model
+
+log = logging.getLogger("tokenwire.bench")
+
+MODES = ("offline", "naive", "online", "hf_static", "hf_batch")
+DEFAULT_MODES = {"P1": "offline,hf", "online": "offline,online"}   # others: offline
+ENGINE_MODES = ("offline", "naive", "online")
+BASELINES = ("hf_static", "hf_batch", "offline")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenwire bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", help=f"comma-separated among {', '.join(MODES)}, hf (= hf_static,hf_batch); "
+                                  f"default per workload: {DEFAULT_MODES}, else offline")
+    p.add_argument("--workload", choices=[*STANDARD, "custom"],
+                   help="a standard workload (default P1, or custom when prompts are given)")
+    w = p.add_argument_group("prompts (override the workload's defaults)")
+    w.add_argument("--prompt", help="one prompt text, sent --num-requests times")
+    w.add_argument("--prompts", dest="prompts_file", help="file: one prompt per line, or JSONL with 'prompt'")
+    w.add_argument("--input-len", type=int, help="synthetic prompts of this many tokens")
+    w.add_argument("--input-len-range", type=int, nargs=2, metavar=("LO", "HI"), help="synthetic lengths, uniform")
+    w.add_argument("--shared-prefix-len", type=int, help="tokens of a system prompt every request shares")
+    w.add_argument("--num-requests", type=int)
+    w.add_argument("--max-new-tokens", type=int)
+    w.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=None)
+    w.add_argument("--seed", type=int, default=0, help="seeds prompts, arrivals and sampling")
+    s = p.add_argument_group("sampling (defaults: greedy)")
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    e = p.add_argument_group("engine")
+    e.add_argument("--model", default=DEFAULT_MODEL)
+    e.add_argument("--device", default=EngineConfig.device)
+    e.add_argument("--dtype", default=EngineConfig.dtype, help="auto picks the fast dtype, as the engine")
+    e.add_argument("--no-prefix-cache", action="store_true")
+    e.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
+    e.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
+    e.add_argument("--kv-cache-memory-gb", type=float, default=CacheConfig.kv_cache_memory_gb)
+    r = p.add_argument_group("run")
+    r.add_argument("--pretok", action="store_true", help="tokenize before the timed region and send ids")
+    r.add_argument("--warmup-runs", type=int, default=1)
+    r.add_argument("--warmup-max-new-tokens", type=int, default=8, help="warm-up runs generate this many at most")
+    r.add_argument("--repeat-runs", type=int, default=1)
+    r.add_argument("--hf-batch-size", type=int, default=0, help="generate() static batch size (0: all)")
+    r.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure the physical ceiling (linear layers alone) in this run (default: on for P1)")
+    o = p.add_argument_group("online")
+    o.add_argument("--request-rate", type=float, help="Poisson arrivals per second (inf: all at once)")
+    o.add_argument("--concurrency", type=int, help="at most this many requests in flight")
+    o.add_argument("--engine-addr", help="host:port of a running engine service (default: start one)")
+    o.add_argument("--tokenizer-addr", help="host:port of a running tokenizer service (default: start one)")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", dest="json_out", help="write every figure and the environment here")
+    out.add_argument("--plot", help="write latency CDFs and throughput bars to this PNG")
+    out.add_argument("--no-progress", action="store_true")
+    out.add_argument("--log-level", default="WARNING")
+    return p
+
+
+def parse_modes(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    expanded = [x for m in names for x in (("hf_static", "hf_batch") if m == "hf" else (m,))]
+    bad = [m for m in expanded if m not in MODES]
+    if bad or not expanded:
+        raise SystemExit(f"--mode: unknown {bad or text!r}; choose from {', '.join(MODES)}, hf")
+    return [m for m in MODES if m in expanded]   # canonical order: engine modes before the baselines
+
+
+def sampling_params(args, max_new_tokens: int, ignore_eos: bool, index: int) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, ignore_eos=ignore_eos,
+        seed=None if args.temperature == 0 else args.seed + index)
+
+
+class Bench:
+    """One benchmark invocation: the workload, its prompts per run, and the modes' timed runs."""
+
+    def __init__(self, args):
+        self.args = args
+        self.spec = make_spec(args.workload, prompt=args.prompt, prompts_file=args.prompts_file,
+                              input_len=args.input_len, input_len_range=tuple(args.input_len_range or ()) or None,
+                              shared_prefix_len=args.shared_prefix_len, num_requests=args.num_requests,
+                              max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos,
+                              request_rate=args.request_rate, seed=args.seed)
+        self.model_dir = resolve_model(args.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.modes = parse_modes(args.mode or DEFAULT_MODES.get(self.spec.name, "offline"))
+        self.dtype: torch.dtype | None = None
+        self.device: torch.device | None = None
+        self.runs: dict[str, list[RunRecord]] = {}
+        self.extra: dict = {}
+
+    def requests(self, variant: int, warmup: bool = False) -> list[BenchRequest]:
+        """Run `variant`'s prompts: same lengths every run, fresh content, so no run reuses another's
+        prefix-cache entries. --pretok tokenizes here, outside every timed region."""
+        reqs = build_requests(self.spec, self.tokenizer, variant)
+        if warmup:
+            reqs = [replace(r, max_new_tokens=min(r.max_new_tokens, self.args.warmup_max_new_tokens)) for r in reqs]
+        return pretokenize(reqs, self.tokenizer) if self.args.pretok else reqs
+
+    def params(self, requests: list[BenchRequest]) -> list[SamplingParams]:
+        return [sampling_params(self.args, r.max_new_tokens, self.spec.ignore_eos, i) for i, r in enumerate(requests)]
+
+    def repeat(self, mode: str, run_once) -> None:
+        """Warm-up runs (discarded), then the timed runs, each on its own prompt variant."""
+        args = self.args
+        for i in range(args.warmup_runs):
+            reqs = self.requests(1000 + i, warmup=True)
+            with progress_bar(len(reqs), f"{mode} warm-up", not args.no_progress) as bar:
+                run_once(reqs, bar)
+        for i in range(args.repeat_runs):
+            reqs = self.requests(i)
+            with progress_bar(len(reqs), f"{mode} run {i + 1}/{args.repeat_runs}", not args.no_progress) as bar:
+                run = run_once(reqs, bar)
+            self.runs.setdefault(mode, []).append(run)
+            tokens = sum(r.completion_tokens for r in run.requests)
+            print(f"{mode} run {i + 1}/{args.repeat_runs}: {tokens} completion tokens in {run.duration:.2f} s "
+                  f"= {tokens / run.duration:.1f} tok/s", file=sys.stderr, flush=True)
+
+    # ---- modes ----
+
+    def run_engine_modes(self) -> None:
+        """offline and naive, each on a fresh engine: no mode inherits another's prefix-cache entries."""
+        from tokenwire.engine import bench_engine
+        for mode in (m for m in ("offline", "naive") if m in self.modes):
+            engine = bench_engine.build_engine(self.args)
+            self.dtype, self.device = engine.runner.dtype, engine.runner.device
+            self.extra["engine"] = bench_engine.describe(engine)
+            runner = bench_engine.run_offline if mode == "offline" else bench_engine.run_naive
+            self.repeat(mode, lambda reqs, bar: runner(engine, reqs, self.params(reqs), bar))
+            del engine
+            gc.collect()
+
+    def run_online(self) -> None:
+        if "online" not in self.modes:
+            return
+        from tokenwire.engine import bench_online
+        with bench_online.services(self.args, self.model_dir) as client:
+            self.extra["online"] = client.describe()
+            if self.dtype is None:  # the baselines then run in the served engine's dtype
+                self.dtype = getattr(torch, self.extra["online"]["dtype"])
+                self.device = torch.device(self.extra["online"]["device"])
+            self.repeat("online", lambda reqs, bar: bench_online.run(
+                client, reqs, self.params(reqs), self.spec.request_rate, self.args.concurrency,
+                self.args.seed, bar))
+
+    def run_baselines(self) -> None:
+        wanted = [m for m in ("hf_static", "hf_batch") if m in self.modes]
+        if not wanted:
+            return
+        self.resolve_dtype()
+        model = hf.load_hf_model(self.model_dir, self.device, self.dtype)
+        for mode in wanted:
+            if mode == "hf_static":
+                self.repeat(mode, lambda reqs, bar: hf.run_hf_static(
+                    model, self.tokenizer, reqs, self.params(reqs)[0], self.args.hf_batch_size, bar))
+            else:
+                self.repeat(mode, lambda reqs, bar: hf.run_hf_batch(
+                    model, self.tokenizer, reqs, self.params(reqs)[0], bar))
+        del model
+        gc.collect()
+
+    def resolve_dtype(self) -> None:
+        """The engine's dtype when an engine ran; otherwise the engine's own `auto` rule."""
+        if self.dtype is None or self.device is None:
+            from tokenwire.engine.device import choose_device, choose_dtype
+            self.device = choose_device(self.args.device)
+            self.dtype = choose_dtype(self.args.dtype, self.device)
+
+    def run_ceiling(self) -> hf.Ceiling | None:
+        wanted = self.args.ceiling if self.args.ceiling is not None else self.spec.name == "P1"
+        if not wanted:
+            return None
+        self.resolve_dtype()
+        if self.device.type != "cpu":
+            log.warning("the ceiling is measured on the CPU only; skipped on %s", self.device)
+            return None
+        reqs = build_requests(self.spec, self.tokenizer, 0)
+        lens = [len(r.token_ids) if r.token_ids is not None else len(self.tokenizer.encode(r.text)) for r in reqs]
+        return hf.measure_ceiling(self.model_dir, self.dtype, lens, self.spec.max_new_tokens)
+
+    # ---- report ----
+
+    def report(self, ceiling: hf.Ceiling | None) -> dict:
+        summaries = {mode: summarize(mode, runs) for mode, runs in self.runs.items()}
+        comparisons = compare(summaries, ceiling)
+        comparisons.update(agreement(self.runs, self.args.temperature == 0))
+        print(format_table(list(summaries.values()), comparisons))
+        report = {
+            "workload": asdict(self.spec) | {"pretok": self.args.pretok, "modes": self.modes},
+            "args": vars(self.args),
+            "environment": environment(str(self.dtype).removeprefix("torch."), str(self.device)),
+            "modes": {m: s.to_dict() for m, s in summaries.items()},
+            "ceiling": asdict(ceiling) | {"completion_tok_s": ceiling.completion_tok_s,
+                                          "total_s": ceiling.total_s} if ceiling else None,
+            "comparisons": comparisons,
+            "extra": self.extra,
+        }
+        if self.args.json_out:
+            write_json(self.args.json_out, report)
+        if self.args.plot:
+            write_plot(self.args.plot, {m: latency_samples(r) for m, r in self.runs.items()},
+                       {m: s.completion_tok_s for m, s in summaries.items()},
+                       ceiling.completion_tok_s if ceiling else None, comparisons,
+                       f"tokenwire bench: {self.spec.name}, {report['environment']['dtype']}, "
+                       f"{report['environment']['cpu_capability']}")
+        return report
+
+
+def compare(summaries: dict, ceiling: hf.Ceiling | None) -> dict:
+    """Completion tok/s ratios: each engine mode against each baseline, and against the ceiling."""
+    out = {}
+    for mode in (m for m in ENGINE_MODES if m in summaries):
+        for base in (b for b in BASELINES if b in summaries and b != mode):
+            out[f"{mode}_vs_{base}"] = summaries[mode].completion_tok_s / max(summaries[base].completion_tok_s, 1e-9)
+        if ceiling is not None:
+            out[f"{mode}_fraction_of_ceiling"] = summaries[mode].completion_tok_s / ceiling.completion_tok_s
+    if ceiling is not None:
+        out["ceiling_completion_tok_s"] = ceiling.completion_tok_s
+    return out
+
+
+def agreement(runs: dict[str, list[RunRecord]], greedy: bool) -> dict:
+    """Greedy sanity check: the fraction of requests whose ids equal generate()'s, last runs compared.
+    Informative only: a padded batch's float rounding can flip a near-tie and fork the rest."""
+    if not greedy or "hf_static" not in runs:
+        return {}
+    ref = [r.token_ids for r in runs["hf_static"][-1].requests]
+    return {f"{mode}_same_ids_as_hf_static": sum(a.token_ids == b for a, b in zip(rs[-1].requests, ref)) / len(ref)
+            for mode, rs in runs.items() if mode in ENGINE_MODES and len(rs[-1].requests) == len(ref)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.warmup_runs < 0 or args.repeat_runs < 1:
+        raise SystemExit("--warmup-runs must be >= 0 and --repeat-runs >= 1")
+    if args.no_progress:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+    bench = Bench(args)
+    print(f"workload {bench.spec.name}: {bench.spec.num_requests} requests, {bench.spec.max_new_tokens} new tokens, "
+          f"modes {', '.join(bench.modes)}, {'ids (--pretok)' if args.pretok else 'prompts as given'}",
+          file=sys.stderr)
+    bench.run_engine_modes()
+    bench.run_online()
+    bench.run_baselines()
+    bench.report(bench.run_ceiling())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""The in-process engine modes of the benchmark: `offline` (everything submitted at once) and `naive`
+(one request at a time through the same engine). The benchmark drives `step()` itself, on this thread,
+and stamps every token when the step that made it returns.
+"""
+from __future__ import annotations
+
+import time
+
+from tokenwire.engine.bench_metrics import RequestRecord, RunRecord
+from tokenwire.engine.bench_workloads import BenchRequest
+from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from tokenwire.engine.engine import LLMEngine
+from tokenwire.engine.sampling_params import SamplingParams
+
+
+def build_engine(args) -> LLMEngine:
+    return LLMEngine(EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
+        cache=CacheConfig(enable_prefix_cache=not args.no_prefix_cache, kv_cache_memory_gb=args.kv_cache_memory_gb),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                  max_num_batched_tokens=args.max_num_batched_tokens)))
+
+
+def describe(engine: LLMEngine) -> dict:
+    runner, cfg = engine.runner, engine.config
+    return {"architecture": runner.architecture, "device": str(runner.device),
+            "dtype": str(runner.dtype).removeprefix("torch."), "num_kv_blocks": runner.num_blocks,
+            "block_size": runner.block_size, "max_model_len": engine.max_model_len,
+            "enable_prefix_cache": cfg.cache.enable_prefix_cache, "max_num_seqs": cfg.scheduler.max_num_seqs,
+            "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens}
+
+
+def run_offline(engine: LLMEngine, requests: list[BenchRequest], params: list[SamplingParams],
+                progress=None) -> RunRecord:
+    """All requests handed over at once (text ones are encoded by the engine, inside the timing)."""
+    with _RunStats(engine) as stats:
+        start = time.perf_counter()
+        records = {_submit(engine, req, p): RequestRecord(submit_time=start) for req, p in zip(requests, params)}
+        _drain(engine, records, progress)
+    return stats.record("offline", start, list(records.values()))
+
+
+def run_naive(engine: LLMEngine, requests: list[BenchRequest], params: list[SamplingParams],
+              progress=None) -> RunRecord:
+    """The same requests, each submitted only after the previous one finished."""
+    with _RunStats(engine) as stats:
+        start = time.perf_counter()
+        records = []
+        for req, p in zip(requests, params):
+            submitted = time.perf_counter()
+            one = {_submit(engine, req, p): RequestRecord(submit_time=submitted)}
+            _drain(engine, one, progress)
+            records.extend(one.values())
+    return stats.record("naive", start, records)
+
+
+def _submit(engine: LLMEngine, req: BenchRequest, params: SamplingParams) -> str:
+    if req.token_ids is not None:
+        return engine.add_request(prompt_token_ids=req.token_ids, params=params)
+    return engine.add_request(prompt=req.text, params=params)
+
+
+def _drain(engine: LLMEngine, records: dict[str, RequestRecord], progress) -> None:
+    """Step until every request is done; stamp each token when its step returns."""
+    while engine.has_unfinished():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            rec = records[out.request_id]
+            rec.add_chunk(now, list(out.new_token_ids))
+            if out.finished:
+                rec.finish_time = now
+                rec.prompt_tokens = out.num_prompt_tokens
+                rec.cached_prompt_tokens = out.num_cached_prompt_tokens
+                rec.error = out.error
+                if progress is not None:
+                    progress.update(1)
+
+
+class _RunStats:
+    """Engine counters over one run: prompts it encoded, and prefix-cache lookups and hits."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+
+    def __enter__(self) -> "_RunStats":
+        # Runs already use distinct prompts; a reset also clears the entries of a repeated --prompt.
+        owner = self.engine if hasattr(self.engine, "reset_prefix_cache") else self.engine.block_manager
+        if hasattr(owner, "reset_prefix_cache"):
+            owner.reset_prefix_cache()
+        self.encodes, self.cache = self.engine.num_prompt_encodes, self._cache_counts()
+        self.preemptions = self.engine.stats().num_preemptions
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end = time.perf_counter()
+
+    def _cache_counts(self) -> tuple[int, int] | None:
+        stats = getattr(getattr(self.engine, "block_manager", None), "prefix_cache_stats", None)
+        return None if stats is None else (stats.queried_tokens, stats.hit_tokens)
+
+    def record(self, mode: str, start: float, records: list[RequestRecord]) -> RunRecord:
+        now = self._cache_counts()
+        rate = None
+        if now is not None and self.cache is not None and self.engine.config.cache.enable_prefix_cache:
+            queried, hit = now[0] - self.cache[0], now[1] - self.cache[1]
+            rate = hit / queried if queried else 0.0
+        end = max([self.end] + [r.finish_time for r in records if r.finish_time is not None])
+        return RunRecord(mode, start, end, records, prompt_encodes=self.engine.num_prompt_encodes - self.encodes,
+                         prefix_cache_hit_rate=rate, reports_cached_tokens=True,
+                         extra={"num_preemptions": self.engine.stats().num_preemptions - self.preemptions})

@@ -1,0 +1,165 @@
+"""The benchmark's `online` mode: requests through the real gRPC services with the SDK (AsyncClient),
+streamed, at a seeded Poisson rate and/or under a concurrency bound. Both services are started here as
+subprocesses (exactly as a deployment runs them) unless their addresses are given.
+
+The path is the user's: a text prompt is encoded by the tokenizer service, the engine gets the ids (so
+tokenization is inside TTFT and the engine encodes nothing), and the text streams back through the
+tokenizer service's DecodeStream. With --pretok the ids were made before the timed region and go
+straight to the engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tokenwire.client import AsyncClient, TokenwireError
+from tokenwire.engine.bench_metrics import RequestRecord, RunRecord
+from tokenwire.engine.bench_workloads import BenchRequest, arrival_offsets
+from tokenwire.engine.sampling_params import SamplingParams
+
+_START_TIMEOUT_S = 600.0   # model load and warm-up on a busy 2-core machine
+
+
+class OnlineClient:
+    """Addresses of the two services; an AsyncClient is opened per run, inside that run's event loop."""
+
+    def __init__(self, engine_addr: str, tokenizer_addr: str):
+        self.engine_addr, self.tokenizer_addr = engine_addr, tokenizer_addr
+
+    def connect(self) -> AsyncClient:
+        return AsyncClient(tokenizer=self.tokenizer_addr, engine=self.engine_addr)
+
+    def describe(self) -> dict:
+        async def info():
+            async with self.connect() as client:
+                return await client.model_info()
+        info = asyncio.run(info())
+        return {"engine_addr": self.engine_addr, "tokenizer_addr": self.tokenizer_addr,
+                "architecture": info.architecture, **asdict(info.config)}
+
+
+@contextlib.contextmanager
+def services(args, model_dir: str):
+    """An OnlineClient for the given addresses, or for both services started here and stopped after."""
+    with contextlib.ExitStack() as stack:
+        tok_addr = args.tokenizer_addr or stack.enter_context(_service(
+            "tokenwire.tokenizer.cli", ["--model", model_dir], "tokenwire.v1.TokenizerService"))
+        eng_addr = args.engine_addr or stack.enter_context(_service(
+            "tokenwire.engine.cli", _engine_flags(args, model_dir), "tokenwire.v1.EngineService"))
+        yield OnlineClient(eng_addr, tok_addr)
+
+
+def _engine_flags(args, model_dir: str) -> list[str]:
+    return ["--model", model_dir, "--device", args.device, "--dtype", args.dtype, "--seed", str(args.seed),
+            "--no-enable-prefix-cache" if args.no_prefix_cache else "--enable-prefix-cache",
+            "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+            "--kv-cache-memory-gb", str(args.kv_cache_memory_gb), "--log-level", "WARNING"]
+
+
+@contextlib.contextmanager
+def _service(module: str, flags: list[str], health_name: str):
+    port = _free_port()
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", module, *flags, "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    try:
+        _wait_serving(address, health_name, proc, log)
+        yield address
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:   # the server binds without SO_REUSEPORT: a clash fails loudly
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_serving(address: str, health_name: str, proc: subprocess.Popen, log) -> None:
+    """Block until the service's health turns SERVING (grpc.health.v1 Watch), noticing a crash."""
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:  # bounded, so the loop head sees a process that died before binding its port
+                grpc.channel_ready_future(channel).result(timeout=1.0)
+            except grpc.FutureTimeoutError:
+                continue
+            try:
+                for reply in stub.Watch(health_pb2.HealthCheckRequest(service=health_name),
+                                        timeout=max(deadline - time.monotonic(), 0.1)):
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.RpcError:
+                continue  # the server went away or the deadline passed: the loop head decides
+    log.seek(0)
+    tail = log.read().decode(errors="replace")[-3000:]
+    raise RuntimeError(f"{health_name} at {address} did not become SERVING (exit code {proc.poll()}):\n{tail}")
+
+
+# ---- one timed run ----
+
+def run(client: OnlineClient, requests: list[BenchRequest], params: list[SamplingParams], rate: float,
+        concurrency: int | None, seed: int, progress=None) -> RunRecord:
+    return asyncio.run(_run(client, requests, params, rate, concurrency, seed, progress))
+
+
+async def _run(online: OnlineClient, requests, params, rate, concurrency, seed, progress) -> RunRecord:
+    offsets = arrival_offsets(len(requests), rate, seed)
+    limit = asyncio.Semaphore(concurrency or len(requests))
+    async with online.connect() as client:
+        encodes = (await client.model_info()).stats.num_prompt_encodes
+        await client.tokenizer_info()  # the fingerprint is fetched once, outside the timed region
+        start = time.perf_counter()
+
+        async def one(req: BenchRequest, p: SamplingParams, offset: float) -> RequestRecord:
+            await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))  # the arrival schedule
+            async with limit:
+                rec = await _stream_one(client, req, p)
+            if progress is not None:
+                progress.update(1)
+            return rec
+
+        records = await asyncio.gather(*(one(r, p, o) for r, p, o in zip(requests, params, offsets)))
+        end = max([r.finish_time for r in records if r.finish_time is not None], default=time.perf_counter())
+        encodes = (await client.model_info()).stats.num_prompt_encodes - encodes
+    return RunRecord("online", start, end, list(records), prompt_encodes=encodes, reports_cached_tokens=True,
+                     extra={"request_rate": rate, "concurrency": concurrency})
+
+
+async def _stream_one(client: AsyncClient, req: BenchRequest, p: SamplingParams) -> RequestRecord:
+    rec = RequestRecord(submit_time=time.perf_counter())
+    prompt = {"token_ids": req.token_ids} if req.token_ids is not None else {"prompt": req.text}
+    try:
+        async for chunk in client.generate(**prompt, **sampling_options(p)):
+            rec.add_chunk(time.perf_counter(), list(chunk.token_ids))
+            if chunk.usage is not None:
+                rec.prompt_tokens = chunk.usage.prompt_tokens
+                rec.cached_prompt_tokens = chunk.usage.cached_prompt_tokens
+    except TokenwireError as error:
+        rec.error = f"{type(error).__name__}: {error}"
+    rec.finish_time = time.perf_counter()
+    return rec
+
+
+def sampling_options(p: SamplingParams) -> dict:
+    """The engine's parameters as the SDK's keyword arguments (SamplingOptions)."""
+    options = dict(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                   min_p=p.min_p, repetition_penalty=p.repetition_penalty, ignore_eos=p.ignore_eos)
+    return options if p.seed is None else {**options, "seed": p.seed}

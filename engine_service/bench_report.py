@@ -1,0 +1,173 @@
+"""How benchmark results leave the process: the environment they were measured in, a terminal table,
+a JSON file with every figure, a PNG with latency CDFs and throughput bars, and a progress bar.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from tokenwire.engine.bench_metrics import Distribution, ModeSummary
+
+_PACKAGES = ("tokenwire", "torch", "transformers", "tokenizers", "numpy", "grpcio", "protobuf")
+
+
+def environment(dtype: str, device: str) -> dict:
+    """What the numbers depend on: versions, CPU and its capability, threads, dtype, git revision."""
+    flags = _cpu_flags()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in _PACKAGES},
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "torch_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "dtype": dtype,
+        "device": device,
+        "git_revision": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "argv": sys.argv,
+    }
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+# ---- terminal ----
+
+def format_table(summaries: list[ModeSummary], comparisons: dict) -> str:
+    head = (f"{'mode':<12}{'runs':>5}{'reqs':>6}{'compl tok':>10}{'compl tok/s':>12}{'total tok/s':>12}"
+            f"{'TTFT p50/p90/p99 ms':>24}{'TPOT p50/p90/p99 ms':>22}{'ITL p50/p99 ms':>16}"
+            f"{'E2E p50/p99 ms':>18}{'hit':>6}{'enc':>5}")
+    lines = [head, "-" * len(head)]
+    for s in summaries:
+        lines.append(
+            f"{s.mode:<12}{s.num_runs:>5}{s.num_requests:>6}{s.completion_tokens:>10}"
+            f"{s.completion_tok_s:>12.1f}{s.total_tok_s:>12.1f}{_pcts(s.ttft_ms, 3):>24}"
+            f"{_pcts(s.tpot_ms, 3):>22}{_pcts(s.itl_ms, 2):>16}{_pcts(s.e2e_ms, 2):>18}"
+            f"{_fmt(s.prefix_cache_hit_rate, '.0%'):>6}{_fmt(s.prompt_encodes, 'd'):>5}")
+        if s.num_errors:
+            lines.append(f"  {s.mode}: {s.num_errors} request(s) failed")
+    for name, value in comparisons.items():
+        lines.append(f"{name:<40} {_fmt(value, '.3f')}")
+    return "\n".join(lines)
+
+
+def _pcts(d: Distribution, n: int) -> str:
+    values = (d.p50, d.p90, d.p99) if n == 3 else (d.p50, d.p99)
+    return "/".join(_fmt(v, ".1f") for v in values)
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+# ---- files ----
+
+def write_json(path: str, report: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(_finite(report), indent=2, default=str, allow_nan=False))
+
+
+def _finite(value):
+    """JSON has no inf/nan: they become null (e.g. request_rate inf, "all at once")."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_plot(path: str, samples: dict[str, dict[str, list[float]]], throughput: dict[str, float],
+               ceiling_tok_s: float | None, comparisons: dict, title: str) -> None:
+    """Latency CDFs (TTFT, TPOT, ITL, E2E) per mode, completion tok/s bars against the ceiling, and the
+    ratios as text."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    axes = axes.ravel()
+    for ax, metric in zip(axes, ("ttft", "tpot", "itl", "e2e")):
+        for mode, values in samples.items():
+            data = np.sort(values.get(metric, []))
+            if len(data):  # an empirical CDF: a step up of 1/n at every sample, from 0
+                ax.step(np.r_[data[0], data], np.r_[0, np.arange(1, len(data) + 1) / len(data)],
+                        where="post", label=mode)
+        ax.set(title=f"{metric.upper()} CDF", xlabel="ms", ylabel="fraction", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    bars = axes[4]
+    names = list(throughput)
+    bars.bar(names, [throughput[n] for n in names], color="tab:blue")
+    if ceiling_tok_s:
+        bars.axhline(ceiling_tok_s, color="tab:red", linestyle="--", label=f"ceiling {ceiling_tok_s:.0f}")
+        bars.legend(fontsize=8)
+    bars.set(title="completion tok/s", ylabel="tok/s")
+    bars.tick_params(axis="x", labelrotation=20)
+    axes[5].axis("off")
+    axes[5].text(0, 1, "\n".join(f"{k}: {_fmt(v, '.3f')}" for k, v in comparisons.items()),
+                 va="top", family="monospace", fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr counting finished requests (a no-op object when disabled)."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="req", disable=not enabled, leave=False, file=sys.stderr)

@@ -1,0 +1,137 @@
+"""Device, dtype and GEMM backend: `auto` picks what is fastest on this machine, and logs why."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_EXPLICIT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# bf16 must beat fp32 by this factor on the probe GEMM to be worth its lower precision.
+_BF16_MIN_SPEEDUP = 1.25
+# One decode-sized GEMM of a small model: (tokens, hidden) @ (hidden, intermediate).
+_PROBE_SHAPE = (32, 576, 1536)
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    """`auto` -> the first CUDA device if there is one, else the CPU; explicit names are checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device: unknown device {name!r} ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} asked for but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: only cpu and cuda are supported, got {name!r}")
+    return device
+
+
+def choose_dtype(name: str, device: torch.device) -> torch.dtype:
+    """An explicit dtype is honoured; `auto` picks bf16/fp16 on CUDA and the faster of bf16/fp32 on CPU."""
+    if name in _EXPLICIT_DTYPES:
+        return _EXPLICIT_DTYPES[name]
+    if name != "auto":
+        raise ValueError(f"dtype: expected auto, {', '.join(_EXPLICIT_DTYPES)}; got {name!r}")
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        log.info("dtype auto -> %s (CUDA device %s)", dtype, torch.cuda.get_device_name(device))
+        return dtype
+    return _cpu_auto_dtype()
+
+
+def _cpu_auto_dtype() -> torch.dtype:
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = _cpu_flags()
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if not capability.startswith("AVX512") or not native:
+        log.info("dtype auto -> float32: CPU capability %s, no native bf16 (flags: %s)",
+                 capability, native or "none")
+        return torch.float32
+    fp32_s, bf16_s = _probe_gemm(torch.float32), _probe_gemm(torch.bfloat16)
+    speedup = fp32_s / bf16_s
+    dtype = torch.bfloat16 if speedup >= _BF16_MIN_SPEEDUP else torch.float32
+    log.info("dtype auto -> %s: CPU capability %s with %s; probe GEMM bf16 is %.2fx fp32 speed",
+             dtype, capability, "+".join(native), speedup)
+    return dtype
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _probe_gemm(dtype: torch.dtype, reps: int = 8) -> float:
+    """Best-of-reps seconds for one decode-sized matmul in `dtype`, through the backend we would use."""
+    m, k, n = _PROBE_SHAPE
+    x, linear = torch.randn(m, k).to(dtype), Linear(torch.randn(n, k).to(dtype))
+    linear(x)  # warm-up: first calls pick kernels and allocate
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        linear(x)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+class Linear:
+    """y = x @ weight.T + bias. On CPU the weight is prepacked once for oneDNN, whose GEMMs beat
+    MKL's by 1.1-2.4x at the batch sizes an engine runs (measured on a 2-core AVX2 EPYC: decode-sized
+    32-row GEMMs 10-50%, the lm_head 2.4x); F.linear everywhere else."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias
+        self._packed = _onednn_pack(weight)
+        self.weight = weight if self._packed is None else None  # the packed copy replaces it
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + x @ weight.T + bias, the residual add done inside the GEMM (a new tensor on
+        oneDNN, `residual` updated in place otherwise)."""
+        if self._packed is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self._packed, self.bias, "add")
+        residual.addmm_(x, self.weight.t())
+        return residual if self.bias is None else residual.add_(self.bias)
+
+
+_ONEDNN_OK: dict[torch.dtype, bool] = {}
+
+
+def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
+    if weight.device.type != "cpu" or not _onednn_works(weight.dtype):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def _onednn_works(dtype: torch.dtype) -> bool:
+    """Whether this torch build runs prepacked oneDNN linears in `dtype` and agrees with F.linear."""
+    if dtype not in _ONEDNN_OK:
+        ok = False
+        if dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
+            try:
+                with torch.no_grad():
+                    x, w, b = torch.randn(5, 64, dtype=dtype), torch.randn(48, 64, dtype=dtype), torch.randn(48, dtype=dtype)
+                    packed = torch.ops.mkldnn._reorder_linear_weight(w)
+                    got = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+                    ok = torch.allclose(got.float(), F.linear(x, w, b).float(), rtol=2e-2, atol=2e-2)
+            except (RuntimeError, AttributeError):  # op missing or dtype unsupported in this build
+                ok = False
+        _ONEDNN_OK[dtype] = ok
+        log.info("GEMM backend for %s on CPU: %s", dtype, "oneDNN prepacked" if ok else "F.linear")
+    return _ONEDNN_OK[dtype]

@@ -1,0 +1,146 @@
+"""Our forward for the Llama family (SmolLM2, Llama, Mistral, Qwen2, Qwen3) over a HF model's weights.
+
+q/k/v are fused into one matmul and gate/up into another, residual adds ride inside the GEMMs
+(`Linear.add`), and the HF module's own rotary embedding supplies cos/sin, so every rope scaling variant
+matches transformers. Qwen2's qkv bias, Qwen3's per-head q/k norms, an explicit head_dim, tied
+embeddings and sliding-window layers are handled from the config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from tokenwire.engine.attention import AttentionBatch, KVCache, paged_attention
+from tokenwire.engine.device import Linear
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    qkv: Linear
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o: Linear
+    post_norm: torch.Tensor
+    gate_up: Linear
+    down: Linear
+    window: int | None
+
+
+class LlamaForward:
+    def __init__(self, hf_model: torch.nn.Module):
+        config = hf_model.config
+        inner = hf_model.model
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size
+        self.eps = config.rms_norm_eps
+        self.scale = self.head_dim ** -0.5
+        self.act = F.silu if config.hidden_act == "silu" else ACT2FN[config.hidden_act]
+        self.rotary = inner.rotary_emb
+        with torch.no_grad():
+            self.embed = inner.embed_tokens.weight.detach()
+            self.final_norm = inner.norm.weight.detach()
+            # The embedding's own weight when tied (the packed GEMM copy is separate either way).
+            self.lm_head = Linear(hf_model.get_output_embeddings().weight.detach())
+            windows = _layer_windows(config)
+            self.layers = [_fuse(layer, windows[i]) for i, layer in enumerate(inner.layers)]
+        self.vocab_size = self.lm_head.out_features
+        self._check_rope()
+
+    def _check_rope(self) -> None:
+        # apply_rope below uses half-width cos/sin: HF builds them as cat(freqs, freqs) for every rope type.
+        probe = torch.arange(8, device=self.embed.device)[None]
+        cos, sin = self.rotary(self.embed[:1], probe)
+        half = self.head_dim // 2
+        if cos.shape[-1] != self.head_dim or not torch.equal(cos[..., :half], cos[..., half:]):
+            raise ValueError("unsupported rotary embedding: expected full-head_dim, half-rotated rope")
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
+                batch: AttentionBatch, sample_rows: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) of the rows `sample_rows` of this flat batch of tokens."""
+        h = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary(h, positions[None])
+        half = self.head_dim // 2
+        cos, sin = cos[0, :, None, :half], sin[0, :, None, :half]   # [T, 1, d/2]
+        for i, layer in enumerate(self.layers):
+            attn = self._attention(F.rms_norm(h, (self.hidden_size,), layer.input_norm, self.eps),
+                                   layer, cos, sin, kv.k[i], kv.v[i], batch)
+            h = layer.o.add(attn, h)
+            gate_up = layer.gate_up(F.rms_norm(h, (self.hidden_size,), layer.post_norm, self.eps))
+            inter = self.intermediate_size
+            gate = gate_up[:, :inter]
+            gate = F.silu(gate, inplace=True) if self.act is F.silu else self.act(gate)
+            h = layer.down.add(gate.mul_(gate_up[:, inter:]), h)
+        h = F.rms_norm(h.index_select(0, sample_rows), (self.hidden_size,), self.final_norm, self.eps)
+        return self.lm_head(h).float()
+
+    def _attention(self, x, layer: _Layer, cos, sin, k_cache, v_cache, batch) -> torch.Tensor:
+        T, d = x.shape[0], self.head_dim
+        qkv = layer.qkv(x)
+        q_end, k_end = self.num_heads * d, (self.num_heads + self.num_kv_heads) * d
+        v = qkv[:, k_end:].view(T, self.num_kv_heads, d)
+        if layer.q_norm is None:  # rotate q and k together: one set of ops for both
+            qk = apply_rope(qkv[:, :k_end].view(T, -1, d), cos, sin)
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        else:
+            q = F.rms_norm(qkv[:, :q_end].view(T, -1, d), (d,), layer.q_norm, self.eps)
+            k = F.rms_norm(qkv[:, q_end:k_end].view(T, -1, d), (d,), layer.k_norm, self.eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return paged_attention(q, k, v, k_cache, v_cache, batch, self.scale, layer.window)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's half-rotation rope, x [T, N, d] with cos/sin [T, 1, d/2]; four fused ops into a new tensor."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+    return out
+
+
+def _layer_windows(config) -> list[int | None]:
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if window is None:
+        return [None] * config.num_hidden_layers
+    if types is None:  # Mistral: one window for every layer
+        return [window] * config.num_hidden_layers
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def _cat(*tensors: torch.Tensor | None) -> torch.Tensor | None:
+    if all(t is None for t in tensors):
+        return None
+    if any(t is None for t in tensors):
+        raise ValueError("unsupported checkpoint: bias on only some of the fused projections")
+    return torch.cat([t.detach() for t in tensors])
+
+
+def _linear(*projections: torch.nn.Linear) -> Linear:
+    """One Linear computing the given projections side by side (their outputs concatenated)."""
+    return Linear(_cat(*(p.weight for p in projections)), _cat(*(p.bias for p in projections)))
+
+
+def _fuse(layer, window: int | None) -> _Layer:
+    attn, mlp = layer.self_attn, layer.mlp
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    return _Layer(
+        input_norm=layer.input_layernorm.weight.detach(),
+        qkv=_linear(attn.q_proj, attn.k_proj, attn.v_proj),
+        q_norm=None if q_norm is None else q_norm.weight.detach(),
+        k_norm=None if k_norm is None else k_norm.weight.detach(),
+        o=_linear(attn.o_proj),
+        post_norm=layer.post_attention_layernorm.weight.detach(),
+        gate_up=_linear(mlp.gate_proj, mlp.up_proj),
+        down=_linear(mlp.down_proj),
+        window=window,
+    )

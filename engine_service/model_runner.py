@@ -1,0 +1,185 @@
+"""Loads a HF causal LM, owns the paged KV cache, and runs one batched forward per engine step.
+
+Each step's chunks (decodes and prefill chunks of any sequences) are packed into ONE flat token batch,
+decodes first, with no padding between sequences; index tensors are built once on the host and every
+layer reuses them. Only the rows that sample a token reach the lm_head.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tokenwire.engine.attention import AttentionBatch, KVCache
+from tokenwire.engine.config import EngineConfig
+from tokenwire.engine.device import choose_device, choose_dtype
+from tokenwire.engine.gpt2 import GPT2Forward
+from tokenwire.engine.llama import LlamaForward
+from tokenwire.engine.sequence import ScheduledChunk
+from tokenwire.tokenizer.model_resolver import resolve_model
+
+log = logging.getLogger(__name__)
+
+_ARCHITECTURES = {
+    "LlamaForCausalLM": LlamaForward,
+    "MistralForCausalLM": LlamaForward,
+    "Qwen2ForCausalLM": LlamaForward,
+    "Qwen3ForCausalLM": LlamaForward,
+    "GPT2LMHeadModel": GPT2Forward,
+}
+SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
+
+
+class CausalLM(Protocol):
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
+                batch: AttentionBatch, sample_rows: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class _Step:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attention: AttentionBatch
+    sample_rows: torch.Tensor   # flat-batch rows whose logits are returned, in chunk order
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        path = resolve_model(config.model)
+        self.hf_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+        self.architecture = _architecture(self.hf_config)
+        self.device = choose_device(config.device)
+        self.dtype = choose_dtype(config.dtype, self.device)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=self.dtype, trust_remote_code=config.trust_remote_code)
+        hf_model.to(self.device).eval()
+        self.eos_token_ids = _eos_token_ids(hf_model)
+        self.model: CausalLM = _ARCHITECTURES[self.architecture](hf_model)
+        del hf_model  # our forward keeps only the (fused) weights it needs
+        self.vocab_size = self.model.vocab_size
+        self.max_model_len = _max_model_len(self.hf_config, config.max_model_len)
+        self.block_size = config.cache.block_size
+        self.num_blocks = self._num_blocks()
+        self.kv_cache = KVCache.allocate(self.model.num_layers, self.num_blocks, self.block_size,
+                                         self.model.num_kv_heads, self.model.head_dim, self.dtype, self.device)
+        log.info("model %s (%s) on %s in %s; KV cache %d blocks x %d tokens (%.0f MiB)",
+                 config.model, self.architecture, self.device, self.dtype, self.num_blocks, self.block_size,
+                 2 * self.kv_cache.k.numel() * self.kv_cache.k.element_size() / 2**20)
+
+    def _num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            if cache.num_blocks < 1:
+                raise ValueError(f"num_blocks: must be >= 1, got {cache.num_blocks}")
+            return cache.num_blocks
+        per_block = KVCache.bytes_per_block(self.model.num_layers, self.block_size, self.model.num_kv_heads,
+                                            self.model.head_dim, self.dtype)
+        budget = int(cache.kv_cache_memory_gb * 2**30) // per_block
+        if budget < 1:
+            raise ValueError(f"kv_cache_memory_gb: {cache.kv_cache_memory_gb} GB holds no {per_block}-byte block")
+        per_seq = -(-self.max_model_len // self.block_size)
+        # More blocks than every running sequence at full length can use is memory wasted.
+        num_blocks = min(budget, self.config.scheduler.max_num_seqs * per_seq)
+        if num_blocks < per_seq:
+            log.warning("KV cache holds %d tokens, fewer than max_model_len %d",
+                        num_blocks * self.block_size, self.max_model_len)
+        return num_blocks
+
+    @torch.inference_mode()
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy the K/V of block src into block dst in every layer (copy-on-write)."""
+        self.kv_cache.copy_blocks(pairs)
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """float32 logits [num sampling chunks, vocab] for the last token of each `sample` chunk, in order."""
+        if not chunks:
+            return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
+        step = self._prepare(chunks)
+        return self.model.forward(step.input_ids, step.positions, self.kv_cache, step.attention,
+                                  step.sample_rows)
+
+    def _prepare(self, chunks: list[ScheduledChunk]) -> _Step:
+        # Decodes (one token) first, shortest context first, so attention can batch them in groups of
+        # similar lengths; prefill chunks follow in their given order.
+        order = sorted(range(len(chunks)), key=lambda i: (chunks[i].num_tokens != 1,
+                                                          chunks[i].start if chunks[i].num_tokens == 1 else 0))
+        ids: list[int] = []
+        positions: list[int] = []
+        spans: list[tuple[list[int], int, int]] = []
+        last_row = [0] * len(chunks)
+        for i in order:
+            chunk = chunks[i]
+            self._check(chunk)
+            seq, start, end = chunk.seq, chunk.start, chunk.end
+            if chunk.num_tokens == 1:
+                ids.append(seq.token_id_at(start))
+            elif end <= seq.num_prompt_tokens:
+                ids += seq.prompt_token_ids[start:end]
+            else:
+                ids += seq.all_token_ids[start:end]
+            positions += range(start, end)
+            spans.append((seq.block_table, start, chunk.num_tokens))
+            last_row[i] = len(ids) - 1
+        num_decodes = sum(1 for c in chunks if c.num_tokens == 1)
+        device = self.device
+        return _Step(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            attention=AttentionBatch.build(spans, num_decodes, self.block_size, device),
+            sample_rows=torch.tensor([last_row[i] for i, c in enumerate(chunks) if c.sample],
+                                     dtype=torch.long, device=device),
+        )
+
+    def _check(self, chunk: ScheduledChunk) -> None:
+        # A scheduler bug must fail loudly here, not read another sequence's KV.
+        seq = chunk.seq
+        if chunk.num_tokens < 1 or chunk.start < 0 or chunk.end > seq.num_tokens:
+            raise ValueError(f"request {seq.request_id}: chunk [{chunk.start}, {chunk.end}) outside "
+                             f"its {seq.num_tokens} tokens")
+        if chunk.end > self.max_model_len:
+            raise ValueError(f"request {seq.request_id}: position {chunk.end - 1} beyond max_model_len "
+                             f"{self.max_model_len}")
+        if len(seq.block_table) * self.block_size < chunk.end:
+            raise ValueError(f"request {seq.request_id}: {len(seq.block_table)} blocks cannot hold "
+                             f"{chunk.end} tokens")
+
+
+def _architecture(hf_config) -> str:
+    names = getattr(hf_config, "architectures", None) or []
+    for name in names:
+        if name in _ARCHITECTURES:
+            return name
+    raise ValueError(f"unsupported model architecture {names or hf_config.model_type!r}; "
+                     f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _max_model_len(hf_config, requested: int | None) -> int:
+    native = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    if requested is None:
+        if native is None:
+            raise ValueError("max_model_len: the model config names no context length; set it explicitly")
+        return native
+    if requested < 1 or (native is not None and requested > native):
+        raise ValueError(f"max_model_len: must be in [1, {native}] for this model, got {requested}")
+    return requested
+
+
+def _eos_token_ids(hf_model) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(hf_model, "generation_config", None), hf_model.config):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return ids

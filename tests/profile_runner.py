@@ -1,0 +1,173 @@
+"""Workload P1 driven straight into the model runner: its throughput and where a decode step's time goes.
+
+    .venv/bin/python tests/profile_runner.py [--model smollm2-135m] [--dtype auto] [--ceiling]
+
+32 prompts of 32-255 random ids (the lengths of /work/shared/tools/p1_ceiling.py), prefilled in
+512-token steps packed across prompts the way the scheduler chunks them, then 63 decode steps of batch
+32, greedy, contiguous block tables. Prints completion tok/s and a decode-step breakdown (linear layers,
+attention, other ops, Python) from torch.profiler, plus the sampler's time. Not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from tokenwire.engine.config import EngineConfig
+from tokenwire.engine.device import Linear
+from tokenwire.engine.model_runner import ModelRunner
+from tokenwire.engine.sampler import Sampler
+from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.engine.sequence import ScheduledChunk, Sequence
+
+CEILING_TOOL = Path("/work/shared/tools/p1_ceiling.py")
+_CATEGORIES = {  # aten op -> bucket of the breakdown
+    "linear": ("aten::addmm", "aten::addmm_", "aten::mm", "aten::linear", "aten::matmul",
+               "mkldnn::_linear_pointwise", "mkldnn::_linear_pointwise.binary"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
+                  "aten::_scaled_dot_product_flash_attention", "aten::index_select", "aten::index_copy_",
+                  "aten::bitwise_and", "aten::lt", "aten::le", "aten::gt"),
+}
+
+
+def make_sequences(n: int, block_size: int, vocab: int) -> list[Sequence]:
+    rng = random.Random(0)
+    lengths = [rng.randint(32, 255) for _ in range(n)]
+    seqs, next_block = [], 0
+    for i, length in enumerate(lengths):
+        seq = Sequence(f"p{i}", [rng.randrange(vocab) for _ in range(length)], SamplingParams(temperature=0))
+        blocks = -(-(length + 64) // block_size)
+        seq.block_table = list(range(next_block, next_block + blocks))
+        next_block += blocks
+        seqs.append(seq)
+    return seqs
+
+
+def prefill_steps(seqs: list[Sequence], budget: int) -> list[list[ScheduledChunk]]:
+    steps, current, room = [], [], budget
+    for seq in seqs:
+        start = 0
+        while start < seq.num_tokens:
+            n = min(room, seq.num_tokens - start)
+            current.append(ScheduledChunk(seq, start, n, start + n == seq.num_tokens))
+            start, room = start + n, room - n
+            if room == 0:
+                steps.append(current)
+                current, room = [], budget
+    return steps + ([current] if current else [])
+
+
+def run_step(runner: ModelRunner, sampler: Sampler, chunks: list[ScheduledChunk]) -> None:
+    logits = runner.execute(chunks)
+    sampled = [c.seq for c in chunks if c.sample]
+    for seq, token in zip(sampled, sampler.sample(logits, sampled).token_ids):
+        seq.output_token_ids.append(token)
+
+
+def decode_chunks(seqs: list[Sequence]) -> list[ScheduledChunk]:
+    return [ScheduledChunk(s, s.num_tokens - 1, 1, True) for s in seqs]
+
+
+def run_p1(runner: ModelRunner, sampler: Sampler, new_tokens: int) -> tuple[float, float, list[Sequence]]:
+    seqs = make_sequences(32, runner.block_size, runner.vocab_size)
+    start = time.perf_counter()
+    for chunks in prefill_steps(seqs, 512):
+        run_step(runner, sampler, chunks)
+    prefill_s = time.perf_counter() - start
+    for _ in range(new_tokens - 1):
+        run_step(runner, sampler, decode_chunks(seqs))
+    return prefill_s, time.perf_counter() - start, seqs
+
+
+def breakdown(label: str, runner: ModelRunner, sampler: Sampler, make_chunks, reps: int = 5) -> None:
+    """Profile `reps` steps of `make_chunks()`; bucket each op's self time."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        wall = time.perf_counter()
+        for _ in range(reps):
+            chunks = make_chunks()
+            sampler.sample(runner.execute(chunks), [c.seq for c in chunks if c.sample])
+        wall = (time.perf_counter() - wall) / reps
+    buckets: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        bucket = next((b for b, ops in _CATEGORIES.items() if event.key in ops), "other ops")
+        buckets[bucket] += event.self_cpu_time_total / 1e6 / reps
+    print(f"{label}: {wall * 1e3:.1f} ms per step (profiled)")
+    ops = sum(buckets.values())
+    for name, seconds in sorted(buckets.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:10s} {seconds * 1e3:7.1f} ms  {seconds / wall:5.1%}")
+    print(f"  {'python':10s} {(wall - ops) * 1e3:7.1f} ms  {(wall - ops) / wall:5.1%}  (wall minus op time)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+
+
+def time_decode(runner: ModelRunner, sampler: Sampler, seqs: list[Sequence], reps: int = 5) -> None:
+    """Unprofiled: one decode step's forward and sampling."""
+    start = time.perf_counter()
+    for _ in range(reps):
+        logits = runner.execute(decode_chunks(seqs))
+    forward = (time.perf_counter() - start) / reps
+    start = time.perf_counter()
+    for _ in range(reps):
+        sampler.sample(logits, seqs)
+    sample = (time.perf_counter() - start) / reps
+    print(f"decode step, batch {len(seqs)} (unprofiled): forward {forward * 1e3:.1f} ms, "
+          f"sampler {sample * 1e3:.2f} ms")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--ceiling", action="store_true", help="also run p1_ceiling.py in this process")
+    args = ap.parse_args()
+    runner = ModelRunner(EngineConfig(model=args.model, dtype=args.dtype))
+    sampler = Sampler()
+    print(f"{runner.architecture} {runner.dtype} on {runner.device}, {torch.get_num_threads()} threads, "
+          f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    run_p1(runner, sampler, 4)  # warm-up: first calls allocate and pick kernels
+    prefill_s, total_s, seqs = run_p1(runner, sampler, args.new_tokens)
+    completion = len(seqs) * args.new_tokens
+    print(f"P1: {sum(s.num_prompt_tokens for s in seqs)} prompt tokens, {completion} completion tokens in "
+          f"{total_s:.2f} s (prefill {prefill_s:.2f} s) -> {completion / total_s:.1f} completion tok/s")
+    for seq in seqs:  # decode from mid-P1 contexts; each table has room for 64 new tokens
+        del seq.output_token_ids[32:]
+    time_decode(runner, sampler, seqs)
+    breakdown(f"decode step, batch {len(seqs)}", runner, sampler, lambda: decode_chunks(seqs))
+    first_prefill = prefill_steps(make_sequences(32, runner.block_size, runner.vocab_size), 512)[0]
+    breakdown("prefill step, 512 tokens", runner, sampler, lambda: first_prefill, reps=2)
+    if args.ceiling and CEILING_TOOL.is_file():
+        report_ceilings(runner, completion / total_s, args.new_tokens)
+
+
+def report_ceilings(runner: ModelRunner, tok_s: float, new_tokens: int) -> None:
+    """p1_ceiling.py's figure (F.linear GEMMs), and the same with the runner's own GEMM backend."""
+    spec = importlib.util.spec_from_file_location("p1_ceiling", CEILING_TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cfg, lengths = runner.hf_config.to_dict(), tool.p1_prompt_lengths()
+    completion = len(lengths) * new_tokens
+    for name, timer in (("F.linear", tool.time_linear), ("runner Linear", _time_our_linear)):
+        tool.time_linear = timer
+        prefill, decode = tool.ceiling(cfg, runner.dtype, lengths, new_tokens, 512)
+        ceiling = completion / (prefill + decode)
+        print(f"ceiling, linear layers alone with {name}: {ceiling:.1f} tok/s "
+              f"(prefill {prefill:.2f} s, decode {decode:.2f} s) -> runner at {tok_s / ceiling:.0%}")
+
+
+def _time_our_linear(m: int, k: int, n: int, dtype: torch.dtype, reps: int) -> float:
+    x, linear = torch.randn(m, k, dtype=dtype), Linear(torch.randn(n, k, dtype=dtype))
+    for _ in range(2):
+        linear(x)
+    start = time.perf_counter()
+    for _ in range(reps):
+        linear(x)
+    return (time.perf_counter() - start) / reps
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The benchmark end to end on the tiny model: every mode runs, the JSON holds every figure with sane
+values, --pretok keeps the engine from encoding, the prefix cache shows up in the hit rate.
+No timing thresholds: timings on a shared 2-core machine are not test material."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from tokenwire.engine import bench
+from tokenwire.engine.bench_workloads import build_requests, make_spec, p1_prompt_lengths, usable_ids
+
+N, NEW = 4, 4
+MODE_FIELDS = ("num_runs", "num_requests", "num_errors", "prompt_tokens", "completion_tokens", "duration_s",
+               "completion_tok_s", "total_tok_s", "request_s", "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms",
+               "prefix_cache_hit_rate", "prompt_encodes", "runs")
+ENV_FIELDS = ("python", "packages", "cpu_model", "cpu_capability", "avx512_bf16", "torch_threads", "dtype",
+              "device", "git_revision")
+
+
+def run_bench(tmp_path, model: str, *flags: str) -> dict:
+    out = tmp_path / "bench.json"
+    argv = ["--model", model, "--workload", "custom", "--input-len-range", "8", "24", "--num-requests", str(N),
+            "--max-new-tokens", str(NEW), "--ignore-eos", "--no-progress", "--json", str(out), *flags]
+    assert bench.main(argv) == 0
+    return json.loads(out.read_text())
+
+
+def check_mode(report: dict, mode: str, runs: int = 1) -> dict:
+    m = report["modes"][mode]
+    assert all(f in m for f in MODE_FIELDS), set(MODE_FIELDS) - set(m)
+    assert (m["num_runs"], m["num_requests"], m["num_errors"]) == (runs, N, 0)
+    assert m["completion_tokens"] == N * NEW       # ignore_eos: every request runs to max_new_tokens
+    assert m["prompt_tokens"] >= N * 8
+    assert m["completion_tok_s"] > 0 and m["total_tok_s"] > m["completion_tok_s"]
+    for name in ("ttft_ms", "tpot_ms", "e2e_ms"):
+        d = m[name]
+        assert d["count"] == N * runs and 0 < d["p50"] <= d["p90"] <= d["p99"] <= d["max"]
+    assert m["itl_ms"]["count"] == N * runs * (NEW - 1)
+    assert m["ttft_ms"]["p50"] <= m["e2e_ms"]["max"]
+    assert len(m["runs"]) == runs
+    return m
+
+
+def test_p1_workload_has_the_ceiling_scripts_prompt_lengths(smollm2_dir):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    spec = make_spec("P1")
+    assert (spec.num_requests, spec.max_new_tokens, spec.ignore_eos) == (32, 64, True)
+    first, second = build_requests(spec, tokenizer, 0), build_requests(spec, tokenizer, 1)
+    assert [len(r.token_ids) for r in first] == p1_prompt_lengths() == [len(r.token_ids) for r in second]
+    assert first[0].token_ids != second[0].token_ids  # runs share no prefix
+    usable = set(usable_ids(tokenizer))
+    assert all(t in usable for r in first for t in r.token_ids) and all(r.text is None for r in first)
+
+
+def test_offline_naive_and_hf_baselines_report_every_figure(tmp_path, tiny_llama_dir):
+    plot = tmp_path / "bench.png"
+    report = run_bench(tmp_path, tiny_llama_dir, "--mode", "offline,naive,hf", "--repeat-runs", "2",
+                       "--ceiling", "--plot", str(plot))
+    for mode in ("offline", "naive", "hf_static", "hf_batch"):
+        check_mode(report, mode, runs=2)
+    assert report["modes"]["offline"]["prompt_encodes"] == N   # text prompts: the engine encodes each once
+    assert report["modes"]["hf_static"]["prompt_encodes"] is None
+    env = report["environment"]
+    assert all(f in env for f in ENV_FIELDS) and env["dtype"] == "float32"
+    assert report["ceiling"]["completion_tok_s"] > 0
+    comparisons = report["comparisons"]
+    for key in ("offline_vs_hf_static", "offline_vs_hf_batch", "offline_fraction_of_ceiling", "naive_vs_offline"):
+        assert comparisons[key] > 0
+    assert 0 <= comparisons["offline_same_ids_as_hf_static"] <= 1
+    assert plot.stat().st_size > 10_000
+
+
+def test_pretok_leaves_the_engine_nothing_to_encode(tmp_path, tiny_llama_dir):
+    report = run_bench(tmp_path, tiny_llama_dir, "--mode", "offline", "--pretok", "--warmup-runs", "0")
+    assert check_mode(report, "offline")["prompt_encodes"] == 0
+    assert report["workload"]["pretok"] is True
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_shared_prefix_shows_in_the_hit_rate(tmp_path, tiny_llama_dir, cache):
+    flags = ["--mode", "naive", "--shared-prefix-len", "48", "--warmup-runs", "0"]
+    report = run_bench(tmp_path, tiny_llama_dir, *flags, *([] if cache else ["--no-prefix-cache"]))
+    rate = check_mode(report, "naive")["prefix_cache_hit_rate"]
+    assert (rate > 0.3) if cache else rate == 0   # requests 2..N reuse the 48-token prefix's 3 blocks
+
+
+def test_online_mode_streams_through_both_grpc_services(tmp_path, tiny_llama_dir):
+    report = run_bench(tmp_path, tiny_llama_dir, "--mode", "online", "--request-rate", "50", "--concurrency", "2",
+                       "--warmup-runs", "0")
+    m = check_mode(report, "online")
+    assert m["prompt_encodes"] == 0    # text went through the tokenizer service, ids to the engine
+    assert report["extra"]["online"]["dtype"] == "float32"
