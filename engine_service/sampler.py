@@ -15,18 +15,23 @@ import torch
 from tokenwire.engine.sequence import Sequence
 
 _GREEDY_TEMPERATURE = 1e-5   # below this, temperature scaling would overflow: treat as greedy
-_U64 = 1 << 64
-
-
-def _i64(value: int) -> int:
-    """A uint64 constant as the int64 with the same bits (torch has no fast uint64 arithmetic)."""
-    return value - _U64 if value >= 1 << 63 else value
-
-
-_GOLDEN = _i64(0x9E3779B97F4A7C15)
-_MIX1 = _i64(0xBF58476D1CE4E5B9)
-_MIX2 = _i64(0x94D049BB133111EB)
+# top_p alone is first tried within the top-N tokens (torch.topk is ~10x cheaper than a full sort on
+# CPU); only when the nucleus is wider than that do its rows sort the whole vocabulary.
+_NUCLEUS_WIDTH = 1024
+# Noise is built in vocabulary tiles of about this many elements so its int32 temporaries stay in cache.
+_NOISE_TILE_ELEMENTS = 1 << 17
 _UNIFORM_BITS = 23           # k + 0.5 stays exact in float32, so u never rounds to 0 or 1
+
+
+def _signed(value: int, bits: int) -> int:
+    """An unsigned constant as the signed integer with the same bits (torch lacks unsigned arithmetic)."""
+    return value - (1 << bits) if value >= 1 << (bits - 1) else value
+
+
+_GOLDEN64 = _signed(0x9E3779B97F4A7C15, 64)
+_SPLITMIX = (_signed(0xBF58476D1CE4E5B9, 64), _signed(0x94D049BB133111EB, 64))
+_GOLDEN32 = 0x9E3779B9
+_LOWBIAS = (_signed(0x7FEB352D, 32), _signed(0x846CA68B, 32))
 
 
 @dataclass(frozen=True)
@@ -70,92 +75,148 @@ class Sampler:
         index = torch.tensor(rows, device=device)
         params = [seqs[i].params for i in rows]
         temperature = torch.tensor([p.temperature for p in params], device=device)
-        x = filter_logits(scores.index_select(0, index) / temperature[:, None], params)
-        seeds = [seqs[i].seed for i in rows]
-        positions = [seqs[i].num_tokens for i in rows]
-        chosen = (x + self._gumbel(seeds, positions, x.shape[1], device)).argmax(-1)
+        x = _apply_min_p(scores.index_select(0, index) / temperature[:, None], params)
+        row_keys = _row_keys([seqs[i].seed for i in rows], [seqs[i].num_tokens for i in rows], device)
+        chosen = _draw(x, params, row_keys, self._vocab_keys_for(x.shape[1], device))
         if len(rows) == len(seqs):
             return chosen
         return scores.argmax(-1).index_copy_(0, index, chosen)
 
-    def _gumbel(self, seeds: list[int], positions: list[int], vocab: int, device) -> torch.Tensor:
-        """Gumbel noise [rows, vocab], a pure function of (seed, position, vocab id) per element."""
-        if self._vocab_keys is None or self._vocab_keys.shape[0] != vocab or self._vocab_keys.device != device:
-            self._vocab_keys = _mix(torch.arange(vocab, dtype=torch.long, device=device) * _GOLDEN + _MIX2)
-        seed = torch.tensor(seeds, dtype=torch.long, device=device)
-        pos = torch.tensor(positions, dtype=torch.long, device=device)
-        row_keys = _mix(_mix(seed + _GOLDEN) + pos * _GOLDEN)
-        bits = _srl(_mix(row_keys[:, None] ^ self._vocab_keys[None, :]), 64 - _UNIFORM_BITS)
-        u = (bits.float() + 0.5) * (2.0 ** -_UNIFORM_BITS)
-        return u.log_().neg_().log_().neg_()
+    def _vocab_keys_for(self, vocab: int, device: torch.device) -> torch.Tensor:
+        keys = self._vocab_keys
+        if keys is None or keys.shape[0] != vocab or keys.device != device:
+            keys = self._vocab_keys = _int32(torch.arange(vocab, dtype=torch.long, device=device) * _GOLDEN32)
+        return keys
 
 
-def _srl(z: torch.Tensor, shift: int) -> torch.Tensor:
-    """Logical right shift of int64 bits (>> on int64 is arithmetic)."""
-    return (z >> shift) & ((1 << (64 - shift)) - 1)
+def _draw(x: torch.Tensor, params: list, row_keys: torch.Tensor, vocab_keys: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max over each row's allowed tokens. Noise depends on (row key, vocab id) only, so the
+    draw is the same whether it looks at the whole vocabulary or at a row's candidates."""
+    bounded = [p.top_k > 0 or p.top_p < 1 for p in params]
+    if not any(bounded):
+        return (x + _gumbel(row_keys, vocab_keys)).argmax(-1)
+    if all(bounded):
+        values, ids = _candidates(x, params)
+        noise = _gumbel(row_keys, vocab_keys[ids])
+        return ids.gather(1, (values + noise).argmax(-1, keepdim=True)).squeeze(1)
+    out = torch.empty(len(params), dtype=torch.long, device=x.device)
+    for flag in (True, False):  # bounded rows on candidates, the others on the whole vocabulary
+        rows = [i for i, b in enumerate(bounded) if b is flag]
+        index = torch.tensor(rows, device=x.device)
+        out.index_copy_(0, index, _draw(x.index_select(0, index), [params[i] for i in rows],
+                                        row_keys.index_select(0, index), vocab_keys))
+    return out
 
 
-def _mix(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser: every input bit flips about half the output bits."""
-    z = (z ^ _srl(z, 30)) * _MIX1
-    z = (z ^ _srl(z, 27)) * _MIX2
-    return z ^ _srl(z, 31)
+def _candidates(x: torch.Tensor, params: list, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, vocab ids) [rows, width] of each row's top tokens, -inf beyond its top_k / top_p cut."""
+    vocab = x.shape[1]
+    if width is None:
+        width = min(vocab, max(p.top_k if p.top_k > 0 else _NUCLEUS_WIDTH for p in params))
+    values, ids = x.topk(width, dim=-1)
+    device, neg_inf = x.device, float("-inf")
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < width else width for p in params], device=device)
+    values.masked_fill_(torch.arange(width, device=device) >= top_k[:, None], neg_inf)
+    if all(p.top_p >= 1 for p in params):
+        return values, ids
+    # top_p after top_k (HF, vLLM): mass over the top_k survivors, or over the whole row without top_k.
+    has_top_k = torch.tensor([p.top_k > 0 for p in params], device=device)[:, None]
+    norm = torch.where(has_top_k, values.logsumexp(-1, keepdim=True), x.logsumexp(-1, keepdim=True))
+    probs = (values - norm).exp_()
+    top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=device)[:, None]
+    covered = has_top_k | (probs.sum(-1, keepdim=True) >= top_p)
+    if width < vocab and not bool(covered.all()):  # a nucleus wider than `width`: sort everything
+        return _candidates(x, params, vocab)
+    # Keep the shortest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+    values.masked_fill_(probs.cumsum(-1) - probs >= top_p, neg_inf)
+    return values, ids
+
+
+def _apply_min_p(x: torch.Tensor, params: list) -> torch.Tensor:
+    """p < min_p * p_max  <=>  logit < max_logit + log(min_p): no softmax needed."""
+    if all(p.min_p <= 0 for p in params):
+        return x
+    log_min_p = torch.tensor([math.log(p.min_p) if p.min_p > 0 else float("-inf") for p in params],
+                             dtype=x.dtype, device=x.device)
+    return x.masked_fill(x < x.amax(-1, keepdim=True) + log_min_p[:, None], float("-inf"))
+
+
+def _row_keys(seeds: list[int], positions: list[int], device: torch.device) -> torch.Tensor:
+    """int32 key per row from (seed, position) through splitmix64: the counter of a counter-based RNG."""
+    seed = torch.tensor(seeds, dtype=torch.long, device=device)
+    pos = torch.tensor(positions, dtype=torch.long, device=device)
+    return (_splitmix64(_splitmix64(seed + _GOLDEN64) + pos * _GOLDEN64) >> 32).to(torch.int32)
+
+
+def _gumbel(row_keys: torch.Tensor, vocab_keys: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise [rows, width]: element (r, j) is a pure function of row_keys[r] and its vocab key
+    (vocab_keys is [width], or [rows, width] for per-row candidates)."""
+    rows, width = row_keys.shape[0], vocab_keys.shape[-1]
+    out = torch.empty(rows, width, dtype=torch.float32, device=row_keys.device)
+    tile = width if row_keys.device.type == "cuda" else max(256, _NOISE_TILE_ELEMENTS // rows)
+    for start in range(0, width, tile):
+        z = row_keys[:, None] ^ vocab_keys[..., start:start + tile]
+        scratch = torch.empty_like(z)
+        _lowbias32_(z, scratch)
+        torch.bitwise_right_shift(z, 32 - _UNIFORM_BITS, out=scratch).bitwise_and_((1 << _UNIFORM_BITS) - 1)
+        u = out[:, start:start + tile].copy_(scratch)
+        u.mul_(2.0 ** -_UNIFORM_BITS).add_(2.0 ** -(_UNIFORM_BITS + 1))  # (k + 0.5) / 2^bits in (0, 1)
+        u.log_().neg_().log_().neg_()
+    return out
+
+
+def _lowbias32_(z: torch.Tensor, scratch: torch.Tensor) -> None:
+    """In place: Wellons' lowbias32 integer finaliser on int32 bits (logical shifts emulated)."""
+    for shift, multiplier in ((16, _LOWBIAS[0]), (15, _LOWBIAS[1]), (16, None)):
+        torch.bitwise_right_shift(z, shift, out=scratch).bitwise_and_((1 << (32 - shift)) - 1)
+        z.bitwise_xor_(scratch)
+        if multiplier is not None:
+            z.mul_(multiplier)
+
+
+def _splitmix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 bits (logical shifts emulated)."""
+    for shift, multiplier in ((30, _SPLITMIX[0]), (27, _SPLITMIX[1]), (31, None)):
+        z = z ^ ((z >> shift) & ((1 << (64 - shift)) - 1))
+        if multiplier is not None:
+            z = z * multiplier
+    return z
+
+
+def _int32(z: torch.Tensor) -> torch.Tensor:
+    """The low 32 bits of int64 values, as int32."""
+    low = z & 0xFFFFFFFF
+    return torch.where(low >= 1 << 31, low - (1 << 32), low).to(torch.int32)
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """A new tensor: repetition penalty over prompt + output ids, presence/frequency over output ids."""
-    rows = [i for i, s in enumerate(seqs) if s.params.uses_penalties]
-    penalized = [seqs[i] for i in rows]
-    device, vocab = logits.device, logits.shape[1]
-    index = torch.tensor(rows, device=device)
-    x = logits.index_select(0, index)
-    outputs = _counts(x, [s.output_token_ids for s in penalized])
-    seen = (_counts(x, [s.prompt_token_ids for s in penalized]) > 0) | (outputs > 0)
-    column = lambda values: torch.tensor(values, dtype=x.dtype, device=device)[:, None]  # noqa: E731
-    rep = column([s.params.repetition_penalty for s in penalized])
-    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-    x -= column([s.params.frequency_penalty for s in penalized]) * outputs
-    x -= column([s.params.presence_penalty for s in penalized]) * (outputs > 0)
-    return logits.index_copy(0, index, x)
-
-
-def _counts(like: torch.Tensor, id_lists: list[list[int]]) -> torch.Tensor:
-    """[rows, vocab] occurrence counts, by one scatter_add over right-padded ids (pad = an extra column)."""
-    rows, vocab = like.shape
-    width = max((len(ids) for ids in id_lists), default=0)
-    padded = torch.full((rows, max(width, 1)), vocab, dtype=torch.long)
-    for r, ids in enumerate(id_lists):
-        padded[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    padded = padded.to(like.device)
-    counts = torch.zeros(rows, vocab + 1, dtype=like.dtype, device=like.device)
-    return counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=like.dtype))[:, :vocab]
-
-
-def filter_logits(x: torch.Tensor, params: list) -> torch.Tensor:
-    """Mask (-inf) what min_p, then top_k and top_p exclude; x is temperature-scaled, one row per params."""
-    device = x.device
-    neg_inf = float("-inf")
-    if any(p.min_p > 0 for p in params):  # p < min_p * p_max  <=>  logit < max_logit + log(min_p)
-        log_min_p = torch.tensor([math.log(p.min_p) if p.min_p > 0 else neg_inf for p in params], device=device)
-        x = x.masked_fill(x < x.amax(-1, keepdim=True) + log_min_p[:, None], neg_inf)
-    vocab = x.shape[1]
-    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    use_top_p = any(p.top_p < 1 for p in params)
-    if not use_top_p and all(k == vocab for k in top_k):
-        return x
-    k = torch.tensor(top_k, device=device)[:, None]
-    if not use_top_p:  # top_k alone: the k-th largest value is the cutoff, no full sort
-        widest = max(t for t in top_k if t < vocab)
-        values = x.topk(widest, dim=-1).values
-        cutoff = values.gather(1, k.clamp(max=widest) - 1).masked_fill_(k == vocab, neg_inf)
-        return x.masked_fill(x < cutoff, neg_inf)
-    ordered = x.sort(-1, descending=True).values
-    ordered.masked_fill_(torch.arange(vocab, device=device)[None, :] >= k, neg_inf)
-    probs = ordered.softmax(-1)
-    top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=device)[:, None]
-    # Keep the shortest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
-    kept = ((probs.cumsum(-1) - probs) < top_p).sum(-1, keepdim=True).clamp_(min=1)
-    return x.masked_fill(x < ordered.gather(1, kept - 1), neg_inf)
+    """A new tensor: repetition penalty over prompt + output ids, presence/frequency over output ids
+    (vLLM's semantics). Only the logits of tokens that occurred are touched: gathered, adjusted and
+    scattered back by flat index, never a dense [rows, vocab] mask."""
+    vocab, device = logits.shape[1], logits.device
+    prompt_keys: list[int] = []
+    output_keys: list[int] = []
+    for row, seq in enumerate(seqs):
+        if seq.params.uses_penalties:
+            base = row * vocab
+            if seq.params.repetition_penalty != 1.0:
+                prompt_keys += [base + t for t in seq.prompt_token_ids]
+            output_keys += [base + t for t in seq.output_token_ids]
+    if not prompt_keys and not output_keys:
+        return logits
+    keys, inverse = torch.unique(torch.tensor(prompt_keys + output_keys, device=device), return_inverse=True)
+    counts = torch.zeros(keys.shape[0], dtype=logits.dtype, device=device)
+    counts.index_add_(0, inverse[len(prompt_keys):], torch.ones(len(output_keys), dtype=logits.dtype, device=device))
+    row_of = keys // vocab
+    column = lambda name: torch.tensor([getattr(s.params, name) for s in seqs], dtype=logits.dtype,  # noqa: E731
+                                       device=device)[row_of]
+    scores = logits.clone()
+    values = scores.view(-1)[keys]
+    repetition = column("repetition_penalty")
+    values = torch.where(values > 0, values / repetition, values * repetition)
+    values -= column("frequency_penalty") * counts + column("presence_penalty") * (counts > 0)
+    scores.view(-1)[keys] = values
+    return scores
 
 
 def _with_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], ns: list[int]) -> SamplerOutput:

@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--ceiling", action="store_true", help="also run p1_ceiling.py in this process")
+    ap.add_argument("--no-breakdown", action="store_true", help="throughput only, no profiled steps")
     args = ap.parse_args()
     runner = ModelRunner(EngineConfig(model=args.model, dtype=args.dtype))
     sampler = Sampler()
@@ -135,12 +136,13 @@ def main() -> None:
     completion = len(seqs) * args.new_tokens
     print(f"P1: {sum(s.num_prompt_tokens for s in seqs)} prompt tokens, {completion} completion tokens in "
           f"{total_s:.2f} s (prefill {prefill_s:.2f} s) -> {completion / total_s:.1f} completion tok/s")
-    for seq in seqs:  # decode from mid-P1 contexts; each table has room for 64 new tokens
-        del seq.output_token_ids[32:]
-    time_decode(runner, sampler, seqs)
-    breakdown(f"decode step, batch {len(seqs)}", runner, sampler, lambda: decode_chunks(seqs))
-    first_prefill = prefill_steps(make_sequences(32, runner.block_size, runner.vocab_size), 512)[0]
-    breakdown("prefill step, 512 tokens", runner, sampler, lambda: first_prefill, reps=2)
+    if not args.no_breakdown:
+        for seq in seqs:  # decode from mid-P1 contexts; each table has room for 64 new tokens
+            del seq.output_token_ids[32:]
+        time_decode(runner, sampler, seqs)
+        breakdown(f"decode step, batch {len(seqs)}", runner, sampler, lambda: decode_chunks(seqs))
+        first_prefill = prefill_steps(make_sequences(32, runner.block_size, runner.vocab_size), 512)[0]
+        breakdown("prefill step, 512 tokens", runner, sampler, lambda: first_prefill, reps=2)
     if args.ceiling and CEILING_TOOL.is_file():
         report_ceilings(runner, completion / total_s, args.new_tokens)
 

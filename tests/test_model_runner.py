@@ -15,6 +15,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, MistralConfig, Mi
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from tokenwire.engine.config import CacheConfig, EngineConfig
+from tokenwire.engine.device import Linear, choose_device, choose_dtype
 from tokenwire.engine.model_runner import ModelRunner
 from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.engine.sequence import ScheduledChunk, Sequence
@@ -235,3 +236,28 @@ def test_llama_family_variants_match_hf(variant, tmp_path):
     seqs = make_seqs(prompts, contiguous_tables(prompts, NEW_TOKENS))
     run_greedy(runner, seqs, NEW_TOKENS, budget=9)
     assert [s.output_token_ids for s in seqs] == hf_greedy(str(tmp_path), prompts, NEW_TOKENS)
+
+
+def test_dtype_and_device_choice():
+    cpu = torch.device("cpu")
+    assert choose_device("auto") == (torch.device("cuda") if torch.cuda.is_available() else cpu)
+    assert choose_dtype("float32", cpu) == torch.float32
+    assert choose_dtype("bfloat16", cpu) == torch.bfloat16
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        assert choose_dtype("auto", cpu) == torch.float32  # bf16 is emulated, 4-5x slower, on AVX2
+    with pytest.raises(ValueError, match="dtype"):
+        choose_dtype("fp8", cpu)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            choose_device("cuda")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_f_linear(bias):
+    torch.manual_seed(0)
+    weight, x, residual = torch.randn(48, 32), torch.randn(5, 32), torch.randn(5, 48)
+    b = torch.randn(48) if bias else None
+    linear = Linear(weight, b)
+    expected = torch.nn.functional.linear(x, weight, b)
+    torch.testing.assert_close(linear(x), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(linear.add(x, residual.clone()), residual + expected, rtol=1e-4, atol=1e-4)

@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
+from tokenwire.engine import sampler as sampler_module
 from tokenwire.engine.sampler import Sampler, apply_penalties
 from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.engine.sequence import Sequence
@@ -150,3 +151,33 @@ def test_filters_apply_per_row():
     tokens = Sampler().sample(row.expand(400, -1).contiguous(), seqs).token_ids
     assert set(tokens[1::2]) == {0, 1}
     assert set(tokens[0::2]) == {0, 1, 2, 3, 4}
+
+
+def test_wide_nucleus_beyond_the_topk_shortcut():
+    vocab = 4096
+    row = -torch.arange(vocab, dtype=torch.float32) * 2e-4  # nearly flat, strictly decreasing
+    probs = row.double().softmax(-1)
+    cutoff = int(((probs.cumsum(-1) - probs) < 0.5).sum())  # the nucleus is ids [0, cutoff)
+    assert cutoff > sampler_module._NUCLEUS_WIDTH
+    tokens = draws(row, 600, top_p=0.5)
+    assert max(tokens) < cutoff
+    assert max(tokens) > sampler_module._NUCLEUS_WIDTH
+
+
+def test_noise_is_the_documented_hash():
+    """The int32 tensor arithmetic wraps exactly like the reference integer hash (no platform drift)."""
+    def lowbias32(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    row_keys = sampler_module._row_keys([0, 7, 2**63 - 1], [0, 5, 100], torch.device("cpu"))
+    vocab_keys = sampler_module._int32(torch.arange(300) * sampler_module._GOLDEN32)
+    noise = sampler_module._gumbel(row_keys, vocab_keys)
+    for r, key in enumerate(row_keys.tolist()):
+        for v in (0, 1, 150, 299):
+            bits = lowbias32((key ^ ((v * 0x9E3779B9) & 0xFFFFFFFF)) & 0xFFFFFFFF) >> 9
+            expected = -math.log(-math.log((bits + 0.5) / 2**23))
+            assert math.isclose(noise[r, v].item(), expected, rel_tol=1e-5, abs_tol=1e-5)
