@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Unpack
 
 import grpc
@@ -17,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokenwire.client import convert
 from tokenwire.client.calls import CallScope, RetryPolicy, TextStream, stream_with_retries, with_retries
+from tokenwire.client.credentials import auth_metadata, channel_credentials, open_channel
 from tokenwire.client.errors import DeadlineExceededError, TokenwireError
 from tokenwire.client.types import (ChatMessage, Completion, GenerationChunk, ModelInfo, SamplingOptions,
                                     TokenizerInfo)
@@ -24,7 +24,6 @@ from tokenwire.v1 import engine_pb2, engine_pb2_grpc, tokenizer_pb2, tokenizer_p
 
 DEFAULT_TOKENIZER = os.environ.get("TOKENWIRE_TOKENIZER", "localhost:50051")
 DEFAULT_ENGINE = os.environ.get("TOKENWIRE_ENGINE", "localhost:50052")
-AUTH_TOKEN_ENV = "TOKENWIRE_AUTH_TOKEN"   # the same variable the services read their token from
 _OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             # Reconnect quickly to a local service that is still starting (gRPC's default starts at 1 s).
@@ -49,15 +48,10 @@ class AsyncClient:
         `auth_token` is sent as `authorization: Bearer <token>` (None: $TOKENWIRE_AUTH_TOKEN, if set)."""
         self.timeout = timeout
         self.retry = retry
-        credentials = credentials or channel_credentials(tls_root_cert)
-        auth_token = os.environ.get(AUTH_TOKEN_ENV) if auth_token is None else auth_token
-        self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
-
-        def channel(address: str) -> grpc.aio.Channel:
-            if credentials is None:
-                return grpc.aio.insecure_channel(address, options=_OPTIONS, interceptors=list(interceptors))
-            return grpc.aio.secure_channel(address, credentials, options=_OPTIONS, interceptors=list(interceptors))
-
+        self._metadata = auth_metadata(auth_token)   # sent on every call but health checks
+        credentials = channel_credentials(tls_root_cert, credentials)
+        channel = lambda address: open_channel(  # noqa: E731
+            address, credentials, options=_OPTIONS, interceptors=list(interceptors))
         self._engine_channel = channel(engine)
         self._engine = engine_pb2_grpc.EngineServiceStub(self._engine_channel)
         self._tokenizer_channel = channel(tokenizer) if tokenizer else None
@@ -223,9 +217,15 @@ class AsyncClient:
                      ) -> engine_pb2.GenerateRequest:
         # With stop strings the engine detokenizes anyway (to find them) and its text stops right before
         # the match, while the ids run to the end of the matching token: take the engine's text then.
+        # The engine's text is the same text, so it also stands in while the tokenizer service is down.
+        engine_text = self._tokenizer is None or bool(sampling.get("stop")) or not self._tokenizer_reachable()
         return engine_pb2.GenerateRequest(token_ids=engine_pb2.TokenIds(ids=ids), tokenizer_fingerprint=fingerprint,
-                                          sampling=convert.sampling_params(sampling),
-                                          return_text=self._tokenizer is None or bool(sampling.get("stop")))
+                                          sampling=convert.sampling_params(sampling), return_text=engine_text)
+
+    def _tokenizer_reachable(self) -> bool:
+        """False while the tokenizer channel fails to connect (the service is down or restarting)."""
+        state = self._tokenizer_channel.get_state(try_to_connect=False)
+        return state != grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
     def _text_request(self, text: str, sampling: Mapping) -> engine_pb2.GenerateRequest:
         return engine_pb2.GenerateRequest(text=text, sampling=convert.sampling_params(sampling), return_text=True)
@@ -281,14 +281,6 @@ class AsyncClient:
             return convert.completion(result, body + await text.finish())
         finally:
             text.cancel()
-
-
-def channel_credentials(tls_root_cert: str | bytes | None) -> grpc.ChannelCredentials | None:
-    """TLS channel credentials trusting `tls_root_cert` (PEM bytes, or a path to a PEM file); None: plaintext."""
-    if tls_root_cert is None:
-        return None
-    pem = tls_root_cert if isinstance(tls_root_cert, bytes) else Path(tls_root_cert).read_bytes()
-    return grpc.ssl_channel_credentials(root_certificates=pem)
 
 
 def _skip_special(request: engine_pb2.GenerateRequest) -> bool:

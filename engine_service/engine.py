@@ -69,6 +69,8 @@ class LLMEngine:
         ids = self.tokenizer.encode(text)
         with self._encode_lock:
             self._encodes += 1
+        if not ids:  # e.g. only control characters the vocabulary has no token for
+            raise InvalidRequestError("prompt", "encodes to no tokens")
         return ids
 
     def prepare(self, prompt: str | None = None, prompt_token_ids: Seq[int] | None = None,
@@ -192,6 +194,10 @@ class LLMEngine:
         results: dict[str, list[int]] = {rid: [] for rid in rids}
         while self.has_unfinished():
             for out in self.step():
+                if out.error is not None:  # never hand back a failed request's partial output as a result
+                    for rid in rids:
+                        self.abort(rid)
+                    raise RuntimeError(f"request {out.request_id} failed: {out.error}")
                 results[out.request_id].extend(out.new_token_ids)
         return [results[rid] for rid in rids]
 

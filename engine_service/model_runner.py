@@ -154,11 +154,18 @@ class ModelRunner:
                              f"{chunk.end} tokens")
 
 
+# Old checkpoints may omit `architectures`; their model_type names the family.
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+
+
 def _architecture(hf_config) -> str:
     names = getattr(hf_config, "architectures", None) or []
     for name in names:
         if name in _ARCHITECTURES:
             return name
+    if not names and getattr(hf_config, "model_type", None) in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[hf_config.model_type]
     raise ValueError(f"unsupported model architecture {names or hf_config.model_type!r}; "
                      f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 

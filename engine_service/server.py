@@ -45,8 +45,7 @@ class ServerConfig:
     host: str = "127.0.0.1"              # interface to bind; "0.0.0.0" accepts other machines (containers)
     port: int = 50052                    # 0 picks a free port (logged)
     max_pending_requests: int = 1024     # requests in flight before new ones get RESOURCE_EXHAUSTED
-    max_waiting_requests: int = 512      # requests accepted but not yet generating, past which new ones
-                                         # get RESOURCE_EXHAUSTED (a bounded queue: fail fast, not wait)
+    max_waiting_requests: int = 512      # accepted requests not yet generating before new ones get RESOURCE_EXHAUSTED
     max_message_bytes: int = 64 << 20    # gRPC receive/send limit; a bigger request gets RESOURCE_EXHAUSTED
     drain_grace_s: float = 30.0          # after SIGTERM, how long in-flight requests may still finish
     metrics_port: int = -1               # Prometheus /metrics port on `host`; 0 picks a free one, -1 is off

@@ -67,6 +67,7 @@ ENGINE_CASES = [
     Bad("id = 2^32-1", "Generate", ids([2**32 - 1]), "token_ids.ids"),
     Bad("ids fill the context", "Generate", ids([5] * CONTEXT), "token_ids.ids"),
     Bad("text longer than the context", "Generate", epb.GenerateRequest(text="hello " * (CONTEXT + 10)), "text"),
+    Bad("text that encodes to no tokens", "Generate", epb.GenerateRequest(text="\x06"), "text"),  # found by test_fuzz
     Bad("text with bad UTF-8", "Generate", bad_utf8(epb.GenerateRequest(text="Hi WXYZ"), "WXYZ"), "text"),
     # sampling
     Bad("max_new_tokens 0", "Generate", ids(OK_ID, max_new_tokens=0), "sampling.max_new_tokens"),
