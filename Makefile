@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install model test demo protos bench clean
+.PHONY: install model test demo protos bench bench-all clean
 
 # torch is installed first, pinned to the CPU wheel, so nothing later can pull a CUDA build.
 $(STAMP): pyproject.toml
@@ -30,8 +30,21 @@ demo: model
 protos: install
 	$(PY) protos/generate.py
 
+BENCH := $(VENV)/bin/tokenwire bench --no-progress
+
+# P1 against transformers generate() / generate_batch() and the machine's ceiling, in one run.
 bench: model
-	$(PY) -m tokenwire.engine.bench --workload P1 --ceiling --json bench-out/p1.json --plot bench-out/p1.png
+	$(BENCH) --workload P1 --mode offline,hf --ceiling --json bench-out/p1.json --plot bench-out/p1.png
+
+# Every figure the README reports, one run each (~35 min on 2 cores; run it on an idle machine).
+bench-all: bench
+	$(BENCH) --workload P1 --mode offline,online --json bench-out/p1-online.json
+	$(BENCH) --workload longprompt --json bench-out/longprompt-text.json
+	$(BENCH) --workload longprompt --pretok --json bench-out/longprompt-pretok.json
+	$(BENCH) --workload sharedprefix --json bench-out/sharedprefix-on.json
+	$(BENCH) --workload sharedprefix --no-prefix-cache --json bench-out/sharedprefix-off.json
+	$(BENCH) --workload online --pretok --json bench-out/online.json --plot bench-out/online.png
+	$(PY) -m tokenwire.engine.bench_profile | tee bench-out/profile.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -3,6 +3,7 @@
     tokenwire generate "The capital of France is" [--ids] [--max-new-tokens N] [--temperature T] ...
     tokenwire chat [--system TEXT]          # interactive; an empty line or Ctrl-D ends it
     tokenwire info                          # model, tokenizer and live engine stats
+    tokenwire bench [--workload P1] ...     # the benchmark (needs the engine extras: torch, transformers)
 
 Service addresses come from --tokenizer / --engine, else $TOKENWIRE_TOKENIZER / $TOKENWIRE_ENGINE; a bearer
 token for services started with auth comes from $TOKENWIRE_AUTH_TOKEN.
@@ -51,10 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
         sub.add_argument("--ignore-eos", action="store_true", default=None, help="keep going past eos")
     commands.add_parser("info", help="show the served model and live engine stats")
+    commands.add_parser("bench", add_help=False, help="benchmark the engine and its baselines "
+                        "(tokenwire bench --help lists its flags)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        # The benchmark has its own flags and runs the engine in-process: import torch only here.
+        from tokenwire.engine.bench import main as bench_main
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         with Client(args.tokenizer, args.engine, timeout=args.timeout, tls_root_cert=args.tls_root_cert) as client:

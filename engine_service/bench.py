@@ -17,16 +17,19 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 from transformers import AutoTokenizer
 
 from tokenwire.engine import bench_baselines as hf
 from tokenwire.engine.bench_metrics import RunRecord, latency_samples, summarize
-from tokenwire.engine.bench_report import environment, format_table, progress_bar, write_json, write_plot
-from tokenwire.engine.bench_workloads import STANDARD, BenchRequest, build_requests, make_spec, pretokenize
+from tokenwire.engine.bench_report import (cpu_busy_cores, environment, format_table, progress_bar, write_json,
+                                           write_plot)
+from tokenwire.engine.bench_workloads import (STANDARD, BenchRequest, build_requests, make_spec, pretokenize,
+                                              warmup_requests)
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.tokenizer.model_resolver import DEFAULT_MODEL, resolve_model
@@ -74,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pretok", action="store_true", help="tokenize before the timed region and send ids")
     r.add_argument("--warmup-runs", type=int, default=1)
     r.add_argument("--warmup-max-new-tokens", type=int, default=8, help="warm-up runs generate this many at most")
+    r.add_argument("--warmup-max-requests", type=int, default=32, help="warm-up runs send this many at most")
+    r.add_argument("--warmup-max-prompt-tokens", type=int, default=512,
+                   help="warm-up prompts are cut to this many tokens (text: words)")
     r.add_argument("--repeat-runs", type=int, default=1)
     r.add_argument("--hf-batch-size", type=int, default=0, help="generate() static batch size (0: all)")
     r.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=None,
@@ -124,13 +130,15 @@ class Bench:
         self.device: torch.device | None = None
         self.runs: dict[str, list[RunRecord]] = {}
         self.extra: dict = {}
+        self.busy_cores_before = cpu_busy_cores()
 
     def requests(self, variant: int, warmup: bool = False) -> list[BenchRequest]:
         """Run `variant`'s prompts: same lengths every run, fresh content, so no run reuses another's
         prefix-cache entries. --pretok tokenizes here, outside every timed region."""
         reqs = build_requests(self.spec, self.tokenizer, variant)
         if warmup:
-            reqs = [replace(r, max_new_tokens=min(r.max_new_tokens, self.args.warmup_max_new_tokens)) for r in reqs]
+            reqs = warmup_requests(reqs, self.args.warmup_max_requests, self.args.warmup_max_prompt_tokens,
+                                   self.args.warmup_max_new_tokens)
         return pretokenize(reqs, self.tokenizer) if self.args.pretok else reqs
 
     def params(self, requests: list[BenchRequest]) -> list[SamplingParams]:
@@ -224,7 +232,8 @@ class Bench:
         report = {
             "workload": asdict(self.spec) | {"pretok": self.args.pretok, "modes": self.modes},
             "args": vars(self.args),
-            "environment": environment(str(self.dtype).removeprefix("torch."), str(self.device)),
+            "environment": environment(str(self.dtype).removeprefix("torch."), str(self.device),
+                                       self.busy_cores_before),
             "modes": {m: s.to_dict() for m, s in summaries.items()},
             "ceiling": asdict(ceiling) | {"completion_tok_s": ceiling.completion_tok_s,
                                           "total_s": ceiling.total_s} if ceiling else None,
@@ -277,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload {bench.spec.name}: {bench.spec.num_requests} requests, {bench.spec.max_new_tokens} new tokens, "
           f"modes {', '.join(bench.modes)}, {'ids (--pretok)' if args.pretok else 'prompts as given'}",
           file=sys.stderr)
+    if bench.busy_cores_before is not None and bench.busy_cores_before > 0.5:
+        print(f"warning: other processes keep {bench.busy_cores_before:.1f} of {os.cpu_count()} CPUs busy: "
+              f"they will distort every figure", file=sys.stderr)
     bench.run_engine_modes()
     bench.run_online()
     bench.run_baselines()

@@ -190,8 +190,9 @@ def _time_linear(m: int, k: int, n: int, dtype: torch.dtype, reps: int) -> float
 
 
 def measure_ceiling(model_dir: str, dtype: torch.dtype, prompt_lens: list[int], new_tokens: int,
-                    chunk: int = 512) -> Ceiling:
-    """p1_ceiling.py's method for any prompt lengths: every request decodes in one batch, on the CPU."""
+                    chunk: int = 512, time_linear=_time_linear) -> Ceiling:
+    """p1_ceiling.py's method for any prompt lengths: every request decodes in one batch, on the CPU.
+    `time_linear(m, k, n, dtype, reps)` times one GEMM; the default is torch's F.linear."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     layer, head = linear_shapes(cfg)
     layers = cfg.get("num_hidden_layers") or cfg["n_layer"]
@@ -200,8 +201,8 @@ def measure_ceiling(model_dir: str, dtype: torch.dtype, prompt_lens: list[int], 
     prefill = 0.0
     for m, count in ((chunk, full), (rest, 1)):
         if m and count:
-            prefill += count * layers * sum(_time_linear(m, k, n, dtype, 3) for k, n in layer)
-    prefill += _time_linear(batch, *head, dtype, 3)  # one lm_head row per request at the end of prefill
-    step = layers * sum(_time_linear(batch, k, n, dtype, 10) for k, n in layer) + _time_linear(batch, *head, dtype, 5)
+            prefill += count * layers * sum(time_linear(m, k, n, dtype, 3) for k, n in layer)
+    prefill += time_linear(batch, *head, dtype, 3)  # one lm_head row per request at the end of prefill
+    step = layers * sum(time_linear(batch, k, n, dtype, 10) for k, n in layer) + time_linear(batch, *head, dtype, 5)
     decode = (new_tokens - 1) * step  # the first new token comes out of prefill
     return Ceiling(str(dtype).removeprefix("torch."), prefill, decode, batch * new_tokens, chunk)

@@ -89,7 +89,9 @@ class _RunStats:
         if hasattr(owner, "reset_prefix_cache"):
             owner.reset_prefix_cache()
         self.encodes, self.cache = self.engine.num_prompt_encodes, self._cache_counts()
+        self.encode_s = self.engine.prompt_encode_s
         self.preemptions = self.engine.stats().num_preemptions
+        self.steps = self.engine.step_profile.snapshot()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -108,4 +110,6 @@ class _RunStats:
         end = max([self.end] + [r.finish_time for r in records if r.finish_time is not None])
         return RunRecord(mode, start, end, records, prompt_encodes=self.engine.num_prompt_encodes - self.encodes,
                          prefix_cache_hit_rate=rate, reports_cached_tokens=True,
-                         extra={"num_preemptions": self.engine.stats().num_preemptions - self.preemptions})
+                         extra={"num_preemptions": self.engine.stats().num_preemptions - self.preemptions,
+                                "prompt_encode_s": self.engine.prompt_encode_s - self.encode_s,
+                                "step_profile": self.engine.step_profile.minus(self.steps).to_dict()})

@@ -78,6 +78,7 @@ class Distribution:
     """Milliseconds."""
     count: int
     mean: float | None
+    min: float | None
     p50: float | None
     p90: float | None
     p99: float | None
@@ -86,10 +87,10 @@ class Distribution:
     @classmethod
     def of(cls, seconds: list[float]) -> "Distribution":
         if not seconds:
-            return cls(0, None, None, None, None, None)
+            return cls(0, None, None, None, None, None, None)
         ms = np.asarray(seconds, dtype=np.float64) * 1e3
         p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
-        return cls(len(ms), float(ms.mean()), p50, p90, p99, float(ms.max()))
+        return cls(len(ms), float(ms.mean()), float(ms.min()), p50, p90, p99, float(ms.max()))
 
 
 @dataclass

@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -20,10 +21,34 @@ from tokenwire.engine.bench_metrics import Distribution, ModeSummary
 _PACKAGES = ("tokenwire", "torch", "transformers", "tokenizers", "numpy", "grpcio", "protobuf")
 
 
-def environment(dtype: str, device: str) -> dict:
-    """What the numbers depend on: versions, CPU and its capability, threads, dtype, git revision."""
+def cpu_busy_cores(seconds: float = 0.5) -> float | None:
+    """How many cores other processes keep busy right now (from /proc/stat over `seconds`; None where
+    unavailable). Unlike the load average, it does not remember the previous benchmark that just ended."""
+    first = _cpu_times()
+    if first is None:
+        return None
+    time.sleep(seconds)
+    second = _cpu_times()
+    total, idle = (b - a for a, b in zip(first, second))
+    return (os.cpu_count() or 1) * (1 - idle / total) if total > 0 else None
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(total, idle incl. iowait) jiffies of all CPUs."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields[:8]), fields[3] + fields[4]
+
+
+def environment(dtype: str, device: str, busy_cores_before: float | None = None) -> dict:
+    """What the numbers depend on: versions, CPU and its capability, threads, dtype, git revision, and
+    how busy the machine was before the run (other processes on a 2-core machine distort every figure)."""
     flags = _cpu_flags()
     return {
+        "busy_cores_before": busy_cores_before,
+        "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": {name: _version(name) for name in _PACKAGES},
@@ -88,14 +113,35 @@ def format_table(summaries: list[ModeSummary], comparisons: dict) -> str:
     for s in summaries:
         lines.append(
             f"{s.mode:<12}{s.num_runs:>5}{s.num_requests:>6}{s.completion_tokens:>10}"
-            f"{s.completion_tok_s:>12.1f}{s.total_tok_s:>12.1f}{_pcts(s.ttft_ms, 3):>24}"
-            f"{_pcts(s.tpot_ms, 3):>22}{_pcts(s.itl_ms, 2):>16}{_pcts(s.e2e_ms, 2):>18}"
+            f"{s.completion_tok_s:>12.1f}{s.total_tok_s:>12.1f} {_pcts(s.ttft_ms, 3):>23}"
+            f" {_pcts(s.tpot_ms, 3):>21} {_pcts(s.itl_ms, 2):>15} {_pcts(s.e2e_ms, 2):>17}"
             f"{_fmt(s.prefix_cache_hit_rate, '.0%'):>6}{_fmt(s.prompt_encodes, 'd'):>5}")
         if s.num_errors:
             lines.append(f"  {s.mode}: {s.num_errors} request(s) failed")
+    for s in summaries:
+        lines += _step_profile_lines(s)
     for name, value in comparisons.items():
         lines.append(f"{name:<40} {_fmt(value, '.3f')}")
     return "\n".join(lines)
+
+
+def _step_profile_lines(summary: ModeSummary) -> list[str]:
+    """The engine's own per-phase step times (last run), for modes that drive the engine in-process."""
+    profile = summary.extra.get("step_profile")
+    if not profile:
+        return []
+    lines = []
+    if summary.prompt_encodes:
+        lines.append(f"{summary.mode} engine encodes: {summary.prompt_encodes} prompts in "
+                     f"{summary.extra.get('prompt_encode_s', 0.0) * 1e3:.1f} ms (inside the timed region)")
+    for kind in ("decode", "prefill"):
+        times = profile[kind]
+        if times["steps"]:
+            total = sum(times["per_step"].values())
+            phases = ", ".join(f"{name.removesuffix('_ms')} {ms:.1f} ms ({ms / total:.0%})"
+                               for name, ms in times["per_step"].items())
+            lines.append(f"{summary.mode} {kind} steps: {times['steps']}, {total:.1f} ms each = {phases}")
+    return lines
 
 
 def _pcts(d: Distribution, n: int) -> str:

@@ -157,6 +157,17 @@ def pretokenize(requests: list[BenchRequest], tokenizer) -> list[BenchRequest]:
     return [r if r.token_ids is not None else replace(r, token_ids=tokenizer.encode(r.text)) for r in requests]
 
 
+def warmup_requests(requests: list[BenchRequest], max_requests: int, max_prompt_tokens: int,
+                    max_new_tokens: int) -> list[BenchRequest]:
+    """A smaller copy of a run for warm-up: enough to allocate and pick every kernel shape the timed
+    runs meet (prefill chunks, the decode batch), without repeating a long workload in full."""
+    def trim(r: BenchRequest) -> BenchRequest:
+        return replace(r, text=None if r.text is None else " ".join(r.text.split(" ")[:max_prompt_tokens]),
+                       token_ids=None if r.token_ids is None else r.token_ids[:max_prompt_tokens],
+                       max_new_tokens=min(r.max_new_tokens, max_new_tokens))
+    return [trim(r) for r in requests[:max_requests]]
+
+
 def arrival_offsets(n: int, rate: float, seed: int) -> list[float]:
     """Seconds after the start at which each request is sent: Poisson arrivals (inf: all at once)."""
     if math.isinf(rate):

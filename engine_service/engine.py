@@ -23,6 +23,7 @@ from tokenwire.engine.sampler import Sampler
 from tokenwire.engine.sampling_params import InvalidRequestError, SamplingParams
 from tokenwire.engine.scheduler import Scheduler
 from tokenwire.engine.sequence import FinishReason, Sequence
+from tokenwire.engine.step_profile import StepProfile
 from tokenwire.tokenizer.model_resolver import resolve_model
 from tokenwire.tokenizer.tokenizer import tokenizer_fingerprint
 
@@ -47,8 +48,10 @@ class LLMEngine:
         self._states: dict[str, RequestState] = {}
         self._encode_lock = threading.Lock()
         self._encodes = 0
+        self._encode_s = 0.0                     # wall time spent in those encodes
         self._seed_rng = random.Random(config.seed)
         self._ids = itertools.count()
+        self.step_profile = StepProfile()        # cumulative time per step phase (the benchmark reads it)
         self.faults = FaultInjector.from_env()   # None unless TOKENWIRE_FAULT_INJECT is set (tests)
         if self.faults is not None:
             log.warning("fault injection is ON: %s", self.faults.rules)
@@ -63,12 +66,19 @@ class LLMEngine:
         """Prompts this engine has tokenized: 0 for every request that arrived as token ids."""
         return self._encodes
 
+    @property
+    def prompt_encode_s(self) -> float:
+        """Seconds spent tokenizing those prompts (the benchmark's longprompt workload reports it)."""
+        return self._encode_s
+
     def encode_prompt(self, text: str) -> list[int]:
         if not isinstance(text, str) or not text:
             raise InvalidRequestError("prompt", "must be a non-empty string")
+        start = time.perf_counter()
         ids = self.tokenizer.encode(text)
         with self._encode_lock:
             self._encodes += 1
+            self._encode_s += time.perf_counter() - start
         if not ids:  # e.g. only control characters the vocabulary has no token for
             raise InvalidRequestError("prompt", "encodes to no tokens")
         return ids
@@ -133,9 +143,11 @@ class LLMEngine:
         return bool(self._states)
 
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.chunks:
             return []
+        scheduled = time.perf_counter()
         now = time.monotonic()
         for chunk in batch.chunks:
             timings = self._states[chunk.seq.request_id].timings
@@ -148,12 +160,17 @@ class LLMEngine:
             if batch.block_copies:
                 self.runner.copy_blocks(batch.block_copies)
             logits = self.runner.execute(batch.chunks)
+            forwarded = time.perf_counter()
             sampled = self.sampler.sample(logits, seqs)
         except Exception as exc:  # cannot tell whose fault: fail this batch, keep serving the rest
             log.exception("engine step failed; failing the %d requests of its batch", len(batch.chunks))
             return self._fail_batch(batch.chunks, f"engine step failed: {exc!r}")
+        sampled_at = time.perf_counter()
         self.scheduler.on_step_done(batch)
-        return self._postprocess(seqs, sampled.token_ids, sampled.logprobs)
+        outputs = self._postprocess(seqs, sampled.token_ids, sampled.logprobs)
+        has_prefill = any(chunk.num_tokens > 1 or not chunk.sample for chunk in batch.chunks)
+        self.step_profile.add(has_prefill, start, scheduled, forwarded, sampled_at, time.perf_counter())
+        return outputs
 
     def _postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs) -> list[RequestOutput]:
         now = time.monotonic()

@@ -57,6 +57,7 @@ class ModelRunner:
         path = resolve_model(config.model)
         self.hf_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
         self.architecture = _architecture(self.hf_config)
+        self.max_model_len = _max_model_len(self.hf_config, config.max_model_len)  # checked before loading
         self.device = choose_device(config.device)
         self.dtype = choose_dtype(config.dtype, self.device)
         hf_model = AutoModelForCausalLM.from_pretrained(
@@ -66,7 +67,6 @@ class ModelRunner:
         self.model: CausalLM = _ARCHITECTURES[self.architecture](hf_model)
         del hf_model  # our forward keeps only the (fused) weights it needs
         self.vocab_size = self.model.vocab_size
-        self.max_model_len = _max_model_len(self.hf_config, config.max_model_len)
         self.block_size = config.cache.block_size
         self.num_blocks = self._num_blocks()
         self.kv_cache = KVCache.allocate(self.model.num_layers, self.num_blocks, self.block_size,

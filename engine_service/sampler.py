@@ -1,9 +1,12 @@
-"""Batched sampling for one engine step: penalties, temperature, top-k/top-p/min-p, seeded Gumbel-max.
+"""Batched sampling for one engine step: penalties, temperature, min-p/top-k/top-p, seeded Gumbel-max.
 
-Every row's randomness is a counter-based hash of (seed, position, vocab id), so a seeded request draws
-the same tokens whatever else shares its batch, with no per-row generator. Greedy rows are an argmax;
-a step where every row is greedy and unpenalized is just one argmax. Results reach the host in one
-`.tolist()`.
+Every row's randomness is a counter-based hash of (seed, position, vocab id): splitmix64 turns
+(seed, position) into a row key, and lowbias32 mixes it with each vocab id in int32 tensor ops. So a
+seeded request draws the same tokens whatever else shares its batch, with no per-row generator.
+Filters apply in vLLM's order (penalties, temperature, min_p, top_k, top_p); rows with top_k/top_p
+sample among their candidates only, which gives the same draw as the whole vocabulary because the
+noise is a function of the vocab id. Greedy rows are an argmax, and a step where every row is greedy
+and unpenalized is one argmax. Token ids and logprobs reach the host in one `.tolist()`.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from tokenwire.engine.metrics import EngineMetrics, EngineStatsCollector
 from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.engine.servicer import EngineServicer
 from tokenwire.tokenizer import security
+from tokenwire.tokenizer.config import GrpcServerConfig
 from tokenwire.tokenizer.metrics import MetricsEndpoint, RpcMetrics
 from tokenwire.tokenizer.request_guard import RequestGuard
 from tokenwire.tokenizer.rpc_observer import RpcObserver
@@ -41,28 +42,11 @@ _CHANNEL_OPTIONS = [
 
 
 @dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"              # interface to bind; "0.0.0.0" accepts other machines (containers)
+class ServerConfig(GrpcServerConfig):
     port: int = 50052                    # 0 picks a free port (logged)
+    drain_grace_s: float = 30.0          # after SIGTERM, how long in-flight requests may still finish
     max_pending_requests: int = 1024     # requests in flight before new ones get RESOURCE_EXHAUSTED
     max_waiting_requests: int = 512      # accepted requests not yet generating before new ones get RESOURCE_EXHAUSTED
-    max_message_bytes: int = 64 << 20    # gRPC receive/send limit; a bigger request gets RESOURCE_EXHAUSTED
-    drain_grace_s: float = 30.0          # after SIGTERM, how long in-flight requests may still finish
-    metrics_port: int = -1               # Prometheus /metrics port on `host`; 0 picks a free one, -1 is off
-    tls_cert: str = ""                   # PEM certificate chain: serve TLS (with tls_key) instead of plaintext
-    tls_key: str = ""                    # PEM private key of tls_cert
-    tls_client_ca: str = ""              # PEM CA bundle: also require client certificates it signed (mTLS)
-    auth_token: str = ""                 # require `authorization: Bearer <token>` on every RPC but health
-
-    @property
-    def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"{host}:{self.port}"  # IPv6 literals need brackets
-
-    @property
-    def grpc_options(self) -> list[tuple[str, int]]:
-        return [("grpc.max_receive_message_length", self.max_message_bytes),
-                ("grpc.max_send_message_length", self.max_message_bytes)]
 
 
 class EngineServer:

@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from tests.servers import EngineThread, rpc_error, wait_until_idle
+from tests.servers import EngineThread, TokenizerThread, rpc_error, wait_until_idle
 from tokenwire.client import Client, OverloadedError
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenwire.engine.engine import LLMEngine
@@ -19,8 +19,9 @@ from tokenwire.engine.engine_loop import EngineLoop
 from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.engine.sequence import FinishReason
 from tokenwire.engine.server import ServerConfig
+from tokenwire.tokenizer.config import TokenizerServiceConfig
 from tokenwire.v1 import engine_pb2 as pb
-from tokenwire.v1 import engine_pb2_grpc
+from tokenwire.v1 import engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
 MAX_RUNNING = 2
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -143,6 +144,37 @@ def test_abort_lands_before_the_next_step(config):
         assert stats.num_free_kv_blocks == stats.num_kv_blocks and stats.num_running == 0
     finally:
         loop.stop()
+
+
+def test_tokenizer_service_bounds_rpcs_in_flight(smollm2_dir):
+    """An open DecodeStream holds the only slot: a new RPC is refused at once, and served once it closes."""
+    server = TokenizerThread(TokenizerServiceConfig(model=smollm2_dir, port=0, max_concurrent_rpcs=1))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+            encode = tokenizer_pb2.EncodeRequest(text="hello")
+            release = threading.Event()
+
+            def requests():
+                yield tokenizer_pb2.DecodeStreamRequest(ids=[31873])
+                release.wait(30)  # keep the stream open until the refused call is checked
+
+            stream = stub.DecodeStream(requests(), timeout=30)
+            next(stream)                                    # the stream is in flight on the server
+            assert rpc_error(lambda: stub.Encode(encode, timeout=10)).code() == EXHAUSTED
+            release.set()
+            assert list(stream)[-1].final                   # half-closed: the stream ends normally
+            _wait_for(lambda: _encodes(stub, encode))       # its slot comes back
+    finally:
+        server.close()
+
+
+def _encodes(stub, request) -> bool:
+    try:
+        return len(stub.Encode(request, timeout=10).ids) > 0
+    except grpc.RpcError as error:
+        assert error.code() == EXHAUSTED
+        return False
 
 
 def _wait_for(condition, timeout: float = 10.0) -> None:

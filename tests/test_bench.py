@@ -4,11 +4,13 @@ No timing thresholds: timings on a shared 2-core machine are not test material."
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from transformers import AutoTokenizer
 
-from tokenwire.engine import bench
+from tokenwire.client import cli
+from tokenwire.engine import bench_profile
 from tokenwire.engine.bench_workloads import build_requests, make_spec, p1_prompt_lengths, usable_ids
 
 N, NEW = 4, 4
@@ -16,14 +18,15 @@ MODE_FIELDS = ("num_runs", "num_requests", "num_errors", "prompt_tokens", "compl
                "completion_tok_s", "total_tok_s", "request_s", "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms",
                "prefix_cache_hit_rate", "prompt_encodes", "runs")
 ENV_FIELDS = ("python", "packages", "cpu_model", "cpu_capability", "avx512_bf16", "torch_threads", "dtype",
-              "device", "git_revision")
+              "device", "git_revision",
+              "busy_cores_before", "loadavg_after")
 
 
 def run_bench(tmp_path, model: str, *flags: str) -> dict:
     out = tmp_path / "bench.json"
     argv = ["--model", model, "--workload", "custom", "--input-len-range", "8", "24", "--num-requests", str(N),
             "--max-new-tokens", str(NEW), "--ignore-eos", "--no-progress", "--json", str(out), *flags]
-    assert bench.main(argv) == 0
+    assert cli.main(["bench", *argv]) == 0  # `tokenwire bench`, the user's entry point
     return json.loads(out.read_text())
 
 
@@ -36,7 +39,7 @@ def check_mode(report: dict, mode: str, runs: int = 1) -> dict:
     assert m["completion_tok_s"] > 0 and m["total_tok_s"] > m["completion_tok_s"]
     for name in ("ttft_ms", "tpot_ms", "e2e_ms"):
         d = m[name]
-        assert d["count"] == N * runs and 0 < d["p50"] <= d["p90"] <= d["p99"] <= d["max"]
+        assert d["count"] == N * runs and 0 < d["min"] <= d["p50"] <= d["p90"] <= d["p99"] <= d["max"]
     assert m["itl_ms"]["count"] == N * runs * (NEW - 1)
     assert m["ttft_ms"]["p50"] <= m["e2e_ms"]["max"]
     assert len(m["runs"]) == runs
@@ -61,6 +64,7 @@ def test_offline_naive_and_hf_baselines_report_every_figure(tmp_path, tiny_llama
     for mode in ("offline", "naive", "hf_static", "hf_batch"):
         check_mode(report, mode, runs=2)
     assert report["modes"]["offline"]["prompt_encodes"] == N   # text prompts: the engine encodes each once
+    assert report["modes"]["offline"]["extra"]["prompt_encode_s"] > 0
     assert report["modes"]["hf_static"]["prompt_encodes"] is None
     env = report["environment"]
     assert all(f in env for f in ENV_FIELDS) and env["dtype"] == "float32"
@@ -74,8 +78,14 @@ def test_offline_naive_and_hf_baselines_report_every_figure(tmp_path, tiny_llama
 
 def test_pretok_leaves_the_engine_nothing_to_encode(tmp_path, tiny_llama_dir):
     report = run_bench(tmp_path, tiny_llama_dir, "--mode", "offline", "--pretok", "--warmup-runs", "0")
-    assert check_mode(report, "offline")["prompt_encodes"] == 0
+    offline = check_mode(report, "offline")
+    assert offline["prompt_encodes"] == 0
     assert report["workload"]["pretok"] is True
+    # The engine's own step profile: one step prefills all 4 short prompts (and samples their first
+    # token), then NEW - 1 decode-only steps; each phase took some time.
+    profile = offline["extra"]["step_profile"]
+    assert (profile["prefill"]["steps"], profile["decode"]["steps"]) == (1, NEW - 1)
+    assert all(ms > 0 for ms in profile["decode"]["per_step"].values())
 
 
 @pytest.mark.parametrize("cache", [True, False])
@@ -92,3 +102,13 @@ def test_online_mode_streams_through_both_grpc_services(tmp_path, tiny_llama_dir
     m = check_mode(report, "online")
     assert m["prompt_encodes"] == 0    # text went through the tokenizer service, ids to the engine
     assert report["extra"]["online"]["dtype"] == "float32"
+
+
+def test_step_profile_breaks_a_decode_step_down(tiny_llama_dir, capsys):
+    assert bench_profile.main(["--model", tiny_llama_dir, "--dtype", "float32", "--new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"P1: \d+ prompt tokens, 96 completion tokens in [\d.]+ s", out)
+    decode = out[out.index("decode step, batch 32:"):out.index("prefill step")]
+    for bucket in ("linear", "attention", "other ops", "python"):
+        assert re.search(rf"  {bucket} +[\d.]+ ms +[\d.]+%", decode), bucket
+    assert re.search(r"ceiling, linear layers alone with F.linear: [\d.]+ tok/s", out)

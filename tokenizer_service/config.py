@@ -1,4 +1,5 @@
-"""The tokenizer service's single source of defaults: the CLI reads its flags from this dataclass."""
+"""Config dataclasses, the single source of defaults: the CLIs generate their flags from these fields
+(tokenwire.tokenizer.cli_env), taking each flag's help from the field's comment."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,17 +8,13 @@ from tokenwire.tokenizer.model_resolver import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
-class TokenizerServiceConfig:
-    model: str = DEFAULT_MODEL           # resolver name, local folder or hub id
-    host: str = "127.0.0.1"              # "0.0.0.0" to accept other machines (containers)
-    port: int = 50051                    # 0 picks a free port; the bound one is logged and returned
-    max_message_bytes: int = 64 << 20    # gRPC send/receive limit (a BatchEncode can be large)
-    max_batch_size: int = 4096           # texts per BatchEncode
-    inline_work_limit: int = 16384       # requests up to this many chars/ids run on the event loop;
-                                         # bigger ones go to a worker thread so the loop stays responsive
-    drain_grace_s: float = 5.0           # on SIGTERM, in-flight RPCs get this long to finish
+class GrpcServerConfig:
+    """What every tokenwire gRPC server shares: where it listens, message limit, drain, metrics, TLS, auth."""
+    host: str = "127.0.0.1"              # interface to bind; "0.0.0.0" accepts other machines (containers)
+    port: int = 0                        # 0 picks a free port (logged)
+    max_message_bytes: int = 64 << 20    # gRPC send/receive limit; a bigger message gets RESOURCE_EXHAUSTED
+    drain_grace_s: float = 5.0           # after SIGTERM, how long in-flight requests may still finish
     metrics_port: int = -1               # Prometheus /metrics port on `host`; 0 picks a free one, -1 is off
-    trust_remote_code: bool = False      # never run code shipped with a checkpoint unless asked
     tls_cert: str = ""                   # PEM certificate chain: serve TLS (with tls_key) instead of plaintext
     tls_key: str = ""                    # PEM private key of tls_cert
     tls_client_ca: str = ""              # PEM CA bundle: also require client certificates it signed (mTLS)
@@ -32,3 +29,13 @@ class TokenizerServiceConfig:
     def grpc_options(self) -> list[tuple[str, int]]:
         return [("grpc.max_send_message_length", self.max_message_bytes),
                 ("grpc.max_receive_message_length", self.max_message_bytes)]
+
+
+@dataclass(frozen=True)
+class TokenizerServiceConfig(GrpcServerConfig):
+    port: int = 50051                    # 0 picks a free port (logged)
+    model: str = DEFAULT_MODEL           # resolver name (smollm2-135m), local folder or hub id
+    max_batch_size: int = 4096           # texts per BatchEncode
+    max_concurrent_rpcs: int = 1024      # RPCs in flight (open streams included) before new ones get RESOURCE_EXHAUSTED
+    inline_work_limit: int = 16384       # requests up to this many chars/ids run on the event loop, bigger in a thread
+    trust_remote_code: bool = False      # never run code shipped with a checkpoint unless asked

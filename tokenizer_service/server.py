@@ -52,7 +52,8 @@ class TokenizerServer:
         # Outermost first: observe every call, then authenticate, then turn unparsable requests into
         # INVALID_ARGUMENT.
         interceptors = [self._observer, *security.server_interceptors(self.config.auth_token), RequestGuard()]
-        server = grpc.aio.server(options=self.config.grpc_options, interceptors=interceptors)
+        server = grpc.aio.server(options=self.config.grpc_options, interceptors=interceptors,
+                                 maximum_concurrent_rpcs=self.config.max_concurrent_rpcs)
         tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)

@@ -1,32 +1,34 @@
-"""Workload P1 driven straight into the model runner: its throughput and where a decode step's time goes.
+"""Workload P1 driven straight into the model runner: its throughput and where a step's time goes.
 
-    .venv/bin/python tests/profile_runner.py [--model smollm2-135m] [--dtype auto] [--ceiling]
+    python -m tokenwire.engine.bench_profile [--model smollm2-135m] [--dtype auto] [--no-ceiling]
 
-32 prompts of 32-255 random ids (the lengths of /work/shared/tools/p1_ceiling.py), prefilled in
+32 prompts of 32-255 random ids (P1's lengths, as in ../shared/tools/p1_ceiling.py), prefilled in
 512-token steps packed across prompts the way the scheduler chunks them, then 63 decode steps of batch
-32, greedy, contiguous block tables. Prints completion tok/s and a decode-step breakdown (linear layers,
-attention, other ops, Python) from torch.profiler, plus the sampler's time. Not a test.
+32, greedy, contiguous block tables. Prints completion tok/s, a decode-step and a prefill-step breakdown
+(linear layers, attention, other ops, Python) from torch.profiler, the sampler's time, and the P1 ceiling
+measured with torch's F.linear and with the runner's own GEMMs. No scheduler, no engine loop: the
+difference to `tokenwire bench --workload P1` is what those cost.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import random
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from tokenwire.engine.bench_baselines import measure_ceiling
+from tokenwire.engine.bench_workloads import p1_prompt_lengths
 from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.device import Linear
 from tokenwire.engine.model_runner import ModelRunner
 from tokenwire.engine.sampler import Sampler
 from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.engine.sequence import ScheduledChunk, Sequence
+from tokenwire.tokenizer.model_resolver import resolve_model
 
-CEILING_TOOL = Path("/work/shared/tools/p1_ceiling.py")
 _CATEGORIES = {  # aten op -> bucket of the breakdown
     "linear": ("aten::addmm", "aten::addmm_", "aten::mm", "aten::linear", "aten::matmul",
                "mkldnn::_linear_pointwise", "mkldnn::_linear_pointwise.binary"),
@@ -38,9 +40,8 @@ _CATEGORIES = {  # aten op -> bucket of the breakdown
 
 def make_sequences(n: int, block_size: int, vocab: int) -> list[Sequence]:
     rng = random.Random(0)
-    lengths = [rng.randint(32, 255) for _ in range(n)]
     seqs, next_block = [], 0
-    for i, length in enumerate(lengths):
+    for i, length in enumerate(p1_prompt_lengths(n)):
         seq = Sequence(f"p{i}", [rng.randrange(vocab) for _ in range(length)], SamplingParams(temperature=0))
         blocks = -(-(length + 64) // block_size)
         seq.block_table = list(range(next_block, next_block + blocks))
@@ -119,15 +120,18 @@ def time_decode(runner: ModelRunner, sampler: Sampler, seqs: list[Sequence], rep
           f"sampler {sample * 1e3:.2f} ms")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tokenwire.engine.bench_profile",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--ceiling", action="store_true", help="also run p1_ceiling.py in this process")
+    ap.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure the P1 ceiling (linear layers alone) in this process")
     ap.add_argument("--no-breakdown", action="store_true", help="throughput only, no profiled steps")
-    args = ap.parse_args()
-    runner = ModelRunner(EngineConfig(model=args.model, dtype=args.dtype))
+    args = ap.parse_args(argv)
+    model_dir = resolve_model(args.model)
+    runner = ModelRunner(EngineConfig(model=model_dir, dtype=args.dtype))
     sampler = Sampler()
     print(f"{runner.architecture} {runner.dtype} on {runner.device}, {torch.get_num_threads()} threads, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
@@ -143,23 +147,21 @@ def main() -> None:
         breakdown(f"decode step, batch {len(seqs)}", runner, sampler, lambda: decode_chunks(seqs))
         first_prefill = prefill_steps(make_sequences(32, runner.block_size, runner.vocab_size), 512)[0]
         breakdown("prefill step, 512 tokens", runner, sampler, lambda: first_prefill, reps=2)
-    if args.ceiling and CEILING_TOOL.is_file():
-        report_ceilings(runner, completion / total_s, args.new_tokens)
+    if args.ceiling and runner.device.type == "cpu":
+        report_ceilings(model_dir, runner.dtype, completion / total_s, [s.num_prompt_tokens for s in seqs],
+                        args.new_tokens)
+    return 0
 
 
-def report_ceilings(runner: ModelRunner, tok_s: float, new_tokens: int) -> None:
+def report_ceilings(model_dir: str, dtype: torch.dtype, tok_s: float, prompt_lens: list[int],
+                    new_tokens: int) -> None:
     """p1_ceiling.py's figure (F.linear GEMMs), and the same with the runner's own GEMM backend."""
-    spec = importlib.util.spec_from_file_location("p1_ceiling", CEILING_TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    cfg, lengths = runner.hf_config.to_dict(), tool.p1_prompt_lengths()
-    completion = len(lengths) * new_tokens
-    for name, timer in (("F.linear", tool.time_linear), ("runner Linear", _time_our_linear)):
-        tool.time_linear = timer
-        prefill, decode = tool.ceiling(cfg, runner.dtype, lengths, new_tokens, 512)
-        ceiling = completion / (prefill + decode)
-        print(f"ceiling, linear layers alone with {name}: {ceiling:.1f} tok/s "
-              f"(prefill {prefill:.2f} s, decode {decode:.2f} s) -> runner at {tok_s / ceiling:.0%}")
+    for name, timer in (("F.linear", None), ("runner Linear", _time_our_linear)):
+        ceiling = measure_ceiling(model_dir, dtype, prompt_lens, new_tokens,
+                                  **({"time_linear": timer} if timer else {}))
+        print(f"ceiling, linear layers alone with {name}: {ceiling.completion_tok_s:.1f} tok/s "
+              f"(prefill {ceiling.prefill_s:.2f} s, decode {ceiling.decode_s:.2f} s) -> runner at "
+              f"{tok_s / ceiling.completion_tok_s:.0%}")
 
 
 def _time_our_linear(m: int, k: int, n: int, dtype: torch.dtype, reps: int) -> float:
@@ -171,5 +173,6 @@ def _time_our_linear(m: int, k: int, n: int, dtype: torch.dtype, reps: int) -> f
         linear(x)
     return (time.perf_counter() - start) / reps
 
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
