@@ -58,6 +58,7 @@ def environment(dtype: str, device: str, busy_cores_before: float | None = None)
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # this process; the engine service: PASSIVE
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "dtype": dtype,
         "device": device,

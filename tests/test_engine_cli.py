@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 from tokenwire.engine import convert
-from tokenwire.engine.cli import build_parser, configs_from_args
+from tokenwire.engine.cli import build_parser, configs_from_args, prefer_sleeping_omp_waits
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.engine.server import ServerConfig
@@ -30,3 +32,11 @@ def test_proto_sampling_params_mirror_the_engine_dataclass():
     assert convert.sampling_params(pb.SamplingParams()) == SamplingParams()
     assert convert.sampling_params(pb.SamplingParams(temperature=0.0, stop=["\n"], logprobs=0)) == SamplingParams(
         temperature=0.0, stop=("\n",), logprobs=0)
+
+
+def test_openmp_threads_sleep_unless_told_otherwise():
+    assert prefer_sleeping_omp_waits(environ := {}) == "PASSIVE" and environ == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert prefer_sleeping_omp_waits({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"   # the operator's choice wins
+    # It only takes effect if torch (and with it libgomp) is not loaded before main() sets it.
+    code = "import sys, tokenwire.engine.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
