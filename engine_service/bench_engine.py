@@ -85,9 +85,7 @@ class _RunStats:
 
     def __enter__(self) -> "_RunStats":
         # Runs already use distinct prompts; a reset also clears the entries of a repeated --prompt.
-        owner = self.engine if hasattr(self.engine, "reset_prefix_cache") else self.engine.block_manager
-        if hasattr(owner, "reset_prefix_cache"):
-            owner.reset_prefix_cache()
+        self.engine.reset_prefix_cache()
         self.encodes, self.cache = self.engine.num_prompt_encodes, self._cache_counts()
         self.encode_s = self.engine.prompt_encode_s
         self.preemptions = self.engine.stats().num_preemptions

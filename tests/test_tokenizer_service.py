@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import re
 import threading
 
 import grpc
@@ -14,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
 
 from tests.test_detokenizer import CORPUS, build_byte_fallback_tokenizer
+from tokenwire.tokenizer import bench as tokenizer_bench
 from tokenwire.tokenizer.config import TokenizerServiceConfig
 from tokenwire.tokenizer.server import SERVICE_NAME, TokenizerServer
 from tokenwire.tokenizer.tokenizer import tokenizer_fingerprint
@@ -270,3 +272,12 @@ def test_reflection_lists_the_service(service):
     [response] = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
     names = {s.name for s in response.list_services_response.service}
     assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+
+
+def test_micro_benchmark_runs_against_a_real_service_process(smollm2_dir, capsys):
+    """`python -m tokenwire.tokenizer.bench` on a few texts: the service (a subprocess) and in-process
+    ids agree (it asserts that itself), and every figure is printed."""
+    assert tokenizer_bench.main(["--model", smollm2_dir, "--texts", "16", "--batch", "8", "--repeats", "1",
+                                 "--latency-calls", "5"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"service over gRPC +\d+", out) and re.search(r"service / in-process Rust: [\d.]+", out)

@@ -1,6 +1,6 @@
 """Micro-benchmark: BatchEncode through the tokenizer service vs the same tokenizer in-process.
 
-    .venv/bin/python tests/bench_tokenizer.py [--model smollm2-135m] [--texts 2048] [--batch 256]
+    python -m tokenwire.tokenizer.bench [--model smollm2-135m] [--texts 2048] [--batch 256]
 
 The service runs as its own process (`python -m tokenwire.tokenizer.cli --port 0`), as deployed;
 the client sends batches over localhost gRPC. Both sides are measured in this one run, on the same
@@ -71,13 +71,14 @@ def latency_us(fn, calls: int) -> float:
     return statistics.median(samples) * 1e6
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tokenwire.tokenizer.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--texts", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--latency-calls", type=int, default=500, help="single-text Encode calls timed")
+    args = parser.parse_args(argv)
 
     tokenizer = load_tokenizer(args.model)
     texts = make_texts(args.texts)
@@ -96,8 +97,8 @@ def main() -> None:
                                   len(texts), args.repeats)
             remote_rate = best_rate(lambda: [stub.BatchEncode(pb.BatchEncodeRequest(texts=b)) for b in batches],
                                     len(texts), args.repeats)
-            local_us = latency_us(lambda: tokenizer(texts[0])["input_ids"], 500)
-            remote_us = latency_us(lambda: stub.Encode(pb.EncodeRequest(text=texts[0])), 500)
+            local_us = latency_us(lambda: tokenizer(texts[0])["input_ids"], args.latency_calls)
+            remote_us = latency_us(lambda: stub.Encode(pb.EncodeRequest(text=texts[0])), args.latency_calls)
     finally:
         process.terminate()
         process.wait(30)
@@ -111,7 +112,8 @@ def main() -> None:
           f"service / in-process Rust: {remote_rate / rust_rate:.2f}")
     print(f"Encode (1 text, {len(texts[0])} chars) median latency: in-process {local_us:.0f} us, "
           f"service {remote_us:.0f} us")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
