@@ -36,7 +36,7 @@ BENCH := $(VENV)/bin/tokenwire bench --no-progress
 bench: model
 	$(BENCH) --workload P1 --mode offline,hf --ceiling --json bench-out/p1.json --plot bench-out/p1.png
 
-# Every figure the README reports, one run each (~35 min on 2 cores; run it on an idle machine).
+# Every figure the README reports, one run each (~45 min on 2 cores; run it on an idle machine).
 bench-all: bench
 	$(BENCH) --workload P1 --mode offline,online --json bench-out/p1-online.json
 	$(BENCH) --workload longprompt --json bench-out/longprompt-text.json
@@ -44,6 +44,9 @@ bench-all: bench
 	$(BENCH) --workload sharedprefix --json bench-out/sharedprefix-on.json
 	$(BENCH) --workload sharedprefix --no-prefix-cache --json bench-out/sharedprefix-off.json
 	$(BENCH) --workload online --pretok --json bench-out/online.json --plot bench-out/online.png
+	$(BENCH) --workload online --mode online --request-rate 0.5 --num-requests 60 --pretok \
+		--warmup-max-requests 4 --json bench-out/online-0.5.json
+	$(BENCH) --workload P1 --mode offline --json bench-out/p1-steps.json
 	$(PY) -m tokenwire.engine.bench_profile | tee bench-out/profile.txt
 
 clean:
