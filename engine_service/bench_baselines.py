@@ -179,18 +179,20 @@ def linear_shapes(cfg: dict) -> tuple[list[tuple[int, int]], tuple[int, int]]:
     return [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)], (h, cfg["vocab_size"])
 
 
-def _time_linear(m: int, k: int, n: int, dtype: torch.dtype, reps: int) -> float:
+def time_linear(m: int, k: int, n: int, dtype: torch.dtype, reps: int, layer=None) -> float:
+    """Seconds per [m, k] x [n, k]^T product: torch's F.linear, or the forward of `layer(weight)`."""
     x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    run = (lambda: F.linear(x, w)) if layer is None else (lambda f=layer(w): f(x))
     for _ in range(2):
-        F.linear(x, w)
+        run()
     start = time.perf_counter()
     for _ in range(reps):
-        F.linear(x, w)
+        run()
     return (time.perf_counter() - start) / reps
 
 
 def measure_ceiling(model_dir: str, dtype: torch.dtype, prompt_lens: list[int], new_tokens: int,
-                    chunk: int = 512, time_linear=_time_linear) -> Ceiling:
+                    chunk: int = 512, time_linear=time_linear) -> Ceiling:
     """p1_ceiling.py's method for any prompt lengths: every request decodes in one batch, on the CPU.
     `time_linear(m, k, n, dtype, reps)` times one GEMM; the default is torch's F.linear."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())

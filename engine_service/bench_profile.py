@@ -15,11 +15,12 @@ import argparse
 import random
 import time
 from collections import defaultdict
+from functools import partial
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tokenwire.engine.bench_baselines import measure_ceiling
+from tokenwire.engine.bench_baselines import measure_ceiling, time_linear
 from tokenwire.engine.bench_workloads import p1_prompt_lengths
 from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.device import Linear
@@ -156,22 +157,11 @@ def main(argv: list[str] | None = None) -> int:
 def report_ceilings(model_dir: str, dtype: torch.dtype, tok_s: float, prompt_lens: list[int],
                     new_tokens: int) -> None:
     """p1_ceiling.py's figure (F.linear GEMMs), and the same with the runner's own GEMM backend."""
-    for name, timer in (("F.linear", None), ("runner Linear", _time_our_linear)):
-        ceiling = measure_ceiling(model_dir, dtype, prompt_lens, new_tokens,
-                                  **({"time_linear": timer} if timer else {}))
+    for name, timer in (("F.linear", time_linear), ("runner Linear", partial(time_linear, layer=Linear))):
+        ceiling = measure_ceiling(model_dir, dtype, prompt_lens, new_tokens, time_linear=timer)
         print(f"ceiling, linear layers alone with {name}: {ceiling.completion_tok_s:.1f} tok/s "
               f"(prefill {ceiling.prefill_s:.2f} s, decode {ceiling.decode_s:.2f} s) -> runner at "
               f"{tok_s / ceiling.completion_tok_s:.0%}")
-
-
-def _time_our_linear(m: int, k: int, n: int, dtype: torch.dtype, reps: int) -> float:
-    x, linear = torch.randn(m, k, dtype=dtype), Linear(torch.randn(n, k, dtype=dtype))
-    for _ in range(2):
-        linear(x)
-    start = time.perf_counter()
-    for _ in range(reps):
-        linear(x)
-    return (time.perf_counter() - start) / reps
 
 
 if __name__ == "__main__":
