@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Unpack
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from tokenwire.client import convert
-from tokenwire.client.calls import CallScope, RetryPolicy, TextStream, stream_with_retries, with_retries
+from tokenwire.client.calls import (CallScope, RetryPolicy, TextStream, stream_with_retries, wait_serving,
+                                    with_retries)
 from tokenwire.client.credentials import auth_metadata, channel_credentials, open_channel
-from tokenwire.client.errors import DeadlineExceededError, TokenwireError
+from tokenwire.client.errors import TokenwireError
 from tokenwire.client.types import (ChatMessage, Completion, GenerationChunk, ModelInfo, SamplingOptions,
                                     TokenizerInfo)
 from tokenwire.v1 import engine_pb2, engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
@@ -128,7 +129,7 @@ class AsyncClient:
             fingerprint = await self._fingerprint(scope) if self._tokenizer is not None else ""
             requests = [self._ids_request(ids, sampling, fingerprint) for ids in token_ids]
         else:
-            requests = [self._text_request(text, sampling) for text in prompts]
+            requests = [convert.text_request(text, sampling) for text in prompts]
         for i, request in enumerate(requests):
             request.request_id = f"{scope.request_id}-{i}"
         results = await self._generate_batch(requests, scope)
@@ -172,7 +173,7 @@ class AsyncClient:
         scope = CallScope(timeout)
         channels = [c for c in (self._tokenizer_channel, self._engine_channel) if c is not None]
         for channel in channels:
-            await _wait_serving(health_pb2_grpc.HealthStub(channel), scope)
+            await wait_serving(health_pb2_grpc.HealthStub(channel), scope)
 
     # ---- internals ----
 
@@ -205,7 +206,7 @@ class AsyncClient:
         if (prompt is None) == (token_ids is None):
             raise TypeError("give exactly one of prompt (text) or token_ids")
         if token_ids is None and self._tokenizer is None:
-            return self._text_request(prompt, sampling), ()
+            return convert.text_request(prompt, sampling), ()
         if token_ids is None:
             response = await self._call("tokenizer", self._tokenizer.Encode,
                                         tokenizer_pb2.EncodeRequest(text=prompt), scope)
@@ -219,16 +220,12 @@ class AsyncClient:
         # the match, while the ids run to the end of the matching token: take the engine's text then.
         # The engine's text is the same text, so it also stands in while the tokenizer service is down.
         engine_text = self._tokenizer is None or bool(sampling.get("stop")) or not self._tokenizer_reachable()
-        return engine_pb2.GenerateRequest(token_ids=engine_pb2.TokenIds(ids=ids), tokenizer_fingerprint=fingerprint,
-                                          sampling=convert.sampling_params(sampling), return_text=engine_text)
+        return convert.ids_request(ids, sampling, fingerprint, return_text=engine_text)
 
     def _tokenizer_reachable(self) -> bool:
         """False while the tokenizer channel fails to connect (the service is down or restarting)."""
         state = self._tokenizer_channel.get_state(try_to_connect=False)
         return state != grpc.ChannelConnectivity.TRANSIENT_FAILURE
-
-    def _text_request(self, text: str, sampling: Mapping) -> engine_pb2.GenerateRequest:
-        return engine_pb2.GenerateRequest(text=text, sampling=convert.sampling_params(sampling), return_text=True)
 
     async def _chat_ids(self, messages: Iterable[Message], scope: CallScope) -> list[int]:
         request = tokenizer_pb2.ApplyChatTemplateRequest(messages=convert.chat_messages(messages),
@@ -250,7 +247,7 @@ class AsyncClient:
     async def _stream(self, request: engine_pb2.GenerateRequest, prompt_ids: Sequence[int],
                       scope: CallScope) -> AsyncIterator[GenerationChunk]:
         text = None if request.return_text else TextStream(
-            self._tokenizer, prompt_ids, _skip_special(request), scope)
+            self._tokenizer, prompt_ids, convert.skip_special_tokens(request), scope)
         try:
             async for message in self._engine_stream(request, scope):
                 delta = message.text
@@ -275,30 +272,9 @@ class AsyncClient:
         if request.return_text:
             return convert.completion(result, result.text)
         # The same DecodeStream as generate(), so complete().text == the concatenated stream.
-        text = TextStream(self._tokenizer, prompt_ids, _skip_special(request), scope)
+        text = TextStream(self._tokenizer, prompt_ids, convert.skip_special_tokens(request), scope)
         try:
             body = await text.push(result.token_ids)
             return convert.completion(result, body + await text.finish())
         finally:
             text.cancel()
-
-
-def _skip_special(request: engine_pb2.GenerateRequest) -> bool:
-    sampling = request.sampling
-    return sampling.skip_special_tokens if sampling.HasField("skip_special_tokens") else True
-
-
-async def _wait_serving(stub: health_pb2_grpc.HealthStub, scope: CallScope) -> None:
-    """Watch the server's health until SERVING; a server not up yet is waited for, not an error."""
-    while True:
-        call = stub.Watch(health_pb2.HealthCheckRequest(), timeout=scope.remaining(), wait_for_ready=True)
-        try:
-            async for response in call:
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceededError("services not ready before the deadline", error.code()) from None
-        finally:
-            call.cancel()
-        await asyncio.sleep(0.1)  # the server went away mid-watch (restart): look again

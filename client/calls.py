@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokenwire.client.errors import DeadlineExceededError, ServerError, from_rpc_error
 from tokenwire.v1 import tokenizer_pb2, tokenizer_pb2_grpc
@@ -141,3 +142,19 @@ class TextStream:
         if response is grpc.aio.EOF:  # an OK status before the final message: a broken service
             raise ServerError("tokenizer: DecodeStream ended before its final message")
         return response.text
+
+
+async def wait_serving(stub: health_pb2_grpc.HealthStub, scope: CallScope) -> None:
+    """Watch the server's health until SERVING; a server not up yet is waited for, not an error."""
+    while True:
+        call = stub.Watch(health_pb2.HealthCheckRequest(), timeout=scope.remaining(), wait_for_ready=True)
+        try:
+            async for response in call:
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceededError("services not ready before the deadline", error.code()) from None
+        finally:
+            call.cancel()
+        await asyncio.sleep(0.1)  # the server went away mid-watch (restart): look again

@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         # The benchmark has its own flags and runs the engine in-process: import torch only here.
         from tokenwire.engine.bench import main as bench_main
         return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench":  # reached only with options before it, which the benchmark does not take
+        parser.error("bench takes its own flags and must come first: tokenwire bench [--engine-addr ...]")
     try:
         with Client(args.tokenizer, args.engine, timeout=args.timeout, tls_root_cert=args.tls_root_cert) as client:
             return {"generate": _generate, "chat": _chat, "info": _info}[args.command](client, args)

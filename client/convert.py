@@ -23,6 +23,22 @@ def sampling_params(options: Mapping[str, object]) -> engine_pb2.SamplingParams:
     return engine_pb2.SamplingParams(**{k: v for k, v in options.items() if v is not None})
 
 
+def ids_request(ids, sampling: Mapping[str, object], fingerprint: str, return_text: bool
+                ) -> engine_pb2.GenerateRequest:
+    return engine_pb2.GenerateRequest(token_ids=engine_pb2.TokenIds(ids=ids), tokenizer_fingerprint=fingerprint,
+                                      sampling=sampling_params(sampling), return_text=return_text)
+
+
+def text_request(text: str, sampling: Mapping[str, object]) -> engine_pb2.GenerateRequest:
+    return engine_pb2.GenerateRequest(text=text, sampling=sampling_params(sampling), return_text=True)
+
+
+def skip_special_tokens(request: engine_pb2.GenerateRequest) -> bool:
+    """The request's skip_special_tokens, with the engine's default (True) when unset."""
+    sampling = request.sampling
+    return sampling.skip_special_tokens if sampling.HasField("skip_special_tokens") else True
+
+
 def chat_messages(messages: Iterable[ChatMessage | Mapping[str, str]]) -> list[common_pb2.ChatMessage]:
     out = []
     for i, message in enumerate(messages):

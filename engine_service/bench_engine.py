@@ -95,14 +95,14 @@ class _RunStats:
     def __exit__(self, *exc) -> None:
         self.end = time.perf_counter()
 
-    def _cache_counts(self) -> tuple[int, int] | None:
-        stats = getattr(getattr(self.engine, "block_manager", None), "prefix_cache_stats", None)
-        return None if stats is None else (stats.queried_tokens, stats.hit_tokens)
+    def _cache_counts(self) -> tuple[int, int]:
+        stats = self.engine.block_manager.prefix_cache_stats
+        return stats.queried_tokens, stats.hit_tokens
 
     def record(self, mode: str, start: float, records: list[RequestRecord]) -> RunRecord:
         now = self._cache_counts()
         rate = None
-        if now is not None and self.cache is not None and self.engine.config.cache.enable_prefix_cache:
+        if self.engine.config.cache.enable_prefix_cache:
             queried, hit = now[0] - self.cache[0], now[1] - self.cache[1]
             rate = hit / queried if queried else 0.0
         end = max([self.end] + [r.finish_time for r in records if r.finish_time is not None])

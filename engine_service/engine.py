@@ -168,8 +168,7 @@ class LLMEngine:
         sampled_at = time.perf_counter()
         self.scheduler.on_step_done(batch)
         outputs = self._postprocess(seqs, sampled.token_ids, sampled.logprobs)
-        has_prefill = any(chunk.num_tokens > 1 or not chunk.sample for chunk in batch.chunks)
-        self.step_profile.add(has_prefill, start, scheduled, forwarded, sampled_at, time.perf_counter())
+        self.step_profile.add(batch.has_prefill, start, scheduled, forwarded, sampled_at, time.perf_counter())
         return outputs
 
     def _postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs) -> list[RequestOutput]:

@@ -30,6 +30,11 @@ class SchedulerOutput:
     def num_batched_tokens(self) -> int:
         return sum(chunk.num_tokens for chunk in self.chunks)
 
+    @property
+    def has_prefill(self) -> bool:
+        """Whether any chunk is more than one sampled token (a prompt chunk rather than a decode)."""
+        return any(chunk.num_tokens > 1 or not chunk.sample for chunk in self.chunks)
+
 
 @dataclass
 class _Step:

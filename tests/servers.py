@@ -15,45 +15,40 @@ from tokenwire.tokenizer.server import TokenizerServer
 from tokenwire.v1 import engine_pb2 as pb
 
 
-class _LoopThread:
-    def __init__(self) -> None:
+class _ServerThread:
+    """Builds `cls(*args)` on its own event-loop thread, starts it on port 0 and loads it."""
+
+    def __init__(self, cls, *args) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
+        self.server = self.run(_make(cls, *args))
+        self.port = self.run(self.server.start())
+        self.run(self.server.load())
+        self.address = f"127.0.0.1:{self.port}"
 
     def run(self, coro, timeout: float = 120):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def _close_loop(self) -> None:
+    def close(self) -> None:
+        self.run(self.server.stop(grace_s=0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
         self.loop.close()
 
 
-class EngineThread(_LoopThread):
+class EngineThread(_ServerThread):
+    server: EngineServer
+
     def __init__(self, engine_config: EngineConfig, server_config: ServerConfig = ServerConfig(port=0)):
-        super().__init__()
-        self.server: EngineServer = self.run(_make(EngineServer, engine_config, server_config))
-        self.port = self.run(self.server.start())
-        self.run(self.server.load())
-        self.address = f"127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.run(self.server.stop(grace_s=0))
-        self._close_loop()
+        super().__init__(EngineServer, engine_config, server_config)
 
 
-class TokenizerThread(_LoopThread):
+class TokenizerThread(_ServerThread):
+    server: TokenizerServer
+
     def __init__(self, config: TokenizerServiceConfig):
-        super().__init__()
-        self.server: TokenizerServer = self.run(_make(TokenizerServer, config))
-        self.port = self.run(self.server.start())
-        self.run(self.server.load())
-        self.address = f"127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.run(self.server.stop(grace_s=0))
-        self._close_loop()
+        super().__init__(TokenizerServer, config)
 
 
 async def _make(cls, *args):

@@ -118,6 +118,8 @@ def test_decodes_are_scheduled_before_prefills():
     sched.add(make_seq("new", 40, first_token=100))
     out = run_step(sched)
     assert [(c.seq.request_id, c.num_tokens) for c in out.chunks] == [("old", 1), ("new", 15)]
+    assert out.has_prefill                               # the step profile files it under prefill steps
+    assert [run_step(sched).has_prefill for _ in range(3)] == [True, True, False]  # 15 + 10 more, then decodes
 
 
 def test_chunked_prefill_splits_a_long_prompt_and_samples_only_at_the_end():
