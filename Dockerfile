@@ -31,9 +31,11 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && rm /tmp/requirements.txt
 
 COPY protos protos
+COPY serving serving
 COPY tokenizer_service tokenizer_service
 COPY engine_service engine_service
 COPY client client
+COPY bench bench
 RUN pip install --no-deps . && rm -rf build *.egg-info
 
 # Unprivileged user. The model cache lives on a volume: the first service to start converts the

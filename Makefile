@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 model: install
-	$(PY) -m tokenwire.tokenizer.model_resolver
+	$(PY) -m tokenwire.serving.model_resolver
 
 test: install
 	$(PY) -m pytest
@@ -47,7 +47,7 @@ bench-all: bench
 	$(BENCH) --workload online --mode online --request-rate 0.5 --num-requests 60 --pretok \
 		--warmup-max-requests 4 --json bench-out/online-0.5.json
 	$(BENCH) --workload P1 --mode offline --json bench-out/p1-steps.json
-	$(PY) -m tokenwire.engine.bench_profile | tee bench-out/profile.txt
+	$(PY) -m tokenwire.bench.profile | tee bench-out/profile.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

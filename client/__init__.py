@@ -8,16 +8,16 @@
 from tokenwire.client.async_client import AsyncClient
 from tokenwire.client.calls import RetryPolicy
 from tokenwire.client.errors import (AuthenticationError, DeadlineExceededError, InvalidRequestError,
-                                     OverloadedError, RequestCancelledError, ServerError, TokenizerMismatchError,
-                                     TokenwireError, UnavailableError)
+                                     NoChatTemplateError, OverloadedError, RequestCancelledError, ServerError,
+                                     TokenizerMismatchError, TokenwireError, UnavailableError)
 from tokenwire.client.sync_client import Client
 from tokenwire.client.types import (ChatMessage, Completion, EngineConfigInfo, EngineStats, FinishReason,
-                                    GenerationChunk, ModelInfo, SamplingOptions, Timings, TokenizerInfo,
-                                    TokenLogprob, Usage)
+                                    GenerationChunk, ModelInfo, SamplingOptions, Timings, TokenizerInfo, TokenLogprob,
+                                    Usage)
 
 __all__ = [
     "AsyncClient", "Client", "RetryPolicy",
-    "TokenwireError", "InvalidRequestError", "TokenizerMismatchError", "OverloadedError", "UnavailableError",
+    "TokenwireError", "InvalidRequestError", "TokenizerMismatchError", "NoChatTemplateError", "OverloadedError", "UnavailableError",
     "RequestCancelledError", "DeadlineExceededError", "ServerError", "AuthenticationError",
     "ChatMessage", "Completion", "EngineConfigInfo", "EngineStats", "FinishReason", "GenerationChunk",
     "ModelInfo", "SamplingOptions", "Timings", "TokenizerInfo", "TokenLogprob", "Usage",

@@ -15,12 +15,10 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from tokenwire.client import convert
-from tokenwire.client.calls import (CallScope, RetryPolicy, TextStream, stream_with_retries, wait_serving,
-                                    with_retries)
+from tokenwire.client.calls import CallScope, RetryPolicy, TextStream, stream_with_retries, wait_serving, with_retries
 from tokenwire.client.credentials import auth_metadata, channel_credentials, open_channel
-from tokenwire.client.errors import TokenwireError
-from tokenwire.client.types import (ChatMessage, Completion, GenerationChunk, ModelInfo, SamplingOptions,
-                                    TokenizerInfo)
+from tokenwire.client.errors import Endpoint, TokenwireError
+from tokenwire.client.types import ChatMessage, Completion, GenerationChunk, ModelInfo, SamplingOptions, TokenizerInfo
 from tokenwire.v1 import engine_pb2, engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
 DEFAULT_TOKENIZER = os.environ.get("TOKENWIRE_TOKENIZER", "localhost:50051")
@@ -53,6 +51,8 @@ class AsyncClient:
         credentials = channel_credentials(tls_root_cert, credentials)
         channel = lambda address: open_channel(  # noqa: E731
             address, credentials, options=_OPTIONS, interceptors=list(interceptors))
+        self._engine_endpoint = Endpoint("engine", engine)
+        self._tokenizer_endpoint = Endpoint("tokenizer", tokenizer or "")
         self._engine_channel = channel(engine)
         self._engine = engine_pb2_grpc.EngineServiceStub(self._engine_channel)
         self._tokenizer_channel = channel(tokenizer) if tokenizer else None
@@ -140,7 +140,7 @@ class AsyncClient:
     # ---- tokenizer service ----
 
     async def encode(self, text: str, *, timeout: float | None = None) -> list[int]:
-        response = await self._call("tokenizer", self._tokenizer_stub().Encode,
+        response = await self._call(self._tokenizer_endpoint, self._tokenizer_stub().Encode,
                                     tokenizer_pb2.EncodeRequest(text=text), self._scope(timeout))
         return list(response.ids)
 
@@ -150,7 +150,7 @@ class AsyncClient:
     async def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True,
                      timeout: float | None = None) -> str:
         request = tokenizer_pb2.DecodeRequest(ids=token_ids, skip_special_tokens=skip_special_tokens)
-        response = await self._call("tokenizer", self._tokenizer_stub().Decode, request, self._scope(timeout))
+        response = await self._call(self._tokenizer_endpoint, self._tokenizer_stub().Decode, request, self._scope(timeout))
         return response.text
 
     async def apply_chat_template(self, messages: Iterable[Message], *, timeout: float | None = None
@@ -164,7 +164,7 @@ class AsyncClient:
     # ---- engine service ----
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        response = await self._call("engine", self._engine.GetModelInfo, engine_pb2.GetModelInfoRequest(),
+        response = await self._call(self._engine_endpoint, self._engine.GetModelInfo, engine_pb2.GetModelInfoRequest(),
                                     self._scope(timeout))
         return convert.model_info(response)
 
@@ -185,14 +185,14 @@ class AsyncClient:
             raise TokenwireError("this client has no tokenizer service (tokenizer=None)")
         return self._tokenizer
 
-    async def _call(self, service: str, method, request, scope: CallScope):
+    async def _call(self, service: Endpoint, method, request, scope: CallScope):
         return await with_retries(lambda: method(request, timeout=scope.remaining(), metadata=scope.metadata),
                                   self.retry,
                                   scope, service)
 
     async def _info(self, scope: CallScope) -> TokenizerInfo:
         if self._tokenizer_info is None:  # a tokenizer's identity never changes: ask once
-            response = await self._call("tokenizer", self._tokenizer_stub().GetInfo,
+            response = await self._call(self._tokenizer_endpoint, self._tokenizer_stub().GetInfo,
                                         tokenizer_pb2.GetInfoRequest(), scope)
             self._tokenizer_info = convert.tokenizer_info(response)
         return self._tokenizer_info
@@ -208,7 +208,7 @@ class AsyncClient:
         if token_ids is None and self._tokenizer is None:
             return convert.text_request(prompt, sampling), ()
         if token_ids is None:
-            response = await self._call("tokenizer", self._tokenizer.Encode,
+            response = await self._call(self._tokenizer_endpoint, self._tokenizer.Encode,
                                         tokenizer_pb2.EncodeRequest(text=prompt), scope)
             token_ids = list(response.ids)
         fingerprint = await self._fingerprint(scope) if self._tokenizer is not None else ""
@@ -230,24 +230,24 @@ class AsyncClient:
     async def _chat_ids(self, messages: Iterable[Message], scope: CallScope) -> list[int]:
         request = tokenizer_pb2.ApplyChatTemplateRequest(messages=convert.chat_messages(messages),
                                                          add_generation_prompt=True)
-        response = await self._call("tokenizer", self._tokenizer_stub().ApplyChatTemplate, request, scope)
+        response = await self._call(self._tokenizer_endpoint, self._tokenizer_stub().ApplyChatTemplate, request, scope)
         return list(response.ids)
 
     async def _encode_batch(self, texts: Sequence[str], scope: CallScope) -> list[list[int]]:
-        response = await self._call("tokenizer", self._tokenizer_stub().BatchEncode,
+        response = await self._call(self._tokenizer_endpoint, self._tokenizer_stub().BatchEncode,
                                     tokenizer_pb2.BatchEncodeRequest(texts=texts), scope)
         return [list(encoding.ids) for encoding in response.encodings]
 
     async def _generate_batch(self, requests: list[engine_pb2.GenerateRequest], scope: CallScope
                               ) -> Sequence[engine_pb2.GenerateResponse]:
-        response = await self._call("engine", self._engine.GenerateBatch,
+        response = await self._call(self._engine_endpoint, self._engine.GenerateBatch,
                                     engine_pb2.GenerateBatchRequest(requests=requests), scope)
         return response.results
 
     async def _stream(self, request: engine_pb2.GenerateRequest, prompt_ids: Sequence[int],
                       scope: CallScope) -> AsyncIterator[GenerationChunk]:
         text = None if request.return_text else TextStream(
-            self._tokenizer, prompt_ids, convert.skip_special_tokens(request), scope)
+            self._tokenizer, self._tokenizer_endpoint, prompt_ids, convert.skip_special_tokens(request), scope)
         try:
             async for message in self._engine_stream(request, scope):
                 delta = message.text
@@ -265,14 +265,15 @@ class AsyncClient:
         request.request_id = request.request_id or scope.request_id  # the engine's id is the call's id
         start = lambda: self._engine.Generate(  # noqa: E731
             request, timeout=scope.remaining(), metadata=scope.metadata)
-        return stream_with_retries(start, self.retry, scope, "engine")
+        return stream_with_retries(start, self.retry, scope, self._engine_endpoint)
 
     async def _completion(self, result: engine_pb2.GenerateResponse, prompt_ids: Sequence[int],
                           request: engine_pb2.GenerateRequest, scope: CallScope) -> Completion:
         if request.return_text:
             return convert.completion(result, result.text)
         # The same DecodeStream as generate(), so complete().text == the concatenated stream.
-        text = TextStream(self._tokenizer, prompt_ids, convert.skip_special_tokens(request), scope)
+        text = TextStream(self._tokenizer, self._tokenizer_endpoint, prompt_ids, convert.skip_special_tokens(request),
+                          scope)
         try:
             body = await text.push(result.token_ids)
             return convert.completion(result, body + await text.finish())

@@ -14,11 +14,11 @@ from typing import TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tokenwire.client.errors import DeadlineExceededError, ServerError, from_rpc_error
+from tokenwire.client.errors import DeadlineExceededError, Endpoint, ServerError, from_rpc_error
+from tokenwire.serving.errors import REQUEST_ID_METADATA
 from tokenwire.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 T = TypeVar("T")
-REQUEST_ID_METADATA = "x-request-id"
 # Prompt ids sent to DecodeStream as context: the detokenizer only looks at the last few (a leading-space
 # or merge decision); sending the tail keeps a long prompt from crossing the wire twice.
 DECODE_CONTEXT_IDS = 32
@@ -60,7 +60,7 @@ class CallScope:
 
 
 async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy, scope: CallScope,
-                       service: str) -> T:
+                       service: Endpoint | str) -> T:
     """Run `attempt` (one RPC), retrying on UNAVAILABLE; every failure leaves as a typed exception."""
     n = 0
     while True:
@@ -74,7 +74,7 @@ async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy,
 
 
 async def stream_with_retries(start: Callable[[], grpc.aio.UnaryStreamCall], policy: RetryPolicy,
-                              scope: CallScope, service: str) -> AsyncIterator:
+                              scope: CallScope, service: Endpoint | str) -> AsyncIterator:
     """Iterate a server stream, restarting it on UNAVAILABLE only while no message has arrived.
     Leaving the iteration early (break, cancel, error) cancels the RPC, so the server stops work."""
     for n in range(policy.max_attempts):
@@ -103,9 +103,10 @@ class TextStream:
     """Generated ids -> text deltas through the tokenizer service's DecodeStream (the client holds no
     tokenizer files). Opened lazily on the first push; one write and one read per push."""
 
-    def __init__(self, stub: tokenizer_pb2_grpc.TokenizerServiceStub, prompt_ids: Sequence[int],
+    def __init__(self, stub: tokenizer_pb2_grpc.TokenizerServiceStub, endpoint: Endpoint, prompt_ids: Sequence[int],
                  skip_special_tokens: bool, scope: CallScope):
         self._stub = stub
+        self._endpoint = endpoint
         self._first = tokenizer_pb2.DecodeStreamRequest(
             skip_special_tokens=skip_special_tokens, prompt_ids=list(prompt_ids[-DECODE_CONTEXT_IDS:]))
         self._scope = scope
@@ -138,7 +139,7 @@ class TextStream:
             response = await self._call.read()
         except grpc.aio.AioRpcError as error:
             self._scope.remaining()  # a write racing the deadline fails as INTERNAL: report the deadline
-            raise from_rpc_error(error, "tokenizer") from None
+            raise from_rpc_error(error, self._endpoint) from None
         if response is grpc.aio.EOF:  # an OK status before the final message: a broken service
             raise ServerError("tokenizer: DecodeStream ended before its final message")
         return response.text

@@ -11,6 +11,7 @@ token for services started with auth comes from $TOKENWIRE_AUTH_TOKEN.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from collections.abc import Iterable
 
@@ -60,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
-        # The benchmark has its own flags and runs the engine in-process: import torch only here.
-        from tokenwire.engine.bench import main as bench_main
-        return bench_main(argv[1:])
+        # The benchmark (tokenwire.bench) sits above the SDK and needs torch: run it as its own process, so
+        # that the SDK never imports it.
+        return subprocess.call([sys.executable, "-m", "tokenwire.bench", *argv[1:]])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "bench":  # reached only with options before it, which the benchmark does not take

@@ -9,9 +9,9 @@ import argparse
 import sys
 import time
 
-from tokenwire.client.launcher import LocalServices
 from tokenwire.client.sync_client import Client
 from tokenwire.client.types import GenerationChunk
+from tokenwire.serving.launcher import LocalServices
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in two sentences."
 

@@ -1,7 +1,7 @@
 """`tokenwire-engine --model NAME_OR_PATH --host H --port P [engine flags]`: run the engine service.
 
 Every flag is generated from a field of the config dataclasses (ServerConfig, EngineConfig, CacheConfig,
-SchedulerConfig; see tokenwire.tokenizer.cli_env), and, as on the tokenizer service, each flag can also be
+SchedulerConfig; see tokenwire.serving.cli_env), and, as on the tokenizer service, each flag can also be
 set through the environment as TOKENWIRE_<FLAG>.
 """
 from __future__ import annotations
@@ -12,10 +12,10 @@ import logging
 import os
 from collections.abc import MutableMapping
 
-from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from tokenwire.engine.server import ServerConfig, serve
-from tokenwire.tokenizer.cli_env import add_config_flags, apply_env_defaults, config_values
-from tokenwire.tokenizer.logging_setup import add_logging_arguments, configure_logging
+from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
+from tokenwire.engine.server import serve
+from tokenwire.serving.cli_env import add_config_flags, apply_env_defaults, config_values
+from tokenwire.serving.logging_setup import add_logging_arguments, configure_logging
 
 _NESTED = {"cache": CacheConfig, "scheduler": SchedulerConfig}
 log = logging.getLogger(__name__)

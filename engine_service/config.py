@@ -1,9 +1,11 @@
-"""The engine's single source of defaults: the CLI reads its flags from these dataclasses."""
+"""The engine service's single source of defaults: the CLI generates its flags and environment variables from
+these dataclasses (the server's, the engine's, the KV cache's and the scheduler's)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tokenwire.tokenizer.model_resolver import DEFAULT_MODEL
+from tokenwire.serving.config import GrpcServerConfig
+from tokenwire.serving.model_resolver import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
@@ -33,3 +35,11 @@ class EngineConfig:
     seed: int = 0                        # seeds requests that give none, so runs are reproducible
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass(frozen=True)
+class ServerConfig(GrpcServerConfig):
+    port: int = 50052                    # 0 picks a free port (logged)
+    drain_grace_s: float = 30.0          # after SIGTERM, how long in-flight requests may still finish
+    max_pending_requests: int = 1024     # requests in flight before new ones get RESOURCE_EXHAUSTED
+    max_waiting_requests: int = 512      # accepted requests not yet generating before new ones get RESOURCE_EXHAUSTED

@@ -13,18 +13,19 @@ from collections.abc import Sequence as Seq
 
 from transformers import AutoTokenizer
 
+from tokenwire.engine.block_manager import BlockManager
 from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.faults import FaultInjector
-from tokenwire.engine.kv_cache import BlockManager
 from tokenwire.engine.model_runner import ModelRunner
 from tokenwire.engine.output_processor import OutputProcessor, RequestState
 from tokenwire.engine.outputs import EngineStats, RequestOutput
 from tokenwire.engine.sampler import Sampler
-from tokenwire.engine.sampling_params import InvalidRequestError, SamplingParams
+from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.engine.scheduler import Scheduler
 from tokenwire.engine.sequence import FinishReason, Sequence
 from tokenwire.engine.step_profile import StepProfile
-from tokenwire.tokenizer.model_resolver import resolve_model
+from tokenwire.serving.errors import InvalidRequestError
+from tokenwire.serving.model_resolver import resolve_model
 from tokenwire.tokenizer.tokenizer import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)

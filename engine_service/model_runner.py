@@ -13,13 +13,13 @@ from typing import Protocol
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tokenwire.engine.attention import AttentionBatch, KVCache
 from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.device import choose_device, choose_dtype
-from tokenwire.engine.gpt2 import GPT2Forward
-from tokenwire.engine.llama import LlamaForward
+from tokenwire.engine.models.attention import AttentionBatch, KVCache
+from tokenwire.engine.models.gpt2 import GPT2Forward
+from tokenwire.engine.models.llama import LlamaForward
 from tokenwire.engine.sequence import ScheduledChunk
-from tokenwire.tokenizer.model_resolver import resolve_model
+from tokenwire.serving.model_resolver import resolve_model
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,6 @@ whole sequence); only requests that ask for text or have stop strings pay for de
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from tokenwire.engine.outputs import RequestOutput, RequestTimings, TokenLogprob

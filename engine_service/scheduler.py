@@ -15,8 +15,8 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
+from tokenwire.engine.block_manager import BlockManager, PrefixMatch
 from tokenwire.engine.config import SchedulerConfig
-from tokenwire.engine.kv_cache import BlockManager, PrefixMatch
 from tokenwire.engine.sequence import FinishReason, ScheduledChunk, Sequence, SequenceStatus
 
 

@@ -13,15 +13,17 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence as Seq
+from collections.abc import AsyncIterator, Callable
+from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
 import grpc
 
 from tokenwire.engine import convert
 from tokenwire.engine.outputs import RequestOutput
-from tokenwire.engine.sampling_params import InvalidRequestError
 from tokenwire.engine.sequence import FinishReason, Sequence
+from tokenwire.serving.errors import (FIELD_METADATA_KEY, REASON_METADATA_KEY, REASON_TOKENIZER_MISMATCH,
+                                      InvalidRequestError)
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
 
@@ -32,7 +34,6 @@ if TYPE_CHECKING:  # kept out of the import path: the server binds its port befo
 log = logging.getLogger(__name__)
 
 # Trailing metadata key naming the offending request field of an INVALID_ARGUMENT error.
-FIELD_METADATA_KEY = "tokenwire-field"
 # Request ids land in logs and metrics: printable ASCII without spaces, so none can forge a log line.
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,256}")
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
@@ -41,9 +42,15 @@ _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 class _Refused(Exception):
     """A request the servicer turns into an error status (raised before or during its stream)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None):
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None, reason: str | None = None):
         super().__init__(message)
-        self.code, self.message, self.field = code, message, field
+        self.code, self.message, self.field, self.reason = code, message, field, reason
+
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The offending field and the failed precondition, for clients that map errors without parsing."""
+        return (((FIELD_METADATA_KEY, self.field),) if self.field else ()) + \
+               (((REASON_METADATA_KEY, self.reason),) if self.reason else ())
 
 
 class _Submitted:
@@ -262,7 +269,7 @@ def _prepare(engine: LLMEngine, request: pb.GenerateRequest, rid: str, arrival: 
         raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                        f"{field_prefix}tokenizer_fingerprint: the ids were made by tokenizer "
                        f"{fingerprint[:16]}..., this engine serves {engine.tokenizer_fingerprint[:16]}...",
-                       f"{field_prefix}tokenizer_fingerprint")
+                       f"{field_prefix}tokenizer_fingerprint", REASON_TOKENIZER_MISMATCH)
     prompt = convert.prompt_kwargs(request)
     if not prompt:
         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{field_prefix}prompt: set text or token_ids",
@@ -282,8 +289,7 @@ def _internal(exc: Exception) -> _Refused:
 
 
 async def _abort(context: grpc.aio.ServicerContext, refused: _Refused) -> None:
-    metadata = ((FIELD_METADATA_KEY, refused.field),) if refused.field else ()
-    await context.abort(refused.code, refused.message, trailing_metadata=metadata)
+    await context.abort(refused.code, refused.message, trailing_metadata=refused.trailing_metadata)
 
 
 def _dtype_name(dtype) -> str:

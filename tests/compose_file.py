@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from tokenwire.client.launcher import command, free_port
+from tokenwire.serving.launcher import command, free_port
 
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
 _VARIABLE = re.compile(r"\$(?:(\$)|\{([A-Za-z_]\w*)(?:(:?[-?])([^}]*))?\}|([A-Za-z_]\w*))")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tests.tiny_models import build_tiny_gpt2, build_tiny_llama
-from tokenwire.tokenizer.model_resolver import resolve_model
+from tokenwire.serving.model_resolver import resolve_model
 
 
 @pytest.fixture(scope="session")

@@ -11,14 +11,14 @@ import time
 import grpc
 import pytest
 
+from tests.reference import ENGINE_DTYPE
 from tests.servers import EngineThread, TokenizerThread, rpc_error, wait_until_idle
 from tokenwire.client import Client, OverloadedError
-from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
 from tokenwire.engine.engine import LLMEngine
 from tokenwire.engine.engine_loop import EngineLoop
 from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.engine.sequence import FinishReason
-from tokenwire.engine.server import ServerConfig
 from tokenwire.tokenizer.config import TokenizerServiceConfig
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
@@ -37,7 +37,7 @@ def endless(i: int) -> pb.GenerateRequest:
 
 @pytest.fixture(scope="module")
 def config(tiny_llama_dir) -> EngineConfig:
-    return EngineConfig(model=tiny_llama_dir, dtype="float32", cache=CacheConfig(num_blocks=128),
+    return EngineConfig(model=tiny_llama_dir, dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=128),
                         scheduler=SchedulerConfig(max_num_seqs=MAX_RUNNING))
 
 

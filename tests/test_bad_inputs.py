@@ -10,12 +10,14 @@ import grpc
 import pytest
 from transformers import AutoTokenizer
 
+from tests.reference import ENGINE_DTYPE
 from tests.servers import EngineThread, TokenizerThread, rpc_error, wait_until_idle
 from tokenwire.client import Client, InvalidRequestError
-from tokenwire.engine.config import CacheConfig, EngineConfig
-from tokenwire.engine.server import ServerConfig
+from tokenwire.engine.config import CacheConfig, EngineConfig, ServerConfig
 from tokenwire.tokenizer.config import TokenizerServiceConfig
-from tokenwire.v1 import common_pb2, engine_pb2 as epb, engine_pb2_grpc, tokenizer_pb2 as tpb, tokenizer_pb2_grpc
+from tokenwire.v1 import common_pb2, engine_pb2_grpc, tokenizer_pb2_grpc
+from tokenwire.v1 import engine_pb2 as epb
+from tokenwire.v1 import tokenizer_pb2 as tpb
 
 VOCAB = 49152
 CONTEXT = 1024                 # the tiny Llama's max_position_embeddings
@@ -160,7 +162,7 @@ TOKENIZER_CASES = [
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
-    config = EngineConfig(model=tiny_llama_dir, dtype="float32", max_new_tokens_cap=NEW_TOKENS_CAP,
+    config = EngineConfig(model=tiny_llama_dir, dtype=ENGINE_DTYPE, max_new_tokens_cap=NEW_TOKENS_CAP,
                           cache=CacheConfig(num_blocks=256))
     server = EngineThread(config, ServerConfig(port=0, max_message_bytes=MAX_MESSAGE, max_pending_requests=64))
     yield server

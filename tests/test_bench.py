@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
-from tokenwire.client import cli
-from tokenwire.engine import bench_profile
-from tokenwire.engine.bench_workloads import build_requests, make_spec, p1_prompt_lengths, usable_ids
+from tokenwire.bench import cli as bench_cli
+from tokenwire.bench import profile as bench_profile
+from tokenwire.engine.device import choose_dtype
+from tokenwire.serving.launcher import command
+from tokenwire.bench.workloads import build_requests, make_spec, p1_prompt_lengths, usable_ids
 
 N, NEW = 4, 4
 MODE_FIELDS = ("num_runs", "num_requests", "num_errors", "prompt_tokens", "completion_tokens", "duration_s",
@@ -22,11 +26,16 @@ ENV_FIELDS = ("python", "packages", "cpu_model", "cpu_capability", "avx512_bf16"
               "busy_cores_before", "loadavg_after")
 
 
+def auto_dtype() -> str:
+    """What dtype `auto` picks on this machine (bf16 where it is native and faster, else fp32)."""
+    return str(choose_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+
+
 def run_bench(tmp_path, model: str, *flags: str) -> dict:
     out = tmp_path / "bench.json"
     argv = ["--model", model, "--workload", "custom", "--input-len-range", "8", "24", "--num-requests", str(N),
             "--max-new-tokens", str(NEW), "--ignore-eos", "--no-progress", "--json", str(out), *flags]
-    assert cli.main(["bench", *argv]) == 0  # `tokenwire bench`, the user's entry point
+    assert bench_cli.main(argv) == 0
     return json.loads(out.read_text())
 
 
@@ -67,7 +76,7 @@ def test_offline_naive_and_hf_baselines_report_every_figure(tmp_path, tiny_llama
     assert report["modes"]["offline"]["extra"]["prompt_encode_s"] > 0
     assert report["modes"]["hf_static"]["prompt_encodes"] is None
     env = report["environment"]
-    assert all(f in env for f in ENV_FIELDS) and env["dtype"] == "float32"
+    assert all(f in env for f in ENV_FIELDS) and env["dtype"] == auto_dtype()   # what `auto` picks here
     assert report["ceiling"]["completion_tok_s"] > 0
     comparisons = report["comparisons"]
     for key in ("offline_vs_hf_static", "offline_vs_hf_batch", "offline_fraction_of_ceiling", "naive_vs_offline"):
@@ -101,7 +110,7 @@ def test_online_mode_streams_through_both_grpc_services(tmp_path, tiny_llama_dir
                        "--warmup-runs", "0")
     m = check_mode(report, "online")
     assert m["prompt_encodes"] == 0    # text went through the tokenizer service, ids to the engine
-    assert report["extra"]["online"]["dtype"] == "float32"
+    assert report["extra"]["online"]["dtype"] == auto_dtype()
 
 
 def test_step_profile_breaks_a_decode_step_down(tiny_llama_dir, capsys):
@@ -112,3 +121,9 @@ def test_step_profile_breaks_a_decode_step_down(tiny_llama_dir, capsys):
     for bucket in ("linear", "attention", "other ops", "python"):
         assert re.search(rf"  {bucket} +[\d.]+ ms +[\d.]+%", decode), bucket
     assert re.search(r"ceiling, linear layers alone with F.linear: [\d.]+ tok/s", out)
+
+
+def test_tokenwire_bench_runs_the_benchmark_in_its_own_process():
+    """`tokenwire bench` (the SDK's CLI) hands over to tokenwire.bench without importing it."""
+    run = subprocess.run(command("tokenwire") + ["bench", "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "--workload" in run.stdout

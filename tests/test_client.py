@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import subprocess
 import sys
 
@@ -11,10 +12,12 @@ import grpc
 import pytest
 
 from tests.rpc_log import CallLog
-from tokenwire.client import (AsyncClient, Client, InvalidRequestError, RetryPolicy, UnavailableError)
+from tokenwire.client import AsyncClient, Client, InvalidRequestError, RetryPolicy, UnavailableError
+from tokenwire.client import cli
 from tokenwire.client.convert import chat_messages, sampling_params
-from tokenwire.engine.config import EngineConfig
-from tokenwire.engine.server import EngineServer, ServerConfig
+from tokenwire.engine.config import EngineConfig, ServerConfig
+from tokenwire.engine.server import EngineServer
+from tokenwire.serving.launcher import free_port
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
 
@@ -116,3 +119,17 @@ def test_engine_still_loading_is_unavailable_to_the_sdk():
             await server.stop(grace_s=0)
 
     asyncio.run(main())
+
+
+def test_unreachable_services_are_named_with_how_to_start_them(capsys):
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with Client(tokenizer=address, engine=address, timeout=10, retry=RetryPolicy(max_attempts=1)) as client:
+        with pytest.raises(UnavailableError) as err:
+            client.encode("hi")
+        assert str(err.value) == (f"cannot reach the tokenizer service at {address}: is it running? "
+                                  "(`tokenwire-tokenizer` starts it)")
+        with pytest.raises(UnavailableError, match=re.escape(f"cannot reach the engine service at {address}: is it "
+                                                             "running? (`tokenwire-engine` starts it)")):
+            client.model_info()
+    assert cli.main(["--tokenizer", address, "--engine", address, "info"]) == 1
+    assert "cannot reach the engine service at" in capsys.readouterr().err

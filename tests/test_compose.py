@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.compose_file import COMPOSE_FILE, ComposeProcess, interpolate, load_compose
 from tokenwire.client import Client
-from tokenwire.client.launcher import command
-from tokenwire.tokenizer.healthcheck import main as healthcheck_main
+from tokenwire.serving.healthcheck import main as healthcheck_main
+from tokenwire.serving.launcher import command
 
 ROOT = COMPOSE_FILE.parent
 SCHEMA = json.loads((Path(__file__).parent / "data" / "compose-spec.json").read_text())
@@ -79,7 +79,7 @@ def test_services_are_wired_for_operations():
         port = TOKENIZER_PORT if name == "tokenizer" else ENGINE_PORT
         assert service["command"][0] == f"tokenwire-{name}"
         assert service["healthcheck"]["test"] == [
-            "CMD", "python", "-m", "tokenwire.tokenizer.healthcheck", "--quiet", f"127.0.0.1:{port}"]
+            "CMD", "python", "-m", "tokenwire.serving.healthcheck", "--quiet", f"127.0.0.1:{port}"]
         assert service["restart"] == "unless-stopped"
         assert "models:/data/tokenwire" in service["volumes"]  # the shared model cache, a named volume
         assert set(service["deploy"]["resources"]["limits"]) == {"cpus", "memory"}
@@ -97,7 +97,7 @@ def test_services_are_wired_for_operations():
 
 
 def test_healthcheck_fails_without_a_serving_server(capsys):
-    from tokenwire.client.launcher import free_port
+    from tokenwire.serving.launcher import free_port
 
     assert healthcheck_main([f"127.0.0.1:{free_port()}", "--timeout", "0.5"]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tokenwire.engine.cli import build_parser as engine_parser
+from tokenwire.serving.cli_env import env_name
 from tokenwire.tokenizer.cli import build_parser as tokenizer_parser
-from tokenwire.tokenizer.cli_env import env_name
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.rpc_log import CallLog
 from tokenwire.client import AsyncClient, Client, DeadlineExceededError, InvalidRequestError
-from tokenwire.client.launcher import LocalServices, command
+from tokenwire.serving.launcher import LocalServices, command
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
 
@@ -25,6 +25,7 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def services(tiny_llama_dir, tmp_path_factory):
     # float32 pinned: "auto" may pick bf16 on some CPUs, and greedy output is compared with transformers fp32.
+    # fp32 pinned: the streamed ids are held token-exact against transformers.
     local = LocalServices(tiny_llama_dir, engine_args=["--dtype", "float32", "--num-blocks", str(NUM_BLOCKS)],
                           log_dir=tmp_path_factory.mktemp("service-logs"), ready_timeout_s=180)
     with local:

@@ -5,20 +5,21 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
+
+from tests.reference import ENGINE_DTYPE, assert_greedy_matches_reference
 
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenwire.engine.engine import LLMEngine
-from tokenwire.engine.sampling_params import InvalidRequestError, SamplingParams
+from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.engine.sequence import FinishReason
+from tokenwire.serving.errors import InvalidRequestError
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
 
 
 def make_engine(model_dir, num_blocks=256, block_size=4, budget=64, max_seqs=16, prefix=True, chunked=True):
     return LLMEngine(EngineConfig(
-        model=model_dir, device="cpu", dtype="float32",
+        model=model_dir, device="cpu", dtype=ENGINE_DTYPE,
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_cache=prefix),
         scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
                                   enable_chunked_prefill=chunked)))
@@ -27,18 +28,6 @@ def make_engine(model_dir, num_blocks=256, block_size=4, budget=64, max_seqs=16,
 def random_prompts(n, lo=1, hi=40, seed=0, vocab=49152):
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
-
-
-def hf_greedy(model_dir, prompts, max_new_tokens):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    outs = []
-    for ids in prompts:
-        with torch.no_grad():
-            gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=0)
-        outs.append(gen[0, len(ids):].tolist())
-    return outs
 
 
 def assert_all_blocks_free(engine):
@@ -57,7 +46,7 @@ def test_greedy_matches_transformers(model_fixture, request):
     model_dir = request.getfixturevalue(model_fixture)
     prompts = random_prompts(6, seed=1)
     engine = make_engine(model_dir)
-    assert engine.generate(prompt_token_ids=prompts, params=GREEDY) == hf_greedy(model_dir, prompts, 12)
+    assert_greedy_matches_reference(model_dir, prompts, engine.generate(prompt_token_ids=prompts, params=GREEDY))
     assert_all_blocks_free(engine)
 
 
@@ -179,9 +168,9 @@ def test_bad_requests_rejected_at_submission(llama, kwargs, field):
 
 
 def test_smollm2_greedy_matches_transformers(smollm2_dir):
-    engine = LLMEngine(EngineConfig(model=smollm2_dir, device="cpu", dtype="float32",
+    engine = LLMEngine(EngineConfig(model=smollm2_dir, device="cpu", dtype=ENGINE_DTYPE,
                                     cache=CacheConfig(num_blocks=128)))
     prompts = [engine.tokenizer.encode(t) for t in
                ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]]
     params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
-    assert engine.generate(prompt_token_ids=prompts, params=params) == hf_greedy(smollm2_dir, prompts, 10)
+    assert_greedy_matches_reference(smollm2_dir, prompts, engine.generate(prompt_token_ids=prompts, params=params))

@@ -7,9 +7,8 @@ import sys
 
 from tokenwire.engine import convert
 from tokenwire.engine.cli import build_parser, configs_from_args, prefer_sleeping_omp_waits
-from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
 from tokenwire.engine.sampling_params import SamplingParams
-from tokenwire.engine.server import ServerConfig
 from tokenwire.v1 import engine_pb2 as pb
 
 

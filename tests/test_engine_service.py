@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokenwire.engine.config import CacheConfig, EngineConfig
-from tokenwire.engine.server import SERVICE_NAME, EngineServer, ServerConfig
+from tokenwire.engine.config import CacheConfig, EngineConfig, ServerConfig
+from tokenwire.engine.server import SERVICE_NAME, EngineServer
 from tokenwire.engine.servicer import FIELD_METADATA_KEY
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
@@ -52,6 +52,7 @@ async def _make_server(config: EngineConfig) -> EngineServer:
 @pytest.fixture(scope="module")
 def config(tiny_llama_dir) -> EngineConfig:
     # float32 pinned: "auto" may pick bf16 on some CPUs, and greedy ids are compared with transformers fp32.
+    # fp32 pinned: these tests hold the service's ids and text token-exact against transformers.
     return EngineConfig(model=tiny_llama_dir, dtype="float32", cache=CacheConfig(num_blocks=NUM_BLOCKS))
 
 

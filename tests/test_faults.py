@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import time
 
 import grpc
 import pytest
 
+from tests.reference import ENGINE_DTYPE
 from tokenwire.client import Client, DeadlineExceededError, ServerError, TokenwireError, UnavailableError
-from tokenwire.client.launcher import LocalServices, Service, command
 from tokenwire.engine.config import CacheConfig, EngineConfig
 from tokenwire.engine.engine import LLMEngine
 from tokenwire.engine.faults import ENV_VAR, FaultInjector, InjectedFault
 from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.serving.launcher import LocalServices, Service, start_service
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
 
@@ -34,7 +34,7 @@ SAFETY_DEADLINE_S = 60  # no call here may hang: each one gives up by this deadl
 
 @pytest.fixture(scope="module")
 def services(tiny_llama_dir, tmp_path_factory):
-    local = LocalServices(tiny_llama_dir, engine_args=["--dtype", "float32", "--num-blocks", str(NUM_BLOCKS)],
+    local = LocalServices(tiny_llama_dir, engine_args=["--dtype", ENGINE_DTYPE, "--num-blocks", str(NUM_BLOCKS)],
                           log_dir=tmp_path_factory.mktemp("fault-logs"), ready_timeout_s=180)
     with pytest.MonkeyPatch.context() as env:   # inherited by the subprocesses started here only
         env.setenv(ENV_VAR, "postprocess:poison-,forward:crash-")
@@ -141,7 +141,7 @@ def test_fault_switch_is_off_unless_set_and_strict_about_its_format():
 
 def test_offline_generate_raises_on_a_failed_request_and_leaves_the_engine_clean(tiny_llama_dir, monkeypatch):
     monkeypatch.setenv(ENV_VAR, "postprocess:poison-")
-    engine = LLMEngine(EngineConfig(model=tiny_llama_dir, dtype="float32", cache=CacheConfig(num_blocks=32)))
+    engine = LLMEngine(EngineConfig(model=tiny_llama_dir, dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=32)))
     params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
     engine.add(engine.prepare(prompt_token_ids=[1, 2, 3], params=params, request_id="poison-1"))
     with pytest.raises(RuntimeError, match="poison-1 failed"):
@@ -187,11 +187,7 @@ def _kill(service: Service) -> None:
 def _respawn(service: Service, model: str) -> Service:
     """The same service on the same address, as a restarting container would come back."""
     host, port = service.address.rsplit(":", 1)
-    log_path = service.log_path.with_suffix(".restarted.log")
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command(service.name) + ["--model", model, "--host", host, "--port", port],
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    return Service(service.name, service.address, process, log_path)
+    return start_service(service.name, ["--model", model], host=host, port=int(port), log_dir=service.log_path.parent)
 
 
 def _tokens(responses) -> list[int]:

@@ -11,11 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.reference import ENGINE_DTYPE
 from tests.servers import EngineThread, TokenizerThread, wait_until_idle
-from tokenwire.engine.config import CacheConfig, EngineConfig
-from tokenwire.engine.server import ServerConfig
+from tokenwire.engine.config import CacheConfig, EngineConfig, ServerConfig
 from tokenwire.tokenizer.config import TokenizerServiceConfig
-from tokenwire.v1 import common_pb2, engine_pb2 as epb, engine_pb2_grpc, tokenizer_pb2 as tpb
+from tokenwire.v1 import common_pb2, engine_pb2_grpc
+from tokenwire.v1 import engine_pb2 as epb
+from tokenwire.v1 import tokenizer_pb2 as tpb
 
 NEW_TOKENS_CAP = 16       # the engine default for an unset max_new_tokens; keeps generations short
 FINGERPRINT = "fingerprint"  # stands for the engine's own fingerprint; swapped in before sending
@@ -128,7 +130,7 @@ def _set(**fields) -> dict:
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
-    config = EngineConfig(model=tiny_llama_dir, dtype="float32", max_new_tokens_cap=NEW_TOKENS_CAP,
+    config = EngineConfig(model=tiny_llama_dir, dtype=ENGINE_DTYPE, max_new_tokens_cap=NEW_TOKENS_CAP,
                           cache=CacheConfig(num_blocks=64))
     server = EngineThread(config, ServerConfig(port=0))
     yield server

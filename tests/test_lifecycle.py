@@ -14,7 +14,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tokenwire.client.launcher import command, free_port
+from tests.reference import ENGINE_DTYPE
+from tokenwire.serving.launcher import command, free_port
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
 
@@ -24,7 +25,7 @@ MAX_NEW_TOKENS = 600   # long enough to still be streaming while the checks run 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir, tmp_path_factory):
     port, log_path = free_port(), tmp_path_factory.mktemp("lifecycle") / "engine.log"
-    argv = command("tokenwire-engine") + ["--model", tiny_llama_dir, "--port", str(port), "--dtype", "float32",
+    argv = command("tokenwire-engine") + ["--model", tiny_llama_dir, "--port", str(port), "--dtype", ENGINE_DTYPE,
                                           "--num-blocks", "128", "--drain-grace-s", "60", "--log-format", "json"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

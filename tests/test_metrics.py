@@ -13,9 +13,10 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.reference import ENGINE_DTYPE
 from tokenwire.client import Client, InvalidRequestError
-from tokenwire.engine.config import CacheConfig, EngineConfig
-from tokenwire.engine.server import EngineServer, ServerConfig
+from tokenwire.engine.config import CacheConfig, EngineConfig, ServerConfig
+from tokenwire.engine.server import EngineServer
 from tokenwire.tokenizer.config import TokenizerServiceConfig
 from tokenwire.tokenizer.server import TokenizerServer
 
@@ -35,7 +36,7 @@ class Servers:
 
     async def _start(self, model: str) -> tuple[TokenizerServer, EngineServer]:
         tokenizer = TokenizerServer(TokenizerServiceConfig(model=model, port=0, metrics_port=0))
-        engine = EngineServer(EngineConfig(model=model, dtype="float32", cache=CacheConfig(num_blocks=NUM_BLOCKS)),
+        engine = EngineServer(EngineConfig(model=model, dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=NUM_BLOCKS)),
                               ServerConfig(port=0, metrics_port=0))
         await tokenizer.start()
         await engine.start()

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from tokenwire.tokenizer.model_resolver import DEFAULT_MODEL, resolve_model
+from tokenwire.serving.model_resolver import DEFAULT_MODEL, resolve_model
 
 
 def test_other_names_pass_through_unchanged():

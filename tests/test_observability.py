@@ -16,13 +16,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from tokenwire.engine.cli import build_parser as engine_parser
+from tokenwire.serving.cli_env import apply_env_defaults
+from tokenwire.serving.healthcheck import main as healthcheck_main
+from tokenwire.serving.logging_setup import configure_logging, request_id_var
+from tokenwire.serving.metrics import RpcMetrics
+from tokenwire.serving.rpc_observer import RpcObserver
 from tokenwire.tokenizer.cli import build_parser as tokenizer_parser
-from tokenwire.tokenizer.cli_env import apply_env_defaults
-from tokenwire.tokenizer.healthcheck import main as healthcheck_main
-from tokenwire.tokenizer.logging_setup import configure_logging, request_id_var
-from tokenwire.tokenizer.metrics import RpcMetrics
-from tokenwire.tokenizer.rpc_observer import RpcObserver
-
 
 # ---- flags from the environment ----
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
+from tokenwire.engine.block_manager import BlockManager
 from tokenwire.engine.config import SchedulerConfig
-from tokenwire.engine.kv_cache import BlockManager
 from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.engine.scheduler import Scheduler, SchedulerOutput
 from tokenwire.engine.sequence import FinishReason, Sequence, SequenceStatus

@@ -19,17 +19,19 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from tests.reference import ENGINE_DTYPE
 from tests.servers import EngineThread, TokenizerThread
 from tokenwire.client import AuthenticationError, Client, RetryPolicy, UnavailableError
 from tokenwire.engine.cli import build_parser as engine_parser
-from tokenwire.engine.config import CacheConfig, EngineConfig
+from tokenwire.engine.config import CacheConfig, EngineConfig, ServerConfig
 from tokenwire.engine.engine import LLMEngine
-from tokenwire.engine.server import ServerConfig
+from tokenwire.serving.security import TlsConfigError, server_credentials
 from tokenwire.tokenizer.cli import build_parser as tokenizer_parser
 from tokenwire.tokenizer.config import TokenizerServiceConfig
-from tokenwire.tokenizer.security import TlsConfigError, server_credentials
 from tokenwire.tokenizer.tokenizer import load_tokenizer
-from tokenwire.v1 import engine_pb2 as epb, engine_pb2_grpc, tokenizer_pb2 as tpb, tokenizer_pb2_grpc
+from tokenwire.v1 import engine_pb2 as epb
+from tokenwire.v1 import engine_pb2_grpc, tokenizer_pb2_grpc
+from tokenwire.v1 import tokenizer_pb2 as tpb
 
 TOKEN = "s3cret-token"
 ONE_TRY = RetryPolicy(max_attempts=1)
@@ -84,7 +86,7 @@ def pki(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir, pki):
-    config = EngineConfig(model=tiny_llama_dir, dtype="float32", cache=CacheConfig(num_blocks=64))
+    config = EngineConfig(model=tiny_llama_dir, dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=64))
     server = EngineThread(config, ServerConfig(port=0, tls_cert=pki["server_cert"], tls_key=pki["server_key"],
                                                auth_token=TOKEN))
     yield server
@@ -224,7 +226,7 @@ def checkpoint_with_code(tiny_llama_dir, tmp_path_factory) -> tuple[Path, Path]:
 def test_checkpoint_code_never_runs_by_default(checkpoint_with_code):
     folder, marker = checkpoint_with_code
     with pytest.raises(ValueError, match="trust_remote_code"):
-        LLMEngine(EngineConfig(model=str(folder), dtype="float32", cache=CacheConfig(num_blocks=16)))
+        LLMEngine(EngineConfig(model=str(folder), dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=16)))
     with pytest.raises(ValueError, match="trust_remote_code"):
         load_tokenizer(str(folder))
     assert not marker.exists()

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
+from tests.reference import ENGINE_DTYPE
 from tests.servers import EngineThread, wait_until_idle
-from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from tokenwire.engine.server import ServerConfig
+from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
 
@@ -51,7 +51,7 @@ class Plan:
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
-    config = EngineConfig(model=tiny_llama_dir, dtype="float32", cache=CacheConfig(num_blocks=NUM_BLOCKS),
+    config = EngineConfig(model=tiny_llama_dir, dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=NUM_BLOCKS),
                           scheduler=SchedulerConfig(max_num_seqs=CONCURRENCY, max_num_batched_tokens=64))
     thread = EngineThread(config, ServerConfig(port=0))
     yield thread

@@ -15,11 +15,14 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
 
 from tests.test_detokenizer import CORPUS, build_byte_fallback_tokenizer
-from tokenwire.tokenizer import bench as tokenizer_bench
+from tokenwire.bench import tokenizer as tokenizer_bench
+from tokenwire.client import Client, NoChatTemplateError
+from tokenwire.serving.errors import REASON_METADATA_KEY, REASON_NO_CHAT_TEMPLATE
 from tokenwire.tokenizer.config import TokenizerServiceConfig
 from tokenwire.tokenizer.server import SERVICE_NAME, TokenizerServer
 from tokenwire.tokenizer.tokenizer import tokenizer_fingerprint
-from tokenwire.v1 import common_pb2, tokenizer_pb2 as pb, tokenizer_pb2_grpc
+from tokenwire.v1 import common_pb2, tokenizer_pb2_grpc
+from tokenwire.v1 import tokenizer_pb2 as pb
 
 MAX_BATCH = 64
 
@@ -275,9 +278,24 @@ def test_reflection_lists_the_service(service):
 
 
 def test_micro_benchmark_runs_against_a_real_service_process(smollm2_dir, capsys):
-    """`python -m tokenwire.tokenizer.bench` on a few texts: the service (a subprocess) and in-process
+    """`python -m tokenwire.bench.tokenizer` on a few texts: the service (a subprocess) and in-process
     ids agree (it asserts that itself), and every figure is printed."""
     assert tokenizer_bench.main(["--model", smollm2_dir, "--texts", "16", "--batch", "8", "--repeats", "1",
                                  "--latency-calls", "5"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"service over gRPC +\d+", out) and re.search(r"service / in-process Rust: [\d.]+", out)
+
+
+def test_a_model_without_chat_template_gets_its_own_error(config):
+    """Not a tokenizer mismatch (the SDK once said so): its own reason on the wire and its own SDK error."""
+    server = ServerThread(config, tokenizer=build_byte_fallback_tokenizer())  # a base model: no template
+    try:
+        with pytest.raises(grpc.RpcError) as error:
+            server.stub.ApplyChatTemplate(pb.ApplyChatTemplateRequest(messages=[_role(common_pb2.CHAT_ROLE_USER)]))
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert (REASON_METADATA_KEY, REASON_NO_CHAT_TEMPLATE) in tuple(error.value.trailing_metadata())
+        with Client(tokenizer=f"127.0.0.1:{server.port}", engine="127.0.0.1:1", timeout=10) as client:
+            with pytest.raises(NoChatTemplateError, match="this model has no chat template; send text or ids"):
+                client.apply_chat_template([{"role": "user", "content": "hi"}])
+    finally:
+        server.close()

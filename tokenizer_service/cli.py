@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from tokenwire.tokenizer.cli_env import add_config_flags, apply_env_defaults, config_values
+from tokenwire.serving.cli_env import add_config_flags, apply_env_defaults, config_values
+from tokenwire.serving.logging_setup import add_logging_arguments, configure_logging
 from tokenwire.tokenizer.config import TokenizerServiceConfig
-from tokenwire.tokenizer.logging_setup import add_logging_arguments, configure_logging
 from tokenwire.tokenizer.server import serve
 
 

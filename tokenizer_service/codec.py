@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tokenwire.serving.errors import NO_CHAT_TEMPLATE_MESSAGE, InvalidRequestError
 from tokenwire.tokenizer.detokenizer import IncrementalDetokenizer, skipped_token_ids
 from tokenwire.tokenizer.tokenizer import TokenizerInfo, describe_tokenizer
 
@@ -19,16 +20,11 @@ TRUNCATION_SIDES = ("right", "left")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
-class InvalidArgumentError(ValueError):
-    """A request the service refuses; `field` names the offending request field."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-
-
 class NoChatTemplateError(RuntimeError):
     """The tokenizer has no chat template, so ApplyChatTemplate cannot work (a server precondition)."""
+
+    def __init__(self, model: str):
+        super().__init__(f"{NO_CHAT_TEMPLATE_MESSAGE} ({model})")
 
 
 @dataclass(frozen=True)
@@ -86,35 +82,35 @@ class TokenCodec:
                             add_generation_prompt: bool) -> tuple[list[int], str]:
         """The rendered prompt's ids and text; the template writes every special token itself."""
         if not self.info.has_chat_template:
-            raise NoChatTemplateError(f"{self.info.model} has no chat template")
+            raise NoChatTemplateError(self.info.model)
         if not messages:
-            raise InvalidArgumentError("messages", "must contain at least one message")
+            raise InvalidRequestError("messages", "must contain at least one message")
         for i, message in enumerate(messages):
             if message.get("role") not in CHAT_ROLES:
-                raise InvalidArgumentError(f"messages[{i}].role", f"must be one of {CHAT_ROLES}")
+                raise InvalidRequestError(f"messages[{i}].role", f"must be one of {CHAT_ROLES}")
         from jinja2 import TemplateError
 
         try:
             text = self.tokenizer.apply_chat_template(
                 list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
         except TemplateError as error:  # templates raise on conversations they reject (e.g. role order)
-            raise InvalidArgumentError("messages", f"rejected by the chat template: {error}") from error
+            raise InvalidRequestError("messages", f"rejected by the chat template: {error}") from error
         ids = self._backend.encode(text, add_special_tokens=False).ids
         return ids, text
 
     def check_ids(self, field_name: str, ids: Sequence[int]) -> None:
         if ids and max(ids) >= self.info.vocab_size:
             bad = [i for i in ids if i >= self.info.vocab_size][:5]
-            raise InvalidArgumentError(field_name, f"ids outside the vocabulary [0, {self.info.vocab_size}): {bad}")
+            raise InvalidRequestError(field_name, f"ids outside the vocabulary [0, {self.info.vocab_size}): {bad}")
 
     def _content_budget(self, options: EncodeOptions) -> int | None:
         """How many ids the text itself may keep once the special tokens are added; None: no limit."""
         if options.truncation_side not in (None, *TRUNCATION_SIDES):
-            raise InvalidArgumentError("truncation_side", f"must be one of {TRUNCATION_SIDES}")
+            raise InvalidRequestError("truncation_side", f"must be one of {TRUNCATION_SIDES}")
         if options.max_length is None:
             return None
         specials = self._backend.num_special_tokens_to_add(False) if options.add_special_tokens else 0
         if options.max_length < max(specials, 1):
-            raise InvalidArgumentError(
+            raise InvalidRequestError(
                 "max_length", f"must be >= {max(specials, 1)} (special tokens included), got {options.max_length}")
         return options.max_length - specials

@@ -1,7 +1,8 @@
 """Wire types <-> plain Python, in one place: the codec and the detokenizer never see a *_pb2 object."""
 from __future__ import annotations
 
-from tokenwire.tokenizer.codec import Encoded, EncodeOptions, InvalidArgumentError
+from tokenwire.serving.errors import InvalidRequestError
+from tokenwire.tokenizer.codec import Encoded, EncodeOptions
 from tokenwire.tokenizer.tokenizer import TokenizerInfo
 from tokenwire.v1 import common_pb2, tokenizer_pb2
 
@@ -21,7 +22,7 @@ _ROLES = {
 def encode_options(request: tokenizer_pb2.EncodeRequest | tokenizer_pb2.BatchEncodeRequest) -> EncodeOptions:
     """The encode options of an Encode or BatchEncode request (unset add_special_tokens means true)."""
     if request.truncation_side not in _SIDES:  # proto3 enums are open: any int can arrive
-        raise InvalidArgumentError("truncation_side", f"unknown value {request.truncation_side}")
+        raise InvalidRequestError("truncation_side", f"unknown value {request.truncation_side}")
     return EncodeOptions(
         add_special_tokens=request.add_special_tokens if request.HasField("add_special_tokens") else True,
         max_length=request.max_length if request.HasField("max_length") else None,
@@ -35,7 +36,7 @@ def chat_messages(messages) -> list[dict[str, str]]:
     for i, message in enumerate(messages):
         if message.role not in _ROLES:
             name = "CHAT_ROLE_UNSPECIFIED" if message.role == 0 else f"unknown value {message.role}"
-            raise InvalidArgumentError(f"messages[{i}].role", f"must be set to a known role, got {name}")
+            raise InvalidRequestError(f"messages[{i}].role", f"must be set to a known role, got {name}")
         converted.append({"role": _ROLES[message.role], "content": message.content})
     return converted
 

@@ -1,6 +1,6 @@
 """The TokenizerService gRPC handlers (grpc.aio): validate, convert, call the codec, convert back.
 
-Errors map to status codes and never escape as crashes: InvalidArgumentError -> INVALID_ARGUMENT
+Errors map to status codes and never escape as crashes: InvalidRequestError -> INVALID_ARGUMENT
 (the message names the field), a missing chat template -> FAILED_PRECONDITION, a request before the
 tokenizer has loaded -> UNAVAILABLE, anything unexpected -> INTERNAL (and a logged traceback).
 """
@@ -14,10 +14,11 @@ from typing import Any, TypeVar
 
 import grpc
 
+from tokenwire.serving.errors import (FIELD_METADATA_KEY, REASON_METADATA_KEY, REASON_NO_CHAT_TEMPLATE,
+                                      InvalidRequestError)
 from tokenwire.tokenizer import convert
-from tokenwire.tokenizer.codec import InvalidArgumentError, NoChatTemplateError, TokenCodec
+from tokenwire.tokenizer.codec import NoChatTemplateError, TokenCodec
 from tokenwire.tokenizer.config import TokenizerServiceConfig
-from tokenwire.tokenizer.request_guard import FIELD_METADATA_KEY
 from tokenwire.v1 import tokenizer_pb2 as pb
 from tokenwire.v1 import tokenizer_pb2_grpc
 
@@ -31,12 +32,17 @@ class NotReadyError(RuntimeError):
 
 
 def _field_metadata(error: Exception) -> tuple[tuple[str, str], ...]:
-    """Trailing metadata naming the offending field of an INVALID_ARGUMENT, as the engine sends it."""
-    return ((FIELD_METADATA_KEY, error.field),) if isinstance(error, InvalidArgumentError) else ()
+    """Trailing metadata naming the offending field of an INVALID_ARGUMENT (as the engine sends it), or the
+    failed precondition, so that clients can tell these errors apart without parsing messages."""
+    if isinstance(error, InvalidRequestError):
+        return ((FIELD_METADATA_KEY, error.field),)
+    if isinstance(error, NoChatTemplateError):
+        return ((REASON_METADATA_KEY, REASON_NO_CHAT_TEMPLATE),)
+    return ()
 
 
 def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
-    if isinstance(error, InvalidArgumentError):
+    if isinstance(error, InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, NoChatTemplateError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(error)
@@ -92,7 +98,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     @_unary
     async def BatchEncode(self, request: pb.BatchEncodeRequest, context: Context) -> pb.BatchEncodeResponse:
         if len(request.texts) > self.config.max_batch_size:
-            raise InvalidArgumentError(
+            raise InvalidRequestError(
                 "texts", f"at most {self.config.max_batch_size} texts per call, got {len(request.texts)}")
         options = convert.encode_options(request)
         texts = list(request.texts)
@@ -124,7 +130,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             if detokenizer is None:
                 detokenizer = codec.detokenizer(request.skip_special_tokens, list(request.prompt_ids))
             elif request.prompt_ids:
-                raise InvalidArgumentError("prompt_ids", "only allowed in the first message of the stream")
+                raise InvalidRequestError("prompt_ids", "only allowed in the first message of the stream")
             ids = list(request.ids)
             codec.check_ids("ids", ids)
             yield pb.DecodeStreamResponse(text=detokenizer.push(ids))

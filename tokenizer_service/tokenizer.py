@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenwire.serving.model_resolver import resolve_model
 from tokenwire.tokenizer.detokenizer import skipped_token_ids
-from tokenwire.tokenizer.model_resolver import resolve_model
 
 # transformers' VERY_LARGE_INTEGER (int(1e30)): "model_max_length not set".
 _UNSET_MAX_LENGTH = int(1e29)

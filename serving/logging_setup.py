@@ -15,7 +15,6 @@ import time
 from contextvars import ContextVar
 from typing import TextIO
 
-REQUEST_ID_METADATA = "x-request-id"
 LOG_FORMATS = ("text", "json")
 request_id_var: ContextVar[str | None] = ContextVar("tokenwire_request_id", default=None)
 

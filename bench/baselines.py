@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from transformers import (AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig, StoppingCriteria,
                           StoppingCriteriaList)
 
-from tokenwire.engine.bench_metrics import RequestRecord, RunRecord
-from tokenwire.engine.bench_workloads import BenchRequest
+from tokenwire.bench.metrics import RequestRecord, RunRecord
+from tokenwire.bench.workloads import BenchRequest
 from tokenwire.engine.sampling_params import SamplingParams
-
 
 _CB_PAGE = 256   # generate_batch's default page size, in tokens
 

@@ -1,8 +1,8 @@
 """Micro-benchmark: BatchEncode through the tokenizer service vs the same tokenizer in-process.
 
-    python -m tokenwire.tokenizer.bench [--model smollm2-135m] [--texts 2048] [--batch 256]
+    python -m tokenwire.bench.tokenizer [--model smollm2-135m] [--texts 2048] [--batch 256]
 
-The service runs as its own process (`python -m tokenwire.tokenizer.cli --port 0`), as deployed;
+The service runs as its own process (`tokenwire-tokenizer`, by the shared launcher), as deployed;
 the client sends batches over localhost gRPC. Both sides are measured in this one run, on the same
 texts, best of --repeats passes. The service calls the Rust tokenizer's `encode_batch_fast` (no
 offsets), so it is compared both with `tokenizer(batch)` and with that same Rust call; the second
@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 import statistics
-import subprocess
-import sys
 import time
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tokenwire.serving.launcher import TOKENIZER, start_service
 from tokenwire.tokenizer.tokenizer import load_tokenizer
-from tokenwire.v1 import tokenizer_pb2 as pb, tokenizer_pb2_grpc
+from tokenwire.v1 import tokenizer_pb2 as pb
+from tokenwire.v1 import tokenizer_pb2_grpc
 
 _WORDS = ("the model streams tokens while the scheduler batches requests; "
           "café naïve 東京 ☕ 🤗 def f(x): return x**2  \n\t KV-cache blocks are reused").split(" ")
@@ -32,23 +30,6 @@ _WORDS = ("the model streams tokens while the scheduler batches requests; "
 def make_texts(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choices(_WORDS, k=rng.randint(8, 120))) for _ in range(n)]
-
-
-def start_service(model: str) -> tuple[subprocess.Popen, str]:
-    """Spawns the service on a free port; returns once health reports SERVING."""
-    process = subprocess.Popen([sys.executable, "-m", "tokenwire.tokenizer.cli", "--model", model, "--port", "0"],
-                               stderr=subprocess.PIPE, text=True)
-    for line in process.stderr:  # the bound port is logged first
-        if match := re.search(r"listening on (\S+):(\d+)", line):
-            address = f"{match[1]}:{match[2]}"
-            break
-    else:
-        raise RuntimeError(f"tokenizer service exited with {process.wait()}")
-    with grpc.insecure_channel(address) as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=120)
-        next(r for r in watch if r.status == health_pb2.HealthCheckResponse.SERVING)
-        watch.cancel()
-    return process, address
 
 
 def best_rate(fn, n_items: int, repeats: int) -> float:
@@ -72,7 +53,7 @@ def latency_us(fn, calls: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tokenwire.tokenizer.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tokenwire.bench.tokenizer", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--texts", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=256)
@@ -83,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.model)
     texts = make_texts(args.texts)
     batches = [texts[i:i + args.batch] for i in range(0, len(texts), args.batch)]
-    process, address = start_service(args.model)
-    try:
-        with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+    with start_service(TOKENIZER, ["--model", args.model]) as service:
+        service.wait_serving()
+        with grpc.insecure_channel(service.address, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
             stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
             responses = [stub.BatchEncode(pb.BatchEncodeRequest(texts=b)) for b in batches]
             remote = [[list(e.ids) for e in response.encodings] for response in responses]
@@ -99,9 +80,6 @@ def main(argv: list[str] | None = None) -> int:
                                     len(texts), args.repeats)
             local_us = latency_us(lambda: tokenizer(texts[0])["input_ids"], args.latency_calls)
             remote_us = latency_us(lambda: stub.Encode(pb.EncodeRequest(text=texts[0])), args.latency_calls)
-    finally:
-        process.terminate()
-        process.wait(30)
 
     tokens = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
     print(f"{len(texts)} texts, {tokens} tokens, batches of {args.batch}, best of {args.repeats}")

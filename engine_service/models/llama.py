@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from tokenwire.engine.attention import AttentionBatch, KVCache, paged_attention
 from tokenwire.engine.device import Linear
+from tokenwire.engine.models.attention import AttentionBatch, KVCache, paged_attention
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The benchmark's `online` mode: requests through the real gRPC services with the SDK (AsyncClient),
 streamed, at a seeded Poisson rate and/or under a concurrency bound. Both services are started here as
-subprocesses (exactly as a deployment runs them) unless their addresses are given.
+subprocesses by the shared launcher (exactly as a deployment runs them) unless their addresses are given.
 
 The path is the user's: a text prompt is encoded by the tokenizer service, the engine gets the ids (so
 tokenization is inside TTFT and the engine encodes nothing), and the text streams back through the
@@ -11,20 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import asdict
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from tokenwire.bench.metrics import RequestRecord, RunRecord
+from tokenwire.bench.workloads import BenchRequest, arrival_offsets
 from tokenwire.client import AsyncClient, TokenwireError
-from tokenwire.engine.bench_metrics import RequestRecord, RunRecord
-from tokenwire.engine.bench_workloads import BenchRequest, arrival_offsets
 from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.serving.launcher import ENGINE, TOKENIZER, start_service
 
 _START_TIMEOUT_S = 600.0   # model load and warm-up on a busy 2-core machine
 
@@ -51,11 +45,15 @@ class OnlineClient:
 def services(args, model_dir: str):
     """An OnlineClient for the given addresses, or for both services started here and stopped after."""
     with contextlib.ExitStack() as stack:
-        tok_addr = args.tokenizer_addr or stack.enter_context(_service(
-            "tokenwire.tokenizer.cli", ["--model", model_dir], "tokenwire.v1.TokenizerService"))
-        eng_addr = args.engine_addr or stack.enter_context(_service(
-            "tokenwire.engine.cli", _engine_flags(args, model_dir), "tokenwire.v1.EngineService"))
+        tok_addr = args.tokenizer_addr or _started(stack, TOKENIZER, ["--model", model_dir])
+        eng_addr = args.engine_addr or _started(stack, ENGINE, _engine_flags(args, model_dir))
         yield OnlineClient(eng_addr, tok_addr)
+
+
+def _started(stack: contextlib.ExitStack, script: str, flags: list[str]) -> str:
+    service = stack.enter_context(start_service(script, flags))
+    service.wait_serving()
+    return service.address
 
 
 def _engine_flags(args, model_dir: str) -> list[str]:
@@ -64,56 +62,6 @@ def _engine_flags(args, model_dir: str) -> list[str]:
             "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             "--kv-cache-memory-gb", str(args.kv_cache_memory_gb), "--log-level", "WARNING"]
 
-
-@contextlib.contextmanager
-def _service(module: str, flags: list[str], health_name: str):
-    port = _free_port()
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", module, *flags, "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
-    try:
-        _wait_serving(address, health_name, proc, log)
-        yield address
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:   # the server binds without SO_REUSEPORT: a clash fails loudly
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_serving(address: str, health_name: str, proc: subprocess.Popen, log) -> None:
-    """Block until the service's health turns SERVING (grpc.health.v1 Watch), noticing a crash."""
-    deadline = time.monotonic() + _START_TIMEOUT_S
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:  # bounded, so the loop head sees a process that died before binding its port
-                grpc.channel_ready_future(channel).result(timeout=1.0)
-            except grpc.FutureTimeoutError:
-                continue
-            try:
-                for reply in stub.Watch(health_pb2.HealthCheckRequest(service=health_name),
-                                        timeout=max(deadline - time.monotonic(), 0.1)):
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-            except grpc.RpcError:
-                continue  # the server went away or the deadline passed: the loop head decides
-    log.seek(0)
-    tail = log.read().decode(errors="replace")[-3000:]
-    raise RuntimeError(f"{health_name} at {address} did not become SERVING (exit code {proc.poll()}):\n{tail}")
-
-
-# ---- one timed run ----
 
 def run(client: OnlineClient, requests: list[BenchRequest], params: list[SamplingParams], rate: float,
         concurrency: int | None, seed: int, progress=None) -> RunRecord:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tokenwire.engine.kv_cache import BlockManager
+from tokenwire.engine.block_manager import BlockManager
 from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.engine.sequence import Sequence
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import grpc
 
-from tokenwire.tokenizer.logging_setup import REQUEST_ID_METADATA, request_id_var
-from tokenwire.tokenizer.metrics import RpcMetrics
+from tokenwire.serving.errors import REQUEST_ID_METADATA
+from tokenwire.serving.logging_setup import request_id_var
+from tokenwire.serving.metrics import RpcMetrics
 
 log = logging.getLogger("tokenwire.rpc")
 

@@ -1,4 +1,4 @@
-"""`python -m tokenwire.tokenizer.healthcheck [ADDRESS] [--service NAME] [--timeout S]`: exit 0 if SERVING.
+"""`python -m tokenwire.serving.healthcheck [ADDRESS] [--service NAME] [--timeout S]`: exit 0 if SERVING.
 
 A container healthcheck for either service through the standard grpc.health.v1 protocol (what
 grpc-health-probe and Kubernetes' gRPC probes speak), without shipping another binary. Exit codes:
@@ -51,7 +51,7 @@ def _channel(address: str, tls: Tls | None) -> grpc.Channel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tokenwire.tokenizer.healthcheck",
+    parser = argparse.ArgumentParser(prog="python -m tokenwire.serving.healthcheck",
                                      description="grpc.health.v1 Check: exit 0 when SERVING, else 1")
     parser.add_argument("address", nargs="?", default="127.0.0.1:50051", help="host:port (default: %(default)s)")
     parser.add_argument("--service", default="", help="service name to ask about (default: the whole server)")

@@ -1,4 +1,4 @@
-"""`python -m tokenwire.engine.bench`: how fast tokenwire is, measured honestly, beside its baselines.
+"""`tokenwire-bench` (also `tokenwire bench`, `python -m tokenwire.bench`): how fast tokenwire is, measured honestly, beside its baselines.
 
 Modes (comma-separated `--mode`, run in this order, one process):
   offline  every request submitted to the in-process engine at once; throughput.
@@ -8,9 +8,9 @@ Modes (comma-separated `--mode`, run in this order, one process):
   hf       transformers `generate()` (one static left-padded batch) and `generate_batch()` (its
            continuous batching): same checkpoint, dtype and prompts. `hf_static` / `hf_batch` alone too.
 `--pretok` tokenizes text prompts before the timed region and sends ids (the engine then encodes
-nothing); without it, text goes in and tokenization is timed. Metrics: see bench_metrics.py.
+nothing); without it, text goes in and tokenization is timed. Metrics: see metrics.py.
 
-    python -m tokenwire.engine.bench --workload P1 --json p1.json --plot p1.png
+    tokenwire-bench --workload P1 --json p1.json --plot p1.png
 """
 from __future__ import annotations
 
@@ -24,15 +24,13 @@ from dataclasses import asdict
 import torch
 from transformers import AutoTokenizer
 
-from tokenwire.engine import bench_baselines as hf
-from tokenwire.engine.bench_metrics import RunRecord, latency_samples, summarize
-from tokenwire.engine.bench_report import (cpu_busy_cores, environment, format_table, progress_bar, write_json,
-                                           write_plot)
-from tokenwire.engine.bench_workloads import (STANDARD, BenchRequest, build_requests, make_spec, pretokenize,
-                                              warmup_requests)
+from tokenwire.bench import baselines as hf
+from tokenwire.bench.metrics import RunRecord, latency_samples, summarize
+from tokenwire.bench.report import cpu_busy_cores, environment, format_table, progress_bar, write_json, write_plot
+from tokenwire.bench.workloads import STANDARD, BenchRequest, build_requests, make_spec, pretokenize, warmup_requests
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenwire.engine.sampling_params import SamplingParams
-from tokenwire.tokenizer.model_resolver import DEFAULT_MODEL, resolve_model
+from tokenwire.serving.model_resolver import DEFAULT_MODEL, resolve_model
 
 log = logging.getLogger("tokenwire.bench")
 
@@ -164,7 +162,7 @@ class Bench:
 
     def run_engine_modes(self) -> None:
         """offline and naive, each on a fresh engine: no mode inherits another's prefix-cache entries."""
-        from tokenwire.engine import bench_engine
+        from tokenwire.bench import engine as bench_engine
         for mode in (m for m in ("offline", "naive") if m in self.modes):
             engine = bench_engine.build_engine(self.args)
             self.dtype, self.device = engine.runner.dtype, engine.runner.device
@@ -177,7 +175,7 @@ class Bench:
     def run_online(self) -> None:
         if "online" not in self.modes:
             return
-        from tokenwire.engine import bench_online
+        from tokenwire.bench import online as bench_online
         with bench_online.services(self.args, self.model_dir) as client:
             self.extra["online"] = client.describe()
             if self.dtype is None:  # the baselines then run in the served engine's dtype

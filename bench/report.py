@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tokenwire.engine.bench_metrics import Distribution, ModeSummary
+from tokenwire.bench.metrics import Distribution, ModeSummary
 
 _PACKAGES = ("tokenwire", "torch", "transformers", "tokenizers", "numpy", "grpcio", "protobuf")
 

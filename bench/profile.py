@@ -1,6 +1,6 @@
 """Workload P1 driven straight into the model runner: its throughput and where a step's time goes.
 
-    python -m tokenwire.engine.bench_profile [--model smollm2-135m] [--dtype auto] [--no-ceiling]
+    python -m tokenwire.bench.profile [--model smollm2-135m] [--dtype auto] [--no-ceiling]
 
 32 prompts of 32-255 random ids (P1's lengths, as in ../shared/tools/p1_ceiling.py), prefilled in
 512-token steps packed across prompts the way the scheduler chunks them, then 63 decode steps of batch
@@ -20,15 +20,15 @@ from functools import partial
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tokenwire.engine.bench_baselines import measure_ceiling, time_linear
-from tokenwire.engine.bench_workloads import p1_prompt_lengths
+from tokenwire.bench.baselines import measure_ceiling, time_linear
+from tokenwire.bench.workloads import p1_prompt_lengths
 from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.device import Linear
 from tokenwire.engine.model_runner import ModelRunner
 from tokenwire.engine.sampler import Sampler
 from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.engine.sequence import ScheduledChunk, Sequence
-from tokenwire.tokenizer.model_resolver import resolve_model
+from tokenwire.serving.model_resolver import resolve_model
 
 _CATEGORIES = {  # aten op -> bucket of the breakdown
     "linear": ("aten::addmm", "aten::addmm_", "aten::mm", "aten::linear", "aten::matmul",
@@ -122,7 +122,7 @@ def time_decode(runner: ModelRunner, sampler: Sampler, seqs: list[Sequence], rep
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tokenwire.engine.bench_profile",
+    ap = argparse.ArgumentParser(prog="python -m tokenwire.bench.profile",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="auto")

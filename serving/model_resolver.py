@@ -104,7 +104,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         raise
 
 
-if __name__ == "__main__":  # `python -m tokenwire.tokenizer.model_resolver [NAME]`: prepare a model
+if __name__ == "__main__":  # `python -m tokenwire.serving.model_resolver [NAME]`: prepare a model
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

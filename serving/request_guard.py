@@ -20,8 +20,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, FileDescriptor
 from google.protobuf.message import DecodeError, Message
 
-# Trailing metadata naming the offending field of an INVALID_ARGUMENT error (as both servicers send it).
-FIELD_METADATA_KEY = "tokenwire-field"
+from tokenwire.serving.errors import FIELD_METADATA_KEY
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 
-from tokenwire.engine.bench_metrics import RequestRecord, RunRecord
-from tokenwire.engine.bench_workloads import BenchRequest
+from tokenwire.bench.metrics import RequestRecord, RunRecord
+from tokenwire.bench.workloads import BenchRequest
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenwire.engine.engine import LLMEngine
 from tokenwire.engine.sampling_params import SamplingParams

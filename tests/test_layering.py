@@ -1,0 +1,65 @@
+"""The package graph holds: each import runs in a fresh interpreter, and what it loaded is checked.
+
+    v1 <- serving <- tokenizer <- engine          client: v1 + serving's wire names, no torch, no service
+                                                   bench (and a gateway) on top of everything
+
+The scheduler, block manager and prefix cache are plain Python, unit-testable with no torch or gRPC.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+FORBIDDEN = {
+    # module: prefixes of modules it must not load
+    "tokenwire.engine.scheduler": ["torch", "grpc", "tokenwire.tokenizer", "tokenwire.v1"],
+    "tokenwire.engine.block_manager": ["torch", "grpc", "tokenwire.tokenizer", "tokenwire.v1"],
+    "tokenwire.engine.prefix_cache": ["torch", "grpc", "tokenwire.tokenizer", "tokenwire.v1"],
+    "tokenwire.tokenizer.server": ["tokenwire.engine", "tokenwire.client", "tokenwire.bench", "torch"],
+    "tokenwire.tokenizer.cli": ["tokenwire.engine", "tokenwire.client", "tokenwire.bench", "torch"],
+    "tokenwire.client": ["torch", "transformers", "tokenwire.engine", "tokenwire.tokenizer", "tokenwire.bench"],
+    "tokenwire.client.cli": ["torch", "transformers", "tokenwire.engine", "tokenwire.tokenizer", "tokenwire.bench"],
+    "tokenwire.serving.server": ["tokenwire.engine", "tokenwire.tokenizer", "tokenwire.client", "torch"],
+    "tokenwire.serving.launcher": ["tokenwire.engine", "tokenwire.tokenizer", "tokenwire.client", "torch"],
+    "tokenwire.serving.errors": ["grpc", "google.protobuf", "tokenwire.v1"],
+    # The engine's gRPC front binds its port before torch loads (health answers while the model loads).
+    "tokenwire.engine.cli": ["torch", "transformers", "tokenwire.client", "tokenwire.bench"],
+}
+# The only tokenizer modules the engine may use: the fingerprint (tokenizer.py) and the detokenizer.
+ENGINE_MAY_USE = {"tokenwire.tokenizer", "tokenwire.tokenizer.tokenizer", "tokenwire.tokenizer.detokenizer"}
+
+
+def loaded_modules(module: str) -> list[str]:
+    code = f"import sys, json; import {module}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout)
+
+
+def offending(loaded: list[str], prefixes: list[str]) -> list[str]:
+    return [m for m in loaded if any(m == p or m.startswith(p + ".") for p in prefixes)]
+
+
+@pytest.mark.parametrize("module", sorted(FORBIDDEN))
+def test_module_loads_nothing_above_its_layer(module):
+    assert offending(loaded_modules(module), FORBIDDEN[module]) == []
+
+
+def test_serving_loads_no_service():
+    import pkgutil
+
+    import tokenwire.serving
+    names = [f"tokenwire.serving.{m.name}" for m in pkgutil.iter_modules(tokenwire.serving.__path__)]
+    code = ("import sys, json, importlib\n"
+            f"for name in {names!r}: importlib.import_module(name)\n"
+            "print(json.dumps(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    loaded = json.loads(out.stdout)
+    assert offending(loaded, ["tokenwire.engine", "tokenwire.tokenizer", "tokenwire.client", "tokenwire.bench"]) == []
+
+
+def test_engine_uses_only_the_fingerprint_and_detokenizer_of_the_tokenizer():
+    loaded = loaded_modules("tokenwire.engine.server") + loaded_modules("tokenwire.engine.engine")
+    assert sorted(set(offending(loaded, ["tokenwire.tokenizer"])) - ENGINE_MAY_USE) == []
