@@ -244,7 +244,8 @@ def test_the_flag_is_what_lets_checkpoint_code_run(checkpoint_with_code):
 def test_no_loader_hardcodes_trust_remote_code():
     """Every from_pretrained in the services either leaves trust_remote_code at its safe default or
     passes the configured flag; none passes a literal True."""
-    for path in [*REPO.glob("engine_service/*.py"), *REPO.glob("tokenizer_service/*.py")]:
+    folders = ("engine_service", "tokenizer_service", "serving", "bench")
+    for path in [path for folder in folders for path in REPO.glob(f"{folder}/**/*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
                 assert not (isinstance(node.value, ast.Constant) and node.value.value is True), path
