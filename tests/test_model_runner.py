@@ -198,8 +198,9 @@ def test_decode_groups_match_single_decodes(runner):
     assert len(step.attention.decodes) > 1
     batched = runner.execute(chunks[::-1])
     alone = torch.cat([runner.execute([c]) for c in chunks[::-1]])
-    tol = 1e-4 if EXACT else 5e-2  # bf16: a different batch shape may round differently
-    torch.testing.assert_close(batched, alone, rtol=tol, atol=tol)
+    # bf16: a different batch shape rounds differently; logits of a few units then differ by ~0.1.
+    tol = dict(rtol=1e-4, atol=1e-4) if EXACT else dict(rtol=0.05, atol=0.15)
+    torch.testing.assert_close(batched, alone, **tol)
 
 
 _VARIANTS = {  # tiny Llama-family relatives: what each adds over Llama
