@@ -42,8 +42,8 @@ class AsyncClient:
                  tls_root_cert: str | bytes | None = None, credentials: grpc.ChannelCredentials | None = None,
                  auth_token: str | None = None, routing: str = "round_robin",
                  prefix_routing: PrefixRouting = PrefixRouting()):
-        """`tokenizer`/`engine` are "host:port" addresses (or any gRPC target, e.g. `dns:///engine:50052`); `interceptors` (tracing, auth, metrics)
-        wrap every RPC on both channels. TLS: `tls_root_cert` is the CA (a PEM file path, or PEM bytes)
+        """`tokenizer`/`engine` are "host:port" addresses or gRPC targets (`dns:///engine:50052`);
+        `interceptors` (tracing, auth, metrics) wrap every RPC on both channels. TLS: `tls_root_cert` is the CA (a PEM file path, or PEM bytes)
         that signed the services' certificates; `credentials` (`grpc.ssl_channel_credentials(...)`,
         e.g. with a client key and certificate for mutual TLS) takes its place for anything else.
         `auth_token` is sent as `authorization: Bearer <token>` (None: $TOKENWIRE_AUTH_TOKEN, if set).

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import grpc
 
 from tokenwire.client.calls import CallScope, RetryPolicy, backoff
-from tokenwire.client.errors import Endpoint, from_rpc_error
+from tokenwire.client.errors import Endpoint, UnavailableError, from_rpc_error
 from tokenwire.serving.block_hash import prefix_hash
 from tokenwire.v1 import engine_pb2, engine_pb2_grpc
 
@@ -128,10 +128,15 @@ class PrefixRouter:
         """Re-resolve when the last resolution is older than the interval: open new replicas, close gone ones."""
         if time.monotonic() - self._resolved_at < self.policy.resolve_interval_s and self._replicas:
             return
-        addresses = await self._resolver(self.target)
+        try:
+            addresses = await self._resolver(self.target)
+        except OSError:  # a failed lookup (DNS down) keeps the replicas we know
+            addresses = []
         self._resolved_at = time.monotonic()
         if not addresses:
-            return  # a failed lookup keeps the replicas we know
+            if not self._replicas:
+                raise UnavailableError(f"engine: {self.target} resolves to no address", grpc.StatusCode.UNAVAILABLE)
+            return
         for address in set(self._replicas) - set(addresses):
             await self._replicas.pop(address).channel.close(grace=None)
         for address in set(addresses) - set(self._replicas):

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from tests.servers import EngineThread
-from tokenwire.client import AsyncClient, Client, PrefixRouting, RetryPolicy
+from tokenwire.client import AsyncClient, Client, PrefixRouting, RetryPolicy, UnavailableError
 from tokenwire.client.routing import PrefixRouter, rendezvous, resolve, routed_stream, target_host
 from tokenwire.client.calls import CallScope
 from tokenwire.client.credentials import open_channel
@@ -74,6 +74,8 @@ def test_targets_resolve_to_replica_addresses():
     assert "127.0.0.1:50052" in run(resolve("dns:localhost:50052"))
     with pytest.raises(ValueError, match="engine"):
         run(resolve("dns:///engine"))
+    with pytest.raises(UnavailableError, match="no address"):
+        run(PrefixRouter("dns:///nowhere.invalid:50052", lambda a: None).refresh())
     assert target_host("dns:///engine:50052") == "engine" and target_host("engine:50052") == "engine"
 
 
