@@ -10,13 +10,14 @@ from tokenwire.client.calls import RetryPolicy
 from tokenwire.client.errors import (AuthenticationError, DeadlineExceededError, InvalidRequestError,
                                      NoChatTemplateError, OverloadedError, RequestCancelledError, ServerError,
                                      TokenizerMismatchError, TokenwireError, UnavailableError)
+from tokenwire.client.routing import PrefixRouting
 from tokenwire.client.sync_client import Client
 from tokenwire.client.types import (ChatMessage, Completion, EngineConfigInfo, EngineStats, FinishReason,
                                     GenerationChunk, ModelInfo, SamplingOptions, Timings, TokenizerInfo, TokenLogprob,
                                     Usage)
 
 __all__ = [
-    "AsyncClient", "Client", "RetryPolicy",
+    "AsyncClient", "Client", "RetryPolicy", "PrefixRouting",
     "TokenwireError", "InvalidRequestError", "TokenizerMismatchError", "NoChatTemplateError", "OverloadedError", "UnavailableError",
     "RequestCancelledError", "DeadlineExceededError", "ServerError", "AuthenticationError",
     "ChatMessage", "Completion", "EngineConfigInfo", "EngineStats", "FinishReason", "GenerationChunk",

@@ -18,6 +18,7 @@ from tokenwire.client import convert
 from tokenwire.client.calls import CallScope, RetryPolicy, TextStream, stream_with_retries, wait_serving, with_retries
 from tokenwire.client.credentials import auth_metadata, channel_credentials, open_channel
 from tokenwire.client.errors import Endpoint, TokenwireError
+from tokenwire.client.routing import ROUTINGS, PrefixRouter, PrefixRouting, routed_stream, target_host
 from tokenwire.client.types import ChatMessage, Completion, GenerationChunk, ModelInfo, SamplingOptions, TokenizerInfo
 from tokenwire.v1 import engine_pb2, engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
@@ -39,12 +40,18 @@ class AsyncClient:
                  timeout: float | None = None, retry: RetryPolicy = RetryPolicy(),
                  interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
                  tls_root_cert: str | bytes | None = None, credentials: grpc.ChannelCredentials | None = None,
-                 auth_token: str | None = None):
-        """`tokenizer`/`engine` are "host:port" addresses; `interceptors` (tracing, auth, metrics)
-        wrap every RPC on both channels. TLS: `tls_root_cert` is the CA (a PEM file path, or PEM bytes)
+                 auth_token: str | None = None, routing: str = "round_robin",
+                 prefix_routing: PrefixRouting = PrefixRouting()):
+        """`tokenizer`/`engine` are "host:port" addresses or gRPC targets (`dns:///engine:50052`);
+        `interceptors` (tracing, auth, metrics) wrap every RPC on both channels. TLS: `tls_root_cert` is the CA (a PEM file path, or PEM bytes)
         that signed the services' certificates; `credentials` (`grpc.ssl_channel_credentials(...)`,
         e.g. with a client key and certificate for mutual TLS) takes its place for anything else.
-        `auth_token` is sent as `authorization: Bearer <token>` (None: $TOKENWIRE_AUTH_TOKEN, if set)."""
+        `auth_token` is sent as `authorization: Bearer <token>` (None: $TOKENWIRE_AUTH_TOKEN, if set).
+        `routing`: how generations pick an engine replica of a multi-address target: "round_robin", or
+        "prefix" (prompts sharing their first blocks meet on one replica and its prefix cache; settings in
+        `prefix_routing`, see tokenwire.client.routing)."""
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing: expected one of {list(ROUTINGS)}, got {routing!r}")
         self.timeout = timeout
         self.retry = retry
         self._metadata = auth_metadata(auth_token)   # sent on every call but health checks
@@ -59,6 +66,12 @@ class AsyncClient:
         self._tokenizer = (tokenizer_pb2_grpc.TokenizerServiceStub(self._tokenizer_channel)
                            if self._tokenizer_channel else None)
         self._tokenizer_info: TokenizerInfo | None = None
+        self._block_size: int | None = None
+        # Per-replica channels verify TLS against the target's name, not the replica's IP address.
+        replica_options = _OPTIONS + ([("grpc.ssl_target_name_override", target_host(engine))] if credentials else [])
+        self._router = PrefixRouter(engine, lambda address: open_channel(
+            address, credentials, options=replica_options, interceptors=list(interceptors)),
+            prefix_routing) if routing == "prefix" else None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -66,7 +79,14 @@ class AsyncClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
+    @property
+    def routed(self) -> dict[str, int]:
+        """Under prefix routing, the Generate calls sent to each replica address so far; else empty."""
+        return dict(self._router.routed) if self._router is not None else {}
+
     async def close(self) -> None:
+        if self._router is not None:
+            await self._router.close()
         for channel in (self._engine_channel, self._tokenizer_channel):
             if channel is not None:
                 await channel.close()
@@ -263,9 +283,20 @@ class AsyncClient:
     def _engine_stream(self, request: engine_pb2.GenerateRequest, scope: CallScope
                        ) -> AsyncIterator[engine_pb2.GenerateResponse]:
         request.request_id = request.request_id or scope.request_id  # the engine's id is the call's id
+        if self._router is not None:
+            return self._routed_stream(request, scope)
         start = lambda: self._engine.Generate(  # noqa: E731
             request, timeout=scope.remaining(), metadata=scope.metadata)
         return stream_with_retries(start, self.retry, scope, self._engine_endpoint)
+
+    async def _routed_stream(self, request: engine_pb2.GenerateRequest, scope: CallScope
+                             ) -> AsyncIterator[engine_pb2.GenerateResponse]:
+        if self._block_size is None:  # the engine's block size names prefixes as its cache does
+            response = await self._call(self._engine_endpoint, self._engine.GetModelInfo,
+                                        engine_pb2.GetModelInfoRequest(), scope)
+            self._block_size = response.config.block_size
+        async for message in routed_stream(self._router, request, self._block_size, self.retry, scope):
+            yield message
 
     async def _completion(self, result: engine_pb2.GenerateResponse, prompt_ids: Sequence[int],
                           request: engine_pb2.GenerateRequest, scope: CallScope) -> Completion:

@@ -69,7 +69,7 @@ async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy,
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.UNAVAILABLE or n + 1 >= policy.max_attempts:
                 raise from_rpc_error(error, service) from None
-        await _backoff(policy, n, scope)
+        await backoff(policy, n, scope)
         n += 1
 
 
@@ -90,10 +90,10 @@ async def stream_with_retries(start: Callable[[], grpc.aio.UnaryStreamCall], pol
                 raise from_rpc_error(error, service) from None
         finally:
             call.cancel()
-        await _backoff(policy, n, scope)
+        await backoff(policy, n, scope)
 
 
-async def _backoff(policy: RetryPolicy, attempt: int, scope: CallScope) -> None:
+async def backoff(policy: RetryPolicy, attempt: int, scope: CallScope) -> None:
     delay = policy.backoff_s(attempt)
     left = scope.remaining()
     await asyncio.sleep(delay if left is None else min(delay, left))

@@ -17,6 +17,7 @@ import grpc
 
 from tokenwire.client.async_client import DEFAULT_ENGINE, DEFAULT_TOKENIZER, AsyncClient, Message
 from tokenwire.client.calls import RetryPolicy
+from tokenwire.client.routing import PrefixRouting
 from tokenwire.client.types import Completion, GenerationChunk, ModelInfo, SamplingOptions, TokenizerInfo
 
 T = TypeVar("T")
@@ -30,19 +31,26 @@ class Client:
                  timeout: float | None = None, retry: RetryPolicy = RetryPolicy(),
                  interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
                  tls_root_cert: str | bytes | None = None, credentials: grpc.ChannelCredentials | None = None,
-                 auth_token: str | None = None):
-        """See AsyncClient: the same options, TLS and auth included."""
+                 auth_token: str | None = None, routing: str = "round_robin",
+                 prefix_routing: PrefixRouting = PrefixRouting()):
+        """See AsyncClient: the same options, TLS, auth and routing included."""
         self._loop = _shared_loop()
         self._closed = False
         self._client: AsyncClient = self._run(_make(tokenizer, engine, timeout=timeout, retry=retry,
                                                      interceptors=interceptors, tls_root_cert=tls_root_cert,
-                                                     credentials=credentials, auth_token=auth_token))
+                                                     credentials=credentials, auth_token=auth_token,
+                                                     routing=routing, prefix_routing=prefix_routing))
 
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def routed(self) -> dict[str, int]:
+        """Under prefix routing, the Generate calls sent to each replica address so far; else empty."""
+        return self._client.routed
 
     def close(self) -> None:
         if not self._closed:

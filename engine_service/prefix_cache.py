@@ -7,21 +7,14 @@ practical concern, so hits are not re-verified token by token. Plain Python: no 
 """
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-BlockHash = bytes
-ROOT_HASH: BlockHash = bytes(16)   # the parent of every sequence's first block
+# One definition for the engine and the SDK's prefix-affinity routing (serving/block_hash.py).
+from tokenwire.serving.block_hash import ROOT_HASH, BlockHash, block_hash
 
-
-def block_hash(parent: BlockHash, token_ids: Seq[int]) -> BlockHash:
-    """The chain hash of one full block: commits to its token ids and, through `parent`, all before."""
-    digest = hashlib.blake2b(parent, digest_size=16)
-    digest.update(array("q", token_ids).tobytes())
-    return digest.digest()
+__all__ = ["ROOT_HASH", "BlockHash", "PrefixCache", "PrefixCacheStats", "block_hash"]
 
 
 @dataclass
