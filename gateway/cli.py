@@ -3,8 +3,11 @@ flag can also be set through the environment as TOKENWIRE_<FLAG> (tokenwire.serv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import socket
+import threading
 
 import uvicorn
 
@@ -14,6 +17,20 @@ from tokenwire.serving.cli_env import add_config_flags, apply_env_defaults, conf
 from tokenwire.serving.logging_setup import add_logging_arguments, configure_logging
 
 log = logging.getLogger("tokenwire.gateway")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM after its graceful shutdown (exit code -15); a drained gateway exits 0,
+    as the services do."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle_exit)
+        yield
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +56,7 @@ def server(config: GatewayConfig) -> tuple[uvicorn.Server, socket.socket]:
     uv = uvicorn.Config(create_app(config), log_config=None, access_log=False, lifespan="on",
                         timeout_graceful_shutdown=config.drain_grace_s,
                         ssl_certfile=config.tls_cert or None, ssl_keyfile=config.tls_key or None)
-    return uvicorn.Server(uv), sock
+    return _Server(uv), sock
 
 
 def main(argv: list[str] | None = None) -> None:
