@@ -33,17 +33,6 @@ def sampling_options(req: SamplingFields, *, max_tokens: int | None, logprobs: i
     return options
 
 
-def logit_bias(bias: Mapping[str, float]) -> dict[int, float]:
-    """OpenAI's {"<token id>": bias} (keys are strings in JSON)."""
-    out = {}
-    for key, value in bias.items():
-        try:
-            out[int(key)] = float(value)
-        except ValueError:
-            raise bad_request("logit_bias", f"keys must be token ids, got {key!r}") from None
-    return out
-
-
 def chat_logprobs(req: ChatCompletionRequest) -> int | None:
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs", "needs logprobs to be true")

@@ -7,7 +7,6 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 Ids = list[Annotated[int, Field(ge=0)]]
-MAX_LOGIT_BIAS = 300
 MAX_TOP_LOGPROBS = 20
 
 
@@ -30,7 +29,7 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None    # not supported yet: a non-empty one is a 400
     user: str | None = None
     # vLLM's extensions
     top_k: int | None = Field(default=None, ge=-1)
