@@ -51,5 +51,5 @@ USER tokenwire
 VOLUME ["/data/tokenwire"]
 
 # 50051 tokenizer gRPC, 50052 engine gRPC, 9090 /metrics (when --metrics-port 9090).
-EXPOSE 50051 50052 9090
+EXPOSE 50051 50052 8000 9090
 CMD ["tokenwire-engine"]

@@ -15,7 +15,8 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from tokenwire.client import convert
-from tokenwire.client.calls import CallScope, RetryPolicy, TextStream, stream_with_retries, wait_serving, with_retries
+from tokenwire.client.calls import (CallScope, RetryPolicy, TextStream, check_serving, stream_with_retries, wait_serving,
+                                    with_retries)
 from tokenwire.client.credentials import auth_metadata, channel_credentials, open_channel
 from tokenwire.client.errors import Endpoint, TokenwireError
 from tokenwire.client.routing import ROUTINGS, PrefixRouter, PrefixRouting, routed_stream, target_host
@@ -159,9 +160,10 @@ class AsyncClient:
 
     # ---- tokenizer service ----
 
-    async def encode(self, text: str, *, timeout: float | None = None) -> list[int]:
-        response = await self._call(self._tokenizer_endpoint, self._tokenizer_stub().Encode,
-                                    tokenizer_pb2.EncodeRequest(text=text), self._scope(timeout))
+    async def encode(self, text: str, *, add_special_tokens: bool = True, timeout: float | None = None) -> list[int]:
+        request = tokenizer_pb2.EncodeRequest(text=text, add_special_tokens=add_special_tokens)
+        response = await self._call(self._tokenizer_endpoint, self._tokenizer_stub().Encode, request,
+                                    self._scope(timeout))
         return list(response.ids)
 
     async def encode_batch(self, texts: Sequence[str], *, timeout: float | None = None) -> list[list[int]]:
@@ -187,6 +189,13 @@ class AsyncClient:
         response = await self._call(self._engine_endpoint, self._engine.GetModelInfo, engine_pb2.GetModelInfoRequest(),
                                     self._scope(timeout))
         return convert.model_info(response)
+
+    async def health(self, *, timeout: float | None = 3.0) -> dict[str, bool]:
+        """One grpc.health.v1 Check per configured service: {"tokenizer": serving?, "engine": serving?}
+        (an unreachable service is not serving). Never raises for a service that is down."""
+        channels = {"tokenizer": self._tokenizer_channel, "engine": self._engine_channel}
+        checks = [check_serving(health_pb2_grpc.HealthStub(c), timeout) for c in channels.values() if c is not None]
+        return dict(zip([n for n, c in channels.items() if c is not None], await asyncio.gather(*checks)))
 
     async def wait_ready(self, *, timeout: float | None = 60.0) -> None:
         """Wait until every configured service reports SERVING on grpc.health.v1."""

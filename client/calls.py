@@ -159,3 +159,12 @@ async def wait_serving(stub: health_pb2_grpc.HealthStub, scope: CallScope) -> No
         finally:
             call.cancel()
         await asyncio.sleep(0.1)  # the server went away mid-watch (restart): look again
+
+
+async def check_serving(stub: health_pb2_grpc.HealthStub, timeout_s: float | None) -> bool:
+    """One health Check: True when the server reports SERVING; False when not, or unreachable."""
+    try:
+        response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+    except grpc.aio.AioRpcError:
+        return False
+    return response.status == health_pb2.HealthCheckResponse.SERVING

@@ -84,8 +84,8 @@ class Client:
 
     # ---- tokenizer and engine services ----
 
-    def encode(self, text: str, *, timeout: float | None = None) -> list[int]:
-        return self._run(self._client.encode(text, timeout=timeout))
+    def encode(self, text: str, *, add_special_tokens: bool = True, timeout: float | None = None) -> list[int]:
+        return self._run(self._client.encode(text, add_special_tokens=add_special_tokens, timeout=timeout))
 
     def encode_batch(self, texts: Sequence[str], *, timeout: float | None = None) -> list[list[int]]:
         return self._run(self._client.encode_batch(texts, timeout=timeout))
@@ -102,6 +102,9 @@ class Client:
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         return self._run(self._client.model_info(timeout=timeout))
+
+    def health(self, *, timeout: float | None = 3.0) -> dict[str, bool]:
+        return self._run(self._client.health(timeout=timeout))
 
     def wait_ready(self, *, timeout: float | None = 60.0) -> None:
         return self._run(self._client.wait_ready(timeout=timeout))

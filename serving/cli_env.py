@@ -21,7 +21,7 @@ import typing
 from collections.abc import Collection, Mapping
 
 ENV_PREFIX = "TOKENWIRE_"
-SECRET_FLAGS = frozenset({"auth_token"})  # `--help` never prints their values
+SECRET_FLAGS = frozenset({"auth_token", "upstream_auth_token"})  # `--help` never prints their values
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _COMMENT = re.compile(r"^\s+(\w+):[^#]*#\s*(.+)$")

@@ -15,11 +15,13 @@ import json
 import os
 import re
 import subprocess
+import time
 import urllib.request
 import uuid
 from pathlib import Path
 
 import jsonschema
+import openai
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,7 +35,7 @@ ROOT = COMPOSE_FILE.parent
 SCHEMA = json.loads((Path(__file__).parent / "data" / "compose-spec.json").read_text())
 GPU_FILE = ROOT / "docker-compose.gpu.yml"
 SERVICES = ("tokenizer", "engine")
-TOKENIZER_PORT, ENGINE_PORT, METRICS_PORT = 50051, 50052, 9090
+TOKENIZER_PORT, ENGINE_PORT, METRICS_PORT, GATEWAY_PORT = 50051, 50052, 9090, 8000
 
 
 # The schema names two formats of its own; compose's grammar for them (checked once values are interpolated).
@@ -92,6 +94,14 @@ def test_services_are_wired_for_operations():
     # A host port *range* per engine port: `--scale engine=N` gives every replica its own host port.
     engine_ports = [p.split(":") for p in services["engine"]["ports"]]
     assert [(host.count("-"), int(target)) for host, target in engine_ports] == [(1, ENGINE_PORT), (1, METRICS_PORT)]
+    gateway = services["gateway"]
+    assert gateway["command"] == ["tokenwire-gateway", "--port", str(GATEWAY_PORT)]
+    assert gateway["ports"] == [f"{GATEWAY_PORT}:{GATEWAY_PORT}"]
+    assert gateway["healthcheck"]["test"] == [
+        "CMD", "python", "-m", "tokenwire.gateway.healthcheck", "--quiet", f"127.0.0.1:{GATEWAY_PORT}"]
+    assert gateway["depends_on"] == {name: {"condition": "service_healthy"} for name in SERVICES}
+    assert gateway["environment"]["TOKENWIRE_ENGINE"] == f"dns:///engine:{ENGINE_PORT}"
+    assert float(gateway["stop_grace_period"].rstrip("s")) > float(gateway["environment"]["TOKENWIRE_DRAIN_GRACE_S"])
     assert services["client"]["environment"]["TOKENWIRE_ENGINE"] == f"dns:///engine:{ENGINE_PORT}"
     assert services["client"]["profiles"] == ["tools"]
 
@@ -185,6 +195,30 @@ def test_both_services_log_the_sdk_request_id_as_json(deployment):
     engine_rpcs = [r["rpc"] for name, records in tagged.items() if name != "tokenizer" for r in records if "rpc" in r]
     assert engine_rpcs == ["Generate"]
     assert all(r["code"] == "OK" for records in tagged.values() for r in records if "code" in r)
+
+
+def test_the_gateway_service_serves_openai_clients(deployment, tmp_path):
+    """The compose `gateway` command and environment, its targets pointed at the local processes: its
+    healthcheck passes, the openai client gets a chat completion, and SIGTERM ends it with 0."""
+    tokenizer, engines, _, services = deployment
+    spec = dict(services["gateway"])
+    spec["environment"] = {**spec["environment"], "TOKENWIRE_TOKENIZER": tokenizer.address(TOKENIZER_PORT),
+                           "TOKENWIRE_ENGINE": spec["environment"]["TOKENWIRE_ENGINE"].replace(
+                               f"engine:{ENGINE_PORT}", engines[0].address(ENGINE_PORT))}
+    gateway = ComposeProcess("gateway", spec, tmp_path / "gateway.log").start(tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(gateway.healthcheck_argv(), capture_output=True, timeout=30).returncode != 0:
+            assert gateway.process.poll() is None and time.monotonic() < deadline, gateway.log_lines()[-20:]
+            time.sleep(0.2)
+        with openai.OpenAI(base_url=f"http://{gateway.address(GATEWAY_PORT)}/v1", api_key="x", max_retries=0) as oai:
+            reply = oai.chat.completions.create(model=spec["environment"]["TOKENWIRE_SERVED_MODEL_NAME"],
+                                                messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert reply.usage.completion_tokens == 4
+        assert all(json.loads(line) for line in gateway.log_lines())   # JSON logs, one object a line
+    finally:
+        gateway.process.terminate()
+    assert gateway.process.wait(60) == 0
 
 
 def _generate_calls(process: ComposeProcess) -> float:

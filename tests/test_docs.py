@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tokenwire.engine.cli import build_parser as engine_parser
-from tokenwire.serving.cli_env import env_name
+from tokenwire.gateway.cli import build_parser as gateway_parser
+from tokenwire.serving.cli_env import SECRET_FLAGS, env_name
 from tokenwire.tokenizer.cli import build_parser as tokenizer_parser
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -24,7 +25,7 @@ def flag_table(parser) -> list[str]:
             continue
         flags = " / ".join(f"`{s}`" for s in action.option_strings if s.startswith("--"))
         default = action.default
-        shown = "empty" if action.dest == "auth_token" or default == "" else \
+        shown = "empty" if action.dest in SECRET_FLAGS or default == "" else \
             "none" if default is None else f"`{default}`"
         meaning = re.sub(r"\s*\[env: .*", "", action.help or "")
         meaning = meaning.replace("(default: %(default)s)", "").replace("%%", "%").strip()
@@ -39,7 +40,8 @@ def readme_table(heading: str) -> list[str]:
 
 
 @pytest.mark.parametrize("heading, parser", [("### `tokenwire-tokenizer`", tokenizer_parser),
-                                             ("### `tokenwire-engine`", engine_parser)])
+                                             ("### `tokenwire-engine`", engine_parser),
+                                             ("### `tokenwire-gateway`", gateway_parser)])
 def test_readme_configuration_reference_matches_the_cli(heading, parser, monkeypatch):
     for variable in [v for v in os.environ if v.startswith("TOKENWIRE_")]:
         monkeypatch.delenv(variable)  # the table shows built-in defaults

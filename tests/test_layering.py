@@ -1,7 +1,8 @@
 """The package graph holds: each import runs in a fresh interpreter, and what it loaded is checked.
 
     v1 <- serving <- tokenizer <- engine          client: v1 + serving's wire names, no torch, no service
-                                                   bench (and a gateway) on top of everything
+                                                   gateway: client + serving, no torch, no service
+                                                   bench on top of everything
 
 The scheduler, block manager and prefix cache are plain Python, unit-testable with no torch or gRPC.
 """
@@ -25,6 +26,8 @@ FORBIDDEN = {
     "tokenwire.serving.server": ["tokenwire.engine", "tokenwire.tokenizer", "tokenwire.client", "torch"],
     "tokenwire.serving.launcher": ["tokenwire.engine", "tokenwire.tokenizer", "tokenwire.client", "torch"],
     "tokenwire.serving.errors": ["grpc", "google.protobuf", "tokenwire.v1"],
+    # The gateway sits on the SDK and serving: it never loads torch, a tokenizer or the engine.
+    "tokenwire.gateway.cli": ["torch", "transformers", "tokenwire.engine", "tokenwire.tokenizer", "tokenwire.bench"],
     # The engine's gRPC front binds its port before torch loads (health answers while the model loads).
     "tokenwire.engine.cli": ["torch", "transformers", "tokenwire.client", "tokenwire.bench"],
 }

@@ -1,0 +1,25 @@
+"""The gateway's config: the single source of its defaults, flags and environment variables."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"              # interface to bind; "0.0.0.0" accepts other machines (containers)
+    port: int = 8000                     # HTTP port; 0 picks a free port (logged)
+    tokenizer: str = "localhost:50051"   # the tokenizer service's gRPC target
+    engine: str = "localhost:50052"      # the engine service's gRPC target, e.g. dns:///engine:50052
+    served_model_name: str = ""          # the model name clients use; empty: the engine's --model
+    max_n: int = 16                      # the largest `n` (samples per prompt) a request may ask for
+    request_timeout_s: float = 600.0     # deadline of one request's calls to the services
+    drain_grace_s: float = 30.0          # after SIGTERM, how long in-flight requests may still finish
+    tls_cert: str = ""                   # PEM certificate chain: serve HTTPS (with tls_key) instead of HTTP
+    tls_key: str = ""                    # PEM private key of tls_cert
+    auth_token: str = ""                 # require `Authorization: Bearer <token>` on every route but /health and /metrics
+    upstream_tls_ca: str = ""            # PEM CA that signed the services' certificates: talk TLS to them
+    upstream_auth_token: str = ""        # bearer token the services require (their --auth-token)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert or self.tls_key)

@@ -1,0 +1,85 @@
+"""OpenAI parameters -> the SDK's sampling options, and SDK results -> OpenAI response pieces."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from tokenwire.client.types import GenerationChunk, TokenLogprob, Usage
+from tokenwire.gateway.errors import bad_request
+from tokenwire.gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+_SAME_NAME = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+              "ignore_eos", "skip_special_tokens")
+
+
+def sampling_options(req: SamplingFields, *, max_tokens: int | None, logprobs: int | None,
+                     default_max_tokens: int, sample: int) -> dict:
+    """The SDK's keyword options for sample `sample` (0-based) of `req`; unset fields stay unset, so
+    the engine's defaults apply. Sample i of a seeded request uses seed + i: n different samples that
+    are each reproducible."""
+    options: dict = {k: getattr(req, k) for k in _SAME_NAME if getattr(req, k) is not None}
+    options["max_new_tokens"] = max_tokens if max_tokens is not None else default_max_tokens
+    if req.top_k is not None:
+        options["top_k"] = max(req.top_k, 0)          # vLLM's -1 and 0 both mean "off"
+    if req.seed is not None:
+        options["seed"] = (req.seed + sample) % 2**63
+    if req.stop:
+        options["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    if req.stop_token_ids:
+        options["stop_token_ids"] = list(req.stop_token_ids)
+    if logprobs is not None:
+        options["logprobs"] = logprobs
+    if req.logit_bias:
+        raise bad_request("logit_bias", "is not supported yet")
+    return options
+
+
+def chat_logprobs(req: ChatCompletionRequest) -> int | None:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs", "needs logprobs to be true")
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
+    return req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
+    body = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+    if cached:
+        body["prompt_tokens_details"] = {"cached_tokens": cached}
+    return body
+
+
+def sum_usage(prompt_usages: Sequence[Usage], completion_usages: Sequence[Usage]) -> dict:
+    """Prompts counted once each (n samples share one prompt), completions all counted."""
+    return usage(sum(u.prompt_tokens for u in prompt_usages), sum(u.completion_tokens for u in completion_usages),
+                 sum(u.cached_prompt_tokens for u in prompt_usages))
+
+
+def finish_reason(chunk: GenerationChunk) -> str | None:
+    return chunk.finish_reason.value if chunk.finish_reason is not None else None
+
+
+def completion_logprob_block(lps: Sequence[TokenLogprob], names: Mapping[int, str], offset: int) -> dict:
+    """The completions API's `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens = [names[lp.token_id] for lp in lps]
+    offsets, at = [], offset
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{names[t]: v for t, v in lp.top} for lp in lps], "text_offset": offsets}
+
+
+def chat_logprob_block(lps: Sequence[TokenLogprob], names: Mapping[int, str]) -> dict:
+    """The chat API's `logprobs.content`: token, logprob, bytes, top_logprobs."""
+    def entry(token_id: int, logprob: float) -> dict:
+        name = names[token_id]
+        return {"token": name, "logprob": logprob, "bytes": list(name.encode())}
+    return {"content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in lps]}
+
+
+def logprob_ids(lps: Sequence[TokenLogprob]) -> set[int]:
+    return {lp.token_id for lp in lps} | {t for lp in lps for t, _ in lp.top}

@@ -1,0 +1,43 @@
+"""The two response shapes: `text_completion` (/v1/completions) and `chat.completion` (/v1/chat/completions).
+Each turns a job's text, logprobs and finish reason into one choice of a chunk or of a whole response."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from tokenwire.client.types import TokenLogprob
+from tokenwire.gateway import convert
+from tokenwire.gateway.generation import Job
+
+
+class CompletionShape:
+    chunk_object = "text_completion"
+    whole_object = "text_completion"
+
+    def opening(self, job: Job) -> dict | None:
+        return None
+
+    def choice(self, job: Job, text: str, logprobs: dict | None, finish: str | None, whole: bool) -> dict:
+        return {"index": job.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def logprobs(self, lps: Sequence[TokenLogprob], names: Mapping[int, str], offset: int) -> dict:
+        return convert.completion_logprob_block(lps, names, offset)
+
+
+class ChatShape:
+    chunk_object = "chat.completion.chunk"
+    whole_object = "chat.completion"
+
+    def opening(self, job: Job) -> dict | None:
+        """The first chunk of each choice carries the role, as OpenAI's do."""
+        return {"index": job.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
+
+    def choice(self, job: Job, text: str, logprobs: dict | None, finish: str | None, whole: bool) -> dict:
+        if whole:
+            return {"index": job.index, "message": {"role": "assistant", "content": text},
+                    "logprobs": logprobs, "finish_reason": finish}
+        return {"index": job.index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                "finish_reason": finish}
+
+    def logprobs(self, lps: Sequence[TokenLogprob], names: Mapping[int, str], offset: int) -> dict:
+        return convert.chat_logprob_block(lps, names)
