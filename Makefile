@@ -43,6 +43,7 @@ bench-all: bench
 	$(BENCH) --workload longprompt --pretok --json bench-out/longprompt-pretok.json
 	$(BENCH) --workload sharedprefix --json bench-out/sharedprefix-on.json
 	$(BENCH) --workload sharedprefix --no-prefix-cache --json bench-out/sharedprefix-off.json
+	$(BENCH) --workload multiprefix --pretok --json bench-out/multiprefix.json
 	$(BENCH) --workload online --pretok --json bench-out/online.json --plot bench-out/online.png
 	$(BENCH) --workload online --mode online --request-rate 0.5 --num-requests 60 --pretok \
 		--warmup-max-requests 4 --json bench-out/online-0.5.json

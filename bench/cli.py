@@ -5,6 +5,9 @@ Modes (comma-separated `--mode`, run in this order, one process):
   naive    the same requests one at a time through the same engine.
   online   through the real gRPC services (started here, or given by address), streaming, at a Poisson
            `--request-rate` and/or a `--concurrency` bound.
+  replicas through `--replicas` engine replicas started here, as `online`, under three setups: round robin,
+           prefix-affinity routing, and one replica; hit rate, TTFT and requests per replica side by side
+           (default of the multiprefix workload; see replicas.py).
   hf       transformers `generate()` (one static left-padded batch) and `generate_batch()` (its
            continuous batching): same checkpoint, dtype and prompts. `hf_static` / `hf_batch` alone too.
 `--pretok` tokenizes text prompts before the timed region and sends ids (the engine then encodes
@@ -26,7 +29,8 @@ from transformers import AutoTokenizer
 
 from tokenwire.bench import baselines as hf
 from tokenwire.bench.metrics import RunRecord, latency_samples, summarize
-from tokenwire.bench.report import cpu_busy_cores, environment, format_table, progress_bar, write_json, write_plot
+from tokenwire.bench.report import (cpu_busy_cores, environment, format_replicas_table, format_table, progress_bar,
+                                    write_json, write_plot)
 from tokenwire.bench.workloads import STANDARD, BenchRequest, build_requests, make_spec, pretokenize, warmup_requests
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenwire.engine.sampling_params import SamplingParams
@@ -34,8 +38,8 @@ from tokenwire.serving.model_resolver import DEFAULT_MODEL, resolve_model
 
 log = logging.getLogger("tokenwire.bench")
 
-MODES = ("offline", "naive", "online", "hf_static", "hf_batch")
-DEFAULT_MODES = {"P1": "offline,hf", "online": "offline,online"}   # others: offline
+MODES = ("offline", "naive", "online", "replicas", "hf_static", "hf_batch")
+DEFAULT_MODES = {"P1": "offline,hf", "online": "offline,online", "multiprefix": "replicas"}   # others: offline
 ENGINE_MODES = ("offline", "naive", "online")
 BASELINES = ("hf_static", "hf_batch", "offline")
 
@@ -53,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--input-len", type=int, help="synthetic prompts of this many tokens")
     w.add_argument("--input-len-range", type=int, nargs=2, metavar=("LO", "HI"), help="synthetic lengths, uniform")
     w.add_argument("--shared-prefix-len", type=int, help="tokens of a system prompt every request shares")
+    w.add_argument("--num-prefixes", type=int, help="distinct system prompts, taken in turn by the requests")
     w.add_argument("--num-requests", type=int)
     w.add_argument("--max-new-tokens", type=int)
     w.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=None)
@@ -87,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--concurrency", type=int, help="at most this many requests in flight")
     o.add_argument("--engine-addr", help="host:port of a running engine service (default: start one)")
     o.add_argument("--tokenizer-addr", help="host:port of a running tokenizer service (default: start one)")
+    o.add_argument("--replicas", type=int, default=3, help="replicas mode: engine replicas started here")
     out = p.add_argument_group("output")
     out.add_argument("--json", dest="json_out", help="write every figure and the environment here")
     out.add_argument("--plot", help="write latency CDFs and throughput bars to this PNG")
@@ -118,7 +124,8 @@ class Bench:
         self.args = args
         self.spec = make_spec(args.workload, prompt=args.prompt, prompts_file=args.prompts_file,
                               input_len=args.input_len, input_len_range=tuple(args.input_len_range or ()) or None,
-                              shared_prefix_len=args.shared_prefix_len, num_requests=args.num_requests,
+                              shared_prefix_len=args.shared_prefix_len, num_prefixes=args.num_prefixes,
+                              num_requests=args.num_requests,
                               max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos,
                               request_rate=args.request_rate, seed=args.seed)
         self.model_dir = resolve_model(args.model)
@@ -128,6 +135,7 @@ class Bench:
         self.device: torch.device | None = None
         self.runs: dict[str, list[RunRecord]] = {}
         self.extra: dict = {}
+        self.replica_loads: dict[str, dict] = {}   # replicas mode: setup -> its SetupLoad (last run)
         self.busy_cores_before = cpu_busy_cores()
 
     def requests(self, variant: int, warmup: bool = False) -> list[BenchRequest]:
@@ -142,15 +150,16 @@ class Bench:
     def params(self, requests: list[BenchRequest]) -> list[SamplingParams]:
         return [sampling_params(self.args, r.max_new_tokens, self.spec.ignore_eos, i) for i, r in enumerate(requests)]
 
-    def repeat(self, mode: str, run_once) -> None:
-        """Warm-up runs (discarded), then the timed runs, each on its own prompt variant."""
+    def repeat(self, mode: str, run_once, variant_base: int = 0) -> None:
+        """Warm-up runs (discarded), then the timed runs, each on its own prompt variant (from
+        `variant_base`: modes that share caches give each a base of its own)."""
         args = self.args
         for i in range(args.warmup_runs):
-            reqs = self.requests(1000 + i, warmup=True)
+            reqs = self.requests(variant_base + 1000 + i, warmup=True)
             with progress_bar(len(reqs), f"{mode} warm-up", not args.no_progress) as bar:
                 run_once(reqs, bar)
         for i in range(args.repeat_runs):
-            reqs = self.requests(i)
+            reqs = self.requests(variant_base + i)
             with progress_bar(len(reqs), f"{mode} run {i + 1}/{args.repeat_runs}", not args.no_progress) as bar:
                 run = run_once(reqs, bar)
             self.runs.setdefault(mode, []).append(run)
@@ -184,6 +193,22 @@ class Bench:
             self.repeat("online", lambda reqs, bar: bench_online.run(
                 client, reqs, self.params(reqs), self.spec.request_rate, self.args.concurrency,
                 self.args.seed, bar))
+
+    def run_replicas(self) -> None:
+        """The three setups on the same running replicas, each with prompts no other setup sent."""
+        if "replicas" not in self.modes:
+            return
+        from tokenwire.bench import replicas as bench_replicas
+        with bench_replicas.cluster(self.args, self.model_dir, self.args.replicas) as cluster:
+            self.extra["replicas"] = cluster.describe() | cluster.client("single").describe()
+            if self.dtype is None:
+                self.dtype = getattr(torch, self.extra["replicas"]["dtype"])
+                self.device = torch.device(self.extra["replicas"]["device"])
+            for k, setup in enumerate(bench_replicas.SETUPS):
+                self.repeat(setup, lambda reqs, bar, setup=setup: bench_replicas.run(
+                    cluster, setup, reqs, self.params(reqs), self.spec.request_rate, self.args.concurrency,
+                    self.args.seed, bar), variant_base=10_000 * (k + 1))
+                self.replica_loads[setup] = self.runs[setup][-1].extra["replicas"]
 
     def run_baselines(self) -> None:
         wanted = [m for m in ("hf_static", "hf_batch") if m in self.modes]
@@ -226,7 +251,10 @@ class Bench:
         summaries = {mode: summarize(mode, runs) for mode, runs in self.runs.items()}
         comparisons = compare(summaries, ceiling)
         comparisons.update(agreement(self.runs, self.args.temperature == 0))
+        replicas, replicas_table = self.replicas_report(summaries, comparisons)
         print(format_table(list(summaries.values()), comparisons))
+        if replicas_table:
+            print(replicas_table)
         report = {
             "workload": asdict(self.spec) | {"pretok": self.args.pretok, "modes": self.modes},
             "args": vars(self.args),
@@ -236,6 +264,7 @@ class Bench:
             "ceiling": asdict(ceiling) | {"completion_tok_s": ceiling.completion_tok_s,
                                           "total_s": ceiling.total_s} if ceiling else None,
             "comparisons": comparisons,
+            "replicas": replicas,
             "extra": self.extra,
         }
         if self.args.json_out:
@@ -247,6 +276,19 @@ class Bench:
                        f"tokenwire bench: {self.spec.name}, {report['environment']['dtype']}, "
                        f"{report['environment']['cpu_capability']}")
         return report
+
+    def replicas_report(self, summaries: dict, comparisons: dict) -> tuple[dict | None, str]:
+        """The replicas mode's JSON and side-by-side table (None, "" without it); adds its ratios to
+        `comparisons`."""
+        if not self.replica_loads:
+            return None, ""
+        from tokenwire.bench import replicas as bench_replicas
+        comparisons.update(bench_replicas.compare(summaries, self.replica_loads))
+        targets = bench_replicas.targets(comparisons)
+        setups = {setup: load | {"prefix_cache_hit_rate": summaries[setup].prefix_cache_hit_rate,
+                                 "ttft_p50_ms": summaries[setup].ttft_ms.p50}
+                  for setup, load in self.replica_loads.items()}
+        return {"setups": setups, "targets": targets}, format_replicas_table(summaries, self.replica_loads, targets)
 
 
 def compare(summaries: dict, ceiling: hf.Ceiling | None) -> dict:
@@ -289,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
               f"they will distort every figure", file=sys.stderr)
     bench.run_engine_modes()
     bench.run_online()
+    bench.run_replicas()
     bench.run_baselines()
     bench.report(bench.run_ceiling())
     return 0

@@ -24,13 +24,15 @@ _START_TIMEOUT_S = 600.0   # model load and warm-up on a busy 2-core machine
 
 
 class OnlineClient:
-    """Addresses of the two services; an AsyncClient is opened per run, inside that run's event loop."""
+    """Addresses of the two services; an AsyncClient is opened per run, inside that run's event loop.
+    `engine_addr` may be a multi-replica target (`ipv4:a:p,b:p`), balanced by `routing`; no tokenizer
+    (None) means the prompts go as ids."""
 
-    def __init__(self, engine_addr: str, tokenizer_addr: str):
-        self.engine_addr, self.tokenizer_addr = engine_addr, tokenizer_addr
+    def __init__(self, engine_addr: str, tokenizer_addr: str | None, routing: str = "round_robin"):
+        self.engine_addr, self.tokenizer_addr, self.routing = engine_addr, tokenizer_addr, routing
 
     def connect(self) -> AsyncClient:
-        return AsyncClient(tokenizer=self.tokenizer_addr, engine=self.engine_addr)
+        return AsyncClient(tokenizer=self.tokenizer_addr, engine=self.engine_addr, routing=self.routing)
 
     def describe(self) -> dict:
         async def info():
@@ -73,7 +75,8 @@ async def _run(online: OnlineClient, requests, params, rate, concurrency, seed, 
     limit = asyncio.Semaphore(concurrency or len(requests))
     async with online.connect() as client:
         encodes = (await client.model_info()).stats.num_prompt_encodes
-        await client.tokenizer_info()  # the fingerprint is fetched once, outside the timed region
+        if online.tokenizer_addr is not None:
+            await client.tokenizer_info()  # the fingerprint is fetched once, outside the timed region
         start = time.perf_counter()
 
         async def one(req: BenchRequest, p: SamplingParams, offset: float) -> RequestRecord:

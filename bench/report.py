@@ -126,6 +126,21 @@ def format_table(summaries: list[ModeSummary], comparisons: dict) -> str:
     return "\n".join(lines)
 
 
+def format_replicas_table(summaries: dict[str, ModeSummary], loads: dict[str, dict],
+                          targets: dict[str, bool | None]) -> str:
+    """The `replicas` mode's setups side by side: hit rate, TTFT p50, requests per replica, max/mean."""
+    head = f"{'setup':<13}{'replicas':>9}{'hit rate':>10}{'TTFT p50 ms':>13}  {'requests per replica':<24}{'max/mean':>9}"
+    lines = [head, "-" * len(head)]
+    for setup, load in loads.items():
+        s = summaries[setup]
+        counts = " / ".join(str(n) for n in load["requests"].values())
+        lines.append(f"{setup:<13}{load['num_replicas']:>9}{_fmt(s.prefix_cache_hit_rate, '.1%'):>10}"
+                     f"{_fmt(s.ttft_ms.p50, '.1f'):>13}  {counts:<24}{_fmt(load['max_over_mean'], '.2f'):>9}")
+    for name, met in targets.items():
+        lines.append(f"target {name}: {'-' if met is None else 'met' if met else 'MISSED'}")
+    return "\n".join(lines)
+
+
 def _step_profile_lines(summary: ModeSummary) -> list[str]:
     """The engine's own per-phase step times (last run), for modes that drive the engine in-process."""
     profile = summary.extra.get("step_profile")

@@ -1,5 +1,6 @@
-"""Benchmark workloads: the standard named ones (P1, longprompt, sharedprefix, online) and custom ones
-built from flags (`--prompt`, `--prompts FILE`, `--input-len`, `--input-len-range`, `--shared-prefix-len`).
+"""Benchmark workloads: the standard named ones (P1, longprompt, sharedprefix, multiprefix, online) and
+custom ones built from flags (`--prompt`, `--prompts FILE`, `--input-len`, `--input-len-range`,
+`--shared-prefix-len`, `--num-prefixes`).
 
 A workload is a list of prompts, each given either as token ids (P1 is *defined* in ids: random ids are
 not text) or as text. Text prompts are tokenized before the timed region only with `--pretok`; the
@@ -26,6 +27,10 @@ STANDARD: dict[str, dict] = {
     # Prefix-cache benefit: one 512-token system prompt shared by all, short unique questions after it.
     "sharedprefix": dict(num_requests=32, max_new_tokens=16, ignore_eos=True, shared_prefix_len=512,
                          input_len_range=(16, 48)),
+    # Replicas: 8 distinct 512-token system prompts, 16 requests each (interleaved), short completions; run
+    # by the `replicas` mode under round robin, prefix affinity and one replica (bench/replicas.py).
+    "multiprefix": dict(num_requests=128, max_new_tokens=16, ignore_eos=True, shared_prefix_len=512,
+                        num_prefixes=8, input_len_range=(16, 48)),
     # Serving: 200 requests arriving faster than the engine completes them on a 2-core CPU.
     "online": dict(num_requests=200, max_new_tokens=64, ignore_eos=True, input_len_range=(32, 255),
                    request_rate=4.0),
@@ -48,6 +53,7 @@ class WorkloadSpec:
     input_len: int | None = None         # fixed synthetic prompt length, tokens
     input_len_range: tuple[int, int] | None = None  # synthetic lengths drawn uniformly, inclusive
     shared_prefix_len: int = 0           # tokens of a system prompt shared by every request
+    num_prefixes: int = 1                # distinct system prompts; request i gets prefix i % num_prefixes
     words: int | None = None             # synthetic prompts of this many words (longprompt)
     as_ids: bool = False                 # synthetic prompts as random token ids instead of text
     prompt: str | None = None            # one prompt, repeated num_requests times
@@ -82,17 +88,21 @@ def build_requests(spec: WorkloadSpec, tokenizer, variant: int = 0) -> list[Benc
     if spec.prompts_file is not None:
         texts = read_prompts(spec.prompts_file)
         return [BenchRequest(texts[i % len(texts)], None, spec.max_new_tokens) for i in range(spec.num_requests)]
+    if spec.num_prefixes < 1:
+        raise ValueError(f"num_prefixes: must be >= 1, got {spec.num_prefixes}")
     lengths = prompt_lengths(spec, random.Random(spec.seed))
     rng = random.Random(f"{spec.seed}:{variant}")
+    # Every prefix is drawn before any body, so one prefix draws exactly what sharedprefix always drew.
     if spec.as_ids:
         pool = usable_ids(tokenizer)
-        prefix = [rng.choice(pool) for _ in range(spec.shared_prefix_len)]
-        return [BenchRequest(None, prefix + [rng.choice(pool) for _ in range(n)], spec.max_new_tokens)
-                for n in lengths]
+        prefixes = [[rng.choice(pool) for _ in range(spec.shared_prefix_len)] for _ in range(spec.num_prefixes)]
+        return [BenchRequest(None, prefixes[i % spec.num_prefixes] + [rng.choice(pool) for _ in range(n)],
+                             spec.max_new_tokens) for i, n in enumerate(lengths)]
     words = word_pool(tokenizer)
-    prefix = shared_prefix_text(spec.shared_prefix_len, tokenizer, words, rng)
+    prefixes = [shared_prefix_text(spec.shared_prefix_len, tokenizer, words, rng) for _ in range(spec.num_prefixes)]
     texts = []
     for i, n in enumerate(lengths):
+        prefix = prefixes[i % spec.num_prefixes]
         body = " ".join(rng.choice(words) for _ in range(n))
         texts.append(f"{prefix}\n\nRequest {i}: {body}" if prefix else body.capitalize())
     return [BenchRequest(t, None, spec.max_new_tokens) for t in texts]

@@ -15,6 +15,7 @@ from tokenwire.bench import cli as bench_cli
 from tokenwire.bench import profile as bench_profile
 from tokenwire.engine.device import choose_dtype
 from tokenwire.serving.launcher import command
+from tokenwire.bench.replicas import Counters, parse_counters
 from tokenwire.bench.workloads import build_requests, make_spec, p1_prompt_lengths, usable_ids
 
 N, NEW = 4, 4
@@ -127,3 +128,46 @@ def test_tokenwire_bench_runs_the_benchmark_in_its_own_process():
     """`tokenwire bench` (the SDK's CLI) hands over to tokenwire.bench without importing it."""
     run = subprocess.run(command("tokenwire") + ["bench", "--help"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "--workload" in run.stdout
+
+
+def test_multiprefix_workload_interleaves_distinct_system_prompts(smollm2_dir):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    spec = make_spec("multiprefix")
+    assert (spec.num_requests, spec.num_prefixes, spec.shared_prefix_len) == (128, 8, 512)
+    reqs = build_requests(make_spec("multiprefix", as_ids=True, num_requests=16), tokenizer)
+    heads = [tuple(r.token_ids[:512]) for r in reqs]
+    assert len(set(heads)) == 8 and all(heads[i] == heads[i % 8] for i in range(16))
+
+
+def test_replica_counters_are_read_from_prometheus_text():
+    text = ('tokenwire_engine_requests_finished_total{finish_reason="length"} 5.0\n'
+            'tokenwire_engine_requests_finished_total{finish_reason="stop"} 2.0\n'
+            "tokenwire_engine_prompt_tokens_total 700.0\ntokenwire_engine_cached_prompt_tokens_total 512.0\n"
+            "tokenwire_engine_prompt_tokens_created 1.7e+09\n")
+    assert parse_counters(text) == Counters(7, 700, 512)
+
+
+def test_multiprefix_compares_round_robin_prefix_affinity_and_one_replica(tmp_path, tiny_llama_dir):
+    """Real engine replicas; one request at a time, so round robin visits every replica with each prefix
+    while affinity keeps each prefix on one (bounded load never has to step in)."""
+    out = tmp_path / "multiprefix.json"
+    argv = ["--model", tiny_llama_dir, "--workload", "multiprefix", "--num-prefixes", "2", "--num-requests", "8",
+            "--shared-prefix-len", "64", "--input-len-range", "4", "8", "--max-new-tokens", "2", "--concurrency", "1",
+            "--pretok", "--warmup-runs", "0", "--no-progress", "--json", str(out)]
+    assert bench_cli.main(argv) == 0
+    report = json.loads(out.read_text())
+    setups = report["replicas"]["setups"]
+    assert list(setups) == ["round_robin", "prefix", "single"]
+    for name, setup in setups.items():
+        assert report["modes"][name]["num_errors"] == 0 and setup["ttft_p50_ms"] > 0
+        assert sum(setup["requests"].values()) == 8 and setup["max_over_mean"] >= 1
+        assert 0 <= setup["prefix_cache_hit_rate"] <= 1 and setup["hit_rate"] == pytest.approx(
+            setup["prefix_cache_hit_rate"])   # the servers' counters agree with the usage the client saw
+    assert (setups["round_robin"]["num_replicas"], setups["prefix"]["num_replicas"], setups["single"]["num_replicas"]) \
+        == (3, 3, 1)
+    assert setups["prefix"]["prefix_cache_hit_rate"] >= setups["round_robin"]["prefix_cache_hit_rate"]
+    assert setups["single"]["prefix_cache_hit_rate"] > 0.5   # 6 of 8 requests find their prefix's 4 blocks
+    comparisons = report["comparisons"]
+    assert comparisons["prefix_hit_rate_vs_single"] > 0 and comparisons["prefix_max_over_mean_requests"] >= 1
+    assert set(report["replicas"]["targets"]) == {"prefix_hit_rate_vs_single >= 0.9",
+                                                  "prefix_max_over_mean_requests <= 1.5"}
