@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-TOKENIZER, ENGINE = "tokenwire-tokenizer", "tokenwire-engine"
+TOKENIZER, ENGINE, GATEWAY = "tokenwire-tokenizer", "tokenwire-engine", "tokenwire-gateway"
 _READY_TIMEOUT_S = 600.0    # model conversion, load and warm-up on a busy 2-core machine
 
 
@@ -64,6 +66,25 @@ class Service:
                 except (grpc.FutureTimeoutError, grpc.RpcError):
                     continue  # not up yet, or went away, or the watch's slice ended: the loop head decides
         raise TimeoutError(f"{self.name} at {self.address} not SERVING after {timeout_s:.0f}s; "
+                           f"log: {self.log_path}")
+
+    def wait_http_ok(self, path: str = "/health", timeout_s: float = _READY_TIMEOUT_S) -> None:
+        """Block until `GET path` answers 200 (the gateway's /health: both services SERVING); fail fast if
+        the process exits first. Polled: an HTTP server has no watch to block on."""
+        deadline = time.monotonic() + timeout_s
+        seen = "no answer"
+        while time.monotonic() < deadline:
+            self.check_running()
+            try:
+                with urllib.request.urlopen(f"http://{self.address}{path}", timeout=2.0) as response:
+                    if response.status == 200:
+                        return
+            except urllib.error.HTTPError as error:
+                seen = f"HTTP {error.code}"
+            except OSError as error:   # not listening yet
+                seen = str(error)
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} at {self.address}: GET {path} not 200 after {timeout_s:.0f}s ({seen}); "
                            f"log: {self.log_path}")
 
     def stop(self, timeout_s: float = 30.0) -> int:
