@@ -36,6 +36,8 @@ class Service:
     address: str                 # host:port it serves on
     process: subprocess.Popen
     log_path: Path               # its stdout and stderr
+    terminated: bool = False     # SIGTERM sent: never twice (a second one, landing after the service's
+                                 # event loop closed, would kill it mid-exit with -15)
 
     def __enter__(self) -> Service:
         return self
@@ -87,10 +89,15 @@ class Service:
         raise TimeoutError(f"{self.name} at {self.address}: GET {path} not 200 after {timeout_s:.0f}s ({seen}); "
                            f"log: {self.log_path}")
 
+    def terminate(self) -> None:
+        """SIGTERM (a graceful drain), once."""
+        if not self.terminated and self.process.poll() is None:
+            self.terminated = True
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM (a graceful drain), wait, kill after timeout_s; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             return self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -164,8 +171,7 @@ class LocalServices:
         """SIGTERM both (engine first), wait for them (kill after timeout_s); returns each one's exit code."""
         services = [s for s in (self.engine, self.tokenizer) if s is not None]
         for service in services:  # signal both before waiting, so they drain at the same time
-            if service.process.poll() is None:
-                service.process.send_signal(signal.SIGTERM)
+            service.terminate()
         self.exit_codes = {service.name: service.stop(timeout_s) for service in services}
         return self.exit_codes
 
