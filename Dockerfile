@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
-# One image for both services; docker-compose.yml picks the entry point per service with `command:`
-# (`tokenwire-tokenizer` or `tokenwire-engine`). Built for CPU by default. For NVIDIA GPUs, build with a
-# CUDA wheel index (the wheels bundle the CUDA runtime; the host needs only the driver and the NVIDIA
-# Container Toolkit), then run with docker-compose.gpu.yml:
+# One image for the three services; docker-compose.yml picks the entry point per service with `command:`
+# (`tokenwire-tokenizer`, `tokenwire-engine` or `tokenwire-gateway`). Built for CPU by default. For NVIDIA
+# GPUs, build with a CUDA wheel index (the wheels bundle the CUDA runtime; the host needs only the driver
+# and the NVIDIA Container Toolkit), then run with docker-compose.gpu.yml:
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t tokenwire:cuda .
 ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE}
@@ -35,6 +35,7 @@ COPY serving serving
 COPY tokenizer_service tokenizer_service
 COPY engine_service engine_service
 COPY client client
+COPY gateway gateway
 COPY bench bench
 RUN pip install --no-deps . && rm -rf build *.egg-info
 
@@ -50,6 +51,6 @@ ENV TOKENWIRE_HOME=/data/tokenwire \
 USER tokenwire
 VOLUME ["/data/tokenwire"]
 
-# 50051 tokenizer gRPC, 50052 engine gRPC, 9090 /metrics (when --metrics-port 9090).
+# 50051 tokenizer gRPC, 50052 engine gRPC, 8000 gateway HTTP, 9090 /metrics (when --metrics-port 9090).
 EXPOSE 50051 50052 8000 9090
 CMD ["tokenwire-engine"]

@@ -4,7 +4,9 @@ Modes (comma-separated `--mode`, run in this order, one process):
   offline  every request submitted to the in-process engine at once; throughput.
   naive    the same requests one at a time through the same engine.
   online   through the real gRPC services (started here, or given by address), streaming, at a Poisson
-           `--request-rate` and/or a `--concurrency` bound.
+           `--request-rate` and/or a `--concurrency` bound. `--endpoint grpc,openai` runs it through the
+           SDK (`online`) and through the OpenAI-compatible gateway (`online_openai`; `sse`: raw SSE,
+           `online_sse`) in one invocation, on the same services, and reports the ratio.
   replicas through `--replicas` engine replicas started here, as `online`, under three setups: round robin,
            prefix-affinity routing, and one replica; hit rate, TTFT and requests per replica side by side
            (default of the multiprefix workload; see replicas.py).
@@ -93,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--engine-addr", help="host:port of a running engine service (default: start one)")
     o.add_argument("--tokenizer-addr", help="host:port of a running tokenizer service (default: start one)")
     o.add_argument("--replicas", type=int, default=3, help="replicas mode: engine replicas started here")
+    o.add_argument("--endpoint", default="grpc",
+                   help="comma-separated among grpc (the SDK), openai (the gateway through the openai client), "
+                        "sse (the gateway, raw SSE through httpx); each is one online mode, run in this order")
+    o.add_argument("--gateway-url", help="http://host:port of a running gateway serving the model as "
+                                         "'bench' (default: start one over the services)")
     out = p.add_argument_group("output")
     out.add_argument("--json", dest="json_out", help="write every figure and the environment here")
     out.add_argument("--plot", help="write latency CDFs and throughput bars to this PNG")
@@ -108,6 +115,15 @@ def parse_modes(text: str) -> list[str]:
     if bad or not expanded:
         raise SystemExit(f"--mode: unknown {bad or text!r}; choose from {', '.join(MODES)}, hf")
     return [m for m in MODES if m in expanded]   # canonical order: engine modes before the baselines
+
+
+def parse_endpoints(text: str) -> tuple[str, ...]:
+    from tokenwire.bench.online import ENDPOINTS
+    names = tuple(dict.fromkeys(e.strip() for e in text.split(",") if e.strip()))
+    bad = [e for e in names if e not in ENDPOINTS]
+    if bad or not names:
+        raise SystemExit(f"--endpoint: unknown {bad or text!r}; choose from {', '.join(ENDPOINTS)}")
+    return names
 
 
 def sampling_params(args, max_new_tokens: int, ignore_eos: bool, index: int) -> SamplingParams:
@@ -151,11 +167,11 @@ class Bench:
         return [sampling_params(self.args, r.max_new_tokens, self.spec.ignore_eos, i) for i, r in enumerate(requests)]
 
     def repeat(self, mode: str, run_once, variant_base: int = 0) -> None:
-        """Warm-up runs (discarded), then the timed runs, each on its own prompt variant (from
-        `variant_base`: modes that share caches give each a base of its own)."""
+        """Warm-up runs (discarded), then the timed runs, each on its own prompt variant (offset by
+        variant_base, so modes sharing one engine never reuse each other's prefix-cache entries)."""
         args = self.args
         for i in range(args.warmup_runs):
-            reqs = self.requests(variant_base + 1000 + i, warmup=True)
+            reqs = self.requests(1000 + variant_base + i, warmup=True)
             with progress_bar(len(reqs), f"{mode} warm-up", not args.no_progress) as bar:
                 run_once(reqs, bar)
         for i in range(args.repeat_runs):
@@ -185,14 +201,16 @@ class Bench:
         if "online" not in self.modes:
             return
         from tokenwire.bench import online as bench_online
-        with bench_online.services(self.args, self.model_dir) as client:
+        endpoints = parse_endpoints(self.args.endpoint)
+        with bench_online.services(self.args, self.model_dir, endpoints) as client:
             self.extra["online"] = client.describe()
             if self.dtype is None:  # the baselines then run in the served engine's dtype
                 self.dtype = getattr(torch, self.extra["online"]["dtype"])
                 self.device = torch.device(self.extra["online"]["device"])
-            self.repeat("online", lambda reqs, bar: bench_online.run(
-                client, reqs, self.params(reqs), self.spec.request_rate, self.args.concurrency,
-                self.args.seed, bar))
+            for k, endpoint in enumerate(endpoints):
+                self.repeat(bench_online.mode_name(endpoint), lambda reqs, bar, endpoint=endpoint: bench_online.run(
+                    client, reqs, self.params(reqs), self.spec.request_rate, self.args.concurrency,
+                    self.args.seed, bar, endpoint), variant_base=100 * k)
 
     def run_replicas(self) -> None:
         """The three setups on the same running replicas, each with prompts no other setup sent."""
@@ -294,6 +312,12 @@ class Bench:
 def compare(summaries: dict, ceiling: hf.Ceiling | None) -> dict:
     """Completion tok/s ratios: each engine mode against each baseline, and against the ceiling."""
     out = {}
+    for mode in (m for m in summaries if m.startswith("online_")):   # the gateway against the SDK path
+        if "online" in summaries:
+            sdk, gateway = summaries["online"], summaries[mode]
+            out[f"{mode}_vs_online"] = gateway.completion_tok_s / max(sdk.completion_tok_s, 1e-9)
+            if sdk.ttft_ms.p50 is not None and gateway.ttft_ms.p50 is not None:
+                out[f"{mode}_ttft_p50_overhead_ms"] = gateway.ttft_ms.p50 - sdk.ttft_ms.p50
     for mode in (m for m in ENGINE_MODES if m in summaries):
         for base in (b for b in BASELINES if b in summaries and b != mode):
             out[f"{mode}_vs_{base}"] = summaries[mode].completion_tok_s / max(summaries[base].completion_tok_s, 1e-9)

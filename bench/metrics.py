@@ -10,7 +10,8 @@ the requests, so queueing, tokenization (without --pretok) and transport are all
 - E2E: submission -> arrival of the last token.
 - Throughput: completion tokens (and prompt + completion tokens) per second of the run's wall time,
   from the first submission to the last token, prefill included. Completion tokens are counted from
-  the ids the engine produced, never by re-tokenizing text.
+  the ids the engine produced (through the HTTP gateway: the engine's count in the usage chunk), never
+  by re-tokenizing text.
 Distributions pool every request of every repeat run; per-run figures are kept beside them.
 """
 from __future__ import annotations
@@ -29,15 +30,23 @@ class RequestRecord:
     token_ids: list[int] = field(default_factory=list)      # every generated id, in order
     finish_time: float | None = None
     error: str | None = None
+    # Streams that carry text, not ids (the HTTP gateway): the engine's count, from the usage chunk.
+    reported_completion_tokens: int | None = None
 
     def add_chunk(self, now: float, ids: list[int]) -> None:
         if ids:
             self.chunk_times.append(now)
             self.token_ids.extend(ids)
 
+    def add_arrival(self, now: float) -> None:
+        """A chunk of new tokens whose ids the stream does not carry (see reported_completion_tokens)."""
+        self.chunk_times.append(now)
+
     @property
     def completion_tokens(self) -> int:
-        return len(self.token_ids)
+        if self.token_ids or self.reported_completion_tokens is None:
+            return len(self.token_ids)
+        return self.reported_completion_tokens
 
     @property
     def ttft(self) -> float | None:

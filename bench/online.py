@@ -1,6 +1,9 @@
 """The benchmark's `online` mode: requests through the real gRPC services with the SDK (AsyncClient),
 streamed, at a seeded Poisson rate and/or under a concurrency bound. Both services are started here as
 subprocesses by the shared launcher (exactly as a deployment runs them) unless their addresses are given.
+`--endpoint openai` / `sse` send the same requests through the OpenAI-compatible gateway instead
+(http_endpoints.py), started here the same way over those services unless `--gateway-url` is given;
+several endpoints in one `--endpoint` list run one after the other on the same services.
 
 The path is the user's: a text prompt is encoded by the tokenizer service, the engine gets the ids (so
 tokenization is inside TTFT and the engine encodes nothing), and the text streams back through the
@@ -11,25 +14,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from dataclasses import asdict
 
+from tokenwire.bench.http_endpoints import HTTP_ENDPOINTS, SERVED_MODEL
 from tokenwire.bench.metrics import RequestRecord, RunRecord
 from tokenwire.bench.workloads import BenchRequest, arrival_offsets
 from tokenwire.client import AsyncClient, TokenwireError
 from tokenwire.engine.sampling_params import SamplingParams
-from tokenwire.serving.launcher import ENGINE, TOKENIZER, start_service
+from tokenwire.serving.launcher import ENGINE, GATEWAY, TOKENIZER, start_service
 
 _START_TIMEOUT_S = 600.0   # model load and warm-up on a busy 2-core machine
+ENDPOINTS = ("grpc", *HTTP_ENDPOINTS)
+
+
+def mode_name(endpoint: str) -> str:
+    """The mode a run on this endpoint is reported as: `online` (the SDK), `online_openai`, `online_sse`."""
+    return "online" if endpoint == "grpc" else f"online_{endpoint}"
 
 
 class OnlineClient:
-    """Addresses of the two services; an AsyncClient is opened per run, inside that run's event loop.
+    """Addresses of the services; an AsyncClient is opened per run, inside that run's event loop.
     `engine_addr` may be a multi-replica target (`ipv4:a:p,b:p`), balanced by `routing`; no tokenizer
-    (None) means the prompts go as ids."""
+    (None) means the prompts go as ids. `gateway_url`: the OpenAI-compatible gateway, for the HTTP endpoints."""
 
-    def __init__(self, engine_addr: str, tokenizer_addr: str | None, routing: str = "round_robin"):
+    def __init__(self, engine_addr: str, tokenizer_addr: str | None, routing: str = "round_robin",
+                 gateway_url: str | None = None):
         self.engine_addr, self.tokenizer_addr, self.routing = engine_addr, tokenizer_addr, routing
+        self.gateway_url = gateway_url
 
     def connect(self) -> AsyncClient:
         return AsyncClient(tokenizer=self.tokenizer_addr, engine=self.engine_addr, routing=self.routing)
@@ -40,22 +53,33 @@ class OnlineClient:
                 return await client.model_info()
         info = asyncio.run(info())
         return {"engine_addr": self.engine_addr, "tokenizer_addr": self.tokenizer_addr,
-                "architecture": info.architecture, **asdict(info.config)}
+                "gateway_url": self.gateway_url, "architecture": info.architecture, **asdict(info.config)}
 
 
 @contextlib.contextmanager
-def services(args, model_dir: str):
-    """An OnlineClient for the given addresses, or for both services started here and stopped after."""
+def services(args, model_dir: str, endpoints: tuple[str, ...] = ("grpc",)):
+    """An OnlineClient for the given addresses, or for the services started here and stopped after (the
+    gateway too when an endpoint is HTTP and no --gateway-url is given)."""
     with contextlib.ExitStack() as stack:
         tok_addr = args.tokenizer_addr or _started(stack, TOKENIZER, ["--model", model_dir])
         eng_addr = args.engine_addr or _started(stack, ENGINE, _engine_flags(args, model_dir))
-        yield OnlineClient(eng_addr, tok_addr)
+        url = getattr(args, "gateway_url", None)
+        if url is None and any(e in HTTP_ENDPOINTS for e in endpoints):
+            url = _started_gateway(stack, tok_addr, eng_addr)
+        yield OnlineClient(eng_addr, tok_addr, gateway_url=url)
 
 
 def _started(stack: contextlib.ExitStack, script: str, flags: list[str]) -> str:
     service = stack.enter_context(start_service(script, flags))
     service.wait_serving()
     return service.address
+
+
+def _started_gateway(stack: contextlib.ExitStack, tokenizer: str, engine: str) -> str:
+    gateway = stack.enter_context(start_service(GATEWAY, [
+        "--tokenizer", tokenizer, "--engine", engine, "--served-model-name", SERVED_MODEL, "--log-level", "WARNING"]))
+    gateway.wait_http_ok("/health", _START_TIMEOUT_S)
+    return f"http://{gateway.address}"
 
 
 def _engine_flags(args, model_dir: str) -> list[str]:
@@ -66,32 +90,39 @@ def _engine_flags(args, model_dir: str) -> list[str]:
 
 
 def run(client: OnlineClient, requests: list[BenchRequest], params: list[SamplingParams], rate: float,
-        concurrency: int | None, seed: int, progress=None) -> RunRecord:
-    return asyncio.run(_run(client, requests, params, rate, concurrency, seed, progress))
+        concurrency: int | None, seed: int, progress=None, endpoint: str = "grpc") -> RunRecord:
+    return asyncio.run(_run(client, requests, params, rate, concurrency, seed, progress, endpoint))
 
 
-async def _run(online: OnlineClient, requests, params, rate, concurrency, seed, progress) -> RunRecord:
+async def _run(online: OnlineClient, requests, params, rate, concurrency, seed, progress, endpoint) -> RunRecord:
     offsets = arrival_offsets(len(requests), rate, seed)
     limit = asyncio.Semaphore(concurrency or len(requests))
     async with online.connect() as client:
         encodes = (await client.model_info()).stats.num_prompt_encodes
         if online.tokenizer_addr is not None:
             await client.tokenizer_info()  # the fingerprint is fetched once, outside the timed region
+        http = HTTP_ENDPOINTS[endpoint](online.gateway_url) if endpoint != "grpc" else None
+        stream_one = http.stream_one if http is not None else functools.partial(_stream_one, client)
         start = time.perf_counter()
 
         async def one(req: BenchRequest, p: SamplingParams, offset: float) -> RequestRecord:
             await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))  # the arrival schedule
             async with limit:
-                rec = await _stream_one(client, req, p)
+                rec = await stream_one(req, p)
             if progress is not None:
                 progress.update(1)
             return rec
 
-        records = await asyncio.gather(*(one(r, p, o) for r, p, o in zip(requests, params, offsets)))
+        try:
+            records = await asyncio.gather(*(one(r, p, o) for r, p, o in zip(requests, params, offsets)))
+        finally:
+            if http is not None:
+                await http.close()
         end = max([r.finish_time for r in records if r.finish_time is not None], default=time.perf_counter())
         encodes = (await client.model_info()).stats.num_prompt_encodes - encodes
-    return RunRecord("online", start, end, list(records), prompt_encodes=encodes, reports_cached_tokens=True,
-                     extra={"request_rate": rate, "concurrency": concurrency})
+    return RunRecord(mode_name(endpoint), start, end, list(records), prompt_encodes=encodes,
+                     reports_cached_tokens=True,
+                     extra={"request_rate": rate, "concurrency": concurrency, "endpoint": endpoint})
 
 
 async def _stream_one(client: AsyncClient, req: BenchRequest, p: SamplingParams) -> RequestRecord:

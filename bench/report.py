@@ -107,13 +107,13 @@ def _git(*args: str) -> str | None:
 # ---- terminal ----
 
 def format_table(summaries: list[ModeSummary], comparisons: dict) -> str:
-    head = (f"{'mode':<12}{'runs':>5}{'reqs':>6}{'compl tok':>10}{'compl tok/s':>12}{'total tok/s':>12}"
+    head = (f"{'mode':<14}{'runs':>5}{'reqs':>6}{'compl tok':>10}{'compl tok/s':>12}{'total tok/s':>12}"
             f"{'TTFT p50/p90/p99 ms':>24}{'TPOT p50/p90/p99 ms':>22}{'ITL p50/p99 ms':>16}"
             f"{'E2E p50/p99 ms':>18}{'hit':>6}{'enc':>5}")
     lines = [head, "-" * len(head)]
     for s in summaries:
         lines.append(
-            f"{s.mode:<12}{s.num_runs:>5}{s.num_requests:>6}{s.completion_tokens:>10}"
+            f"{s.mode:<14}{s.num_runs:>5}{s.num_requests:>6}{s.completion_tokens:>10}"
             f"{s.completion_tok_s:>12.1f}{s.total_tok_s:>12.1f} {_pcts(s.ttft_ms, 3):>23}"
             f" {_pcts(s.tpot_ms, 3):>21} {_pcts(s.itl_ms, 2):>15} {_pcts(s.e2e_ms, 2):>17}"
             f"{_fmt(s.prefix_cache_hit_rate, '.0%'):>6}{_fmt(s.prompt_encodes, 'd'):>5}")

@@ -13,13 +13,13 @@ from tokenwire.client.errors import (AuthenticationError, DeadlineExceededError,
 from tokenwire.client.routing import PrefixRouting
 from tokenwire.client.sync_client import Client
 from tokenwire.client.types import (ChatMessage, Completion, EngineConfigInfo, EngineStats, FinishReason,
-                                    GenerationChunk, ModelInfo, SamplingOptions, Timings, TokenizerInfo, TokenLogprob,
-                                    Usage)
+                                    GenerationChunk, ModelInfo, SamplingOptions, StopDetail, StopKind, Timings,
+                                    TokenizerInfo, TokenLogprob, Usage)
 
 __all__ = [
     "AsyncClient", "Client", "RetryPolicy", "PrefixRouting",
     "TokenwireError", "InvalidRequestError", "TokenizerMismatchError", "NoChatTemplateError", "OverloadedError", "UnavailableError",
     "RequestCancelledError", "DeadlineExceededError", "ServerError", "AuthenticationError",
     "ChatMessage", "Completion", "EngineConfigInfo", "EngineStats", "FinishReason", "GenerationChunk",
-    "ModelInfo", "SamplingOptions", "Timings", "TokenizerInfo", "TokenLogprob", "Usage",
+    "ModelInfo", "SamplingOptions", "StopDetail", "StopKind", "Timings", "TokenizerInfo", "TokenLogprob", "Usage",
 ]

@@ -132,6 +132,8 @@ class AsyncClient:
                 result.usage.CopyFrom(message.usage)
                 if message.HasField("timings"):
                     result.timings.CopyFrom(message.timings)
+                if message.HasField("stop_detail"):
+                    result.stop_detail.CopyFrom(message.stop_detail)
         result.text = "".join(texts)
         return await self._completion(result, prompt_ids, request, scope)
 

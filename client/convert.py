@@ -6,10 +6,13 @@ from collections.abc import Iterable, Mapping
 
 from tokenwire.client.errors import InvalidRequestError
 from tokenwire.client.types import (ChatMessage, Completion, EngineConfigInfo, EngineStats, FinishReason,
-                                    GenerationChunk, ModelInfo, Timings, TokenizerInfo, TokenLogprob, Usage)
+                                    GenerationChunk, ModelInfo, StopDetail, StopKind, Timings, TokenizerInfo,
+                                    TokenLogprob, Usage)
 from tokenwire.v1 import common_pb2, engine_pb2, tokenizer_pb2
 
 _FINISH = {engine_pb2.FINISH_REASON_STOP: FinishReason.STOP, engine_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH}
+_STOP_KINDS = {engine_pb2.STOP_KIND_EOS: StopKind.EOS, engine_pb2.STOP_KIND_TOKEN_ID: StopKind.TOKEN_ID,
+               engine_pb2.STOP_KIND_STRING: StopKind.STRING}
 _ROLES = {"system": common_pb2.CHAT_ROLE_SYSTEM, "user": common_pb2.CHAT_ROLE_USER,
           "assistant": common_pb2.CHAT_ROLE_ASSISTANT, "tool": common_pb2.CHAT_ROLE_TOOL}
 _SAMPLING_FIELDS = frozenset(engine_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
@@ -20,7 +23,16 @@ def sampling_params(options: Mapping[str, object]) -> engine_pb2.SamplingParams:
     unknown = sorted(set(options) - _SAMPLING_FIELDS)
     if unknown:
         raise TypeError(f"unknown sampling option(s) {unknown}; known: {sorted(_SAMPLING_FIELDS)}")
-    return engine_pb2.SamplingParams(**{k: v for k, v in options.items() if v is not None})
+    return engine_pb2.SamplingParams(**{k: _wire_value(k, v) for k, v in options.items() if v is not None})
+
+
+def _wire_value(name: str, value):
+    if name == "logit_bias":   # ids as ints (OpenAI-style string keys too), values as floats
+        try:
+            return {int(k): float(v) for k, v in dict(value).items()}
+        except (TypeError, ValueError) as error:
+            raise InvalidRequestError(f"logit_bias: {error}", field="logit_bias") from None
+    return value
 
 
 def ids_request(ids, sampling: Mapping[str, object], fingerprint: str, return_text: bool
@@ -57,13 +69,23 @@ def chunk(msg: engine_pb2.GenerateResponse, text: str) -> GenerationChunk:
         text=text, token_ids=tuple(msg.token_ids), logprobs=logprobs(msg.logprobs),
         finish_reason=_FINISH[msg.finish_reason] if finished else None,
         usage=usage(msg.usage) if finished else None,
-        timings=timings(msg.timings) if finished and msg.HasField("timings") else None)
+        timings=timings(msg.timings) if finished and msg.HasField("timings") else None,
+        stop=stop_detail(msg) if finished else None)
 
 
 def completion(msg: engine_pb2.GenerateResponse, text: str) -> Completion:
     return Completion(text=text, token_ids=tuple(msg.token_ids), finish_reason=_FINISH[msg.finish_reason],
                       usage=usage(msg.usage), logprobs=logprobs(msg.logprobs),
-                      timings=timings(msg.timings) if msg.HasField("timings") else None)
+                      timings=timings(msg.timings) if msg.HasField("timings") else None,
+                      stop=stop_detail(msg))
+
+
+def stop_detail(msg: engine_pb2.GenerateResponse) -> StopDetail | None:
+    if not msg.HasField("stop_detail") or msg.stop_detail.kind not in _STOP_KINDS:
+        return None
+    kind = _STOP_KINDS[msg.stop_detail.kind]
+    return StopDetail(kind, token_id=msg.stop_detail.token_id if kind is not StopKind.STRING else None,
+                      stop_string=msg.stop_detail.stop_string if kind is StopKind.STRING else None)
 
 
 def logprobs(msgs: Iterable[engine_pb2.TokenLogprob]) -> tuple[TokenLogprob, ...]:

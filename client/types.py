@@ -23,11 +23,31 @@ class SamplingOptions(TypedDict, total=False):
     ignore_eos: bool             # keep going past eos
     logprobs: int                # 0: the chosen token's logprob; n: plus the top-n alternatives
     skip_special_tokens: bool    # leave special tokens out of the text; default True
+    logit_bias: Mapping[int, float]   # token id -> added to its logit; <= 300 entries, values in [-100, 100]
 
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"                # eos, a stop token id or a stop string
     LENGTH = "length"            # max_new_tokens, or the model's context is full
+
+
+class StopKind(str, enum.Enum):
+    EOS = "eos"                  # one of the model's eos ids
+    TOKEN_ID = "stop_token_id"   # an id of the `stop_token_ids` option
+    STRING = "stop_string"       # a string of the `stop` option
+
+
+@dataclass(frozen=True)
+class StopDetail:
+    """What ended a generation whose finish_reason is STOP."""
+    kind: StopKind
+    token_id: int | None = None  # EOS, TOKEN_ID: the id
+    stop_string: str | None = None   # STRING: the stop string, as given
+
+    @property
+    def matched(self) -> int | str | None:
+        """vLLM's `stop_reason`: the stop token id or stop string, None for eos."""
+        return {StopKind.TOKEN_ID: self.token_id, StopKind.STRING: self.stop_string}.get(self.kind)
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,7 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     timings: Timings | None = None
+    stop: StopDetail | None = None              # the last chunk of a STOP generation: which stop ended it
 
     @property
     def finished(self) -> bool:
@@ -76,6 +97,7 @@ class Completion:
     usage: Usage
     timings: Timings | None
     logprobs: tuple[TokenLogprob, ...] = ()
+    stop: StopDetail | None = None              # when finish_reason is STOP: which stop ended it
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Sequence as Seq
 
 from tokenwire.engine.config import EngineConfig
-from tokenwire.engine.outputs import EngineStats, RequestOutput, RequestTimings, TokenLogprob
+from tokenwire.engine.outputs import EngineStats, RequestOutput, RequestTimings, StopDetail, StopKind, TokenLogprob
 from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.engine.sequence import FinishReason
 from tokenwire.v1 import engine_pb2 as pb
@@ -15,6 +15,8 @@ from tokenwire.v1 import engine_pb2 as pb
 _REPEATED_PARAMS = ("stop_token_ids", "stop")
 _FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
 _PROMPT_FIELDS = ("prompt", "prompt_token_ids")   # the engine's names for either form of the prompt
+_STOP_KINDS = {StopKind.EOS: pb.STOP_KIND_EOS, StopKind.TOKEN_ID: pb.STOP_KIND_TOKEN_ID,
+               StopKind.STRING: pb.STOP_KIND_STRING}
 
 
 def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
@@ -23,6 +25,8 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     for f in dataclasses.fields(SamplingParams):
         if f.name in _REPEATED_PARAMS:
             kwargs[f.name] = tuple(getattr(msg, f.name))
+        elif f.name == "logit_bias":   # a map: no presence, empty is none
+            kwargs[f.name] = tuple(sorted(msg.logit_bias.items()))
         elif msg.HasField(f.name):
             kwargs[f.name] = getattr(msg, f.name)
     return SamplingParams(**kwargs)
@@ -66,6 +70,17 @@ def generate_response(request_id: str, outputs: Seq[RequestOutput]) -> pb.Genera
                                     cached_prompt_tokens=last.num_cached_prompt_tokens))
         if last.timings is not None:
             msg.timings.CopyFrom(timings(last.timings))
+        if last.stop_detail is not None:
+            msg.stop_detail.CopyFrom(stop_detail(last.stop_detail))
+    return msg
+
+
+def stop_detail(detail: StopDetail) -> pb.StopDetail:
+    msg = pb.StopDetail(kind=_STOP_KINDS[detail.kind])
+    if detail.token_id is not None:
+        msg.token_id = detail.token_id
+    if detail.text is not None:
+        msg.stop_string = detail.text
     return msg
 
 

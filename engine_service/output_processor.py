@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenwire.engine.outputs import RequestOutput, RequestTimings, TokenLogprob
+from tokenwire.engine.outputs import RequestOutput, RequestTimings, StopDetail, StopKind, TokenLogprob
 from tokenwire.engine.sequence import FinishReason, Sequence
 from tokenwire.tokenizer.detokenizer import IncrementalDetokenizer
 
@@ -43,17 +43,19 @@ class OutputProcessor:
         seq.output_token_ids.append(token_id)
         if state.timings.first_token_time is None:
             state.timings.first_token_time = now
-        reason = self._finish_reason(seq, token_id)
+        reason, detail = self._finish_reason(seq, token_id)
         text = ""
         if state.detokenizer is not None:
             text, hit_stop = self._text_delta(state, token_id, final=reason is not None)
-            if hit_stop and reason is None:
-                reason = FinishReason.STOP
-        output = self.make_output(state, [token_id], [logprob] if logprob else None, text, reason, now)
+            if hit_stop is not None and reason is None:
+                reason, detail = FinishReason.STOP, StopDetail(StopKind.STRING, text=hit_stop)
+        output = self.make_output(state, [token_id], [logprob] if logprob else None, text, reason, now,
+                                  stop_detail=detail)
         return output, reason
 
     def make_output(self, state: RequestState, token_ids: list[int], logprobs, text: str,
-                    reason: FinishReason | None, now: float, error: str | None = None) -> RequestOutput:
+                    reason: FinishReason | None, now: float, error: str | None = None,
+                    stop_detail: StopDetail | None = None) -> RequestOutput:
         seq = state.seq
         finished = reason is not None
         if finished:
@@ -62,18 +64,21 @@ class OutputProcessor:
             request_id=seq.request_id, new_token_ids=token_ids, new_logprobs=logprobs, text_delta=text,
             finished=finished, finish_reason=reason, error=error,
             num_prompt_tokens=seq.num_prompt_tokens, num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
-            num_output_tokens=len(seq.output_token_ids), timings=state.timings if finished else None)
+            num_output_tokens=len(seq.output_token_ids), timings=state.timings if finished else None,
+            stop_detail=stop_detail if reason is FinishReason.STOP else None)
 
-    def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+    def _finish_reason(self, seq: Sequence, token_id: int) -> tuple[FinishReason | None, StopDetail | None]:
         params = seq.params
-        if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
-            return FinishReason.STOP
+        eos = token_id in self.eos_token_ids and not params.ignore_eos
+        if eos or token_id in params.stop_token_ids:
+            return FinishReason.STOP, StopDetail.for_token(token_id, eos)
         if len(seq.output_token_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
+            return FinishReason.LENGTH, None
+        return None, None
 
-    def _text_delta(self, state: RequestState, token_id: int, final: bool) -> tuple[str, bool]:
-        """New text safe to emit, and whether a stop string was found (text is cut before it)."""
+    def _text_delta(self, state: RequestState, token_id: int, final: bool) -> tuple[str, str | None]:
+        """New text safe to emit, and the stop string found, if one was (the text is cut before it;
+        the earliest match wins, then the first listed)."""
         skip = (token_id in self.eos_token_ids or token_id in state.seq.params.stop_token_ids)
         new_text = "" if skip else state.detokenizer.push([token_id])
         if final:
@@ -82,13 +87,14 @@ class OutputProcessor:
         stops = state.seq.params.stop
         if stops:
             # Only the held tail plus the new text can contain a stop string that was not seen before.
-            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
+            found = [(i, n) for n, i in enumerate(text.find(s) for s in stops) if i >= 0]
+            if found:
+                cut, which = min(found)
                 state.held_text = ""
-                return text[:cut], True
+                return text[:cut], stops[which]
         if final or not stops:
             state.held_text = ""
-            return text, False
+            return text, None
         keep = min(state.stop_window, len(text))
         state.held_text = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], False
+        return text[:len(text) - keep], None

@@ -1,6 +1,7 @@
 """What the engine hands out: per-step deltas for each request, and engine-wide stats."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from tokenwire.engine.sequence import FinishReason
@@ -11,6 +12,24 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()   # top-n alternatives (id, logprob), best first
+
+
+class StopKind(enum.Enum):
+    EOS = "eos"                  # one of the model's eos ids
+    TOKEN_ID = "stop_token_id"   # an id of SamplingParams.stop_token_ids
+    STRING = "stop_string"       # a string of SamplingParams.stop
+
+
+@dataclass(frozen=True)
+class StopDetail:
+    """What ended a request whose finish_reason is STOP."""
+    kind: StopKind
+    token_id: int | None = None  # EOS, TOKEN_ID: the id
+    text: str | None = None      # STRING: the stop string as given
+
+    @classmethod
+    def for_token(cls, token_id: int, eos: bool) -> StopDetail:
+        return cls(StopKind.EOS if eos else StopKind.TOKEN_ID, token_id=token_id)
 
 
 @dataclass
@@ -43,6 +62,7 @@ class RequestOutput:
     num_cached_prompt_tokens: int = 0
     num_output_tokens: int = 0
     timings: RequestTimings | None = None    # on the final output
+    stop_detail: StopDetail | None = None    # on the final output, when finish_reason is STOP
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
-"""Batched sampling for one engine step: penalties, temperature, min-p/top-k/top-p, seeded Gumbel-max.
+"""Batched sampling for one engine step: logit bias, penalties, temperature, min-p/top-k/top-p, seeded
+Gumbel-max.
 
 Every row's randomness is a counter-based hash of (seed, position, vocab id): splitmix64 turns
 (seed, position) into a row key, and lowbias32 mixes it with each vocab id in int32 tensor ops. So a
 seeded request draws the same tokens whatever else shares its batch, with no per-row generator.
-Filters apply in vLLM's order (penalties, temperature, min_p, top_k, top_p); rows with top_k/top_p
+Filters apply in vLLM's order (logit bias, penalties, temperature, min_p, top_k, top_p); rows with top_k/top_p
 sample among their candidates only, which gives the same draw as the whole vocabulary because the
 noise is a function of the vocab id. Greedy rows are an argmax, and a step where every row is greedy
 and unpenalized is one argmax. Token ids and logprobs reach the host in one `.tolist()`.
@@ -60,8 +61,10 @@ class Sampler:
         """logits [len(seqs), vocab] float32 (raw model output) -> one token per sequence."""
         params = [s.params for s in seqs]
         scores = logits
+        if any(p.logit_bias for p in params):
+            scores = apply_logit_bias(logits, params)
         if any(p.uses_penalties for p in params):
-            scores = apply_penalties(logits, seqs)
+            scores = apply_penalties(scores, seqs)
         greedy = [p.temperature < _GREEDY_TEMPERATURE for p in params]
         if all(greedy):
             tokens = scores.argmax(-1)
@@ -190,6 +193,18 @@ def _int32(z: torch.Tensor) -> torch.Tensor:
     """The low 32 bits of int64 values, as int32."""
     low = z & 0xFFFFFFFF
     return torch.where(low >= 1 << 31, low - (1 << 32), low).to(torch.int32)
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """A new tensor with each row's bias added to its listed ids: one index_add_ over flat indices, never a
+    dense [rows, vocab] bias."""
+    vocab, device = logits.shape[1], logits.device
+    keys = [row * vocab + token for row, p in enumerate(params) for token, _ in p.logit_bias]
+    values = [bias for p in params for _, bias in p.logit_bias]
+    scores = logits.clone()
+    scores.view(-1).index_add_(0, torch.tensor(keys, device=device),
+                               torch.tensor(values, dtype=logits.dtype, device=device))
+    return scores
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

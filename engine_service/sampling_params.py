@@ -9,6 +9,8 @@ from tokenwire.serving.errors import InvalidRequestError
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS_ENTRIES = 300         # OpenAI's bound
+MAX_LOGIT_BIAS = 100.0               # each value in [-100, 100]
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class SamplingParams:
     ignore_eos: bool = False             # keep going past eos (benchmarks)
     logprobs: int | None = None          # None: none; 0: the chosen token's; n: plus top-n alternatives
     skip_special_tokens: bool = True     # for the detokenized text used by stop strings
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit), sorted by id
 
     @property
     def greedy(self) -> bool:
@@ -62,6 +65,18 @@ class SamplingParams:
                f"stop strings must have 1 to {MAX_STOP_STRING_CHARS} characters")
         _check(self.logprobs is None or 0 <= self.logprobs <= max_logprobs,
                "logprobs", f"must be in [0, {max_logprobs}], got {self.logprobs!r}")
+        self._validate_logit_bias(vocab_size)
+
+    def _validate_logit_bias(self, vocab_size: int) -> None:
+        bias = self.logit_bias
+        _check(len(bias) <= MAX_LOGIT_BIAS_ENTRIES, "logit_bias",
+               f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(bias)}")
+        ids = [t for t, _ in bias]
+        _check(len(set(ids)) == len(ids), "logit_bias", "each token id at most once")
+        bad_ids = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+        _check(not bad_ids, "logit_bias", f"token ids outside the vocabulary [0, {vocab_size}): {bad_ids[:5]}")
+        bad = [(t, v) for t, v in bias if not (_finite(v) and -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS)]
+        _check(not bad, "logit_bias", f"values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bad[:5]}")
 
 
 def _finite(value) -> bool:

@@ -29,8 +29,19 @@ def sampling_options(req: SamplingFields, *, max_tokens: int | None, logprobs: i
     if logprobs is not None:
         options["logprobs"] = logprobs
     if req.logit_bias:
-        raise bad_request("logit_bias", "is not supported yet")
+        options["logit_bias"] = logit_bias(req.logit_bias)
     return options
+
+
+def logit_bias(bias: Mapping[str, float]) -> dict[int, float]:
+    """OpenAI's {"<token id>": bias} -> {id: bias}; the engine checks the count, the ids and the range."""
+    out = {}
+    for key, value in bias.items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise bad_request("logit_bias", f"keys must be token ids, got {key!r}") from None
+    return out
 
 
 def chat_logprobs(req: ChatCompletionRequest) -> int | None:
@@ -59,6 +70,11 @@ def sum_usage(prompt_usages: Sequence[Usage], completion_usages: Sequence[Usage]
 
 def finish_reason(chunk: GenerationChunk) -> str | None:
     return chunk.finish_reason.value if chunk.finish_reason is not None else None
+
+
+def stop_reason(chunk: GenerationChunk) -> int | str | None:
+    """vLLM's `stop_reason`: the stop token id or stop string that ended the choice; None for eos or length."""
+    return chunk.stop.matched if chunk.stop is not None else None
 
 
 def completion_logprob_block(lps: Sequence[TokenLogprob], names: Mapping[int, str], offset: int) -> dict:

@@ -29,7 +29,7 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None    # not supported yet: a non-empty one is a 400
+    logit_bias: dict[str, float] | None = None    # {"<token id>": bias}; the engine checks ids and range
     user: str | None = None
     # vLLM's extensions
     top_k: int | None = Field(default=None, ge=-1)

@@ -35,18 +35,21 @@ class Answer:
         texts = {job.index: [job.echo] for job in self.jobs}
         lps: dict[int, list] = {job.index: [] for job in self.jobs}
         finish: dict[int, str | None] = {}
+        stops: dict[int, int | str | None] = {}
         try:
             async for job, chunk in run(self.backend, self.jobs, self.request_id):
                 texts[job.index].append(chunk.text)
                 lps[job.index].extend(chunk.logprobs)
                 finish[job.index] = convert.finish_reason(chunk)
+                stops[job.index] = convert.stop_reason(chunk)
                 self.usage.add(job, chunk)
         except TokenwireError as error:
             raise from_sdk(error) from None
         choices = []
         for job in self.jobs:
             block = await self._logprobs(job, lps[job.index], len(job.echo))
-            choices.append(self.shape.choice(job, "".join(texts[job.index]), block, finish.get(job.index), True))
+            choices.append(self.shape.choice(job, "".join(texts[job.index]), block, finish.get(job.index), True,
+                                             stops.get(job.index)))
         return JSONResponse({"id": self.id, "object": self.shape.whole_object, "created": self.created,
                              "model": self.model, "choices": choices, "usage": self.usage.body()})
 
@@ -80,7 +83,8 @@ class Answer:
                 self.usage.add(job, chunk)
                 finish = convert.finish_reason(chunk)
                 if text or block or finish:
-                    yield self._chunk([self.shape.choice(job, text, block, finish, False)], include_usage)
+                    yield self._chunk([self.shape.choice(job, text, block, finish, False, convert.stop_reason(chunk))],
+                                      include_usage)
                 item = await anext(chunks, None)
         except TokenwireError as error:
             yield from_sdk(error).body()

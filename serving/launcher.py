@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-TOKENIZER, ENGINE = "tokenwire-tokenizer", "tokenwire-engine"
+TOKENIZER, ENGINE, GATEWAY = "tokenwire-tokenizer", "tokenwire-engine", "tokenwire-gateway"
 _READY_TIMEOUT_S = 600.0    # model conversion, load and warm-up on a busy 2-core machine
 
 
@@ -34,6 +36,8 @@ class Service:
     address: str                 # host:port it serves on
     process: subprocess.Popen
     log_path: Path               # its stdout and stderr
+    terminated: bool = False     # SIGTERM sent: never twice (a second one, landing after the service's
+                                 # event loop closed, would kill it mid-exit with -15)
 
     def __enter__(self) -> Service:
         return self
@@ -66,10 +70,34 @@ class Service:
         raise TimeoutError(f"{self.name} at {self.address} not SERVING after {timeout_s:.0f}s; "
                            f"log: {self.log_path}")
 
+    def wait_http_ok(self, path: str = "/health", timeout_s: float = _READY_TIMEOUT_S) -> None:
+        """Block until `GET path` answers 200 (the gateway's /health: both services SERVING); fail fast if
+        the process exits first. Polled: an HTTP server has no watch to block on."""
+        deadline = time.monotonic() + timeout_s
+        seen = "no answer"
+        while time.monotonic() < deadline:
+            self.check_running()
+            try:
+                with urllib.request.urlopen(f"http://{self.address}{path}", timeout=2.0) as response:
+                    if response.status == 200:
+                        return
+            except urllib.error.HTTPError as error:
+                seen = f"HTTP {error.code}"
+            except OSError as error:   # not listening yet
+                seen = str(error)
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} at {self.address}: GET {path} not 200 after {timeout_s:.0f}s ({seen}); "
+                           f"log: {self.log_path}")
+
+    def terminate(self) -> None:
+        """SIGTERM (a graceful drain), once."""
+        if not self.terminated and self.process.poll() is None:
+            self.terminated = True
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM (a graceful drain), wait, kill after timeout_s; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             return self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -143,8 +171,7 @@ class LocalServices:
         """SIGTERM both (engine first), wait for them (kill after timeout_s); returns each one's exit code."""
         services = [s for s in (self.engine, self.tokenizer) if s is not None]
         for service in services:  # signal both before waiting, so they drain at the same time
-            if service.process.poll() is None:
-                service.process.send_signal(signal.SIGTERM)
+            service.terminate()
         self.exit_codes = {service.name: service.stop(timeout_s) for service in services}
         return self.exit_codes
 

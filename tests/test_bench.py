@@ -114,6 +114,30 @@ def test_online_mode_streams_through_both_grpc_services(tmp_path, tiny_llama_dir
     assert report["extra"]["online"]["dtype"] == auto_dtype()
 
 
+def test_online_mode_through_the_gateway_beside_the_sdk_in_one_run(tmp_path, tiny_llama_dir):
+    """--endpoint grpc,openai,sse: the bench starts the gateway over the services it started, and the
+    same requests go through the SDK, the openai client and raw SSE, one run each, compared."""
+    report = run_bench(tmp_path, tiny_llama_dir, "--mode", "online", "--endpoint", "grpc,openai,sse",
+                       "--concurrency", "2", "--warmup-runs", "0")
+    check_mode(report, "online")
+    assert report["extra"]["online"]["gateway_url"].startswith("http://127.0.0.1:")
+    for mode in ("online_openai", "online_sse"):
+        m = report["modes"][mode]
+        assert (m["num_runs"], m["num_requests"], m["num_errors"]) == (1, N, 0)
+        assert m["completion_tokens"] == N * NEW          # the engine's count, from the usage chunk
+        assert m["prompt_tokens"] >= N * 8
+        assert m["prompt_encodes"] == 0                   # the gateway encoded through the tokenizer service
+        assert m["ttft_ms"]["count"] == N and 0 < m["ttft_ms"]["p50"] <= m["e2e_ms"]["max"]
+        assert m["extra"]["endpoint"] == mode.removeprefix("online_")
+        assert report["comparisons"][f"{mode}_vs_online"] > 0
+        assert f"{mode}_ttft_p50_overhead_ms" in report["comparisons"]
+
+
+def test_an_unknown_endpoint_is_refused_naming_the_flag():
+    with pytest.raises(SystemExit, match="--endpoint: unknown \\['http'\\]"):
+        bench_cli.parse_endpoints("grpc,http")
+
+
 def test_step_profile_breaks_a_decode_step_down(tiny_llama_dir, capsys):
     assert bench_profile.main(["--model", tiny_llama_dir, "--dtype", "float32", "--new-tokens", "3"]) == 0
     out = capsys.readouterr().out

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.rpc_log import CallLog
-from tokenwire.client import AsyncClient, Client, DeadlineExceededError, InvalidRequestError
+from tokenwire.client import AsyncClient, Client, DeadlineExceededError, InvalidRequestError, StopDetail, StopKind
 from tokenwire.serving.launcher import LocalServices, command
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
@@ -103,6 +103,43 @@ def test_stop_strings_cut_the_text(client):
     chunks = list(client.generate(PROMPT, max_new_tokens=16, temperature=0.0, stop=[stop]))
     assert "".join(c.text for c in chunks) == full[:full.index(stop)]
     assert chunks[-1].finish_reason.value == "stop"
+
+
+def test_the_final_chunk_says_which_stop_ended_it(client):
+    """The stop detail, through the gRPC contract and the SDK: a stop string, a stop token id, eos
+    (forced by a logit_bias on the eos id), and none for a length finish."""
+    full = client.complete(PROMPT, max_new_tokens=16, temperature=0.0)
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 3]
+    by_string = list(client.generate(PROMPT, max_new_tokens=16, temperature=0.0, stop=["\x00never", stop]))[-1]
+    assert by_string.stop == StopDetail(StopKind.STRING, stop_string=stop) and by_string.stop.matched == stop
+    third = full.token_ids[2]
+    by_id = client.complete(PROMPT, max_new_tokens=16, temperature=0.0, stop_token_ids=[third])
+    assert by_id.token_ids == full.token_ids[:full.token_ids.index(third) + 1]
+    assert by_id.stop == StopDetail(StopKind.TOKEN_ID, token_id=third) and by_id.stop.matched == third
+    eos = client.model_info().eos_token_ids[0]
+    by_eos = list(client.generate(PROMPT, max_new_tokens=16, temperature=0.0, logit_bias={eos: 100.0}))[-1]
+    assert by_eos.token_ids == (eos,) and by_eos.finish_reason.value == "stop"
+    assert by_eos.stop == StopDetail(StopKind.EOS, token_id=eos) and by_eos.stop.matched is None
+    assert full.finish_reason.value == "length" and full.stop is None
+
+
+def test_logit_bias_reaches_the_batched_sampler(client):
+    target = 42
+    biased = client.complete(PROMPT, max_new_tokens=4, temperature=0.0, ignore_eos=True, logit_bias={target: 100})
+    assert biased.token_ids == (target,) * 4
+    seeded = dict(max_new_tokens=6, temperature=1.0, seed=5, logit_bias={"7": -3.5, 9: 2.0})
+    assert client.complete(PROMPT, **seeded).token_ids == client.complete(PROMPT, **seeded).token_ids
+
+
+@pytest.mark.parametrize("bias, message", [
+    ({i: 1.0 for i in range(301)}, "at most 300"),
+    ({5: 100.5}, "values must be in"),
+    ({10**7: 1.0}, "outside the vocabulary"),
+])
+def test_a_bad_logit_bias_is_invalid_argument_naming_the_field(client, bias, message):
+    with pytest.raises(InvalidRequestError, match=message) as err:
+        client.complete(PROMPT, max_new_tokens=2, logit_bias=bias)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.field == "sampling.logit_bias"
 
 
 def test_chat_uses_the_models_chat_template(client, hf):

@@ -2,6 +2,8 @@
 hides the wire), over the real tokenizer and engine services on loopback (tiny Llama, port 0)."""
 from __future__ import annotations
 
+import json
+
 import grpc
 import httpx
 import openai
@@ -123,6 +125,22 @@ def test_stop_string_ends_the_text_before_it(oai, model):
     stopped = oai.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0, stop=[stop])
     assert stopped.choices[0].text == free[:free.index(stop)]
     assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].model_extra["stop_reason"] == stop      # vLLM's field: which stop string
+
+
+def test_logit_bias_and_the_stop_reason_of_a_stop_token(oai, model, gateway):
+    forced = oai.completions.create(model=model, prompt="Hello", max_tokens=3, temperature=0, logit_bias={"42": 100},
+                                    logprobs=0, extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True})
+    assert forced.choices[0].logprobs.tokens == ["token_id:42"] * 3
+    assert forced.choices[0].finish_reason == "length" and forced.choices[0].model_extra["stop_reason"] is None
+    body = {"model": model, "prompt": "Hello", "max_tokens": 8, "temperature": 0, "logit_bias": {"42": 100},
+            "stop_token_ids": [42], "stream": True}
+    events = [json.loads(line[len("data: "):]) for line in
+              httpx.post(gateway.url + "/v1/completions", json=body).text.split("\n\n")
+              if line.startswith("data: {")]
+    final = [c for e in events for c in e["choices"] if c["finish_reason"]]
+    assert [(c["finish_reason"], c["stop_reason"]) for c in final] == [("stop", 42)]
+    assert all("stop_reason" not in c for e in events for c in e["choices"] if not c["finish_reason"])
 
 
 def test_seed_reproduces_a_sample(oai, model):
@@ -171,7 +189,8 @@ def test_greedy_chat_through_the_gateway_has_the_sdks_ids(oai, model, services):
     ({"stop_token_ids": [10**7]}, "stop_token_ids"),
     ({"logprobs": 99}, "logprobs"),
     ({"stream": "yes"}, "stream"),
-    ({"logit_bias": {"5": 1}}, "logit_bias"),            # not supported yet
+    ({"logit_bias": {"5": 101}}, "logit_bias"),          # refused by the engine: sampling.logit_bias
+    ({"logit_bias": {"five": 1}}, "logit_bias"),         # not a token id
 ])
 def test_a_bad_value_is_a_400_naming_its_param(oai, model, params, param):
     with pytest.raises(openai.BadRequestError) as err:

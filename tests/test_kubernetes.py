@@ -7,25 +7,40 @@
    parsed by that service's `build_parser()` (flags and TOKENWIRE_* variables generated from the config
    dataclasses), and the ports, probes and grace periods are checked against the parsed config, and
    against docker-compose.yml, so the two deployments cannot drift apart.
+3. The gateway's probe paths are asked of the real app: readiness (/health) fails while the services
+   are unreachable, liveness answers regardless; and the Dockerfile copies every package the image installs.
 """
 from __future__ import annotations
 
 import argparse
+import re
+import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+from fastapi.testclient import TestClient
 
 from tests.compose_file import load_compose
 from tokenwire.engine.cli import build_parser as engine_parser
+from tokenwire.gateway.app import create_app
+from tokenwire.gateway.cli import build_parser as gateway_parser
+from tokenwire.gateway.cli import config_from_args as gateway_config
+from tokenwire.serving.launcher import free_port
 from tokenwire.serving.cli_env import apply_env_defaults, env_name
 from tokenwire.tokenizer.cli import build_parser as tokenizer_parser
 
-K8S = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "kubernetes"
 VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
-PARSERS = {"tokenizer": tokenizer_parser, "engine": engine_parser}
-PORTS = {"tokenizer": 50051, "engine": 50052}
+PARSERS = {"tokenizer": tokenizer_parser, "engine": engine_parser, "gateway": gateway_parser}
+GRPC = ("tokenizer", "engine")          # the gRPC services: model cache, native gRPC probes, a metrics port
+PORTS = {"tokenizer": 50051, "engine": 50052, "gateway": 8000}
+# Variables each container shares with its compose service, at least.
+SHARED = {"tokenizer": {"TOKENWIRE_MODEL"}, "engine": {"TOKENWIRE_MODEL"},
+          "gateway": {"TOKENWIRE_TOKENIZER", "TOKENWIRE_ENGINE", "TOKENWIRE_SERVED_MODEL_NAME"}}
 # Variables the services read that are not flags (README, "Other variables").
 NON_FLAG_VARIABLES = {"TOKENWIRE_HOME", "HF_HOME"}
 LABELS = {"app.kubernetes.io/name": "tokenwire"}
@@ -94,7 +109,7 @@ def test_every_variable_is_a_flag_of_the_service(component):
     assert set(env(container(component))) - NON_FLAG_VARIABLES <= flags
 
 
-@pytest.mark.parametrize("component", PARSERS)
+@pytest.mark.parametrize("component", GRPC)
 def test_ports_and_probes_match_the_parsed_config(component):
     spec, args = container(component), parsed(component)
     ports = {p["name"]: p["containerPort"] for p in spec["ports"]}
@@ -118,11 +133,11 @@ def test_containers_run_what_compose_runs(component):
     spec = container(component)
     assert [*spec["command"], *spec["args"]] == service["command"]
     shared = set(service["environment"]) & set(env(spec))
-    assert shared >= {"TOKENWIRE_MODEL", "TOKENWIRE_LOG_FORMAT", "TOKENWIRE_DRAIN_GRACE_S"}
+    assert shared >= {"TOKENWIRE_LOG_FORMAT", "TOKENWIRE_DRAIN_GRACE_S"} | SHARED[component]
     assert {k: env(spec)[k] for k in shared} == {k: str(service["environment"][k]) for k in shared}
 
 
-@pytest.mark.parametrize("component", PARSERS)
+@pytest.mark.parametrize("component", GRPC)
 def test_the_init_container_prepares_the_served_model_into_the_cache(component):
     pod = objects("Deployment")[component]["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
@@ -142,7 +157,7 @@ def test_pods_run_unprivileged_on_a_read_only_root(component):
     pod = objects("Deployment")[component]["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
     assert pod["serviceAccountName"] == "tokenwire" and pod["automountServiceAccountToken"] is False
-    for spec in (*pod["initContainers"], *pod["containers"]):
+    for spec in (*pod.get("initContainers", []), *pod["containers"]):
         assert spec["securityContext"]["readOnlyRootFilesystem"] is True
         assert spec["securityContext"]["allowPrivilegeEscalation"] is False
         assert set(spec["resources"]) == {"requests", "limits"}
@@ -153,13 +168,17 @@ def test_services_select_their_deployments():
     services, deployments = objects("Service"), objects("Deployment")
     assert services["engine"]["spec"]["clusterIP"] == "None"  # headless: DNS lists every engine pod
     assert services["tokenizer"]["spec"]["type"] == "ClusterIP"
+    assert services["gateway"]["spec"]["type"] == "ClusterIP"
     for name in PARSERS:
         labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
         assert services[name]["spec"]["selector"].items() <= labels.items()
         assert deployments[name]["spec"]["selector"]["matchLabels"].items() <= labels.items()
         assert LABELS.items() <= labels.items()
         ports = {p["name"]: p["port"] for p in services[name]["spec"]["ports"]}
-        assert ports == {"grpc": PORTS[name], "metrics": parsed(name).metrics_port}
+        if name == "gateway":
+            assert ports == {"http": PORTS[name]}   # /metrics is served on the HTTP port
+        else:
+            assert ports == {"grpc": PORTS[name], "metrics": parsed(name).metrics_port}
 
 
 def test_the_engine_scales_and_survives_disruptions():
@@ -172,3 +191,48 @@ def test_the_engine_scales_and_survives_disruptions():
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "engine"}
     assert hpa["spec"]["minReplicas"] >= 2
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+
+
+# ---- the gateway ----
+
+def test_the_gateway_reaches_the_services_through_their_services():
+    args = parsed("gateway")
+    assert args.port == PORTS["gateway"] and args.host == "0.0.0.0"
+    assert args.tokenizer == f"tokenizer:{PORTS['tokenizer']}"          # the tokenizer's ClusterIP
+    assert args.engine == f"dns:///engine:{PORTS['engine']}"            # every pod of the headless Service
+    services = objects("Service")
+    assert services["engine"]["spec"]["clusterIP"] == "None" and "tokenizer" in services
+    assert args.served_model_name == env(container("engine"))["TOKENWIRE_MODEL"]
+
+
+def test_gateway_probes_and_grace_cover_its_drain():
+    spec, args = container("gateway"), parsed("gateway")
+    assert {p["name"]: p["containerPort"] for p in spec["ports"]} == {"http": args.port}
+    ready, live = spec["readinessProbe"]["httpGet"], spec["livenessProbe"]["httpGet"]
+    assert ready == {"path": "/health", "port": "http"}
+    assert live["port"] == "http" and live["path"] != "/health"
+    # uvicorn stops accepting at SIGTERM: liveness must not restart the pod before the drain ends.
+    probe = spec["livenessProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] > args.drain_grace_s
+    pod = objects("Deployment")["gateway"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > args.drain_grace_s
+    assert "initContainers" not in pod    # no model in the gateway
+    assert {m["mountPath"] for m in spec["volumeMounts"]} == {"/tmp"}
+
+
+def test_gateway_liveness_answers_while_readiness_waits_for_the_services():
+    """The real app, configured as the manifest configures it but with services that are not there."""
+    spec = container("gateway")
+    nowhere = f"127.0.0.1:{free_port()}"
+    config = replace(gateway_config(parsed("gateway")), tokenizer=nowhere, engine=nowhere)
+    with TestClient(create_app(config)) as http:
+        assert http.get(spec["readinessProbe"]["httpGet"]["path"]).status_code == 503
+        assert http.get(spec["livenessProbe"]["httpGet"]["path"]).status_code == 200
+
+
+def test_the_image_holds_every_installed_package():
+    """`pip install .` in the Dockerfile fails on a package folder it was not given."""
+    folders = {d.split("/")[0] for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+               ["package-dir"].values()}
+    copied = set(re.findall(r"^COPY (\S+) \1$", (ROOT / "Dockerfile").read_text(), re.MULTILINE))
+    assert folders <= copied, folders - copied

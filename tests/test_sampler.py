@@ -11,6 +11,7 @@ from tokenwire.engine import sampler as sampler_module
 from tokenwire.engine.sampler import Sampler, apply_penalties
 from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.engine.sequence import Sequence
+from tokenwire.serving.errors import InvalidRequestError
 
 VOCAB = 64
 
@@ -181,3 +182,44 @@ def test_noise_is_the_documented_hash():
             bits = lowbias32((key ^ ((v * 0x9E3779B9) & 0xFFFFFFFF)) & 0xFFFFFFFF) >> 9
             expected = -math.log(-math.log((bits + 0.5) / 2**23))
             assert math.isclose(noise[r, v].item(), expected, rel_tol=1e-5, abs_tol=1e-5)
+
+
+def test_logit_bias_is_added_per_row_before_sampling(logits):
+    """+100 forces a token, -100 bans the argmax; rows without a bias keep their own choice."""
+    argmax = logits.argmax(-1).tolist()
+    seqs = [seq(temperature=0, logit_bias=((7, 100.0),)), seq(temperature=0, logit_bias=((argmax[1], -100.0),)),
+            seq(temperature=0), seq(seed=3, temperature=1.0, top_k=5, logit_bias=((11, 100.0),))]
+    out = Sampler().sample(logits[:4], seqs).token_ids
+    assert out[0] == 7
+    assert out[1] != argmax[1] and out[1] == logits[1].clone().index_fill_(0, torch.tensor([argmax[1]]),
+                                                                           float("-inf")).argmax().item()
+    assert out[2] == argmax[2]
+    assert out[3] == 11                                   # the bias lands before top_k picks candidates
+
+
+def test_logit_bias_leaves_logprobs_the_models_own(logits):
+    out = Sampler().sample(logits[:1], [seq(temperature=0, logprobs=0, logit_bias=((7, 100.0),))])
+    assert out.token_ids == [7]
+    assert out.logprobs[0].logprob == pytest.approx(logits[0].log_softmax(-1)[7].item(), abs=1e-5)
+
+
+def test_seeded_biased_row_is_the_same_alone_or_in_a_batch(logits):
+    target = seq(seed=9, temperature=1.0, logit_bias=((3, 2.5), (40, -1.0)))
+    alone = Sampler().sample(logits[:1], [target]).token_ids[0]
+    others = [seq(seed=i, temperature=0.8, logit_bias=((i, 5.0),)) for i in range(7)]
+    batch = torch.cat([logits[1:8], logits[:1]])
+    assert Sampler().sample(batch, [*others, target]).token_ids[-1] == alone
+
+
+@pytest.mark.parametrize("bias, message", [
+    (tuple((i, 1.0) for i in range(301)), "at most 300 entries"),
+    (((VOCAB, 1.0),), "outside the vocabulary"),
+    (((1, 100.5),), "values must be in \\[-100, 100\\]"),
+    (((1, float("nan")),), "values must be in"),
+    (((1, 1.0), (1, 2.0)), "at most once"),
+])
+def test_logit_bias_is_validated_naming_the_field(bias, message):
+    with pytest.raises(InvalidRequestError, match=message) as err:
+        SamplingParams(logit_bias=bias).validate(max_new_tokens_cap=16, max_logprobs=5, vocab_size=VOCAB)
+    assert err.value.field == "logit_bias"
+    SamplingParams(logit_bias=((0, -100.0), (VOCAB - 1, 100.0))).validate(16, 5, VOCAB)   # the bounds are in
