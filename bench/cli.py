@@ -5,6 +5,8 @@ Modes (comma-separated `--mode`, run in this order, one process):
   naive    the same requests one at a time through the same engine.
   online   through the real gRPC services (started here, or given by address), streaming, at a Poisson
            `--request-rate` and/or a `--concurrency` bound.
+  online_ids  the engine service alone: ids in (tokenized before the timed region), ids out, no text, no
+           SDK, raw grpc.aio stubs. Online modes print each process's CPU seconds per 1,000 tokens.
   hf       transformers `generate()` (one static left-padded batch) and `generate_batch()` (its
            continuous batching): same checkpoint, dtype and prompts. `hf_static` / `hf_batch` alone too.
 `--pretok` tokenizes text prompts before the timed region and sends ids (the engine then encodes
@@ -34,9 +36,9 @@ from tokenwire.serving.model_resolver import DEFAULT_MODEL, resolve_model
 
 log = logging.getLogger("tokenwire.bench")
 
-MODES = ("offline", "naive", "online", "hf_static", "hf_batch")
+MODES = ("offline", "naive", "online", "online_ids", "hf_static", "hf_batch")
 DEFAULT_MODES = {"P1": "offline,hf", "online": "offline,online"}   # others: offline
-ENGINE_MODES = ("offline", "naive", "online")
+ENGINE_MODES = ("offline", "naive", "online", "online_ids")
 BASELINES = ("hf_static", "hf_batch", "offline")
 
 
@@ -130,27 +132,28 @@ class Bench:
         self.extra: dict = {}
         self.busy_cores_before = cpu_busy_cores()
 
-    def requests(self, variant: int, warmup: bool = False) -> list[BenchRequest]:
+    def requests(self, variant: int, warmup: bool = False, ids: bool = False) -> list[BenchRequest]:
         """Run `variant`'s prompts: same lengths every run, fresh content, so no run reuses another's
         prefix-cache entries. --pretok tokenizes here, outside every timed region."""
         reqs = build_requests(self.spec, self.tokenizer, variant)
         if warmup:
             reqs = warmup_requests(reqs, self.args.warmup_max_requests, self.args.warmup_max_prompt_tokens,
                                    self.args.warmup_max_new_tokens)
-        return pretokenize(reqs, self.tokenizer) if self.args.pretok else reqs
+        return pretokenize(reqs, self.tokenizer) if self.args.pretok or ids else reqs
 
     def params(self, requests: list[BenchRequest]) -> list[SamplingParams]:
         return [sampling_params(self.args, r.max_new_tokens, self.spec.ignore_eos, i) for i, r in enumerate(requests)]
 
-    def repeat(self, mode: str, run_once) -> None:
-        """Warm-up runs (discarded), then the timed runs, each on its own prompt variant."""
+    def repeat(self, mode: str, run_once, variant_base: int = 0, ids: bool = False) -> None:
+        """Warm-up runs (discarded), then the timed runs, each on its own prompt variant (`variant_base`
+        keeps two modes on one server from sharing prefix-cache entries)."""
         args = self.args
         for i in range(args.warmup_runs):
-            reqs = self.requests(1000 + i, warmup=True)
+            reqs = self.requests(1000 + variant_base + i, warmup=True, ids=ids)
             with progress_bar(len(reqs), f"{mode} warm-up", not args.no_progress) as bar:
                 run_once(reqs, bar)
         for i in range(args.repeat_runs):
-            reqs = self.requests(i)
+            reqs = self.requests(variant_base + i, ids=ids)
             with progress_bar(len(reqs), f"{mode} run {i + 1}/{args.repeat_runs}", not args.no_progress) as bar:
                 run = run_once(reqs, bar)
             self.runs.setdefault(mode, []).append(run)
@@ -173,7 +176,7 @@ class Bench:
             gc.collect()
 
     def run_online(self) -> None:
-        if "online" not in self.modes:
+        if "online" not in self.modes and "online_ids" not in self.modes:
             return
         from tokenwire.bench import online as bench_online
         with bench_online.services(self.args, self.model_dir) as client:
@@ -181,9 +184,12 @@ class Bench:
             if self.dtype is None:  # the baselines then run in the served engine's dtype
                 self.dtype = getattr(torch, self.extra["online"]["dtype"])
                 self.device = torch.device(self.extra["online"]["device"])
-            self.repeat("online", lambda reqs, bar: bench_online.run(
-                client, reqs, self.params(reqs), self.spec.request_rate, self.args.concurrency,
-                self.args.seed, bar))
+            for mode, runner in (("online", bench_online.run), ("online_ids", bench_online.run_ids)):
+                if mode in self.modes:
+                    self.repeat(mode, lambda reqs, bar: runner(
+                        client, reqs, self.params(reqs), self.spec.request_rate, self.args.concurrency,
+                        self.args.seed, bar), variant_base=100 if mode == "online_ids" else 0,
+                        ids=mode == "online_ids")
 
     def run_baselines(self) -> None:
         wanted = [m for m in ("hf_static", "hf_batch") if m in self.modes]

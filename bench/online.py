@@ -6,19 +6,28 @@ The path is the user's: a text prompt is encoded by the tokenizer service, the e
 tokenization is inside TTFT and the engine encodes nothing), and the text streams back through the
 tokenizer service's DecodeStream. With --pretok the ids were made before the timed region and go
 straight to the engine.
+
+The `online_ids` mode isolates the engine service: ids in (made before the timed region), ids out, no
+text and no SDK, raw grpc.aio stubs, one stream per request. Every online run also records the CPU
+seconds each process spent in it (engine core, engine front, tokenizer service, this client), from /proc.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from dataclasses import asdict
 
+import grpc
+
 from tokenwire.bench.metrics import RequestRecord, RunRecord
+from tokenwire.bench.proc_cpu import CpuMeter, engine_core_pid, per_1k_tokens
 from tokenwire.bench.workloads import BenchRequest, arrival_offsets
 from tokenwire.client import AsyncClient, TokenwireError
 from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.serving.launcher import ENGINE, TOKENIZER, start_service
+from tokenwire.v1 import engine_pb2, engine_pb2_grpc
 
 _START_TIMEOUT_S = 600.0   # model load and warm-up on a busy 2-core machine
 
@@ -26,8 +35,9 @@ _START_TIMEOUT_S = 600.0   # model load and warm-up on a busy 2-core machine
 class OnlineClient:
     """Addresses of the two services; an AsyncClient is opened per run, inside that run's event loop."""
 
-    def __init__(self, engine_addr: str, tokenizer_addr: str):
+    def __init__(self, engine_addr: str, tokenizer_addr: str, pids: dict[str, int] | None = None):
         self.engine_addr, self.tokenizer_addr = engine_addr, tokenizer_addr
+        self.pids = {**(pids or {}), "bench client": os.getpid()}   # processes whose CPU time is reported
 
     def connect(self) -> AsyncClient:
         return AsyncClient(tokenizer=self.tokenizer_addr, engine=self.engine_addr)
@@ -45,14 +55,19 @@ class OnlineClient:
 def services(args, model_dir: str):
     """An OnlineClient for the given addresses, or for both services started here and stopped after."""
     with contextlib.ExitStack() as stack:
-        tok_addr = args.tokenizer_addr or _started(stack, TOKENIZER, ["--model", model_dir])
-        eng_addr = args.engine_addr or _started(stack, ENGINE, _engine_flags(args, model_dir))
-        yield OnlineClient(eng_addr, tok_addr)
+        pids: dict[str, int] = {}
+        tok_addr = args.tokenizer_addr or _started(stack, TOKENIZER, ["--model", model_dir], pids, "tokenizer")
+        eng_addr = args.engine_addr or _started(stack, ENGINE, _engine_flags(args, model_dir), pids, "engine front")
+        core = engine_core_pid(pids["engine front"]) if "engine front" in pids else None
+        if core is not None:   # the engine core process (none before the engine had one)
+            pids["engine core"] = core
+        yield OnlineClient(eng_addr, tok_addr, pids)
 
 
-def _started(stack: contextlib.ExitStack, script: str, flags: list[str]) -> str:
+def _started(stack: contextlib.ExitStack, script: str, flags: list[str], pids: dict[str, int], name: str) -> str:
     service = stack.enter_context(start_service(script, flags))
     service.wait_serving()
+    pids[name] = service.process.pid
     return service.address
 
 
@@ -71,9 +86,11 @@ def run(client: OnlineClient, requests: list[BenchRequest], params: list[Samplin
 async def _run(online: OnlineClient, requests, params, rate, concurrency, seed, progress) -> RunRecord:
     offsets = arrival_offsets(len(requests), rate, seed)
     limit = asyncio.Semaphore(concurrency or len(requests))
+    meter = CpuMeter(online.pids)
     async with online.connect() as client:
         encodes = (await client.model_info()).stats.num_prompt_encodes
         await client.tokenizer_info()  # the fingerprint is fetched once, outside the timed region
+        meter.start()
         start = time.perf_counter()
 
         async def one(req: BenchRequest, p: SamplingParams, offset: float) -> RequestRecord:
@@ -86,9 +103,65 @@ async def _run(online: OnlineClient, requests, params, rate, concurrency, seed, 
 
         records = await asyncio.gather(*(one(r, p, o) for r, p, o in zip(requests, params, offsets)))
         end = max([r.finish_time for r in records if r.finish_time is not None], default=time.perf_counter())
+        cpu_s = meter.delta()
         encodes = (await client.model_info()).stats.num_prompt_encodes - encodes
     return RunRecord("online", start, end, list(records), prompt_encodes=encodes, reports_cached_tokens=True,
-                     extra={"request_rate": rate, "concurrency": concurrency})
+                     extra=_extra(rate, concurrency, cpu_s, records))
+
+
+def run_ids(client: OnlineClient, requests: list[BenchRequest], params: list[SamplingParams], rate: float,
+            concurrency: int | None, seed: int, progress=None) -> RunRecord:
+    """online_ids: the engine service alone, raw stubs, ids in and out (requests must carry ids)."""
+    return asyncio.run(_run_ids(client, requests, params, rate, concurrency, seed, progress))
+
+
+async def _run_ids(online: OnlineClient, requests, params, rate, concurrency, seed, progress) -> RunRecord:
+    offsets = arrival_offsets(len(requests), rate, seed)
+    limit = asyncio.Semaphore(concurrency or len(requests))
+    meter = CpuMeter({k: v for k, v in online.pids.items() if k != "tokenizer"})
+    async with grpc.aio.insecure_channel(online.engine_addr) as channel:
+        stub = engine_pb2_grpc.EngineServiceStub(channel)
+        await stub.GetModelInfo(engine_pb2.GetModelInfoRequest())   # connected before the timed region
+        meter.start()
+        start = time.perf_counter()
+
+        async def one(req: BenchRequest, p: SamplingParams, offset: float) -> RequestRecord:
+            await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+            async with limit:
+                rec = await _stream_ids(stub, req, p)
+            if progress is not None:
+                progress.update(1)
+            return rec
+
+        records = await asyncio.gather(*(one(r, p, o) for r, p, o in zip(requests, params, offsets)))
+        end = max([r.finish_time for r in records if r.finish_time is not None], default=time.perf_counter())
+        cpu_s = meter.delta()
+    return RunRecord("online_ids", start, end, list(records), reports_cached_tokens=True,
+                     extra=_extra(rate, concurrency, cpu_s, records))
+
+
+def _extra(rate, concurrency, cpu_s: dict[str, float], records: list[RequestRecord]) -> dict:
+    tokens = sum(r.completion_tokens for r in records)
+    return {"request_rate": rate, "concurrency": concurrency, "cpu_s": cpu_s,
+            "cpu_s_per_1k_tokens": per_1k_tokens(cpu_s, tokens)}
+
+
+async def _stream_ids(stub, req: BenchRequest, p: SamplingParams) -> RequestRecord:
+    rec = RequestRecord(submit_time=time.perf_counter())
+    sampling = engine_pb2.SamplingParams(
+        max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty, ignore_eos=p.ignore_eos, **({} if p.seed is None else {"seed": p.seed}))
+    request = engine_pb2.GenerateRequest(token_ids=engine_pb2.TokenIds(ids=req.token_ids), sampling=sampling)
+    try:
+        async for message in stub.Generate(request):
+            rec.add_chunk(time.perf_counter(), list(message.token_ids))
+            if message.HasField("usage"):
+                rec.prompt_tokens = message.usage.prompt_tokens
+                rec.cached_prompt_tokens = message.usage.cached_prompt_tokens
+    except grpc.aio.AioRpcError as error:
+        rec.error = f"{error.code().name}: {error.details()}"
+    rec.finish_time = time.perf_counter()
+    return rec
 
 
 async def _stream_one(client: AsyncClient, req: BenchRequest, p: SamplingParams) -> RequestRecord:
