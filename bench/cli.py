@@ -5,6 +5,7 @@ Modes (comma-separated `--mode`, run in this order, one process):
   naive    the same requests one at a time through the same engine.
   online   through the real gRPC services (started here, or given by address), streaming, at a Poisson
            `--request-rate` and/or a `--concurrency` bound.
+  online_etext  as online, but the SDK takes the text from the engine (`return_text`), not DecodeStream.
   online_ids  the engine service alone: ids in (tokenized before the timed region), ids out, no text, no
            SDK, raw grpc.aio stubs. Online modes print each process's CPU seconds per 1,000 tokens.
   hf       transformers `generate()` (one static left-padded batch) and `generate_batch()` (its
@@ -17,6 +18,7 @@ nothing); without it, text goes in and tokenization is timed. Metrics: see metri
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import os
@@ -36,9 +38,10 @@ from tokenwire.serving.model_resolver import DEFAULT_MODEL, resolve_model
 
 log = logging.getLogger("tokenwire.bench")
 
-MODES = ("offline", "naive", "online", "online_ids", "hf_static", "hf_batch")
+MODES = ("offline", "naive", "online", "online_etext", "online_ids", "hf_static", "hf_batch")
+ONLINE_MODES = ("online", "online_etext", "online_ids")
 DEFAULT_MODES = {"P1": "offline,hf", "online": "offline,online"}   # others: offline
-ENGINE_MODES = ("offline", "naive", "online", "online_ids")
+ENGINE_MODES = ("offline", "naive", *ONLINE_MODES)
 BASELINES = ("hf_static", "hf_batch", "offline")
 
 
@@ -176,7 +179,7 @@ class Bench:
             gc.collect()
 
     def run_online(self) -> None:
-        if "online" not in self.modes and "online_ids" not in self.modes:
+        if not any(m in self.modes for m in ONLINE_MODES):
             return
         from tokenwire.bench import online as bench_online
         with bench_online.services(self.args, self.model_dir) as client:
@@ -184,12 +187,13 @@ class Bench:
             if self.dtype is None:  # the baselines then run in the served engine's dtype
                 self.dtype = getattr(torch, self.extra["online"]["dtype"])
                 self.device = torch.device(self.extra["online"]["device"])
-            for mode, runner in (("online", bench_online.run), ("online_ids", bench_online.run_ids)):
-                if mode in self.modes:
-                    self.repeat(mode, lambda reqs, bar: runner(
-                        client, reqs, self.params(reqs), self.spec.request_rate, self.args.concurrency,
-                        self.args.seed, bar), variant_base=100 if mode == "online_ids" else 0,
-                        ids=mode == "online_ids")
+            runners = {"online": bench_online.run, "online_ids": bench_online.run_ids,
+                       "online_etext": functools.partial(bench_online.run, text_from="engine")}
+            for base, mode in enumerate(m for m in ONLINE_MODES if m in self.modes):
+                runner = runners[mode]   # each mode on prompts of its own (no prefix-cache hits across modes)
+                self.repeat(mode, lambda reqs, bar: runner(
+                    client, reqs, self.params(reqs), self.spec.request_rate, self.args.concurrency,
+                    self.args.seed, bar), variant_base=100 * base, ids=mode == "online_ids")
 
     def run_baselines(self) -> None:
         wanted = [m for m in ("hf_static", "hf_batch") if m in self.modes]

@@ -39,8 +39,9 @@ class OnlineClient:
         self.engine_addr, self.tokenizer_addr = engine_addr, tokenizer_addr
         self.pids = {**(pids or {}), "bench client": os.getpid()}   # processes whose CPU time is reported
 
-    def connect(self) -> AsyncClient:
-        return AsyncClient(tokenizer=self.tokenizer_addr, engine=self.engine_addr)
+    def connect(self, text_from: str = "tokenizer") -> AsyncClient:
+        options = {} if text_from == "tokenizer" else {"text_from": text_from}   # (SDKs before text_from)
+        return AsyncClient(tokenizer=self.tokenizer_addr, engine=self.engine_addr, **options)
 
     def describe(self) -> dict:
         async def info():
@@ -79,15 +80,16 @@ def _engine_flags(args, model_dir: str) -> list[str]:
 
 
 def run(client: OnlineClient, requests: list[BenchRequest], params: list[SamplingParams], rate: float,
-        concurrency: int | None, seed: int, progress=None) -> RunRecord:
-    return asyncio.run(_run(client, requests, params, rate, concurrency, seed, progress))
+        concurrency: int | None, seed: int, progress=None, text_from: str = "tokenizer") -> RunRecord:
+    """online (text_from="tokenizer": DecodeStream per chunk) or online_etext (the engine's text)."""
+    return asyncio.run(_run(client, requests, params, rate, concurrency, seed, progress, text_from))
 
 
-async def _run(online: OnlineClient, requests, params, rate, concurrency, seed, progress) -> RunRecord:
+async def _run(online: OnlineClient, requests, params, rate, concurrency, seed, progress, text_from) -> RunRecord:
     offsets = arrival_offsets(len(requests), rate, seed)
     limit = asyncio.Semaphore(concurrency or len(requests))
     meter = CpuMeter(online.pids)
-    async with online.connect() as client:
+    async with online.connect(text_from) as client:
         encodes = (await client.model_info()).stats.num_prompt_encodes
         await client.tokenizer_info()  # the fingerprint is fetched once, outside the timed region
         meter.start()
@@ -105,7 +107,8 @@ async def _run(online: OnlineClient, requests, params, rate, concurrency, seed, 
         end = max([r.finish_time for r in records if r.finish_time is not None], default=time.perf_counter())
         cpu_s = meter.delta()
         encodes = (await client.model_info()).stats.num_prompt_encodes - encodes
-    return RunRecord("online", start, end, list(records), prompt_encodes=encodes, reports_cached_tokens=True,
+    mode = "online" if text_from == "tokenizer" else "online_etext"
+    return RunRecord(mode, start, end, list(records), prompt_encodes=encodes, reports_cached_tokens=True,
                      extra=_extra(rate, concurrency, cpu_s, records))
 
 
