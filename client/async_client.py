@@ -39,12 +39,17 @@ class AsyncClient:
                  timeout: float | None = None, retry: RetryPolicy = RetryPolicy(),
                  interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
                  tls_root_cert: str | bytes | None = None, credentials: grpc.ChannelCredentials | None = None,
-                 auth_token: str | None = None):
+                 auth_token: str | None = None, text_from: str = "tokenizer"):
         """`tokenizer`/`engine` are "host:port" addresses; `interceptors` (tracing, auth, metrics)
         wrap every RPC on both channels. TLS: `tls_root_cert` is the CA (a PEM file path, or PEM bytes)
         that signed the services' certificates; `credentials` (`grpc.ssl_channel_credentials(...)`,
         e.g. with a client key and certificate for mutual TLS) takes its place for anything else.
-        `auth_token` is sent as `authorization: Bearer <token>` (None: $TOKENWIRE_AUTH_TOKEN, if set)."""
+        `auth_token` is sent as `authorization: Bearer <token>` (None: $TOKENWIRE_AUTH_TOKEN, if set).
+        `text_from`: where generated text comes from: "tokenizer" (the tokenizer service's DecodeStream,
+        one round trip per chunk) or "engine" (the engine's `return_text`, from the same detokenizer)."""
+        if text_from not in ("tokenizer", "engine"):
+            raise ValueError(f"text_from: 'tokenizer' or 'engine', got {text_from!r}")
+        self.text_from = text_from
         self.timeout = timeout
         self.retry = retry
         self._metadata = auth_metadata(auth_token)   # sent on every call but health checks
@@ -219,7 +224,8 @@ class AsyncClient:
         # With stop strings the engine detokenizes anyway (to find them) and its text stops right before
         # the match, while the ids run to the end of the matching token: take the engine's text then.
         # The engine's text is the same text, so it also stands in while the tokenizer service is down.
-        engine_text = self._tokenizer is None or bool(sampling.get("stop")) or not self._tokenizer_reachable()
+        engine_text = self._tokenizer is None or self.text_from == "engine" or bool(sampling.get("stop")) \
+            or not self._tokenizer_reachable()
         return convert.ids_request(ids, sampling, fingerprint, return_text=engine_text)
 
     def _tokenizer_reachable(self) -> bool:

@@ -30,13 +30,14 @@ class Client:
                  timeout: float | None = None, retry: RetryPolicy = RetryPolicy(),
                  interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
                  tls_root_cert: str | bytes | None = None, credentials: grpc.ChannelCredentials | None = None,
-                 auth_token: str | None = None):
+                 auth_token: str | None = None, text_from: str = "tokenizer"):
         """See AsyncClient: the same options, TLS and auth included."""
         self._loop = _shared_loop()
         self._closed = False
         self._client: AsyncClient = self._run(_make(tokenizer, engine, timeout=timeout, retry=retry,
                                                      interceptors=interceptors, tls_root_cert=tls_root_cert,
-                                                     credentials=credentials, auth_token=auth_token))
+                                                     credentials=credentials, auth_token=auth_token,
+                                                     text_from=text_from))
 
     def __enter__(self) -> Client:
         return self
