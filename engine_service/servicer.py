@@ -2,8 +2,9 @@
 
 Handlers validate and encode off the event loop (`asyncio.to_thread(engine.prepare, ...)`), hand the
 prepared sequence to the engine core (CoreClient.submit), and read its outputs from a per-request asyncio
-queue that the core client fills on the event loop, one core message per step for every request. Whatever way a handler exits (finish, error, client
-cancel, deadline, shutdown) an unfinished request is aborted inside the engine, which frees its blocks.
+queue that the core client fills on the event loop (one core message per step carries every request's
+outputs). Whatever way a handler exits (finish, error, client cancel, deadline, shutdown) an unfinished
+request is aborted inside the engine, which frees its blocks.
 """
 from __future__ import annotations
 
