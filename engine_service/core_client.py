@@ -23,6 +23,7 @@ from tokenwire.engine.core_proc import CoreInfo, CoreStats, run_core
 from tokenwire.engine.outputs import RequestOutput
 from tokenwire.engine.preparer import RequestPreparer
 from tokenwire.engine.sequence import FinishReason, Sequence
+from tokenwire.serving.logging_setup import JsonFormatter
 from tokenwire.serving.model_resolver import resolve_model
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class CoreClient:
         self._outputs, outputs_w = ctx.Pipe(duplex=False)
         self._process = ctx.Process(
             target=run_core, name="tokenwire-engine-core", daemon=True,
-            args=(commands_r, outputs_w, core_config, logging.getLogger().getEffectiveLevel(), os.getpid()))
+            args=(commands_r, outputs_w, core_config, *_log_settings(), os.getpid()))
         self._process.start()
         commands_r.close()   # ours closed, so the core's death is EOF here and ours is EOF there
         outputs_w.close()
@@ -239,6 +240,13 @@ class CoreClient:
         if self._outputs is not None and not self._outputs.closed:
             self._loop.remove_reader(self._outputs.fileno())
             self._outputs.close()
+
+
+def _log_settings() -> tuple[str, str]:
+    """The front's log level and format (text or json), for the core to log the same way."""
+    root = logging.getLogger()
+    json_format = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    return logging.getLevelName(root.getEffectiveLevel()), "json" if json_format else "text"
 
 
 def _load_tokenizer(config: EngineConfig):

@@ -25,6 +25,7 @@ from multiprocessing.connection import Connection
 from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.outputs import EngineStats, RequestOutput
 from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.serving.logging_setup import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,12 @@ class CoreStats:
     prefix_cache_hit_tokens: int
 
 
-def run_core(commands: Connection, outputs: Connection, config: EngineConfig, log_level: int,
+def run_core(commands: Connection, outputs: Connection, config: EngineConfig, log_level: str, log_format: str,
              parent_pid: int) -> None:
-    """The child's entry point (multiprocessing, spawn)."""
+    """The child's entry point (multiprocessing, spawn); it logs as the front does (level, text or json)."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the group: the front drains, then stops us
-    logging.basicConfig(level=log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
+    configure_logging(log_level, log_format)
     try:
         engine = load_engine(config)
     except BaseException as exc:  # the front reports it and fails its load
