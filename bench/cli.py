@@ -7,6 +7,9 @@ Modes (comma-separated `--mode`, run in this order, one process):
            `--request-rate` and/or a `--concurrency` bound. `--endpoint grpc,openai` runs it through the
            SDK (`online`) and through the OpenAI-compatible gateway (`online_openai`; `sse`: raw SSE,
            `online_sse`) in one invocation, on the same services, and reports the ratio.
+  online_etext  as online, but the SDK takes the text from the engine (`return_text`), not DecodeStream.
+  online_ids  the engine service alone: ids in (tokenized before the timed region), ids out, no text, no
+           SDK, raw grpc.aio stubs. Online modes print each process's CPU seconds per 1,000 tokens.
   replicas through `--replicas` engine replicas started here, as `online`, under three setups: round robin,
            prefix-affinity routing, and one replica; hit rate, TTFT and requests per replica side by side
            (default of the multiprefix workload; see replicas.py).
@@ -20,6 +23,7 @@ nothing); without it, text goes in and tokenization is timed. Metrics: see metri
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import os
@@ -40,9 +44,10 @@ from tokenwire.serving.model_resolver import DEFAULT_MODEL, resolve_model
 
 log = logging.getLogger("tokenwire.bench")
 
-MODES = ("offline", "naive", "online", "replicas", "hf_static", "hf_batch")
+MODES = ("offline", "naive", "online", "online_etext", "online_ids", "replicas", "hf_static", "hf_batch")
+ONLINE_MODES = ("online", "online_etext", "online_ids")
 DEFAULT_MODES = {"P1": "offline,hf", "online": "offline,online", "multiprefix": "replicas"}   # others: offline
-ENGINE_MODES = ("offline", "naive", "online")
+ENGINE_MODES = ("offline", "naive", *ONLINE_MODES)
 BASELINES = ("hf_static", "hf_batch", "offline")
 
 
@@ -154,28 +159,28 @@ class Bench:
         self.replica_loads: dict[str, dict] = {}   # replicas mode: setup -> its SetupLoad (last run)
         self.busy_cores_before = cpu_busy_cores()
 
-    def requests(self, variant: int, warmup: bool = False) -> list[BenchRequest]:
+    def requests(self, variant: int, warmup: bool = False, ids: bool = False) -> list[BenchRequest]:
         """Run `variant`'s prompts: same lengths every run, fresh content, so no run reuses another's
         prefix-cache entries. --pretok tokenizes here, outside every timed region."""
         reqs = build_requests(self.spec, self.tokenizer, variant)
         if warmup:
             reqs = warmup_requests(reqs, self.args.warmup_max_requests, self.args.warmup_max_prompt_tokens,
                                    self.args.warmup_max_new_tokens)
-        return pretokenize(reqs, self.tokenizer) if self.args.pretok else reqs
+        return pretokenize(reqs, self.tokenizer) if self.args.pretok or ids else reqs
 
     def params(self, requests: list[BenchRequest]) -> list[SamplingParams]:
         return [sampling_params(self.args, r.max_new_tokens, self.spec.ignore_eos, i) for i, r in enumerate(requests)]
 
-    def repeat(self, mode: str, run_once, variant_base: int = 0) -> None:
-        """Warm-up runs (discarded), then the timed runs, each on its own prompt variant (offset by
-        variant_base, so modes sharing one engine never reuse each other's prefix-cache entries)."""
+    def repeat(self, mode: str, run_once, variant_base: int = 0, ids: bool = False) -> None:
+        """Warm-up runs (discarded), then the timed runs, each on its own prompt variant (`variant_base`
+        keeps two modes on one server from sharing prefix-cache entries)."""
         args = self.args
         for i in range(args.warmup_runs):
-            reqs = self.requests(1000 + variant_base + i, warmup=True)
+            reqs = self.requests(1000 + variant_base + i, warmup=True, ids=ids)
             with progress_bar(len(reqs), f"{mode} warm-up", not args.no_progress) as bar:
                 run_once(reqs, bar)
         for i in range(args.repeat_runs):
-            reqs = self.requests(variant_base + i)
+            reqs = self.requests(variant_base + i, ids=ids)
             with progress_bar(len(reqs), f"{mode} run {i + 1}/{args.repeat_runs}", not args.no_progress) as bar:
                 run = run_once(reqs, bar)
             self.runs.setdefault(mode, []).append(run)
@@ -198,7 +203,7 @@ class Bench:
             gc.collect()
 
     def run_online(self) -> None:
-        if "online" not in self.modes:
+        if not any(m in self.modes for m in ONLINE_MODES):
             return
         from tokenwire.bench import online as bench_online
         endpoints = parse_endpoints(self.args.endpoint)
@@ -207,10 +212,18 @@ class Bench:
             if self.dtype is None:  # the baselines then run in the served engine's dtype
                 self.dtype = getattr(torch, self.extra["online"]["dtype"])
                 self.device = torch.device(self.extra["online"]["device"])
-            for k, endpoint in enumerate(endpoints):
-                self.repeat(bench_online.mode_name(endpoint), lambda reqs, bar, endpoint=endpoint: bench_online.run(
+            runs = []   # (mode, runner, whether its requests carry ids): each on prompts of its own
+            if "online" in self.modes:
+                runs += [(bench_online.mode_name(e), functools.partial(bench_online.run, endpoint=e), False)
+                         for e in endpoints]
+            if "online_etext" in self.modes:
+                runs.append(("online_etext", functools.partial(bench_online.run, text_from="engine"), False))
+            if "online_ids" in self.modes:
+                runs.append(("online_ids", bench_online.run_ids, True))
+            for base, (mode, runner, ids) in enumerate(runs):
+                self.repeat(mode, lambda reqs, bar, runner=runner: runner(
                     client, reqs, self.params(reqs), self.spec.request_rate, self.args.concurrency,
-                    self.args.seed, bar, endpoint), variant_base=100 * k)
+                    self.args.seed, bar), variant_base=100 * base, ids=ids)
 
     def run_replicas(self) -> None:
         """The three setups on the same running replicas, each with prompts no other setup sent."""

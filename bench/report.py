@@ -121,6 +121,8 @@ def format_table(summaries: list[ModeSummary], comparisons: dict) -> str:
             lines.append(f"  {s.mode}: {s.num_errors} request(s) failed")
     for s in summaries:
         lines += _step_profile_lines(s)
+    for s in summaries:
+        lines += _cpu_lines(s)
     for name, value in comparisons.items():
         lines.append(f"{name:<40} {_fmt(value, '.3f')}")
     return "\n".join(lines)
@@ -158,6 +160,15 @@ def _step_profile_lines(summary: ModeSummary) -> list[str]:
                                for name, ms in times["per_step"].items())
             lines.append(f"{summary.mode} {kind} steps: {times['steps']}, {total:.1f} ms each = {phases}")
     return lines
+
+
+def _cpu_lines(summary: ModeSummary) -> list[str]:
+    """Online modes: CPU seconds per 1,000 completion tokens of each process (last run, from /proc)."""
+    per_1k = summary.extra.get("cpu_s_per_1k_tokens")
+    if not per_1k:
+        return []
+    parts = ", ".join(f"{name} {s:.2f}" for name, s in per_1k.items())
+    return [f"{summary.mode} CPU s per 1k completion tokens: {parts}; total {sum(per_1k.values()):.2f}"]
 
 
 def _pcts(d: Distribution, n: int) -> str:

@@ -42,17 +42,23 @@ class AsyncClient:
                  interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
                  tls_root_cert: str | bytes | None = None, credentials: grpc.ChannelCredentials | None = None,
                  auth_token: str | None = None, routing: str = "round_robin",
-                 prefix_routing: PrefixRouting = PrefixRouting()):
+                 prefix_routing: PrefixRouting = PrefixRouting(), text_from: str = "tokenizer"):
         """`tokenizer`/`engine` are "host:port" addresses or gRPC targets (`dns:///engine:50052`);
-        `interceptors` (tracing, auth, metrics) wrap every RPC on both channels. TLS: `tls_root_cert` is the CA (a PEM file path, or PEM bytes)
-        that signed the services' certificates; `credentials` (`grpc.ssl_channel_credentials(...)`,
-        e.g. with a client key and certificate for mutual TLS) takes its place for anything else.
+        `interceptors` (tracing, auth, metrics) wrap every RPC on both channels. TLS: `tls_root_cert` is
+        the CA (a PEM file path, or PEM bytes) that signed the services' certificates; `credentials`
+        (`grpc.ssl_channel_credentials(...)`, e.g. with a client key and certificate for mutual TLS) takes
+        its place for anything else.
         `auth_token` is sent as `authorization: Bearer <token>` (None: $TOKENWIRE_AUTH_TOKEN, if set).
         `routing`: how generations pick an engine replica of a multi-address target: "round_robin", or
         "prefix" (prompts sharing their first blocks meet on one replica and its prefix cache; settings in
-        `prefix_routing`, see tokenwire.client.routing)."""
+        `prefix_routing`, see tokenwire.client.routing).
+        `text_from`: where generated text comes from: "tokenizer" (the tokenizer service's DecodeStream,
+        one round trip per chunk) or "engine" (the engine's `return_text`, from the same detokenizer)."""
         if routing not in ROUTINGS:
             raise ValueError(f"routing: expected one of {list(ROUTINGS)}, got {routing!r}")
+        if text_from not in ("tokenizer", "engine"):
+            raise ValueError(f"text_from: 'tokenizer' or 'engine', got {text_from!r}")
+        self.text_from = text_from
         self.timeout = timeout
         self.retry = retry
         self._metadata = auth_metadata(auth_token)   # sent on every call but health checks
@@ -250,7 +256,8 @@ class AsyncClient:
         # With stop strings the engine detokenizes anyway (to find them) and its text stops right before
         # the match, while the ids run to the end of the matching token: take the engine's text then.
         # The engine's text is the same text, so it also stands in while the tokenizer service is down.
-        engine_text = self._tokenizer is None or bool(sampling.get("stop")) or not self._tokenizer_reachable()
+        engine_text = self._tokenizer is None or self.text_from == "engine" or bool(sampling.get("stop")) \
+            or not self._tokenizer_reachable()
         return convert.ids_request(ids, sampling, fingerprint, return_text=engine_text)
 
     def _tokenizer_reachable(self) -> bool:

@@ -32,14 +32,15 @@ class Client:
                  interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
                  tls_root_cert: str | bytes | None = None, credentials: grpc.ChannelCredentials | None = None,
                  auth_token: str | None = None, routing: str = "round_robin",
-                 prefix_routing: PrefixRouting = PrefixRouting()):
-        """See AsyncClient: the same options, TLS, auth and routing included."""
+                 prefix_routing: PrefixRouting = PrefixRouting(), text_from: str = "tokenizer"):
+        """See AsyncClient: the same options, TLS, auth, routing and text source included."""
         self._loop = _shared_loop()
         self._closed = False
         self._client: AsyncClient = self._run(_make(tokenizer, engine, timeout=timeout, retry=retry,
                                                      interceptors=interceptors, tls_root_cert=tls_root_cert,
                                                      credentials=credentials, auth_token=auth_token,
-                                                     routing=routing, prefix_routing=prefix_routing))
+                                                     routing=routing, prefix_routing=prefix_routing,
+                                                     text_from=text_from))
 
     def __enter__(self) -> Client:
         return self

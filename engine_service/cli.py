@@ -15,6 +15,7 @@ from collections.abc import MutableMapping
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
 from tokenwire.engine.server import serve
 from tokenwire.serving.cli_env import add_config_flags, apply_env_defaults, config_values
+from tokenwire.serving.server import ServiceFailed
 from tokenwire.serving.logging_setup import add_logging_arguments, configure_logging
 
 _NESTED = {"cache": CacheConfig, "scheduler": SchedulerConfig}
@@ -53,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     log.info("OMP_WAIT_POLICY=%s", prefer_sleeping_omp_waits())  # torch is imported later, by load()
     engine_config, server_config = configs_from_args(args)
-    asyncio.run(serve(engine_config, server_config))
+    try:
+        asyncio.run(serve(engine_config, server_config))
+    except ServiceFailed as failure:  # e.g. the engine core died: exit non-zero so that it is restarted
+        log.error("tokenwire-engine stopped: %s", failure)
+        return 1
     return 0
 
 

@@ -3,12 +3,8 @@ post-process, per-request output deltas out. Single-threaded by design; `EngineL
 """
 from __future__ import annotations
 
-import itertools
 import logging
-import random
-import threading
 import time
-import uuid
 from collections.abc import Sequence as Seq
 
 from transformers import AutoTokenizer
@@ -18,6 +14,7 @@ from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.faults import FaultInjector
 from tokenwire.engine.model_runner import ModelRunner
 from tokenwire.engine.output_processor import OutputProcessor, RequestState
+from tokenwire.engine.preparer import RequestPreparer
 from tokenwire.engine.outputs import EngineStats, RequestOutput
 from tokenwire.engine.sampler import Sampler
 from tokenwire.engine.sampling_params import SamplingParams
@@ -47,11 +44,8 @@ class LLMEngine:
         self.sampler = Sampler()
         self.outputs = OutputProcessor(self.tokenizer, self.runner.eos_token_ids, self.max_model_len)
         self._states: dict[str, RequestState] = {}
-        self._encode_lock = threading.Lock()
-        self._encodes = 0
-        self._encode_s = 0.0                     # wall time spent in those encodes
-        self._seed_rng = random.Random(config.seed)
-        self._ids = itertools.count()
+        self.preparer = RequestPreparer(self.tokenizer, self.vocab_size, self.max_model_len,
+                                        config.max_new_tokens_cap, config.max_logprobs, config.seed)
         self.step_profile = StepProfile()        # cumulative time per step phase (the benchmark reads it)
         self.faults = FaultInjector.from_env()   # None unless TOKENWIRE_FAULT_INJECT is set (tests)
         if self.faults is not None:
@@ -65,51 +59,21 @@ class LLMEngine:
     @property
     def num_prompt_encodes(self) -> int:
         """Prompts this engine has tokenized: 0 for every request that arrived as token ids."""
-        return self._encodes
+        return self.preparer.num_prompt_encodes
 
     @property
     def prompt_encode_s(self) -> float:
         """Seconds spent tokenizing those prompts (the benchmark's longprompt workload reports it)."""
-        return self._encode_s
+        return self.preparer.prompt_encode_s
 
     def encode_prompt(self, text: str) -> list[int]:
-        if not isinstance(text, str) or not text:
-            raise InvalidRequestError("prompt", "must be a non-empty string")
-        start = time.perf_counter()
-        ids = self.tokenizer.encode(text)
-        with self._encode_lock:
-            self._encodes += 1
-            self._encode_s += time.perf_counter() - start
-        if not ids:  # e.g. only control characters the vocabulary has no token for
-            raise InvalidRequestError("prompt", "encodes to no tokens")
-        return ids
+        return self.preparer.encode_prompt(text)
 
     def prepare(self, prompt: str | None = None, prompt_token_ids: Seq[int] | None = None,
                 params: SamplingParams | None = None, request_id: str | None = None,
                 arrival_time: float | None = None) -> Sequence:
         """Validate a request and build its Sequence. Thread-safe: callers run it off the engine thread."""
-        params = params or SamplingParams()
-        if (prompt is None) == (prompt_token_ids is None):
-            raise InvalidRequestError("prompt", "give exactly one of prompt text or prompt_token_ids")
-        params.validate(self.config.max_new_tokens_cap, self.config.max_logprobs, self.vocab_size)
-        ids = self.encode_prompt(prompt) if prompt is not None else self._checked_ids(prompt_token_ids)
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                "prompt", f"is {len(ids)} tokens; the context holds {self.max_model_len} "
-                          f"and at least one new token must fit")
-        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-        return Sequence(request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", ids, params,
-                        arrival_time=arrival_time or time.monotonic(), seed=seed)
-
-    def _checked_ids(self, ids: Seq[int]) -> list[int]:
-        ids = list(ids)
-        if not ids:
-            raise InvalidRequestError("prompt_token_ids", "must not be empty")
-        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
-        if bad:
-            raise InvalidRequestError("prompt_token_ids",
-                                      f"ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
-        return ids
+        return self.preparer.prepare(prompt, prompt_token_ids, params, request_id, arrival_time)
 
     def add(self, seq: Sequence, want_text: bool = False) -> str:
         """Queue a prepared sequence. Engine thread only."""
@@ -227,5 +191,5 @@ class LLMEngine:
         return EngineStats(
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             num_kv_blocks=self.runner.num_blocks, num_free_kv_blocks=bm.num_free_blocks,
-            num_prompt_encodes=self._encodes, prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
+            num_prompt_encodes=self.num_prompt_encodes, prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
             num_preemptions=self.scheduler.num_preemptions)

@@ -81,13 +81,12 @@ class EngineMetrics:
 class EngineStatsCollector(Collector):
     """Reads the engine's counters at scrape time, from the scrape thread.
 
-    `engine()` returns the LLMEngine, or None while the model loads (then only the RPC layer's numbers
-    are reported). The reads are plain integer lookups, safe without stopping the engine thread; a
-    scrape may see two fields from two neighbouring steps, which gauges tolerate.
+    `core_stats()` returns the CoreStats that came with the engine core's last step, or None while the
+    model loads (then only the RPC layer's numbers are reported): a scrape never waits on the core.
     """
 
-    def __init__(self, engine: Callable[[], Any], active_requests: Callable[[], int]):
-        self._engine = engine
+    def __init__(self, core_stats: Callable[[], Any], active_requests: Callable[[], int]):
+        self._core_stats = core_stats
         self._active_requests = active_requests
 
     def describe(self) -> list:
@@ -97,11 +96,10 @@ class EngineStatsCollector(Collector):
         p = "tokenwire_engine_"
         yield GaugeMetricFamily(p + "requests_active", "Generate/GenerateBatch requests the server is handling",
                                 value=self._active_requests())
-        engine = self._engine()
-        if engine is None:
+        core = self._core_stats()
+        if core is None:
             return
-        stats = engine.stats()
-        cache = engine.block_manager.prefix_cache_stats
+        stats = core.engine
         yield CounterMetricFamily(p + "prompt_encodes", "Prompts the engine tokenized itself (text requests); "
                                   "requests sent as token ids cost none", value=stats.num_prompt_encodes)
         yield GaugeMetricFamily(p + "requests_running", "Requests holding KV blocks, scheduled every step",
@@ -116,8 +114,8 @@ class EngineStatsCollector(Collector):
         yield GaugeMetricFamily(p + "prefix_cache_hit_rate", "Prompt tokens served by the prefix cache / looked "
                                 "up, since start", value=stats.prefix_cache_hit_rate)
         yield CounterMetricFamily(p + "prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",
-                                  value=cache.queried_tokens)
+                                  value=core.prefix_cache_queried_tokens)
         yield CounterMetricFamily(p + "prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
-                                  value=cache.hit_tokens)
+                                  value=core.prefix_cache_hit_tokens)
         yield CounterMetricFamily(p + "preemptions", "Requests preempted (blocks reclaimed, recomputed later)",
                                   value=stats.num_preemptions)

@@ -1,7 +1,11 @@
 """The engine's gRPC server: EngineService on the shared server lifecycle (tokenwire.serving.server), plus
 the engine's gauges on /metrics (read at scrape time) and per-request metrics from the response stream.
 
-The model loads and runs one warm-up generation before health turns SERVING. On shutdown health goes
+The engine core (scheduler, model runner, sampler: LLMEngine.step) runs in a child process that this
+server starts and owns (core_proc, core_client); this process keeps the edge: validation, fingerprint
+checks, text encoding, admission, metrics, health and drain. The core loads the model and runs one
+warm-up generation before health turns SERVING. If the core dies, the requests in flight end
+UNAVAILABLE, health turns NOT_SERVING and the service exits non-zero. On shutdown health goes
 NOT_SERVING, new requests are refused, in-flight ones get the drain grace, the rest are aborted.
 """
 from __future__ import annotations
@@ -14,14 +18,12 @@ import grpc
 
 from tokenwire.engine.config import EngineConfig, ServerConfig
 from tokenwire.engine.metrics import EngineMetrics, EngineStatsCollector
-from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.engine.servicer import EngineServicer
 from tokenwire.serving.server import GrpcServer, serve_until_signal
 from tokenwire.v1 import engine_pb2, engine_pb2_grpc
 
 if TYPE_CHECKING:  # the engine (torch, transformers) is imported by load(), after the port is bound
-    from tokenwire.engine.engine import LLMEngine
-    from tokenwire.engine.engine_loop import EngineLoop
+    from tokenwire.engine.core_client import CoreClient
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +39,27 @@ class EngineServer(GrpcServer):
         super().__init__(server_config)
         self.engine_config = engine_config
         self.servicer = EngineServicer(server_config.max_pending_requests, server_config.max_waiting_requests)
-        self.engine_loop: EngineLoop | None = None
+        self.engine_loop: CoreClient | None = None
         self.metrics = EngineMetrics(self.registry)
         self.observe_responses(self.metrics.on_response)
         self.registry.register(EngineStatsCollector(
-            lambda: self.engine_loop and self.engine_loop.engine, lambda: self.servicer.num_active_requests))
+            lambda: self.engine_loop and self.engine_loop.latest_stats(), lambda: self.servicer.num_active_requests))
 
     def add_servicer(self, server: grpc.aio.Server) -> None:
         engine_pb2_grpc.add_EngineServiceServicer_to_server(self.servicer, server)
 
     async def load(self) -> None:
-        """Load and warm up the model off the event loop, start the engine thread, turn SERVING."""
-        engine = await asyncio.to_thread(_load_engine, self.engine_config)
-        from tokenwire.engine.engine_loop import EngineLoop
+        """Start the engine core process (it loads and warms up the model), then turn SERVING."""
+        from tokenwire.engine.core_client import CoreClient
 
-        self.engine_loop = EngineLoop(engine).start()
-        self.servicer.attach(self.engine_loop)
+        core = CoreClient(self.engine_config, on_death=self.fail)
+        try:
+            await core.start()
+        except BaseException:
+            await core.stop(timeout=5.0)
+            raise
+        self.engine_loop = core
+        self.servicer.attach(core)
         await self.set_serving()
         log.info("tokenwire-engine serving %s on port %d", self.engine_config.model, self.port)
 
@@ -69,16 +76,7 @@ class EngineServer(GrpcServer):
 
     async def close(self) -> None:
         if self.engine_loop is not None:
-            await asyncio.to_thread(self.engine_loop.stop)
-
-
-def _load_engine(config: EngineConfig) -> LLMEngine:
-    from tokenwire.engine.engine import LLMEngine
-
-    engine = LLMEngine(config)
-    # One tiny generation (prefill + decode) so the first real request does not pay one-time costs.
-    engine.generate(prompt_token_ids=[[1] * 8], params=SamplingParams(max_new_tokens=2, temperature=0.0))
-    return engine
+            await self.engine_loop.stop()
 
 
 async def serve(engine_config: EngineConfig, server_config: ServerConfig = ServerConfig()) -> None:

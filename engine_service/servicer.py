@@ -1,9 +1,10 @@
 """The EngineService gRPC handlers (grpc.aio).
 
 Handlers validate and encode off the event loop (`asyncio.to_thread(engine.prepare, ...)`), hand the
-prepared sequence to the EngineLoop's inbox, and read its outputs from a per-request asyncio queue that
-the engine thread fills with `call_soon_threadsafe`. Whatever way a handler exits (finish, error, client
-cancel, deadline, shutdown) an unfinished request is aborted inside the engine, which frees its blocks.
+prepared sequence to the engine core (CoreClient.submit), and read its outputs from a per-request asyncio
+queue that the core client fills on the event loop (one core message per step carries every request's
+outputs). Whatever way a handler exits (finish, error, client cancel, deadline, shutdown) an unfinished
+request is aborted inside the engine, which frees its blocks.
 """
 from __future__ import annotations
 
@@ -28,8 +29,7 @@ from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
 
 if TYPE_CHECKING:  # kept out of the import path: the server binds its port before loading torch
-    from tokenwire.engine.engine import LLMEngine
-    from tokenwire.engine.engine_loop import EngineLoop
+    from tokenwire.engine.core_client import CoreClient, EngineFront
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +57,14 @@ class _Submitted:
     """One sequence inside the engine: its output queue, and its abort if the caller leaves early.
     `on_start` runs (on the event loop) when its first output arrives: it has left the waiting queue."""
 
-    def __init__(self, engine_loop: EngineLoop, seq: Sequence, want_text: bool,
+    def __init__(self, engine_loop: CoreClient, seq: Sequence, want_text: bool,
                  on_start: Callable[[str], None] = lambda request_id: None):
         self._engine_loop = engine_loop
-        self._aio_loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._on_start: Callable[[str], None] | None = on_start
         self.request_id = seq.request_id
         self.finished = False
-        engine_loop.submit(seq, self._sink, want_text)
-
-    def _sink(self, output: RequestOutput) -> None:  # engine thread: hand over, nothing more
-        self._aio_loop.call_soon_threadsafe(self._deliver, output)
+        engine_loop.submit(seq, self._deliver, want_text)
 
     def _deliver(self, output: RequestOutput) -> None:
         if self._on_start is not None:
@@ -97,8 +93,10 @@ class _Submitted:
             self._engine_loop.abort(self.request_id)
 
 
-def _raise_if_failed(output: RequestOutput) -> None:
+def _raise_if_failed(output: RequestOutput, core_death: str | None) -> None:
     """Errors travel as a status, never inside an OK stream."""
+    if output.error is not None and output.error == core_death:
+        raise _Refused(grpc.StatusCode.UNAVAILABLE, core_death)
     if output.error is not None:
         raise _Refused(grpc.StatusCode.INTERNAL, f"the engine failed this request: {output.error}")
     if output.finished and output.finish_reason is FinishReason.ABORT:
@@ -114,14 +112,14 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     def __init__(self, max_pending_requests: int, max_waiting_requests: int | None = None):
         self.max_pending_requests = max_pending_requests
         self.max_waiting_requests = max_waiting_requests or max_pending_requests
-        self.engine_loop: EngineLoop | None = None
+        self.engine_loop: CoreClient | None = None
         self.draining = False
         self._active: set[str] = set()   # request ids being served (also refuses duplicates)
         self._waiting: set[str] = set()  # ...of which those with no output yet (queued or prefilling)
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def attach(self, engine_loop: EngineLoop) -> None:
+    def attach(self, engine_loop: CoreClient) -> None:
         """Start serving generation once the model is loaded and warmed up."""
         self.engine_loop = engine_loop
 
@@ -146,7 +144,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                 try:
                     while not submitted.finished:
                         outputs = await submitted.next_outputs()
-                        _raise_if_failed(outputs[-1])
+                        _raise_if_failed(outputs[-1], engine_loop.death)
                         yield convert.generate_response(rid, outputs)
                 finally:  # client cancel / deadline lands here as CancelledError
                     submitted.abort_unless_finished()
@@ -171,7 +169,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                     for submitted in batch:
                         submitted.abort_unless_finished()
             for outputs in results:
-                _raise_if_failed(outputs[-1])
+                _raise_if_failed(outputs[-1], engine_loop.death)
             return pb.GenerateBatchResponse(
                 results=[convert.generate_response(s.request_id, outs) for s, outs in zip(batch, results)])
         except _Refused as refused:
@@ -186,22 +184,27 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         except _Refused as refused:
             await _abort(context, refused)
         engine = engine_loop.engine
-        stats = await asyncio.to_thread(engine_loop.call, engine.stats)  # a snapshot between two steps
-        runner = engine.runner
+        try:
+            stats = await engine_loop.stats()  # a snapshot between two steps of the core
+        except RuntimeError as exc:  # the core died meanwhile
+            await _abort(context, _Refused(grpc.StatusCode.UNAVAILABLE, str(exc)))
+        info = engine.info
         return pb.GetModelInfoResponse(
-            model=engine.config.model, architecture=runner.architecture,
+            model=engine.config.model, architecture=info.architecture,
             max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
             tokenizer_fingerprint=engine.tokenizer_fingerprint,
-            config=convert.engine_config_info(engine.config, str(runner.device), _dtype_name(runner.dtype),
-                                              runner.num_blocks, runner.block_size),
-            stats=convert.engine_stats(stats, self.num_active_requests),
-            eos_token_ids=sorted(runner.eos_token_ids))
+            config=convert.engine_config_info(engine.config, info.device, info.dtype, info.num_blocks,
+                                              info.block_size),
+            stats=convert.engine_stats(stats.engine, self.num_active_requests),
+            eos_token_ids=list(info.eos_token_ids))
 
     # ---- admission ----
 
-    def _serving_loop(self, allow_draining: bool = False) -> EngineLoop:
+    def _serving_loop(self, allow_draining: bool = False) -> CoreClient:
         if self.engine_loop is None:
             raise _Refused(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        if self.engine_loop.death is not None:
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, self.engine_loop.death)
         if self.draining and not allow_draining:
             raise _Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         return self.engine_loop
@@ -249,14 +252,14 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                            f"{self.max_waiting_requests}")
 
 
-def _prepare_batch(engine: LLMEngine, requests: Seq[pb.GenerateRequest], rids: Seq[str],
+def _prepare_batch(engine: EngineFront, requests: Seq[pb.GenerateRequest], rids: Seq[str],
                    arrival: float) -> list[Sequence]:
     if not requests:
         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "requests: must not be empty", "requests")
     return [_prepare(engine, r, rid, arrival, f"requests[{i}].") for i, (r, rid) in enumerate(zip(requests, rids))]
 
 
-def _prepare(engine: LLMEngine, request: pb.GenerateRequest, rid: str, arrival: float,
+def _prepare(engine: EngineFront, request: pb.GenerateRequest, rid: str, arrival: float,
              field_prefix: str = "") -> Sequence:
     """Fingerprint check first (no work for a mismatched tokenizer), then validation and, for a text
     prompt, its one encode. Runs in a worker thread: a long prompt must not stall the event loop."""
@@ -290,7 +293,3 @@ def _internal(exc: Exception) -> _Refused:
 
 async def _abort(context: grpc.aio.ServicerContext, refused: _Refused) -> None:
     await context.abort(refused.code, refused.message, trailing_metadata=refused.trailing_metadata)
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -49,6 +49,8 @@ class GrpcServer:
         self._observer = RpcObserver(RpcMetrics(self.registry))
         self._max_concurrent_rpcs = max_concurrent_rpcs
         self._server: grpc.aio.Server | None = None
+        self.failure: str | None = None     # why the service cannot go on (see `fail`)
+        self._failed = asyncio.Event()
 
     def observe_responses(self, hook: ResponseHook) -> None:
         """`hook` sees every successful response message (a service's own metrics)."""
@@ -94,6 +96,18 @@ class GrpcServer:
     async def set_serving(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
+    def fail(self, reason: str) -> None:
+        """The service cannot serve any more (e.g. its engine core died): NOT_SERVING now, and
+        `serve_until_signal` stops the server and ends with ServiceFailed, so the process exits non-zero."""
+        log.error("%s cannot serve: %s", self.display_name, reason)
+        self.failure = self.failure or reason
+        self._failed.set()
+        asyncio.ensure_future(self.health.enter_graceful_shutdown())
+
+    async def wait_failed(self) -> str:
+        await self._failed.wait()
+        return self.failure
+
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING first (and it stays so), then drain, then close the server and the service."""
         grace_s = self.config.drain_grace_s if grace_s is None else grace_s
@@ -114,9 +128,13 @@ class GrpcServer:
             await self.health.set(name, status)
 
 
+class ServiceFailed(RuntimeError):
+    """The server stopped because it could not serve any more (GrpcServer.fail)."""
+
+
 async def serve_until_signal(server: GrpcServer, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
     """Starts `server`, loads it, and serves until a signal; then stops gracefully. A failed load ends the
-    process with that error (after the stop)."""
+    process with that error (after the stop); so does a failure while serving (ServiceFailed)."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in signals:
@@ -124,13 +142,17 @@ async def serve_until_signal(server: GrpcServer, signals: Sequence[int] = (signa
     await server.start()
     loading = asyncio.create_task(server.load())
     signalled = asyncio.create_task(stopping.wait())
+    failed = asyncio.create_task(server.wait_failed())
     try:
-        await asyncio.wait({loading, signalled}, return_when=asyncio.FIRST_COMPLETED)
-        if loading.done():
+        await asyncio.wait({loading, signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
+        if loading.done() and not failed.done():
             loading.result()  # re-raises a load failure
-            await signalled
+            await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
         log.info("%s shutting down", server.display_name)
     finally:
         loading.cancel()
         signalled.cancel()
+        failed.cancel()
         await server.stop()
+    if server.failure is not None:
+        raise ServiceFailed(server.failure)

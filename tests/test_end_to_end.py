@@ -82,6 +82,20 @@ def test_text_sent_straight_to_the_engine_is_encoded_once_there(services, client
     assert direct.text == client.complete(PROMPT, max_new_tokens=8, temperature=0.0).text
 
 
+def test_text_from_the_engine_is_the_same_text_without_decode_stream(services, client):
+    before = engine_encodes(client)
+    log = CallLog()
+    with Client(services.tokenizer_address, services.engine_address, interceptors=log.interceptors,
+                text_from="engine") as engine_text:
+        chunks = list(engine_text.generate(PROMPT, max_new_tokens=12, temperature=0.0))
+    assert "DecodeStream" not in log.methods() and log.methods().count("Encode") == 1
+    assert engine_encodes(client) == before   # text is still encoded once, by the tokenizer service
+    expected = "".join(c.text for c in client.generate(PROMPT, max_new_tokens=12, temperature=0.0))
+    assert "".join(c.text for c in chunks) == expected
+    with pytest.raises(ValueError, match="text_from"):
+        Client(services.tokenizer_address, services.engine_address, text_from="both")
+
+
 def test_greedy_text_equals_transformers_generate(client, hf):
     model, tokenizer = hf
     prompt_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
