@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.device import choose_device, choose_dtype
+from tokenwire.engine.models import kernels
 from tokenwire.engine.models.attention import AttentionBatch, KVCache
 from tokenwire.engine.models.gpt2 import GPT2Forward
 from tokenwire.engine.models.llama import LlamaForward
@@ -65,6 +66,8 @@ class ModelRunner:
         hf_model.to(self.device).eval()
         self.eos_token_ids = _eos_token_ids(hf_model)
         self.model: CausalLM = _ARCHITECTURES[self.architecture](hf_model)
+        # Fused attention/rope/norm kernels on the CPU (None: torch ops; see models/kernels.py).
+        self.native = kernels.native() if self.device.type == "cpu" else None
         del hf_model  # our forward keeps only the (fused) weights it needs
         self.vocab_size = self.model.vocab_size
         self.block_size = config.cache.block_size
@@ -135,7 +138,7 @@ class ModelRunner:
         return _Step(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
-            attention=AttentionBatch.build(spans, num_decodes, self.block_size, device),
+            attention=AttentionBatch.build(spans, num_decodes, self.block_size, device, self.native),
             sample_rows=torch.tensor([last_row[i] for i, c in enumerate(chunks) if c.sample],
                                      dtype=torch.long, device=device),
         )

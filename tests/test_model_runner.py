@@ -195,7 +195,8 @@ def test_decode_groups_match_single_decodes(runner):
         seq.output_token_ids.append(int(runner.execute([ScheduledChunk(seq, 0, seq.num_tokens, True)]).argmax()))
     chunks = [ScheduledChunk(s, s.num_tokens - 1, 1, True) for s in seqs]
     step = runner._prepare(chunks)
-    assert len(step.attention.decodes) > 1
+    # Torch ops split decodes into length groups; the native kernel reads each length in one group.
+    assert len(step.attention.decodes) == 1 if runner.native is not None else len(step.attention.decodes) > 1
     batched = runner.execute(chunks[::-1])
     alone = torch.cat([runner.execute([c]) for c in chunks[::-1]])
     # bf16: a different batch shape rounds differently; logits of a few units then differ by ~0.1.

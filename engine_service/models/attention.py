@@ -9,6 +9,10 @@ their slots with one `index_copy_`, then:
 - each prefill chunk attends with SDPA over its own context, causal and offset by the tokens already
   cached (earlier chunks, prefix-cache hits); a chunk with no cached context attends to its own K/V.
 Index tensors and masks are built once per step (`AttentionBatch.build`) and shared by every layer.
+
+With the native CPU kernels (`models/kernels.py`) decodes read the cache in place instead: one group
+of every decode, no gather, no mask; and the Llama forward writes K/V into the cache itself while it
+applies rope (`written=True` below).
 """
 from __future__ import annotations
 
@@ -66,6 +70,11 @@ class DecodeGroup:
     width: int
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # per sliding window
 
+    @property
+    def tables(self) -> torch.Tensor:
+        """[end - begin, width // block_size] block table of each decode, padded with block 0."""
+        return self.block_ids.view(self.end - self.begin, -1)
+
     def mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """[n, 1, 1, width] additive: key j is visible iff j < len (and within the window)."""
         mask = self.masks.get(window)
@@ -113,17 +122,19 @@ class AttentionBatch:
     decodes: list[DecodeGroup]
     prefills: list[PrefillSpan]
     block_size: int
+    native: object | None = None             # the native kernel module, or None: torch ops
 
     @classmethod
     def build(cls, spans: list[tuple[list[int], int, int]], num_decodes: int, block_size: int,
-              device: torch.device) -> AttentionBatch:
+              device: torch.device, native=None) -> AttentionBatch:
         """`spans`: (block_table, start, num_tokens) in row order; the first `num_decodes` are 1-token
         decodes sorted by context length, so groups of similar lengths are row ranges."""
         slots: list[int] = []
         for table, start, n in spans:
             _extend_slots(slots, table, start, start + n, block_size)
-        decodes = [_decode_group(spans[b:e], b, block_size, device)
-                   for b, e in _split_decodes([start + 1 for _, start, _ in spans[:num_decodes]], block_size)]
+        lens = [start + 1 for _, start, _ in spans[:num_decodes]]
+        ranges = ([(0, num_decodes)] if num_decodes else []) if native else _split_decodes(lens, block_size)
+        decodes = [_decode_group(spans[b:e], b, block_size, device) for b, e in ranges]
         prefills, row = [], num_decodes
         for table, start, n in spans[num_decodes:]:
             blocks = None
@@ -132,7 +143,7 @@ class AttentionBatch:
             prefills.append(PrefillSpan(row, row + n, start, blocks))
             row += n
         slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
-        return cls(slot_mapping, decodes, prefills, block_size)
+        return cls(slot_mapping, decodes, prefills, block_size, native)
 
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -179,11 +190,20 @@ def _extend_slots(slots: list[int], table: list[int], start: int, end: int, bloc
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, batch: AttentionBatch, scale: float,
-                    window: int | None = None) -> torch.Tensor:
-    """q [T, H, d], k/v [T, kv_heads, d] for this step's tokens; one layer's caches. Returns [T, H * d]."""
+                    window: int | None = None, written: bool = False) -> torch.Tensor:
+    """q [T, H, d], k/v [T, kv_heads, d] for this step's tokens; one layer's caches. Returns [T, H * d].
+    `written`: the caller already put k/v into their cache slots."""
     kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, batch.slot_mapping, k)
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, batch.slot_mapping, v)
+    if not written:
+        k_cache.view(-1, kv_heads, head_dim).index_copy_(0, batch.slot_mapping, k)
+        v_cache.view(-1, kv_heads, head_dim).index_copy_(0, batch.slot_mapping, v)
+    if batch.native is not None and batch.decodes:
+        group = batch.decodes[0]  # one group: the kernel reads each decode's own length only
+        outs = [batch.native.paged_decode(q[group.begin:group.end], k_cache, v_cache, group.tables,
+                                          group.lens, scale, window or 0)]
+        outs += [_prefill(q, k, v, k_cache, v_cache, span, batch.block_size, scale, window)
+                 for span in batch.prefills]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
     outs = [_decode(q, k_cache, v_cache, group, scale, window) for group in batch.decodes]
     outs += [_prefill(q, k, v, k_cache, v_cache, span, batch.block_size, scale, window)
              for span in batch.prefills]

@@ -69,6 +69,8 @@ class LlamaForward:
         cos, sin = self.rotary(h, positions[None])
         half = self.head_dim // 2
         cos, sin = cos[0, :, None, :half], sin[0, :, None, :half]   # [T, 1, d/2]
+        if batch.native is not None and self.act is F.silu:
+            return self._forward_native(batch.native, h, cos[:, 0], sin[:, 0], kv, batch, sample_rows)
         for i, layer in enumerate(self.layers):
             attn = self._attention(F.rms_norm(h, (self.hidden_size,), layer.input_norm, self.eps),
                                    layer, cos, sin, kv.k[i], kv.v[i], batch)
@@ -79,6 +81,30 @@ class LlamaForward:
             gate = F.silu(gate, inplace=True) if self.act is F.silu else self.act(gate)
             h = layer.down.add(gate.mul_(gate_up[:, inter:]), h)
         h = F.rms_norm(h.index_select(0, sample_rows), (self.hidden_size,), self.final_norm, self.eps)
+        return self.lm_head(h).float()
+
+    def _forward_native(self, native, h, cos, sin, kv: KVCache, batch: AttentionBatch,
+                        sample_rows: torch.Tensor) -> torch.Tensor:
+        """The same layers through the fused CPU kernels: rms_norm, rope + cache write, silu * mul."""
+        T, d, eps = h.shape[0], self.head_dim, self.eps
+        H, KVH = self.num_heads, self.num_kv_heads
+        q_end, k_end = H * d, (H + KVH) * d
+        for i, layer in enumerate(self.layers):
+            k_cache, v_cache = kv.k[i], kv.v[i]
+            qkv = layer.qkv(native.rms_norm(h, layer.input_norm, eps))
+            if layer.q_norm is None:
+                native.rope_and_cache(qkv, cos, sin, batch.slot_mapping, k_cache, v_cache, H, KVH)
+                q, k = qkv[:, :q_end].view(T, H, d), qkv[:, q_end:k_end].view(T, KVH, d)
+                written = True
+            else:
+                q = apply_rope(F.rms_norm(qkv[:, :q_end].view(T, -1, d), (d,), layer.q_norm, eps), cos[:, None], sin[:, None])
+                k = apply_rope(F.rms_norm(qkv[:, q_end:k_end].view(T, -1, d), (d,), layer.k_norm, eps), cos[:, None], sin[:, None])
+                written = False
+            v = qkv[:, k_end:].view(T, KVH, d)
+            attn = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale, layer.window, written)
+            h = layer.o.add(attn, h)
+            h = layer.down.add(native.silu_mul(layer.gate_up(native.rms_norm(h, layer.post_norm, eps))), h)
+        h = native.rms_norm(h.index_select(0, sample_rows), self.final_norm, eps)
         return self.lm_head(h).float()
 
     def _attention(self, x, layer: _Layer, cos, sin, k_cache, v_cache, batch) -> torch.Tensor:

@@ -1,0 +1,101 @@
+"""The native CPU kernels of `cpu_kernels.cpp`, built once with the machine's compiler, and their
+pure-torch equivalents.
+
+`native()` compiles the source with `torch.utils.cpp_extension.load` (gcc, -O3 -march=native) into
+`$TOKENWIRE_HOME/kernels/<torch>-<cpu capability>-<source hash>/` the first time (~1 min on 2 cores,
+logged) and loads it from there afterwards (well under a second). It returns None, and the model falls
+back to the torch ops below, when the build fails (no compiler, no ninja), when
+`TOKENWIRE_NATIVE_KERNELS=0`, or off the CPU. The fallbacks define what the kernels compute; a parity
+test holds the two together.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_ENV = "TOKENWIRE_NATIVE_KERNELS"
+_loaded: dict[str, object] = {}
+
+
+def native():
+    """The compiled kernel module, or None when it is unavailable or switched off."""
+    if "module" not in _loaded:
+        _loaded["module"] = _load()
+    return _loaded["module"]
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get(_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _load():
+    if not enabled_by_env():
+        log.info("native CPU kernels off (%s=0): torch ops instead", _ENV)
+        return None
+    if not _SOURCE.exists():
+        log.warning("native CPU kernels: %s missing; torch ops instead", _SOURCE.name)
+        return None
+    from tokenwire.serving.model_resolver import tokenwire_home
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+    tag = f"{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-{digest}".replace("+", "_")
+    build_dir = tokenwire_home() / "kernels" / tag
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cached = any(build_dir.glob("*.so"))
+    start = time.perf_counter()
+    try:
+        module = cpp_extension.load(
+            name="tokenwire_cpu_kernels", sources=[str(_SOURCE)], build_directory=str(build_dir),
+            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as error:  # no compiler, no ninja, a header mismatch: run on torch ops
+        log.warning("native CPU kernels unavailable (%s: %s); torch ops instead",
+                    type(error).__name__, str(error).strip().splitlines()[-1:] or "")
+        return None
+    log.info("native CPU kernels %s from %s in %.1f s", "loaded" if cached else "built", build_dir,
+             time.perf_counter() - start)
+    return module
+
+
+# ---- pure-torch equivalents: what the kernels compute, used wherever the native module is not ----
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: in float32, rounded to the model dtype before the weight."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+    return weight * normed
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for a fused [T, 2I] gate_up output; the gate half is overwritten."""
+    inter = gate_up.shape[-1] // 2
+    return F.silu(gate_up[:, :inter], inplace=True).mul_(gate_up[:, inter:])
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                 lens: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+    """One query per row over its blocks `tables[i]` (padded with any valid block), keys [0, lens[i]),
+    the last `window` of them with a sliding window. q [n, H, d]; caches [blocks, bs, kv_heads, d]."""
+    n, num_heads, head_dim = q.shape
+    kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    ids = tables.reshape(-1)
+    keys = k_cache.index_select(0, ids).view(n, -1, kv_heads, head_dim)
+    values = v_cache.index_select(0, ids).view(n, -1, kv_heads, head_dim)
+    positions = torch.arange(tables.shape[1] * block_size, device=q.device)
+    visible = positions < lens[:, None]
+    if window is not None:
+        visible &= positions > lens[:, None] - 1 - window
+    mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+    return out.view(n, num_heads * head_dim)

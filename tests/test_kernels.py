@@ -1,0 +1,99 @@
+"""The native CPU kernels against their pure-torch equivalents (models/kernels.py), in fp32 and bf16,
+and the torch fallback selected when the build is unavailable or switched off."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenwire.engine.models.llama import apply_rope
+from tokenwire.engine.models import kernels
+
+native = kernels.native()
+needs_native = pytest.mark.skipif(native is None, reason="native CPU kernels unavailable on this machine")
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 7])
+def test_paged_decode_matches_gather_and_sdpa(dtype, window):
+    torch.manual_seed(0)
+    blocks, block_size, kv_heads, heads, d = 40, 4, 3, 9, 64
+    k_cache = torch.randn(blocks, block_size, kv_heads, d).to(dtype)
+    v_cache = torch.randn(blocks, block_size, kv_heads, d).to(dtype)
+    lens = torch.tensor([1, 4, 5, 13, 30])
+    width = -(-int(lens.max()) // block_size)
+    perm = torch.randperm(blocks)  # shuffled tables, padded with block 0 as the runner pads them
+    tables = torch.zeros(len(lens), width, dtype=torch.long)
+    for i, n in enumerate(lens.tolist()):
+        used = -(-n // block_size)
+        tables[i, :used] = perm[i * width:i * width + used]
+    qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * d).to(dtype)
+    q = qkv[:, :heads * d].view(len(lens), heads, d)  # strided rows, as the model passes them
+    got = native.paged_decode(q, k_cache, v_cache, tables, lens, 0.125, window or 0)
+    want = kernels.paged_decode(q, k_cache, v_cache, tables, lens, 0.125, window)
+    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_and_cache_matches_torch(dtype):
+    torch.manual_seed(1)
+    T, heads, kv_heads, d, slots = 6, 4, 2, 16, 32
+    qkv = torch.randn(T, (heads + 2 * kv_heads) * d).to(dtype)
+    angles = torch.rand(T, d // 2) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    slot_mapping = torch.randperm(slots)[:T]
+    k_cache = torch.zeros(slots // 4, 4, kv_heads, d, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    want_qk = apply_rope(qkv[:, :(heads + kv_heads) * d].view(T, -1, d), cos[:, None], sin[:, None])
+    want_k = torch.zeros_like(k_cache).view(-1, kv_heads, d)
+    want_k[slot_mapping] = want_qk[:, heads:]
+    want_v = torch.zeros_like(v_cache).view(-1, kv_heads, d)
+    want_v[slot_mapping] = qkv[:, (heads + kv_heads) * d:].view(T, kv_heads, d)
+    native.rope_and_cache(qkv, cos, sin, slot_mapping, k_cache, v_cache, heads, kv_heads)
+    torch.testing.assert_close(qkv[:, :(heads + kv_heads) * d].view(T, -1, d).float(), want_qk.float(), **TOL[dtype])
+    torch.testing.assert_close(k_cache.view(-1, kv_heads, d).float(), want_k.float(), **TOL[dtype])
+    torch.testing.assert_close(v_cache.view(-1, kv_heads, d), want_v, rtol=0, atol=0)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_and_silu_mul_match_torch(dtype):
+    torch.manual_seed(2)
+    x, w = torch.randn(7, 96).to(dtype), torch.randn(96).to(dtype)
+    torch.testing.assert_close(native.rms_norm(x, w, 1e-5).float(), kernels.rms_norm(x, w, 1e-5).float(),
+                               **TOL[dtype])
+    gate_up = torch.randn(5, 2 * 48).to(dtype)
+    torch.testing.assert_close(native.silu_mul(gate_up).float(), kernels.silu_mul(gate_up.clone()).float(),
+                               **TOL[dtype])
+
+
+def test_switched_off_by_env(monkeypatch):
+    monkeypatch.setenv("TOKENWIRE_NATIVE_KERNELS", "0")
+    assert not kernels.enabled_by_env()
+    assert kernels._load() is None  # the model runs on the torch ops
+
+
+@needs_native
+def test_runner_with_and_without_native_kernels_agree(tiny_llama_dir):
+    """The whole forward, decodes and prefill chunks with cached context mixed, on both paths."""
+    from tests.test_model_runner import BLOCK_SIZE, contiguous_tables, make_seqs
+    from tokenwire.engine.config import CacheConfig, EngineConfig
+    from tokenwire.engine.model_runner import ModelRunner
+    from tokenwire.engine.sequence import ScheduledChunk
+
+    runner = ModelRunner(EngineConfig(model=tiny_llama_dir, dtype="float32",
+                                      cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=64)))
+    prompts = [list(range(5, 5 + n)) for n in (3, 9, 21)]
+    seqs = make_seqs(prompts, contiguous_tables(prompts, 4))
+    runner.execute([ScheduledChunk(s, 0, s.num_tokens - 2, False) for s in seqs])
+    chunks = [ScheduledChunk(s, s.num_tokens - 2, 1, True) for s in seqs[:2]]
+    chunks.append(ScheduledChunk(seqs[2], seqs[2].num_tokens - 2, 2, True))  # prefill over cached context
+    results = []
+    for module in (native, None):
+        runner.native = module
+        results.append(runner.execute(chunks))
+    assert results[0].shape == (3, runner.vocab_size)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
