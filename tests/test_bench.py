@@ -82,8 +82,10 @@ def test_offline_naive_and_hf_baselines_report_every_figure(tmp_path, tiny_llama
     env = report["environment"]
     assert all(f in env for f in ENV_FIELDS) and env["dtype"] == auto_dtype()   # what `auto` picks here
     assert report["ceiling"]["completion_tok_s"] > 0
+    assert report["ceiling"]["memory_floor_s"] > 0 and report["ceiling"]["bandwidth_gbs"] > 0
     comparisons = report["comparisons"]
-    for key in ("offline_vs_hf_static", "offline_vs_hf_batch", "offline_fraction_of_ceiling", "naive_vs_offline"):
+    for key in ("offline_vs_hf_static", "offline_vs_hf_batch", "offline_fraction_of_ceiling", "naive_vs_offline",
+                "naive_fraction_of_ceiling", "naive_tpot_vs_floor", "single_stream_floor_tpot_ms"):
         assert comparisons[key] > 0
     assert 0 <= comparisons["offline_same_ids_as_hf_static"] <= 1
     assert plot.stat().st_size > 10_000

@@ -60,13 +60,10 @@ def test_rope_and_cache_matches_torch(dtype):
 
 @needs_native
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_and_silu_mul_match_torch(dtype):
+def test_rms_norm_matches_torch(dtype):
     torch.manual_seed(2)
     x, w = torch.randn(7, 96).to(dtype), torch.randn(96).to(dtype)
     torch.testing.assert_close(native.rms_norm(x, w, 1e-5).float(), kernels.rms_norm(x, w, 1e-5).float(),
-                               **TOL[dtype])
-    gate_up = torch.randn(5, 2 * 48).to(dtype)
-    torch.testing.assert_close(native.silu_mul(gate_up).float(), kernels.silu_mul(gate_up.clone()).float(),
                                **TOL[dtype])
 
 

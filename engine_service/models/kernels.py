@@ -1,7 +1,7 @@
 """The native CPU kernels of `cpu_kernels.cpp`, built once with the machine's compiler, and their
 pure-torch equivalents.
 
-`native()` compiles the source with `torch.utils.cpp_extension.load` (gcc, -O3 -march=native) into
+`native()` compiles the source with `torch.utils.cpp_extension.load` (gcc, -O3 -march=native -fno-trapping-math) into
 `$TOKENWIRE_HOME/kernels/<torch>-<cpu capability>-<source hash>/` the first time (~1 min on 2 cores,
 logged) and loads it from there afterwards (well under a second). It returns None, and the model falls
 back to the torch ops below, when the build fails (no compiler, no ninja), when
@@ -27,7 +27,7 @@ _loaded: dict[str, object] = {}
 
 
 def native():
-    """The compiled kernel module, or None when it is unavailable or switched off."""
+    """`torch.ops.tokenwire` (the compiled kernels), or None when they are unavailable or switched off."""
     if "module" not in _loaded:
         _loaded["module"] = _load()
     return _loaded["module"]
@@ -54,9 +54,11 @@ def _load():
     cached = any(build_dir.glob("*.so"))
     start = time.perf_counter()
     try:
-        module = cpp_extension.load(
+        cpp_extension.load(
             name="tokenwire_cpu_kernels", sources=[str(_SOURCE)], build_directory=str(build_dir),
-            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"], extra_ldflags=["-fopenmp"],
+            is_python_module=False, verbose=False)
+        module = torch.ops.tokenwire
     except Exception as error:  # no compiler, no ninja, a header mismatch: run on torch ops
         log.warning("native CPU kernels unavailable (%s: %s); torch ops instead",
                     type(error).__name__, str(error).strip().splitlines()[-1:] or "")
@@ -77,7 +79,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for a fused [T, 2I] gate_up output; the gate half is overwritten."""
+    """silu(gate) * up for a fused [T, 2I] gate_up output; the gate half is overwritten. (Torch ops on
+    both paths: a native version was slower than these two vectorized in-place ops.)"""
     inter = gate_up.shape[-1] // 2
     return F.silu(gate_up[:, :inter], inplace=True).mul_(gate_up[:, inter:])
 

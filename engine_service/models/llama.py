@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from tokenwire.engine.device import Linear
+from tokenwire.engine.models import kernels
 from tokenwire.engine.models.attention import AttentionBatch, KVCache, paged_attention
 
 
@@ -85,7 +86,7 @@ class LlamaForward:
 
     def _forward_native(self, native, h, cos, sin, kv: KVCache, batch: AttentionBatch,
                         sample_rows: torch.Tensor) -> torch.Tensor:
-        """The same layers through the fused CPU kernels: rms_norm, rope + cache write, silu * mul."""
+        """The same layers through the fused CPU kernels: rms_norm, rope + cache write, decode attention."""
         T, d, eps = h.shape[0], self.head_dim, self.eps
         H, KVH = self.num_heads, self.num_kv_heads
         q_end, k_end = H * d, (H + KVH) * d
@@ -103,7 +104,7 @@ class LlamaForward:
             v = qkv[:, k_end:].view(T, KVH, d)
             attn = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale, layer.window, written)
             h = layer.o.add(attn, h)
-            h = layer.down.add(native.silu_mul(layer.gate_up(native.rms_norm(h, layer.post_norm, eps))), h)
+            h = layer.down.add(kernels.silu_mul(layer.gate_up(native.rms_norm(h, layer.post_norm, eps))), h)
         h = native.rms_norm(h.index_select(0, sample_rows), self.final_norm, eps)
         return self.lm_head(h).float()
 
