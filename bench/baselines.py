@@ -155,6 +155,9 @@ class Ceiling:
     decode_s: float                      # linear layers of every decode step after the first token
     completion_tokens: int
     prefill_chunk: int
+    memory_floor_s: float = 0.0          # one decode step reads every weight once: bytes / read bandwidth
+    bandwidth_gbs: float = 0.0           # measured memory read bandwidth
+    num_requests: int = 1
 
     @property
     def total_s(self) -> float:
@@ -163,6 +166,13 @@ class Ceiling:
     @property
     def completion_tok_s(self) -> float:
         return self.completion_tokens / self.total_s
+
+    @property
+    def single_stream_tok_s(self) -> float:
+        """Naive mode's ceiling: the same prefill, then every request decodes alone at the memory floor."""
+        per_request = self.completion_tokens // max(self.num_requests, 1)
+        decode = self.num_requests * (per_request - 1) * self.memory_floor_s
+        return self.completion_tokens / (self.prefill_s + decode)
 
 
 def linear_shapes(cfg: dict) -> tuple[list[tuple[int, int]], tuple[int, int]]:
@@ -205,5 +215,28 @@ def measure_ceiling(model_dir: str, dtype: torch.dtype, prompt_lens: list[int], 
             prefill += count * layers * sum(time_linear(m, k, n, dtype, 3) for k, n in layer)
     prefill += time_linear(batch, *head, dtype, 3)  # one lm_head row per request at the end of prefill
     step = layers * sum(time_linear(batch, k, n, dtype, 10) for k, n in layer) + time_linear(batch, *head, dtype, 5)
-    decode = (new_tokens - 1) * step  # the first new token comes out of prefill
-    return Ceiling(str(dtype).removeprefix("torch."), prefill, decode, batch * new_tokens, chunk)
+    # Timed alone a GEMM keeps its weight in cache; a real step streams every weight from memory once.
+    bandwidth = read_bandwidth()
+    floor = weight_bytes(cfg, dtype) / bandwidth
+    decode = (new_tokens - 1) * max(step, floor)  # the first new token comes out of prefill
+    return Ceiling(str(dtype).removeprefix("torch."), prefill, decode, batch * new_tokens, chunk, floor,
+                   bandwidth / 1e9, batch)
+
+
+def read_bandwidth(mb: int = 512, reps: int = 5) -> float:
+    """Bytes per second that a full read of a buffer far larger than the caches sustains."""
+    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def weight_bytes(cfg: dict, dtype: torch.dtype) -> int:
+    """Bytes a decode step must read: every linear weight of every layer, and the lm_head."""
+    layer, (h, vocab) = linear_shapes(cfg)
+    layers = cfg.get("num_hidden_layers") or cfg["n_layer"]
+    return dtype.itemsize * (layers * sum(k * n for k, n in layer) + h * vocab)

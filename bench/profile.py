@@ -35,7 +35,7 @@ _CATEGORIES = {  # aten op -> bucket of the breakdown
                "mkldnn::_linear_pointwise", "mkldnn::_linear_pointwise.binary"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
                   "aten::_scaled_dot_product_flash_attention", "aten::index_select", "aten::index_copy_",
-                  "aten::bitwise_and", "aten::lt", "aten::le", "aten::gt"),
+                  "aten::bitwise_and", "aten::lt", "aten::le", "aten::gt", "tokenwire::paged_decode"),
 }
 
 
@@ -104,6 +104,7 @@ def breakdown(label: str, runner: ModelRunner, sampler: Sampler, make_chunks, re
     for name, seconds in sorted(buckets.items(), key=lambda kv: -kv[1]):
         print(f"  {name:10s} {seconds * 1e3:7.1f} ms  {seconds / wall:5.1%}")
     print(f"  {'python':10s} {(wall - ops) * 1e3:7.1f} ms  {(wall - ops) / wall:5.1%}  (wall minus op time)")
+    print(f"  outside the linear layers: {1 - buckets['linear'] / wall:.1%} of the step")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 
