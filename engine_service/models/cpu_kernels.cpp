@@ -83,9 +83,11 @@ void paged_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
         for (int64_t i = 0; i < d; ++i)
           qf[g * d + i] = f(qp[s * q_row + (h * group + g) * q_head + i]) * static_cast<float>(scale);
       const int64_t* table = tp + s * max_blocks;
-      for (int64_t t = lo; t < len; ++t) {
-        const T* krow = kp + (table[t / block_size] * block_size + t % block_size) * slot_stride + h * d;
+      // Block by block (no integer division per key): a key row is read once for the whole group.
+      for (int64_t t = lo, blk = lo / block_size, off = lo % block_size; t < len; ++t) {
+        const T* krow = kp + (table[blk] * block_size + off) * slot_stride + h * d;
         for (int64_t g = 0; g < group; ++g) scores[g * count + (t - lo)] = dot(qf.data() + g * d, krow, d);
+        if (++off == block_size) { off = 0; ++blk; }
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       std::vector<float> total(group, 0.f);
@@ -98,14 +100,15 @@ void paged_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
         for (int64_t j = 0; j < count; ++j) { sc[j] = fast_exp(sc[j] - mx); sum += sc[j]; }
         total[g] = sum;
       }
-      for (int64_t t = lo; t < len; ++t) {
-        const T* vrow = vp + (table[t / block_size] * block_size + t % block_size) * slot_stride + h * d;
+      for (int64_t t = lo, blk = lo / block_size, off = lo % block_size; t < len; ++t) {
+        const T* vrow = vp + (table[blk] * block_size + off) * slot_stride + h * d;
         for (int64_t g = 0; g < group; ++g) {
           const float p = scores[g * count + (t - lo)];
           float* a = acc.data() + g * d;
 #pragma omp simd
           for (int64_t i = 0; i < d; ++i) a[i] += p * f(vrow[i]);
         }
+        if (++off == block_size) { off = 0; ++blk; }
       }
       for (int64_t g = 0; g < group; ++g) {
         const float inv = total[g] > 0.f ? 1.f / total[g] : 0.f;
