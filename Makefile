@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install model test demo protos bench bench-all clean
+.PHONY: install kernels model test demo protos bench bench-all clean
 
 # torch is installed first, pinned to the CPU wheel, so nothing later can pull a CUDA build.
 $(STAMP): pyproject.toml
@@ -18,10 +18,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-model: install
+# The engine's native CPU kernels, compiled once into $TOKENWIRE_HOME (the engine falls back to torch ops
+# without them); built here so that neither the first engine start nor the tests pay for it.
+kernels: install
+	$(PY) -c "from tokenwire.engine.models import kernels; kernels.native()"
+
+model: kernels
 	$(PY) -m tokenwire.serving.model_resolver
 
-test: install
+test: kernels
 	$(PY) -m pytest
 
 demo: model

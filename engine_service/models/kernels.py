@@ -47,6 +47,8 @@ def _load():
     from tokenwire.serving.model_resolver import tokenwire_home
     from torch.utils import cpp_extension
 
+    _put_ninja_on_path()
+
     digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
     tag = f"{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-{digest}".replace("+", "_")
     build_dir = tokenwire_home() / "kernels" / tag
@@ -66,6 +68,18 @@ def _load():
     log.info("native CPU kernels %s from %s in %.1f s", "loaded" if cached else "built", build_dir,
              time.perf_counter() - start)
     return module
+
+
+def _put_ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH; the pinned `ninja` package installs it next to the venv's
+    python, which is not on PATH when the venv's python is run by its path (as `make test` does)."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path]) if path else ninja.BIN_DIR
 
 
 # ---- pure-torch equivalents: what the kernels compute, used wherever the native module is not ----
