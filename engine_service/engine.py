@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from tokenwire.engine.block_manager import BlockManager
 from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.faults import FaultInjector
+from tokenwire.engine.grammar import GrammarCompiler
 from tokenwire.engine.model_runner import ModelRunner
 from tokenwire.engine.output_processor import OutputProcessor, RequestState
 from tokenwire.engine.outputs import EngineStats, RequestOutput
@@ -44,7 +45,9 @@ class LLMEngine:
         # A sequence longer than the whole KV pool could never be scheduled again once preempted.
         self.max_model_len = min(self.runner.max_model_len, self.block_manager.num_token_slots)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
-        self.sampler = Sampler()
+        self.grammars = GrammarCompiler(self.tokenizer, self.tokenizer_fingerprint, self.vocab_size,
+                                        self.runner.eos_token_ids, config.max_grammar_compile_s)
+        self.sampler = Sampler(self.grammars)
         self.outputs = OutputProcessor(self.tokenizer, self.runner.eos_token_ids, self.max_model_len)
         self._states: dict[str, RequestState] = {}
         self._encode_lock = threading.Lock()
@@ -98,8 +101,9 @@ class LLMEngine:
                 "prompt", f"is {len(ids)} tokens; the context holds {self.max_model_len} "
                           f"and at least one new token must fit")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        grammar = self.grammars.matcher(params.constraint) if params.constraint is not None else None
         return Sequence(request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", ids, params,
-                        arrival_time=arrival_time or time.monotonic(), seed=seed)
+                        arrival_time=arrival_time or time.monotonic(), seed=seed, grammar=grammar)
 
     def _checked_ids(self, ids: Seq[int]) -> list[int]:
         ids = list(ids)

@@ -24,43 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tokenwire/v1/engine.proto\x12\x0ctokenwire.v1\"\xae\x04\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\n\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd0\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.tokenwire.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12\x13\n\x0breturn_text\x18\x06 \x01(\x08\x42\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.tokenwire.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x84\x01\n\x07Timings\x12\x19\n\x0cqueue_wait_s\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\"\n\x15time_to_first_token_s\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\x42\x0f\n\r_queue_wait_sB\x18\n\x16_time_to_first_token_s\"\xf4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.tokenwire.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.tokenwire.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.tokenwire.v1.Usage\x12&\n\x07timings\x18\x07 \x01(\x0b\x32\x15.tokenwire.v1.Timings\"G\n\x14GenerateBatchRequest\x12/\n\x08requests\x18\x01 \x03(\x0b\x32\x1d.tokenwire.v1.GenerateRequest\"H\n\x15GenerateBatchResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.tokenwire.v1.GenerateResponse\"\x15\n\x13GetModelInfoRequest\"\x81\x02\n\x10\x45ngineConfigInfo\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\r\x12\x1b\n\x13\x65nable_prefix_cache\x18\x05 \x01(\x08\x12\x14\n\x0cmax_num_seqs\x18\x06 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x07 \x01(\r\x12\x1e\n\x16\x65nable_chunked_prefill\x18\x08 \x01(\x08\x12\x1a\n\x12max_new_tokens_cap\x18\t \x01(\r\x12\x14\n\x0cmax_logprobs\x18\n \x01(\r\"\xdb\x01\n\x0b\x45ngineStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x03 \x01(\r\x12\x1a\n\x12num_free_kv_blocks\x18\x04 \x01(\r\x12\x1a\n\x12num_prompt_encodes\x18\x05 \x01(\x04\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x04\x12\x1b\n\x13num_active_requests\x18\x08 \x01(\r\"\xf6\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12.\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x1e.tokenwire.v1.EngineConfigInfo\x12(\n\x05stats\x18\x07 \x01(\x0b\x32\x19.tokenwire.v1.EngineStats\x12\x15\n\reos_token_ids\x18\x08 \x03(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x8d\x02\n\rEngineService\x12K\n\x08Generate\x12\x1d.tokenwire.v1.GenerateRequest\x1a\x1e.tokenwire.v1.GenerateResponse0\x01\x12X\n\rGenerateBatch\x12\".tokenwire.v1.GenerateBatchRequest\x1a#.tokenwire.v1.GenerateBatchResponse\x12U\n\x0cGetModelInfo\x12!.tokenwire.v1.GetModelInfoRequest\x1a\".tokenwire.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tokenwire/v1/engine.proto\x12\x0ctokenwire.v1\"\xb6\x05\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\t\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0e \x01(\x08H\x0c\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x0f \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x10 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x11 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x12 \x01(\x0b\x32\x14.tokenwire.v1.ChoiceH\x00\x12\x11\n\x07grammar\x18\x13 \x01(\tH\x00\x42\x0c\n\nconstraintB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x18\n\x06\x43hoice\x12\x0e\n\x06values\x18\x01 \x03(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd0\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.tokenwire.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12\x13\n\x0breturn_text\x18\x06 \x01(\x08\x42\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.tokenwire.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x84\x01\n\x07Timings\x12\x19\n\x0cqueue_wait_s\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\"\n\x15time_to_first_token_s\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\x42\x0f\n\r_queue_wait_sB\x18\n\x16_time_to_first_token_s\"\xf4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.tokenwire.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.tokenwire.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.tokenwire.v1.Usage\x12&\n\x07timings\x18\x07 \x01(\x0b\x32\x15.tokenwire.v1.Timings\"G\n\x14GenerateBatchRequest\x12/\n\x08requests\x18\x01 \x03(\x0b\x32\x1d.tokenwire.v1.GenerateRequest\"H\n\x15GenerateBatchResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.tokenwire.v1.GenerateResponse\"\x15\n\x13GetModelInfoRequest\"\x81\x02\n\x10\x45ngineConfigInfo\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\r\x12\x1b\n\x13\x65nable_prefix_cache\x18\x05 \x01(\x08\x12\x14\n\x0cmax_num_seqs\x18\x06 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x07 \x01(\r\x12\x1e\n\x16\x65nable_chunked_prefill\x18\x08 \x01(\x08\x12\x1a\n\x12max_new_tokens_cap\x18\t \x01(\r\x12\x14\n\x0cmax_logprobs\x18\n \x01(\r\"\xdb\x01\n\x0b\x45ngineStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x03 \x01(\r\x12\x1a\n\x12num_free_kv_blocks\x18\x04 \x01(\r\x12\x1a\n\x12num_prompt_encodes\x18\x05 \x01(\x04\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x04\x12\x1b\n\x13num_active_requests\x18\x08 \x01(\r\"\xf6\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12.\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x1e.tokenwire.v1.EngineConfigInfo\x12(\n\x05stats\x18\x07 \x01(\x0b\x32\x19.tokenwire.v1.EngineStats\x12\x15\n\reos_token_ids\x18\x08 \x03(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x8d\x02\n\rEngineService\x12K\n\x08Generate\x12\x1d.tokenwire.v1.GenerateRequest\x1a\x1e.tokenwire.v1.GenerateResponse0\x01\x12X\n\rGenerateBatch\x12\".tokenwire.v1.GenerateBatchRequest\x1a#.tokenwire.v1.GenerateBatchResponse\x12U\n\x0cGetModelInfo\x12!.tokenwire.v1.GetModelInfoRequest\x1a\".tokenwire.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenwire.v1.engine_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2351
-  _globals['_FINISHREASON']._serialized_end=2446
+  _globals['_FINISHREASON']._serialized_start=2513
+  _globals['_FINISHREASON']._serialized_end=2608
   _globals['_SAMPLINGPARAMS']._serialized_start=44
-  _globals['_SAMPLINGPARAMS']._serialized_end=602
-  _globals['_TOKENIDS']._serialized_start=604
-  _globals['_TOKENIDS']._serialized_end=627
-  _globals['_GENERATEREQUEST']._serialized_start=630
-  _globals['_GENERATEREQUEST']._serialized_end=838
-  _globals['_TOPLOGPROB']._serialized_start=840
-  _globals['_TOPLOGPROB']._serialized_end=887
-  _globals['_TOKENLOGPROB']._serialized_start=889
-  _globals['_TOKENLOGPROB']._serialized_end=977
-  _globals['_USAGE']._serialized_start=979
-  _globals['_USAGE']._serialized_end=1066
-  _globals['_TIMINGS']._serialized_start=1069
-  _globals['_TIMINGS']._serialized_end=1201
-  _globals['_GENERATERESPONSE']._serialized_start=1204
-  _globals['_GENERATERESPONSE']._serialized_end=1448
-  _globals['_GENERATEBATCHREQUEST']._serialized_start=1450
-  _globals['_GENERATEBATCHREQUEST']._serialized_end=1521
-  _globals['_GENERATEBATCHRESPONSE']._serialized_start=1523
-  _globals['_GENERATEBATCHRESPONSE']._serialized_end=1595
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1597
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1618
-  _globals['_ENGINECONFIGINFO']._serialized_start=1621
-  _globals['_ENGINECONFIGINFO']._serialized_end=1878
-  _globals['_ENGINESTATS']._serialized_start=1881
-  _globals['_ENGINESTATS']._serialized_end=2100
-  _globals['_GETMODELINFORESPONSE']._serialized_start=2103
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2349
-  _globals['_ENGINESERVICE']._serialized_start=2449
-  _globals['_ENGINESERVICE']._serialized_end=2718
+  _globals['_SAMPLINGPARAMS']._serialized_end=738
+  _globals['_CHOICE']._serialized_start=740
+  _globals['_CHOICE']._serialized_end=764
+  _globals['_TOKENIDS']._serialized_start=766
+  _globals['_TOKENIDS']._serialized_end=789
+  _globals['_GENERATEREQUEST']._serialized_start=792
+  _globals['_GENERATEREQUEST']._serialized_end=1000
+  _globals['_TOPLOGPROB']._serialized_start=1002
+  _globals['_TOPLOGPROB']._serialized_end=1049
+  _globals['_TOKENLOGPROB']._serialized_start=1051
+  _globals['_TOKENLOGPROB']._serialized_end=1139
+  _globals['_USAGE']._serialized_start=1141
+  _globals['_USAGE']._serialized_end=1228
+  _globals['_TIMINGS']._serialized_start=1231
+  _globals['_TIMINGS']._serialized_end=1363
+  _globals['_GENERATERESPONSE']._serialized_start=1366
+  _globals['_GENERATERESPONSE']._serialized_end=1610
+  _globals['_GENERATEBATCHREQUEST']._serialized_start=1612
+  _globals['_GENERATEBATCHREQUEST']._serialized_end=1683
+  _globals['_GENERATEBATCHRESPONSE']._serialized_start=1685
+  _globals['_GENERATEBATCHRESPONSE']._serialized_end=1757
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1759
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1780
+  _globals['_ENGINECONFIGINFO']._serialized_start=1783
+  _globals['_ENGINECONFIGINFO']._serialized_end=2040
+  _globals['_ENGINESTATS']._serialized_start=2043
+  _globals['_ENGINESTATS']._serialized_end=2262
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2265
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2511
+  _globals['_ENGINESERVICE']._serialized_start=2611
+  _globals['_ENGINESERVICE']._serialized_end=2880
 # @@protoc_insertion_point(module_scope)
