@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Mapping
 
 from tokenwire.client.errors import InvalidRequestError
@@ -13,6 +14,7 @@ _FINISH = {engine_pb2.FINISH_REASON_STOP: FinishReason.STOP, engine_pb2.FINISH_R
 _ROLES = {"system": common_pb2.CHAT_ROLE_SYSTEM, "user": common_pb2.CHAT_ROLE_USER,
           "assistant": common_pb2.CHAT_ROLE_ASSISTANT, "tool": common_pb2.CHAT_ROLE_TOOL}
 _SAMPLING_FIELDS = frozenset(engine_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
+_CONSTRAINTS = tuple(f.name for f in engine_pb2.SamplingParams.DESCRIPTOR.oneofs_by_name["constraint"].fields)
 
 
 def sampling_params(options: Mapping[str, object]) -> engine_pb2.SamplingParams:
@@ -20,7 +22,16 @@ def sampling_params(options: Mapping[str, object]) -> engine_pb2.SamplingParams:
     unknown = sorted(set(options) - _SAMPLING_FIELDS)
     if unknown:
         raise TypeError(f"unknown sampling option(s) {unknown}; known: {sorted(_SAMPLING_FIELDS)}")
-    return engine_pb2.SamplingParams(**{k: v for k, v in options.items() if v is not None})
+    given = {k: v for k, v in options.items() if v is not None}
+    constraints = [k for k in _CONSTRAINTS if k in given]
+    if len(constraints) > 1:
+        raise InvalidRequestError(f"give at most one of {', '.join(_CONSTRAINTS)}; got {', '.join(constraints)}",
+                                  field=f"sampling.{constraints[1]}")
+    if not isinstance(given.get("json_schema", ""), str):   # a schema as a dict (or true / false)
+        given["json_schema"] = json.dumps(given["json_schema"])
+    if "choice" in given:
+        given["choice"] = engine_pb2.Choice(values=list(given["choice"]))
+    return engine_pb2.SamplingParams(**given)
 
 
 def ids_request(ids, sampling: Mapping[str, object], fingerprint: str, return_text: bool

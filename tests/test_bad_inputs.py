@@ -98,6 +98,16 @@ ENGINE_CASES = [
     Bad("257 stop_token_ids", "Generate", ids(OK_ID, stop_token_ids=list(range(257))), "sampling.stop_token_ids"),
     Bad("logprobs above cap", "Generate", ids(OK_ID, logprobs=21), "sampling.logprobs"),
     Bad("logprobs negative", "Generate", ids(OK_ID, logprobs=-1), "sampling.logprobs"),
+    # structured output (the constraint oneof)
+    Bad("json_schema not JSON", "Generate", ids(OK_ID, json_schema="{oops"), "sampling.json_schema"),
+    Bad("json_schema not a schema", "Generate", ids(OK_ID, json_schema='{"type": 3}'), "sampling.json_schema"),
+    Bad("json_schema over 64 KiB", "Generate", ids(OK_ID, json_schema='{"title": "%s"}' % ("x" * 65536)),
+        "sampling.json_schema"),
+    Bad("regex that does not compile", "Generate", ids(OK_ID, regex="[a-"), "sampling.regex"),
+    Bad("empty choice list", "Generate", ids(OK_ID, choice=epb.Choice()), "sampling.choice"),
+    Bad("1,025 choices", "Generate", ids(OK_ID, choice=epb.Choice(values=[str(i) for i in range(1025)])),
+        "sampling.choice"),
+    Bad("grammar syntax error", "Generate", ids(OK_ID, grammar='root ::= "a" | ('), "sampling.grammar"),
     # identity and framing
     Bad("request_id with a newline", "Generate", with_request_id(ids(OK_ID), "a\nforged log line"), "request_id"),
     Bad("request_id of 300 chars", "Generate", with_request_id(ids(OK_ID), "r" * 300), "request_id"),
