@@ -3,11 +3,11 @@
 Every row's randomness is a counter-based hash of (seed, position, vocab id): splitmix64 turns
 (seed, position) into a row key, and lowbias32 mixes it with each vocab id in int32 tensor ops. So a
 seeded request draws the same tokens whatever else shares its batch, with no per-row generator.
-Structured-output rows first get their grammar's token bitmask (disallowed logits become -inf), filled
-only for those rows. Filters then apply in vLLM's order (penalties, temperature, min_p, top_k, top_p); rows with top_k/top_p
-sample among their candidates only, which gives the same draw as the whole vocabulary because the
-noise is a function of the vocab id. Greedy rows are an argmax, and a step where every row is greedy
-and unpenalized is one argmax. Token ids and logprobs reach the host in one `.tolist()`.
+Rows with a structured-output constraint first get their grammar's token bitmask (disallowed logits
+become -inf), filled for those rows only. Filters then apply in vLLM's order (penalties, temperature,
+min_p, top_k, top_p); rows with top_k/top_p sample among their candidates only, which gives the same
+draw as the whole vocabulary because the noise is a function of the vocab id. Greedy rows are an
+argmax, and a step where every row is greedy and unpenalized is one argmax. Token ids and logprobs reach the host in one `.tolist()`.
 """
 from __future__ import annotations
 
@@ -86,9 +86,9 @@ class Sampler:
     def _apply_grammars(self, scores: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor:
         """In place: -inf on every token the rows' grammars disallow (bitmasks for those rows only)."""
         packed = torch.from_numpy(self._grammars.fill_bitmasks([seqs[i].grammar for i in rows]))
-        vocab = scores.shape[1]
-        bias = _BYTE_BIAS.to(scores.device).index_select(0, packed.view(torch.uint8).reshape(-1).long().to(scores.device))
-        bias = bias.view(len(rows), -1)[:, :vocab].to(scores.dtype)
+        device = scores.device
+        byte_values = packed.view(torch.uint8).reshape(-1).to(device, torch.long)   # little-endian words
+        bias = _BYTE_BIAS.to(device).index_select(0, byte_values).view(len(rows), -1)[:, :scores.shape[1]]
         if len(rows) == len(seqs):
             return scores.add_(bias)
         return scores.index_add_(0, torch.tensor(rows, device=scores.device), bias)

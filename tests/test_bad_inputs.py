@@ -246,6 +246,19 @@ def test_sdk_reports_an_oversized_request_as_invalid_not_overloaded(engine):
         assert client.complete(token_ids=OK_ID, max_new_tokens=2).usage.completion_tokens == 2
 
 
+def test_sdk_sends_constraints_and_parses_json(engine):
+    """A schema given as a dict reaches the engine as JSON text; even random weights then emit valid JSON.
+    Two constraints at once are refused by the SDK, before sending (the oneof would keep only one)."""
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"],
+              "additionalProperties": False}
+    with Client(tokenizer=None, engine=engine.address, timeout=30) as client:
+        assert client.complete("Hi", json_schema=schema, max_new_tokens=16).json() in ({"a": "x"}, {"a": "y"})
+        assert client.complete("Hi", choice=["left", "right"], max_new_tokens=8).text in ("left", "right")
+        with pytest.raises(InvalidRequestError) as err:
+            client.complete("Hi", regex="a+", choice=["a"])
+        assert err.value.field == "sampling.choice"
+
+
 def test_both_text_and_ids_cannot_reach_the_engine(engine_channel, good_generation):
     """`prompt` is a proto oneof: a message carrying both fields parses as the last one (protobuf's rule
     for every language), so "both" cannot arrive as such; the SDK refuses it before sending."""
