@@ -53,6 +53,7 @@ bench-all: bench
 	$(BENCH) --workload online --mode online --request-rate 0.5 --num-requests 60 --pretok \
 		--warmup-max-requests 4 --json bench-out/online-0.5.json
 	$(BENCH) --workload P1 --mode offline --json bench-out/p1-steps.json
+	$(BENCH) --workload json --json bench-out/json.json
 	$(PY) -m tokenwire.bench.profile | tee bench-out/profile.txt
 
 clean:

@@ -15,6 +15,7 @@ Modes (comma-separated `--mode`, run in this order, one process):
            (default of the multiprefix workload; see replicas.py).
   hf       transformers `generate()` (one static left-padded batch) and `generate_batch()` (its
            continuous batching): same checkpoint, dtype and prompts. `hf_static` / `hf_batch` alone too.
+The json workload runs offline twice per run, with a JSON schema per request (`offline_json`) and without.
 `--pretok` tokenizes text prompts before the timed region and sends ids (the engine then encodes
 nothing); without it, text goes in and tokenization is timed. Metrics: see metrics.py.
 
@@ -34,6 +35,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tokenwire.bench import baselines as hf
+from tokenwire.bench import structured
 from tokenwire.bench.metrics import RunRecord, latency_samples, summarize
 from tokenwire.bench.report import (cpu_busy_cores, environment, format_replicas_table, format_table, progress_bar,
                                     write_json, write_plot)
@@ -193,6 +195,8 @@ class Bench:
     def run_engine_modes(self) -> None:
         """offline and naive, each on a fresh engine: no mode inherits another's prefix-cache entries."""
         from tokenwire.bench import engine as bench_engine
+        if self.spec.name == "json":
+            return structured.run_json(self)
         for mode in (m for m in ("offline", "naive") if m in self.modes):
             engine = bench_engine.build_engine(self.args)
             self.dtype, self.device = engine.runner.dtype, engine.runner.device
@@ -281,7 +285,7 @@ class Bench:
     def report(self, ceiling: hf.Ceiling | None) -> dict:
         summaries = {mode: summarize(mode, runs) for mode, runs in self.runs.items()}
         comparisons = compare(summaries, ceiling)
-        comparisons.update(agreement(self.runs, self.args.temperature == 0))
+        comparisons.update(agreement(self.runs, self.args.temperature == 0) | structured.compare_json(summaries))
         replicas, replicas_table = self.replicas_report(summaries, comparisons)
         print(format_table(list(summaries.values()), comparisons))
         if replicas_table:

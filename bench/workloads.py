@@ -22,6 +22,8 @@ from pathlib import Path
 STANDARD: dict[str, dict] = {
     # ../shared/BASELINES.md: 32 prompts of 32-255 random ids, 64 new tokens, greedy, EOS ignored.
     "P1": dict(num_requests=32, max_new_tokens=64, ignore_eos=True, input_len_range=(32, 255), as_ids=True),
+    # Structured output: P1 with one JSON schema per request (bench/structured.py), against P1 unconstrained.
+    "json": dict(num_requests=32, max_new_tokens=64, ignore_eos=True, input_len_range=(32, 255), as_ids=True),
     # Tokenization and prefill in isolation: 64 prompts of ~2,000 words, one new token each.
     "longprompt": dict(num_requests=64, max_new_tokens=1, ignore_eos=True, words=2000),
     # Prefix-cache benefit: one 512-token system prompt shared by all, short unique questions after it.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Mapping
 
 from tokenwire.client.errors import InvalidRequestError
@@ -16,6 +17,7 @@ _STOP_KINDS = {engine_pb2.STOP_KIND_EOS: StopKind.EOS, engine_pb2.STOP_KIND_TOKE
 _ROLES = {"system": common_pb2.CHAT_ROLE_SYSTEM, "user": common_pb2.CHAT_ROLE_USER,
           "assistant": common_pb2.CHAT_ROLE_ASSISTANT, "tool": common_pb2.CHAT_ROLE_TOOL}
 _SAMPLING_FIELDS = frozenset(engine_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
+_CONSTRAINTS = tuple(f.name for f in engine_pb2.SamplingParams.DESCRIPTOR.oneofs_by_name["constraint"].fields)
 
 
 def sampling_params(options: Mapping[str, object]) -> engine_pb2.SamplingParams:
@@ -23,7 +25,16 @@ def sampling_params(options: Mapping[str, object]) -> engine_pb2.SamplingParams:
     unknown = sorted(set(options) - _SAMPLING_FIELDS)
     if unknown:
         raise TypeError(f"unknown sampling option(s) {unknown}; known: {sorted(_SAMPLING_FIELDS)}")
-    return engine_pb2.SamplingParams(**{k: _wire_value(k, v) for k, v in options.items() if v is not None})
+    given = {k: _wire_value(k, v) for k, v in options.items() if v is not None}
+    constraints = [k for k in _CONSTRAINTS if k in given]
+    if len(constraints) > 1:
+        raise InvalidRequestError(f"give at most one of {', '.join(_CONSTRAINTS)}; got {', '.join(constraints)}",
+                                  field=f"sampling.{constraints[1]}")
+    if not isinstance(given.get("json_schema", ""), str):   # a schema as a dict (or true / false)
+        given["json_schema"] = json.dumps(given["json_schema"])
+    if "choice" in given:
+        given["choice"] = engine_pb2.Choice(values=list(given["choice"]))
+    return engine_pb2.SamplingParams(**given)
 
 
 def _wire_value(name: str, value):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypedDict
@@ -24,6 +25,12 @@ class SamplingOptions(TypedDict, total=False):
     logprobs: int                # 0: the chosen token's logprob; n: plus the top-n alternatives
     skip_special_tokens: bool    # leave special tokens out of the text; default True
     logit_bias: Mapping[int, float]   # token id -> added to its logit; <= 300 entries, values in [-100, 100]
+    # Structured output, at most one (README "Structured output"):
+    json_schema: Mapping | str   # the output is JSON valid against this schema (a dict or its JSON text)
+    json_object: bool            # the output is a JSON object
+    regex: str                   # the whole output matches this regular expression
+    choice: list[str]            # the output is exactly one of these strings
+    grammar: str                 # the output follows this Lark-style EBNF or GBNF grammar
 
 
 class FinishReason(str, enum.Enum):
@@ -98,6 +105,10 @@ class Completion:
     timings: Timings | None
     logprobs: tuple[TokenLogprob, ...] = ()
     stop: StopDetail | None = None              # when finish_reason is STOP: which stop ended it
+
+    def json(self):
+        """The text parsed as JSON (for json_schema / json_object requests); ValueError if it is not."""
+        return json.loads(self.text)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from collections.abc import Sequence as Seq
 
 from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.outputs import EngineStats, RequestOutput, RequestTimings, StopDetail, StopKind, TokenLogprob
-from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.engine.sampling_params import Constraint, SamplingParams
 from tokenwire.engine.sequence import FinishReason
 from tokenwire.v1 import engine_pb2 as pb
 
@@ -23,13 +23,25 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     """Unset proto fields keep the dataclass defaults, so the engine stays the one source of defaults."""
     kwargs: dict = {}
     for f in dataclasses.fields(SamplingParams):
-        if f.name in _REPEATED_PARAMS:
+        if f.name == "constraint":
+            kwargs[f.name] = constraint(msg)
+        elif f.name in _REPEATED_PARAMS:
             kwargs[f.name] = tuple(getattr(msg, f.name))
         elif f.name == "logit_bias":   # a map: no presence, empty is none
             kwargs[f.name] = tuple(sorted(msg.logit_bias.items()))
         elif msg.HasField(f.name):
             kwargs[f.name] = getattr(msg, f.name)
     return SamplingParams(**kwargs)
+
+
+def constraint(msg: pb.SamplingParams) -> Constraint | None:
+    """The `constraint` oneof as a Constraint (None when unset, or json_object is false)."""
+    kind = msg.WhichOneof("constraint")
+    if kind is None or (kind == "json_object" and not msg.json_object):
+        return None
+    if kind == "choice":
+        return Constraint(kind, tuple(msg.choice.values))
+    return Constraint(kind, "" if kind == "json_object" else getattr(msg, kind))
 
 
 def prompt_kwargs(request: pb.GenerateRequest) -> dict:

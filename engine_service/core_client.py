@@ -21,6 +21,7 @@ from collections.abc import Callable
 from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.core_proc import CoreInfo, CoreStats, run_core
 from tokenwire.engine.outputs import RequestOutput
+from tokenwire.engine.grammar import GrammarCompiler
 from tokenwire.engine.preparer import RequestPreparer
 from tokenwire.engine.sequence import FinishReason, Sequence
 from tokenwire.serving.logging_setup import JsonFormatter
@@ -94,8 +95,12 @@ class CoreClient:
         if fingerprint != info.tokenizer_fingerprint:
             raise RuntimeError(f"the front's tokenizer {fingerprint[:16]}... differs from the core's "
                                f"{info.tokenizer_fingerprint[:16]}...")
+        # The front compiles constraints too: a bad one is refused here, before admission (the core
+        # rebuilds the matcher from its own cache, since a matcher does not cross a pipe).
+        grammars = GrammarCompiler(tokenizer, fingerprint, info.vocab_size, info.eos_token_ids,
+                                   self.config.max_grammar_compile_s)
         preparer = RequestPreparer(tokenizer, info.vocab_size, info.max_model_len, self.config.max_new_tokens_cap,
-                                   self.config.max_logprobs, self.config.seed)
+                                   self.config.max_logprobs, self.config.seed, grammars)
         self.engine = EngineFront(self.config, info, preparer, fingerprint)
         self._loop.add_reader(self._outputs.fileno(), self._on_readable)
         log.info("engine core running as pid %d", self._process.pid)

@@ -119,9 +119,23 @@ class CoreLoop:
         """Reader thread: commands into the inbox; EOF (the front died or closed) means stop."""
         try:
             while True:
-                self._inbox.put(self._commands.recv())
+                command = self._commands.recv()
+                if command[0] == "add":
+                    command = (*command, self._attach_grammar(command[1]))
+                self._inbox.put(command)
         except (EOFError, OSError):
             self._inbox.put(("stop",))
+
+    def _attach_grammar(self, seq) -> str | None:
+        """A constrained sequence gets its matcher here, off the step loop (matchers do not cross the
+        pipe; the front already compiled and checked the constraint). Returns an error, or None."""
+        if seq.params.constraint is None:
+            return None
+        try:
+            seq.grammar = self.engine.grammars.matcher(seq.params.constraint)
+        except Exception as exc:
+            return f"structured output: {exc}"
+        return None
 
     def _apply_commands(self, outs: list[RequestOutput], block: bool) -> bool:
         """Apply every queued command (waiting for one when idle). False once told to stop."""
@@ -144,7 +158,10 @@ class CoreLoop:
     def _apply(self, command: tuple, outs: list[RequestOutput]) -> None:
         kind = command[0]
         if kind == "add":
-            _, seq, want_text = command
+            _, seq, want_text, error = command
+            if error is not None:
+                outs.append(RequestOutput(seq.request_id, [], finished=True, error=error))
+                return
             try:
                 self.engine.add(seq, want_text)   # refuses a request id already in flight
             except Exception as exc:

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from tokenwire.engine.block_manager import BlockManager
 from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.faults import FaultInjector
+from tokenwire.engine.grammar import GrammarCompiler
 from tokenwire.engine.model_runner import ModelRunner
 from tokenwire.engine.output_processor import OutputProcessor, RequestState
 from tokenwire.engine.preparer import RequestPreparer
@@ -41,11 +42,13 @@ class LLMEngine:
         # A sequence longer than the whole KV pool could never be scheduled again once preempted.
         self.max_model_len = min(self.runner.max_model_len, self.block_manager.num_token_slots)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
-        self.sampler = Sampler()
+        self.grammars = GrammarCompiler(self.tokenizer, self.tokenizer_fingerprint, self.vocab_size,
+                                        self.runner.eos_token_ids, config.max_grammar_compile_s)
+        self.sampler = Sampler(self.grammars)
         self.outputs = OutputProcessor(self.tokenizer, self.runner.eos_token_ids, self.max_model_len)
         self._states: dict[str, RequestState] = {}
         self.preparer = RequestPreparer(self.tokenizer, self.vocab_size, self.max_model_len,
-                                        config.max_new_tokens_cap, config.max_logprobs, config.seed)
+                                        config.max_new_tokens_cap, config.max_logprobs, config.seed, self.grammars)
         self.step_profile = StepProfile()        # cumulative time per step phase (the benchmark reads it)
         self.faults = FaultInjector.from_env()   # None unless TOKENWIRE_FAULT_INJECT is set (tests)
         if self.faults is not None:

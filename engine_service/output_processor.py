@@ -41,6 +41,8 @@ class OutputProcessor:
         """Append one sampled token; return the request's output delta and why it ended, if it did."""
         seq = state.seq
         seq.output_token_ids.append(token_id)
+        if seq.grammar is not None:
+            seq.grammar.accept(token_id)   # GrammarError fails this request only
         if state.timings.first_token_time is None:
             state.timings.first_token_time = now
         reason, detail = self._finish_reason(seq, token_id)

@@ -11,18 +11,23 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
 
-from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.engine.sampling_params import Constraint, SamplingParams
 from tokenwire.engine.sequence import Sequence
 from tokenwire.serving.errors import InvalidRequestError
+
+if TYPE_CHECKING:  # llguidance is loaded by whoever builds the compiler
+    from tokenwire.engine.grammar import GrammarCompiler, GrammarMatcher
 
 
 class RequestPreparer:
     """Thread-safe: gRPC handlers call `prepare` from worker threads."""
 
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_new_tokens_cap: int,
-                 max_logprobs: int, seed: int):
+                 max_logprobs: int, seed: int, grammars: GrammarCompiler | None = None):
         self.tokenizer = tokenizer
+        self.grammars = grammars   # compiles structured-output constraints (here: off the engine loop)
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_new_tokens_cap = max_new_tokens_cap
@@ -67,11 +72,21 @@ class RequestPreparer:
             raise InvalidRequestError(
                 "prompt", f"is {len(ids)} tokens; the context holds {self.max_model_len} "
                           f"and at least one new token must fit")
+        grammar = self._matcher(params.constraint)
         with self._lock:
             seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
             number = next(self._ids)
         return Sequence(request_id or f"req-{number}-{uuid.uuid4().hex[:8]}", ids, params,
-                        arrival_time=arrival_time or time.monotonic(), seed=seed)
+                        arrival_time=arrival_time or time.monotonic(), seed=seed, grammar=grammar)
+
+    def _matcher(self, constraint: Constraint | None) -> GrammarMatcher | None:
+        """The constraint compiled (cached per constraint and tokenizer, time-bounded): a bad one is refused
+        here, before admission."""
+        if constraint is None:
+            return None
+        if self.grammars is None:
+            raise InvalidRequestError(constraint.kind, "structured output is not available on this engine")
+        return self.grammars.matcher(constraint)
 
     def _checked_ids(self, ids: Seq[int]) -> list[int]:
         ids = list(ids)

@@ -4,10 +4,12 @@ Gumbel-max.
 Every row's randomness is a counter-based hash of (seed, position, vocab id): splitmix64 turns
 (seed, position) into a row key, and lowbias32 mixes it with each vocab id in int32 tensor ops. So a
 seeded request draws the same tokens whatever else shares its batch, with no per-row generator.
-Filters apply in vLLM's order (logit bias, penalties, temperature, min_p, top_k, top_p); rows with top_k/top_p
-sample among their candidates only, which gives the same draw as the whole vocabulary because the
-noise is a function of the vocab id. Greedy rows are an argmax, and a step where every row is greedy
-and unpenalized is one argmax. Token ids and logprobs reach the host in one `.tolist()`.
+Rows with a structured-output constraint get their grammar's token bitmask (disallowed logits become
+-inf), filled for those rows only. Filters apply in vLLM's order (logit bias, penalties, temperature,
+min_p, top_k, top_p); rows with top_k/top_p sample among their candidates only, which gives the same
+draw as the whole vocabulary because the noise is a function of the vocab id. Greedy rows are an
+argmax, and a step where every row is greedy and unpenalized is one argmax. Token ids and logprobs reach
+the host in one `.tolist()`.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenwire.engine.grammar import GrammarCompiler
 from tokenwire.engine.sequence import Sequence
 
 _GREEDY_TEMPERATURE = 1e-5   # below this, temperature scaling would overflow: treat as greedy
@@ -25,6 +28,10 @@ _NUCLEUS_WIDTH = 1024
 # Noise is built in vocabulary tiles of about this many elements so its int32 temporaries stay in cache.
 _NOISE_TILE_ELEMENTS = 1 << 17
 _UNIFORM_BITS = 23           # k + 0.5 stays exact in float32, so u never rounds to 0 or 1
+# Byte value -> the 8 logit offsets it stands for (bit b clear: -inf). One index_select and one add
+# expand a packed bitmask onto the logits: ~5x cheaper on CPU than unpacking bits with shifts.
+_BYTE_BIAS = torch.zeros(256, 8).masked_fill_(((torch.arange(256)[:, None] >> torch.arange(8)) & 1) == 0,
+                                              float("-inf"))
 
 
 def _signed(value: int, bits: int) -> int:
@@ -53,8 +60,9 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self) -> None:
+    def __init__(self, grammars: GrammarCompiler | None = None) -> None:
         self._vocab_keys: torch.Tensor | None = None
+        self._grammars = grammars    # fills constrained rows' bitmasks (None: no constraint is accepted)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
@@ -62,7 +70,11 @@ class Sampler:
         params = [s.params for s in seqs]
         scores = logits
         if any(p.logit_bias for p in params):
-            scores = apply_logit_bias(logits, params)
+            scores = apply_logit_bias(logits, params)   # a copy
+        constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if constrained:  # logprobs stay those of the raw model: mask a copy when any row wants them
+            copy = scores is logits and any(p.logprobs is not None for p in params)
+            scores = self._apply_grammars(scores.clone() if copy else scores, seqs, constrained)
         if any(p.uses_penalties for p in params):
             scores = apply_penalties(scores, seqs)
         greedy = [p.temperature < _GREEDY_TEMPERATURE for p in params]
@@ -74,6 +86,16 @@ class Sampler:
         if not wanted:
             return SamplerOutput(tokens.tolist(), [None] * len(seqs))
         return _with_logprobs(logits, tokens, wanted, [params[i].logprobs for i in wanted])
+
+    def _apply_grammars(self, scores: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor:
+        """In place: -inf on every token the rows' grammars disallow (bitmasks for those rows only)."""
+        packed = torch.from_numpy(self._grammars.fill_bitmasks([seqs[i].grammar for i in rows]))
+        device = scores.device
+        byte_values = packed.view(torch.uint8).reshape(-1).to(device, torch.long)   # little-endian words
+        bias = _BYTE_BIAS.to(device).index_select(0, byte_values).view(len(rows), -1)[:, :scores.shape[1]]
+        if len(rows) == len(seqs):
+            return scores.add_(bias)
+        return scores.index_add_(0, torch.tensor(rows, device=scores.device), bias)
 
     def _sample_rows(self, scores: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
         rows = [i for i, g in enumerate(greedy) if not g]

@@ -11,6 +11,31 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS_ENTRIES = 300         # OpenAI's bound
 MAX_LOGIT_BIAS = 100.0               # each value in [-100, 100]
+MAX_CONSTRAINT_BYTES = 64 * 1024   # a json_schema, regex or grammar; all choices together
+MAX_CHOICES = 1024
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A structured-output constraint; `kind` is also the request field it came from."""
+    kind: str                            # one of CONSTRAINT_KINDS
+    spec: str | tuple[str, ...] = ""     # the schema / regex / grammar text, or the choices
+
+    def validate(self) -> None:
+        _check(self.kind in CONSTRAINT_KINDS, "constraint", f"unknown kind {self.kind!r}")
+        if self.kind == "choice":
+            _check(isinstance(self.spec, tuple) and all(isinstance(c, str) for c in self.spec),
+                   "choice", "must be a list of strings")
+            _check(0 < len(self.spec) <= MAX_CHOICES, "choice",
+                   f"must list 1 to {MAX_CHOICES} strings, got {len(self.spec)}")
+            size = sum(len(c.encode()) for c in self.spec)
+        else:
+            _check(isinstance(self.spec, str), self.kind, "must be a string")
+            _check(bool(self.spec) or self.kind == "json_object", self.kind, "must not be empty")
+            size = len(self.spec.encode())
+        _check(size <= MAX_CONSTRAINT_BYTES, self.kind,
+               f"is {size} bytes; at most {MAX_CONSTRAINT_BYTES} are accepted")
 
 
 @dataclass(frozen=True)
@@ -30,6 +55,7 @@ class SamplingParams:
     logprobs: int | None = None          # None: none; 0: the chosen token's; n: plus top-n alternatives
     skip_special_tokens: bool = True     # for the detokenized text used by stop strings
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit), sorted by id
+    constraint: Constraint | None = None # structured output (JSON schema, regex, choice, grammar)
 
     @property
     def greedy(self) -> bool:
@@ -66,6 +92,8 @@ class SamplingParams:
         _check(self.logprobs is None or 0 <= self.logprobs <= max_logprobs,
                "logprobs", f"must be in [0, {max_logprobs}], got {self.logprobs!r}")
         self._validate_logit_bias(vocab_size)
+        if self.constraint is not None:
+            self.constraint.validate()
 
     def _validate_logit_bias(self, vocab_size: int) -> None:
         bias = self.logit_bias

@@ -33,6 +33,13 @@ class Sequence:
     num_computed_tokens: int = 0        # tokens whose KV is already in the cache
     num_cached_prompt_tokens: int = 0   # prompt tokens served by the prefix cache (first admission)
     num_preemptions: int = 0
+    # Structured output: a grammar.GrammarMatcher at the position of output_token_ids (which survive
+    # preemption, so the matcher does too); None when unconstrained.
+    grammar: object | None = None
+
+    def __getstate__(self) -> dict:
+        """Pickled for the engine core's pipe without the matcher (not picklable); the core rebuilds it."""
+        return {**self.__dict__, "grammar": None}
 
     @property
     def num_prompt_tokens(self) -> int:

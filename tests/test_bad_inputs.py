@@ -98,6 +98,16 @@ ENGINE_CASES = [
     Bad("257 stop_token_ids", "Generate", ids(OK_ID, stop_token_ids=list(range(257))), "sampling.stop_token_ids"),
     Bad("logprobs above cap", "Generate", ids(OK_ID, logprobs=21), "sampling.logprobs"),
     Bad("logprobs negative", "Generate", ids(OK_ID, logprobs=-1), "sampling.logprobs"),
+    # structured output (the constraint oneof)
+    Bad("json_schema not JSON", "Generate", ids(OK_ID, json_schema="{oops"), "sampling.json_schema"),
+    Bad("json_schema not a schema", "Generate", ids(OK_ID, json_schema='{"type": 3}'), "sampling.json_schema"),
+    Bad("json_schema over 64 KiB", "Generate", ids(OK_ID, json_schema='{"title": "%s"}' % ("x" * 65536)),
+        "sampling.json_schema"),
+    Bad("regex that does not compile", "Generate", ids(OK_ID, regex="[a-"), "sampling.regex"),
+    Bad("empty choice list", "Generate", ids(OK_ID, choice=epb.Choice()), "sampling.choice"),
+    Bad("1,025 choices", "Generate", ids(OK_ID, choice=epb.Choice(values=[str(i) for i in range(1025)])),
+        "sampling.choice"),
+    Bad("grammar syntax error", "Generate", ids(OK_ID, grammar='root ::= "a" | ('), "sampling.grammar"),
     # identity and framing
     Bad("request_id with a newline", "Generate", with_request_id(ids(OK_ID), "a\nforged log line"), "request_id"),
     Bad("request_id of 300 chars", "Generate", with_request_id(ids(OK_ID), "r" * 300), "request_id"),
@@ -234,6 +244,19 @@ def test_sdk_reports_an_oversized_request_as_invalid_not_overloaded(engine):
             client.complete("x" * (MAX_MESSAGE + 1))
         assert err.value.code == TOO_BIG and err.value.field == "request"
         assert client.complete(token_ids=OK_ID, max_new_tokens=2).usage.completion_tokens == 2
+
+
+def test_sdk_sends_constraints_and_parses_json(engine):
+    """A schema given as a dict reaches the engine as JSON text; even random weights then emit valid JSON.
+    Two constraints at once are refused by the SDK, before sending (the oneof would keep only one)."""
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"],
+              "additionalProperties": False}
+    with Client(tokenizer=None, engine=engine.address, timeout=30) as client:
+        assert client.complete("Hi", json_schema=schema, max_new_tokens=16).json() in ({"a": "x"}, {"a": "y"})
+        assert client.complete("Hi", choice=["left", "right"], max_new_tokens=8).text in ("left", "right")
+        with pytest.raises(InvalidRequestError) as err:
+            client.complete("Hi", regex="a+", choice=["a"])
+        assert err.value.field == "sampling.choice"
 
 
 def test_both_text_and_ids_cannot_reach_the_engine(engine_channel, good_generation):

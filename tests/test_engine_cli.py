@@ -8,7 +8,7 @@ import sys
 from tokenwire.engine import convert
 from tokenwire.engine.cli import build_parser, configs_from_args, prefer_sleeping_omp_waits
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
-from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.engine.sampling_params import Constraint, SamplingParams
 from tokenwire.v1 import engine_pb2 as pb
 
 
@@ -27,7 +27,12 @@ def test_cli_flags_come_from_the_config_dataclasses():
 
 
 def test_proto_sampling_params_mirror_the_engine_dataclass():
-    assert set(pb.SamplingParams.DESCRIPTOR.fields_by_name) == {f.name for f in dataclasses.fields(SamplingParams)}
+    constraints = {f.name for f in pb.SamplingParams.DESCRIPTOR.oneofs_by_name["constraint"].fields}
+    assert set(pb.SamplingParams.DESCRIPTOR.fields_by_name) - constraints | {"constraint"} == \
+        {f.name for f in dataclasses.fields(SamplingParams)}   # the oneof is one Constraint field
+    assert convert.sampling_params(pb.SamplingParams(choice=pb.Choice(values=["a", "b"]))).constraint == \
+        Constraint("choice", ("a", "b"))
+    assert convert.sampling_params(pb.SamplingParams(json_object=False)).constraint is None
     assert convert.sampling_params(pb.SamplingParams()) == SamplingParams()
     assert convert.sampling_params(pb.SamplingParams(temperature=0.0, stop=["\n"], logprobs=0)) == SamplingParams(
         temperature=0.0, stop=("\n",), logprobs=0)
