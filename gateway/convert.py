@@ -30,7 +30,26 @@ def sampling_options(req: SamplingFields, *, max_tokens: int | None, logprobs: i
         options["logprobs"] = logprobs
     if req.logit_bias:
         options["logit_bias"] = logit_bias(req.logit_bias)
-    return options
+    return options | constraint(req)
+
+
+def constraint(req: SamplingFields) -> dict:
+    """response_format / guided_regex / guided_choice / guided_grammar -> the SDK's one constraint option."""
+    given = {}
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        given["response_format"] = {"json_object": True}
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None:
+            raise bad_request("response_format", "type json_schema needs json_schema.schema")
+        given["response_format"] = {"json_schema": fmt.json_schema.json_schema}
+    for param, option in (("guided_regex", "regex"), ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+        if getattr(req, param) is not None:
+            given[param] = {option: getattr(req, param)}
+    if len(given) > 1:
+        raise bad_request(list(given)[1], f"give at most one of response_format, guided_regex, guided_choice, "
+                                          f"guided_grammar; got {', '.join(given)}")
+    return next(iter(given.values()), {})
 
 
 def logit_bias(bias: Mapping[str, float]) -> dict[int, float]:

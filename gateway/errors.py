@@ -14,7 +14,9 @@ from tokenwire.client import errors as sdk
 log = logging.getLogger(__name__)
 
 # The engine's SamplingParams field -> the OpenAI parameter a caller set it with.
-_PARAM_NAMES = {"max_new_tokens": "max_tokens", "token_ids.ids": "prompt", "text": "prompt"}
+_PARAM_NAMES = {"max_new_tokens": "max_tokens", "token_ids.ids": "prompt", "text": "prompt",
+                "json_schema": "response_format", "json_object": "response_format", "regex": "guided_regex",
+                "choice": "guided_choice", "grammar": "guided_grammar"}
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
     grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),

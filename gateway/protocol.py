@@ -15,6 +15,20 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False      # one last chunk with usage and no choices
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None
+    json_schema: dict = Field(alias="schema")   # the JSON schema the output validates against
+    strict: StrictBool | None = None              # the output always follows the schema here
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), any JSON object, or JSON valid against a schema."""
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingFields(BaseModel):
     """What both endpoints share, mapped onto the engine's SamplingParams by convert.sampling_options."""
     model_config = ConfigDict(extra="ignore")
@@ -39,6 +53,11 @@ class SamplingFields(BaseModel):
     stop_token_ids: Ids | None = None
     skip_special_tokens: StrictBool | None = None
     return_tokens_as_token_ids: StrictBool = False   # logprob tokens as "token_id:<id>"
+    # Structured output (README "Structured output"): OpenAI's response_format, or one of vLLM's guided_*
+    response_format: ResponseFormat | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(SamplingFields):

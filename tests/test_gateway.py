@@ -3,6 +3,7 @@ hides the wire), over the real tokenizer and engine services on loopback (tiny L
 from __future__ import annotations
 
 import json
+import re
 
 import grpc
 import httpx
@@ -143,6 +144,23 @@ def test_logit_bias_and_the_stop_reason_of_a_stop_token(oai, model, gateway):
     assert all("stop_reason" not in c for e in events for c in e["choices"] if not c["finish_reason"])
 
 
+def test_structured_output_through_response_format_and_guided_params(oai, model):
+    """The tiny model's text is random; the constraint alone makes it valid (README "Structured output")."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    chat = oai.chat.completions.create(
+        model=model, messages=CHAT, max_tokens=24, temperature=1.0, seed=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "digit", "schema": schema}})
+    value = json.loads(chat.choices[0].message.content)
+    assert set(value) == {"n"} and 0 <= value["n"] <= 9
+    choice = oai.completions.create(model=model, prompt="Pick:", max_tokens=8, temperature=1.0, seed=1,
+                                    extra_body={"guided_choice": ["red", "green", "blue"]})
+    assert choice.choices[0].text in {"red", "green", "blue"}
+    regex = oai.completions.create(model=model, prompt="Date:", max_tokens=16, temperature=1.0, seed=2,
+                                   extra_body={"guided_regex": r"20[0-9]{2}-(0[1-9]|1[0-2])"})
+    assert re.fullmatch(r"20[0-9]{2}-(0[1-9]|1[0-2])", regex.choices[0].text)
+
+
 def test_seed_reproduces_a_sample(oai, model):
     def sample(seed):
         return oai.completions.create(model=model, prompt="Hello", max_tokens=10, temperature=1.0, seed=seed
@@ -191,6 +209,11 @@ def test_greedy_chat_through_the_gateway_has_the_sdks_ids(oai, model, services):
     ({"stream": "yes"}, "stream"),
     ({"logit_bias": {"5": 101}}, "logit_bias"),          # refused by the engine: sampling.logit_bias
     ({"logit_bias": {"five": 1}}, "logit_bias"),         # not a token id
+    ({"guided_regex": "(unclosed"}, "guided_regex"),     # refused by the engine: sampling.regex
+    ({"guided_choice": []}, "guided_choice"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
+     "response_format"),
+    ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice"),   # two constraints
 ])
 def test_a_bad_value_is_a_400_naming_its_param(oai, model, params, param):
     with pytest.raises(openai.BadRequestError) as err:
