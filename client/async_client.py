@@ -123,25 +123,21 @@ class AsyncClient:
     async def complete(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
                        messages: Iterable[Message] | None = None, timeout: float | None = None,
                        request_id: str | None = None, **sampling: Unpack[SamplingOptions]) -> Completion:
-        """The whole generation at once, for text, token ids or chat messages."""
+        """The whole generation at once, for text, token ids or chat messages. With n > 1 the result is
+        sample 0 with `.choices` holding all n samples and `.usage` the request's (prompt counted once)."""
         scope = self._scope(timeout, request_id)
         if messages is not None:
             token_ids = await self._chat_ids(messages, scope)
         request, prompt_ids = await self._request(prompt, token_ids, sampling, scope)
-        result, texts = engine_pb2.GenerateResponse(), []
+        results: dict[int, engine_pb2.GenerateResponse] = {}
+        texts: dict[int, list[str]] = {}
         async for message in self._engine_stream(request, scope):
-            result.token_ids.extend(message.token_ids)
-            result.logprobs.extend(message.logprobs)
-            texts.append(message.text)
-            if message.finish_reason:
-                result.finish_reason = message.finish_reason
-                result.usage.CopyFrom(message.usage)
-                if message.HasField("timings"):
-                    result.timings.CopyFrom(message.timings)
-                if message.HasField("stop_detail"):
-                    result.stop_detail.CopyFrom(message.stop_detail)
-        result.text = "".join(texts)
-        return await self._completion(result, prompt_ids, request, scope)
+            result = results.setdefault(message.index, engine_pb2.GenerateResponse(index=message.index))
+            _merge(result, message)
+            texts.setdefault(message.index, []).append(message.text)
+        for index, result in results.items():
+            result.text = "".join(texts[index])
+        return await self._completions([results[i] for i in sorted(results)], prompt_ids, request, scope)
 
     async def complete_batch(self, prompts: Sequence[str] | None = None, *,
                              token_ids: Sequence[Sequence[int]] | None = None, timeout: float | None = None,
@@ -161,10 +157,12 @@ class AsyncClient:
             requests = [convert.text_request(text, sampling) for text in prompts]
         for i, request in enumerate(requests):
             request.request_id = f"{scope.request_id}-{i}"
-        results = await self._generate_batch(requests, scope)
+        results: dict[str, list[engine_pb2.GenerateResponse]] = {r.request_id: [] for r in requests}
+        for result in await self._generate_batch(requests, scope):   # request order, then sample index
+            results[result.request_id].append(result)
         return list(await asyncio.gather(*(
-            self._completion(result, request.token_ids.ids, request, scope)
-            for result, request in zip(results, requests))))
+            self._completions(results[request.request_id], request.token_ids.ids, request, scope)
+            for request in requests)))
 
     # ---- tokenizer service ----
 
@@ -284,18 +282,25 @@ class AsyncClient:
 
     async def _stream(self, request: engine_pb2.GenerateRequest, prompt_ids: Sequence[int],
                       scope: CallScope) -> AsyncIterator[GenerationChunk]:
-        text = None if request.return_text else TextStream(
-            self._tokenizer, self._tokenizer_endpoint, prompt_ids, convert.skip_special_tokens(request), scope)
+        texts: dict[int, TextStream] = {}   # one detokenizer per sample (index)
+
+        def text_of(index: int) -> TextStream:
+            if index not in texts:
+                texts[index] = TextStream(self._tokenizer, self._tokenizer_endpoint, prompt_ids,
+                                          convert.skip_special_tokens(request), scope)
+            return texts[index]
+
         try:
             async for message in self._engine_stream(request, scope):
                 delta = message.text
-                if text is not None:
+                if not request.return_text:
+                    text = text_of(message.index)
                     delta = await text.push(message.token_ids)
                     if message.finish_reason:
                         delta += await text.finish()
                 yield convert.chunk(message, delta)
         finally:
-            if text is not None:
+            for text in texts.values():
                 text.cancel()
 
     def _engine_stream(self, request: engine_pb2.GenerateRequest, scope: CallScope
@@ -316,6 +321,12 @@ class AsyncClient:
         async for message in routed_stream(self._router, request, self._block_size, self.retry, scope):
             yield message
 
+    async def _completions(self, results: Sequence[engine_pb2.GenerateResponse], prompt_ids: Sequence[int],
+                           request: engine_pb2.GenerateRequest, scope: CallScope) -> Completion:
+        """One request's merged results (one per sample, index order) as one Completion."""
+        samples = await asyncio.gather(*(self._completion(r, prompt_ids, request, scope) for r in results))
+        return Completion.of_samples(samples)
+
     async def _completion(self, result: engine_pb2.GenerateResponse, prompt_ids: Sequence[int],
                           request: engine_pb2.GenerateRequest, scope: CallScope) -> Completion:
         if request.return_text:
@@ -328,3 +339,16 @@ class AsyncClient:
             return convert.completion(result, body + await text.finish())
         finally:
             text.cancel()
+
+
+def _merge(result: engine_pb2.GenerateResponse, message: engine_pb2.GenerateResponse) -> None:
+    """Fold one stream message of a sample into that sample's whole result (text aside)."""
+    result.token_ids.extend(message.token_ids)
+    result.logprobs.extend(message.logprobs)
+    if message.finish_reason:
+        result.finish_reason = message.finish_reason
+        result.usage.CopyFrom(message.usage)
+        if message.HasField("timings"):
+            result.timings.CopyFrom(message.timings)
+        if message.HasField("stop_detail"):
+            result.stop_detail.CopyFrom(message.stop_detail)

@@ -81,14 +81,14 @@ def chunk(msg: engine_pb2.GenerateResponse, text: str) -> GenerationChunk:
         finish_reason=_FINISH[msg.finish_reason] if finished else None,
         usage=usage(msg.usage) if finished else None,
         timings=timings(msg.timings) if finished and msg.HasField("timings") else None,
-        stop=stop_detail(msg) if finished else None)
+        stop=stop_detail(msg) if finished else None, index=msg.index)
 
 
 def completion(msg: engine_pb2.GenerateResponse, text: str) -> Completion:
     return Completion(text=text, token_ids=tuple(msg.token_ids), finish_reason=_FINISH[msg.finish_reason],
                       usage=usage(msg.usage), logprobs=logprobs(msg.logprobs),
                       timings=timings(msg.timings) if msg.HasField("timings") else None,
-                      stop=stop_detail(msg))
+                      stop=stop_detail(msg), index=msg.index)
 
 
 def stop_detail(msg: engine_pb2.GenerateResponse) -> StopDetail | None:

@@ -1,9 +1,10 @@
 """What the SDK hands out: typed, frozen dataclasses (never protobuf), and the sampling options."""
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -18,7 +19,8 @@ class SamplingOptions(TypedDict, total=False):
     repetition_penalty: float    # 1 disables
     presence_penalty: float      # in [-2, 2]
     frequency_penalty: float     # in [-2, 2]
-    seed: int                    # same seed, same tokens
+    seed: int                    # same seed, same tokens (sample i of n: a seed derived from it)
+    n: int                       # parallel samples of the prompt, 1 to 16; its prefill is computed once
     stop_token_ids: list[int]    # extra ids that end generation
     stop: list[str]              # stop strings (the text is cut before them)
     ignore_eos: bool             # keep going past eos
@@ -89,6 +91,8 @@ class GenerationChunk:
     usage: Usage | None = None
     timings: Timings | None = None
     stop: StopDetail | None = None              # the last chunk of a STOP generation: which stop ended it
+    index: int = 0                              # which of the n samples (n > 1: chunks interleave; each
+                                                # sample has its own last chunk)
 
     @property
     def finished(self) -> bool:
@@ -105,6 +109,25 @@ class Completion:
     timings: Timings | None
     logprobs: tuple[TokenLogprob, ...] = ()
     stop: StopDetail | None = None              # when finish_reason is STOP: which stop ended it
+    index: int = 0                              # which of the n samples this is
+    # n > 1: every sample, in index order; this completion's own fields are sample 0's, except `usage`,
+    # which is the request's: the prompt once, the samples' completion tokens summed.
+    samples: tuple[Completion, ...] = ()
+
+    @property
+    def choices(self) -> tuple[Completion, ...]:
+        """The n samples in index order: `(self,)` when n = 1."""
+        return self.samples or (self,)
+
+    @classmethod
+    def of_samples(cls, samples: Sequence[Completion]) -> Completion:
+        """One request's completions (index order) as one: itself when n = 1."""
+        if len(samples) == 1:
+            return samples[0]
+        first = samples[0]
+        usage = Usage(first.usage.prompt_tokens, sum(s.usage.completion_tokens for s in samples),
+                      first.usage.cached_prompt_tokens)
+        return dataclasses.replace(first, usage=usage, samples=tuple(samples))
 
     def json(self):
         """The text parsed as JSON (for json_schema / json_object requests); ValueError if it is not."""

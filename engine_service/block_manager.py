@@ -103,6 +103,17 @@ class BlockManager:
             self.prefix_cache.stats.record(seq.num_tokens, match.num_cached_tokens)
         return match.num_cached_tokens
 
+    def fork(self, parent: Sequence, child: Sequence, num_tokens: int) -> None:
+        """Give `child` (no blocks yet) references to the blocks of `parent` holding its first `num_tokens`
+        tokens: no copy now; the first write into a shared block copies it (copy-on-write)."""
+        if child.block_table:
+            raise RuntimeError(f"{child.request_id} already holds blocks")
+        table = parent.block_table[:cdiv(num_tokens, self.block_size)]
+        for block_id in table:
+            self._take(block_id)
+        child.block_table = list(table)
+        self._hashes[child] = list(self._hashes.get(parent, ())[:num_tokens // self.block_size])
+
     # ---- growth ----
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:

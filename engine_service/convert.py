@@ -27,6 +27,8 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
             kwargs[f.name] = constraint(msg)
         elif f.name in _REPEATED_PARAMS:
             kwargs[f.name] = tuple(getattr(msg, f.name))
+        elif f.name == "n":   # no presence: 0 (unset) and 1 both mean one sample
+            kwargs[f.name] = msg.n or 1
         elif f.name == "logit_bias":   # a map: no presence, empty is none
             kwargs[f.name] = tuple(sorted(msg.logit_bias.items()))
         elif msg.HasField(f.name):
@@ -64,9 +66,9 @@ def request_field_path(engine_field: str, request: pb.GenerateRequest) -> str:
     return engine_field
 
 
-def generate_response(request_id: str, outputs: Seq[RequestOutput]) -> pb.GenerateResponse:
-    """Merge consecutive deltas of one request (one or more engine steps) into one stream message."""
-    msg = pb.GenerateResponse(request_id=request_id)
+def generate_response(request_id: str, outputs: Seq[RequestOutput], index: int = 0) -> pb.GenerateResponse:
+    """Merge consecutive deltas of one sample of a request (one or more engine steps) into one message."""
+    msg = pb.GenerateResponse(request_id=request_id, index=index)
     texts = []
     for out in outputs:
         msg.token_ids.extend(out.new_token_ids)

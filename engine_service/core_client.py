@@ -47,6 +47,9 @@ class EngineFront:
     def prepare(self, *args, **kwargs) -> Sequence:
         return self.preparer.prepare(*args, **kwargs)
 
+    def prepare_samples(self, *args, **kwargs) -> list[Sequence]:
+        return self.preparer.prepare_samples(*args, **kwargs)
+
     @property
     def num_prompt_encodes(self) -> int:
         return self.preparer.num_prompt_encodes

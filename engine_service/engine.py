@@ -78,6 +78,12 @@ class LLMEngine:
         """Validate a request and build its Sequence. Thread-safe: callers run it off the engine thread."""
         return self.preparer.prepare(prompt, prompt_token_ids, params, request_id, arrival_time)
 
+    def prepare_samples(self, prompt: str | None = None, prompt_token_ids: Seq[int] | None = None,
+                        params: SamplingParams | None = None, request_id: str | None = None,
+                        arrival_time: float | None = None) -> list[Sequence]:
+        """`prepare`, as one Sequence per sample (params.n); see RequestPreparer.prepare_samples."""
+        return self.preparer.prepare_samples(prompt, prompt_token_ids, params, request_id, arrival_time)
+
     def add(self, seq: Sequence, want_text: bool = False) -> str:
         """Queue a prepared sequence. Engine thread only."""
         if seq.request_id in self._states:
@@ -89,7 +95,15 @@ class LLMEngine:
     def add_request(self, prompt: str | None = None, prompt_token_ids: Seq[int] | None = None,
                     params: SamplingParams | None = None, request_id: str | None = None,
                     want_text: bool = False) -> str:
-        return self.add(self.prepare(prompt, prompt_token_ids, params, request_id), want_text)
+        """Queue a request (all its params.n samples); returns sample 0's id."""
+        return self.add_samples(prompt, prompt_token_ids, params, request_id, want_text)[0]
+
+    def add_samples(self, prompt: str | None = None, prompt_token_ids: Seq[int] | None = None,
+                    params: SamplingParams | None = None, request_id: str | None = None,
+                    want_text: bool = False) -> list[str]:
+        """Queue a request; returns the request id of each of its params.n samples, in index order."""
+        seqs = self.prepare_samples(prompt, prompt_token_ids, params, request_id)
+        return [self.add(seq, want_text) for seq in seqs]
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request now and free its blocks; returns its terminal output (None if unknown/done)."""
@@ -170,11 +184,12 @@ class LLMEngine:
 
     def generate(self, prompts: Seq[str] | None = None, prompt_token_ids: Seq[Seq[int]] | None = None,
                  params: SamplingParams | Seq[SamplingParams] | None = None) -> list[list[int]]:
-        """Run a batch to completion; returns each request's generated ids, in input order."""
+        """Run a batch to completion; returns the generated ids of each request's samples, in input order
+        then sample index (one list per request when n = 1)."""
         items = [dict(prompt=p) for p in prompts] if prompts is not None else \
             [dict(prompt_token_ids=ids) for ids in prompt_token_ids]
         all_params = params if isinstance(params, (list, tuple)) else [params] * len(items)
-        rids = [self.add_request(params=p, **item) for item, p in zip(items, all_params)]
+        rids = [rid for item, p in zip(items, all_params) for rid in self.add_samples(params=p, **item)]
         results: dict[str, list[int]] = {rid: [] for rid in rids}
         while self.has_unfinished():
             for out in self.step():

@@ -67,7 +67,7 @@ class OutputProcessor:
             finished=finished, finish_reason=reason, error=error,
             num_prompt_tokens=seq.num_prompt_tokens, num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
             num_output_tokens=len(seq.output_token_ids), timings=state.timings if finished else None,
-            stop_detail=stop_detail if reason is FinishReason.STOP else None)
+            stop_detail=stop_detail if reason is FinishReason.STOP else None, sample_index=seq.sample_index)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> tuple[FinishReason | None, StopDetail | None]:
         params = seq.params

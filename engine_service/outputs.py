@@ -63,6 +63,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     timings: RequestTimings | None = None    # on the final output
     stop_detail: StopDetail | None = None    # on the final output, when finish_reason is STOP
+    sample_index: int = 0                    # which of the request's n samples (Sequence.sample_index)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ engine core reports), so text is encoded once, in the front, and the core only e
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import threading
@@ -13,7 +14,7 @@ import uuid
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
-from tokenwire.engine.sampling_params import Constraint, SamplingParams
+from tokenwire.engine.sampling_params import Constraint, SamplingParams, sample_seed
 from tokenwire.engine.sequence import Sequence
 from tokenwire.serving.errors import InvalidRequestError
 
@@ -78,6 +79,19 @@ class RequestPreparer:
             number = next(self._ids)
         return Sequence(request_id or f"req-{number}-{uuid.uuid4().hex[:8]}", ids, params,
                         arrival_time=arrival_time or time.monotonic(), seed=seed, grammar=grammar)
+
+    def prepare_samples(self, *args, **kwargs) -> list[Sequence]:
+        """`prepare`, then one Sequence per sample (params.n of them): sample 0 keeps the request id; sample i
+        is `"<id> #i"` (a space: no client id can collide), seeded with `sample_seed(seed, i)`, with its own
+        grammar matcher, and forks off sample 0's prefill in the scheduler."""
+        first = self.prepare(*args, **kwargs)
+        return [first] + [self._sample(first, i) for i in range(1, first.params.n)]
+
+    def _sample(self, first: Sequence, index: int) -> Sequence:
+        return dataclasses.replace(
+            first, request_id=f"{first.request_id} #{index}", prompt_token_ids=list(first.prompt_token_ids),
+            output_token_ids=[], block_table=[], seed=sample_seed(first.seed, index),
+            grammar=self._matcher(first.params.constraint), sample_index=index, fork_of=first.request_id)
 
     def _matcher(self, constraint: Constraint | None) -> GrammarMatcher | None:
         """The constraint compiled (cached per constraint and tokenizer, time-bounded): a bad one is refused

@@ -13,6 +13,8 @@ MAX_LOGIT_BIAS_ENTRIES = 300         # OpenAI's bound
 MAX_LOGIT_BIAS = 100.0               # each value in [-100, 100]
 MAX_CONSTRAINT_BYTES = 64 * 1024   # a json_schema, regex or grammar; all choices together
 MAX_CHOICES = 1024
+MAX_N = 16                           # parallel samples of one prompt (SamplingParams.n)
+_SAMPLE_SEED_STEP = 0x9E3779B97F4A7C15   # 2^64 / golden ratio: spreads the derived seeds apart
 CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 
 
@@ -56,6 +58,7 @@ class SamplingParams:
     skip_special_tokens: bool = True     # for the detokenized text used by stop strings
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit), sorted by id
     constraint: Constraint | None = None # structured output (JSON schema, regex, choice, grammar)
+    n: int = 1                           # parallel samples of the prompt, sharing its prefill; 1 to MAX_N
 
     @property
     def greedy(self) -> bool:
@@ -91,6 +94,8 @@ class SamplingParams:
                f"stop strings must have 1 to {MAX_STOP_STRING_CHARS} characters")
         _check(self.logprobs is None or 0 <= self.logprobs <= max_logprobs,
                "logprobs", f"must be in [0, {max_logprobs}], got {self.logprobs!r}")
+        _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n",
+               f"must be an integer in [1, {MAX_N}], got {self.n!r}")
         self._validate_logit_bias(vocab_size)
         if self.constraint is not None:
             self.constraint.validate()
@@ -105,6 +110,12 @@ class SamplingParams:
         _check(not bad_ids, "logit_bias", f"token ids outside the vocabulary [0, {vocab_size}): {bad_ids[:5]}")
         bad = [(t, v) for t, v in bias if not (_finite(v) and -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS)]
         _check(not bad, "logit_bias", f"values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bad[:5]}")
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request seeded with `seed`: sample 0 uses the seed itself (so n=1
+    is unchanged), sample i uses (seed + i * 0x9E3779B97F4A7C15) mod 2^63. Same seed and n, same samples."""
+    return (seed + index * _SAMPLE_SEED_STEP) % 2**63
 
 
 def _finite(value) -> bool:

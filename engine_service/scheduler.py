@@ -6,7 +6,13 @@ chunk; (3) waiting sequences are admitted in arrival order while the budget, `ma
 KV blocks allow. When a running sequence needs a block the pool cannot give, the youngest running
 sequence is preempted by recompute: its blocks are freed, its generated tokens kept, and it waits at
 the front of the queue to prefill prompt + outputs again (mostly from the prefix cache, when enabled).
-The oldest sequence therefore always progresses. Plain Python: no torch, no gRPC.
+The oldest sequence therefore always progresses.
+
+Parallel samples (n > 1): samples 1..n-1 wait behind sample 0 until its prompt is computed, then fork
+off its blocks (reference counts, copy-on-write on the first write into a shared block) with all but the
+last prompt token computed; each recomputes only that token, for its own logits. So a prompt is
+prefilled once whatever n is. Should sample 0 end or lose its blocks first, they are admitted as usual.
+Plain Python: no torch, no gRPC.
 """
 from __future__ import annotations
 
@@ -69,6 +75,8 @@ class Scheduler:
         self._by_id: dict[str, Sequence] = {}
         self._arrival: dict[Sequence, int] = {}
         self._arrivals = itertools.count()
+        self._forks: dict[str, list[Sequence]] = {}   # sample 0's id -> samples waiting to fork off it
+        self.num_computed_prompt_tokens = 0           # prompt positions the model has run (prefill work)
 
     # ---- queue ----
 
@@ -95,6 +103,9 @@ class Scheduler:
         self._by_id[seq.request_id] = seq
         self._arrival[seq] = next(self._arrivals)
         self.waiting.append(seq)
+        parent = self._by_id.get(seq.fork_of) if seq.fork_of else None
+        if parent is not None and not self._prefilled(parent):
+            self._forks.setdefault(parent.request_id, []).append(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
         """End a waiting or running sequence now and free its blocks; None if unknown or already done."""
@@ -112,6 +123,9 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
         del self._by_id[seq.request_id], self._arrival[seq]
+        self._forks.pop(seq.request_id, None)   # its samples not forked yet are admitted as usual
+        if seq.fork_of in self._forks and seq in self._forks[seq.fork_of]:
+            self._forks[seq.fork_of].remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
@@ -133,7 +147,39 @@ class Scheduler:
             seq = chunk.seq
             if seq.status is SequenceStatus.RUNNING and seq.num_computed_tokens == chunk.start:
                 seq.num_computed_tokens = chunk.end
+                self.num_computed_prompt_tokens += max(min(chunk.end, seq.num_prompt_tokens) - chunk.start, 0)
                 self.block_manager.commit(seq)
+                if self._prefilled(seq) and seq.request_id in self._forks:
+                    self._fork_samples(seq)
+
+    # ---- parallel samples ----
+
+    @staticmethod
+    def _prefilled(seq: Sequence) -> bool:
+        return seq.status is SequenceStatus.RUNNING and seq.num_computed_tokens >= seq.num_prompt_tokens
+
+    def _fork_samples(self, parent: Sequence) -> None:
+        """Sample 0's prompt is computed: its waiting samples take its prompt blocks, all of the prompt but
+        the last token counted as computed (they still need that token's logits). They stay queued,
+        holding shared blocks only, until admitted."""
+        for child in self._forks.pop(parent.request_id):
+            cached = child.num_prompt_tokens - 1
+            self.block_manager.fork(parent, child, cached)
+            child.num_computed_tokens = cached
+            child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens   # the request's, in usage
+
+    def _unfork_one(self) -> bool:
+        """Under KV pressure, the youngest queued forked sample drops its shared blocks (it computed
+        nothing itself) and will be admitted as usual. False when there is none."""
+        for seq in reversed(self.waiting):
+            if seq.block_table:
+                self.block_manager.free(seq)
+                seq.num_computed_tokens = 0
+                return True
+        return False
+
+    def _waits_for_fork(self, seq: Sequence) -> bool:
+        return seq.fork_of is not None and seq in self._forks.get(seq.fork_of, ())
 
     def _schedule_running(self, step: _Step, decoding: bool) -> None:
         for seq in list(self.running):   # a snapshot: preemption removes from the live list
@@ -159,13 +205,34 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if self._waits_for_fork(seq):
+                return   # behind sample 0's prefill, which it will share
+            if seq.block_table:   # forked: holds sample 0's prompt blocks already
+                if not self._admit_forked(seq, step):
+                    if self.running or not self._unfork_one():
+                        return
+                continue
             match = bm.match_prefix(seq)
             num_tokens = self._chunk_size(seq.num_tokens - match.num_cached_tokens, step)
             if num_tokens == 0 or not bm.can_allocate(seq, num_tokens, match):
-                return   # FIFO: nobody overtakes the head of the queue
+                # FIFO: nobody overtakes the head of the queue. With nothing running, only queued forked
+                # samples can hold the blocks it needs: they give them back rather than deadlock.
+                if num_tokens == 0 or self.running or not self._unfork_one():
+                    return
+                continue
             self.waiting.popleft()
             self._start(seq, match, num_tokens)
             step.add(seq, num_tokens)
+
+    def _admit_forked(self, seq: Sequence, step: _Step) -> bool:
+        num_tokens = self._chunk_size(seq.num_tokens - seq.num_computed_tokens, step)
+        if num_tokens == 0 or not self.block_manager.ensure_slots(seq, num_tokens):
+            return False
+        self.waiting.popleft()
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=self._arrival.__getitem__)
+        step.add(seq, num_tokens)
+        return True
 
     def _start(self, seq: Sequence, match: PrefixMatch, num_tokens: int) -> None:
         seq.num_computed_tokens = self.block_manager.allocate_prefix(seq, match)
@@ -189,6 +256,8 @@ class Scheduler:
     def _reserve(self, seq: Sequence, num_tokens: int, step: _Step) -> bool:
         """Find blocks for `seq`, preempting the youngest running sequences (possibly `seq` itself)."""
         while not self.block_manager.ensure_slots(seq, num_tokens):
+            if self._unfork_one():   # cheaper than preempting: a queued fork computed nothing
+                continue
             victim = self.running[-1]
             self._preempt(victim, step)
             if victim is seq:

@@ -36,6 +36,10 @@ class Sequence:
     # Structured output: a grammar.GrammarMatcher at the position of output_token_ids (which survive
     # preemption, so the matcher does too); None when unconstrained.
     grammar: object | None = None
+    # Parallel samples (SamplingParams.n > 1): which sample this is, and for samples 1..n-1 the request id
+    # of sample 0, whose prefill they share (the scheduler forks them off its blocks once it is done).
+    sample_index: int = 0
+    fork_of: str | None = None
 
     def __getstate__(self) -> dict:
         """Pickled for the engine core's pipe without the matcher (not picklable); the core rebuilds it."""

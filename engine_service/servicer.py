@@ -54,17 +54,21 @@ class _Refused(Exception):
 
 
 class _Submitted:
-    """One sequence inside the engine: its output queue, and its abort if the caller leaves early.
-    `on_start` runs (on the event loop) when its first output arrives: it has left the waiting queue."""
+    """One request's sequences (its n samples) inside the engine: one output queue for all of them, and
+    their abort if the caller leaves early. `on_start` runs (on the event loop) when the first output
+    arrives: the request has left the waiting queue."""
 
-    def __init__(self, engine_loop: CoreClient, seq: Sequence, want_text: bool,
+    def __init__(self, engine_loop: CoreClient, seqs: Seq[Sequence], want_text: bool,
                  on_start: Callable[[str], None] = lambda request_id: None):
         self._engine_loop = engine_loop
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._on_start: Callable[[str], None] | None = on_start
-        self.request_id = seq.request_id
+        self.request_id = seqs[0].request_id
+        self.index_of = {seq.request_id: seq.sample_index for seq in seqs}   # engine id -> sample index
+        self._unfinished = set(self.index_of)
         self.finished = False
-        engine_loop.submit(seq, self._deliver, want_text)
+        for seq in seqs:
+            engine_loop.submit(seq, self._deliver, want_text)
 
     def _deliver(self, output: RequestOutput) -> None:
         if self._on_start is not None:
@@ -77,7 +81,8 @@ class _Submitted:
         outputs = [await self._queue.get()]
         while not self._queue.empty():
             outputs.append(self._queue.get_nowait())
-        self.finished = outputs[-1].finished
+        self._unfinished.difference_update(out.request_id for out in outputs if out.finished)
+        self.finished = not self._unfinished
         return outputs
 
     async def all_outputs(self) -> list[RequestOutput]:
@@ -86,11 +91,21 @@ class _Submitted:
             outputs += await self.next_outputs()
         return outputs
 
+    def messages(self, outputs: Seq[RequestOutput]) -> list[pb.GenerateResponse]:
+        """One stream message per sample present in `outputs`, in order of first appearance."""
+        by_sample: dict[str, list[RequestOutput]] = {}
+        for out in outputs:
+            by_sample.setdefault(out.request_id, []).append(out)
+        return [convert.generate_response(self.request_id, outs, self.index_of[sample_id])
+                for sample_id, outs in by_sample.items()]
+
     def abort_unless_finished(self) -> None:
+        """Abort every sample still running (cancel, deadline, a failed sample): all n end together."""
         self._on_start = None  # the handler is leaving: its id may soon name another request
-        if not self.finished:
-            self.finished = True
-            self._engine_loop.abort(self.request_id)
+        for sample_id in sorted(self._unfinished):
+            self._engine_loop.abort(sample_id)
+        self._unfinished.clear()
+        self.finished = True
 
 
 def _raise_if_failed(output: RequestOutput, core_death: str | None) -> None:
@@ -139,13 +154,15 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         try:
             engine_loop = self._serving_loop()
             with self._reserve([request.request_id]) as (rid,):
-                seq = await asyncio.to_thread(_prepare, engine_loop.engine, request, rid, arrival)
-                submitted = _Submitted(engine_loop, seq, request.return_text, self._waiting.discard)
+                seqs = await asyncio.to_thread(_prepare, engine_loop.engine, request, rid, arrival)
+                submitted = _Submitted(engine_loop, seqs, request.return_text, self._waiting.discard)
                 try:
                     while not submitted.finished:
                         outputs = await submitted.next_outputs()
-                        _raise_if_failed(outputs[-1], engine_loop.death)
-                        yield convert.generate_response(rid, outputs)
+                        for output in outputs:
+                            _raise_if_failed(output, engine_loop.death)
+                        for message in submitted.messages(outputs):
+                            yield message
                 finally:  # client cancel / deadline lands here as CancelledError
                     submitted.abort_unless_finished()
         except _Refused as refused:
@@ -161,17 +178,19 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             self._check_batch_size(len(request.requests))
             with self._reserve([r.request_id for r in request.requests], batch=True) as rids:
                 seqs = await asyncio.to_thread(_prepare_batch, engine_loop.engine, request.requests, rids, arrival)
-                batch = [_Submitted(engine_loop, seq, r.return_text, self._waiting.discard)
-                         for seq, r in zip(seqs, request.requests)]
+                batch = [_Submitted(engine_loop, samples, r.return_text, self._waiting.discard)
+                         for samples, r in zip(seqs, request.requests)]
                 try:
                     results = await asyncio.gather(*(s.all_outputs() for s in batch))
                 finally:
                     for submitted in batch:
                         submitted.abort_unless_finished()
             for outputs in results:
-                _raise_if_failed(outputs[-1], engine_loop.death)
-            return pb.GenerateBatchResponse(
-                results=[convert.generate_response(s.request_id, outs) for s, outs in zip(batch, results)])
+                for output in outputs:
+                    _raise_if_failed(output, engine_loop.death)
+            return pb.GenerateBatchResponse(results=[
+                message for s, outs in zip(batch, results)
+                for message in sorted(s.messages(outs), key=lambda m: m.index)])
         except _Refused as refused:
             await _abort(context, refused)
         except Exception as exc:
@@ -253,15 +272,15 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
 
 
 def _prepare_batch(engine: EngineFront, requests: Seq[pb.GenerateRequest], rids: Seq[str],
-                   arrival: float) -> list[Sequence]:
+                   arrival: float) -> list[list[Sequence]]:
     if not requests:
         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "requests: must not be empty", "requests")
     return [_prepare(engine, r, rid, arrival, f"requests[{i}].") for i, (r, rid) in enumerate(zip(requests, rids))]
 
 
 def _prepare(engine: EngineFront, request: pb.GenerateRequest, rid: str, arrival: float,
-             field_prefix: str = "") -> Sequence:
-    """Fingerprint check first (no work for a mismatched tokenizer), then validation and, for a text
+             field_prefix: str = "") -> list[Sequence]:
+    """One Sequence per sample (SamplingParams.n). Fingerprint check first (no work for a mismatched tokenizer), then validation and, for a text
     prompt, its one encode. Runs in a worker thread: a long prompt must not stall the event loop."""
     fingerprint = request.tokenizer_fingerprint
     if fingerprint and not _FINGERPRINT.fullmatch(fingerprint):
@@ -278,7 +297,7 @@ def _prepare(engine: EngineFront, request: pb.GenerateRequest, rid: str, arrival
         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{field_prefix}prompt: set text or token_ids",
                        f"{field_prefix}prompt")
     try:
-        return engine.prepare(params=convert.sampling_params(request.sampling), request_id=rid,
+        return engine.prepare_samples(params=convert.sampling_params(request.sampling), request_id=rid,
                               arrival_time=arrival, **prompt)
     except InvalidRequestError as exc:
         field = field_prefix + convert.request_field_path(exc.field, request)

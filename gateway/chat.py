@@ -19,9 +19,8 @@ async def answer(backend: Backend, req: ChatCompletionRequest) -> Answer:
     default = await backend.default_max_tokens(len(ids))
     max_tokens = convert.chat_max_tokens(req)
 
-    def options(prompt: list[int], sample: int) -> dict:
-        return convert.sampling_options(req, max_tokens=max_tokens, logprobs=logprobs, default_max_tokens=default,
-                                        sample=sample)
+    def options(prompt: list[int]) -> dict:
+        return convert.sampling_options(req, max_tokens=max_tokens, logprobs=logprobs, default_max_tokens=default)
 
     jobs = jobs_for([ids], req.n, options)
     return Answer(backend, ChatShape(), jobs, request_id(req.user), model, req.return_tokens_as_token_ids)

@@ -19,9 +19,9 @@ async def answer(backend: Backend, req: CompletionRequest) -> Answer:
         echoes = texts if texts is not None else [await backend.decode(ids, False) for ids in prompts]
     default = {len(ids): await backend.default_max_tokens(len(ids)) for ids in prompts}
 
-    def options(ids: list[int], sample: int) -> dict:
+    def options(ids: list[int]) -> dict:
         return convert.sampling_options(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
-                                        default_max_tokens=default[len(ids)], sample=sample)
+                                        default_max_tokens=default[len(ids)])
 
     jobs = jobs_for(prompts, req.n, options, echoes)
     return Answer(backend, CompletionShape(), jobs, request_id(req.user), model, req.return_tokens_as_token_ids)

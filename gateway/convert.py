@@ -12,16 +12,17 @@ _SAME_NAME = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_p
 
 
 def sampling_options(req: SamplingFields, *, max_tokens: int | None, logprobs: int | None,
-                     default_max_tokens: int, sample: int) -> dict:
-    """The SDK's keyword options for sample `sample` (0-based) of `req`; unset fields stay unset, so
-    the engine's defaults apply. Sample i of a seeded request uses seed + i: n different samples that
-    are each reproducible."""
+                     default_max_tokens: int) -> dict:
+    """The SDK's keyword options of `req`; unset fields stay unset, so the engine's defaults apply.
+    `n` is the engine's: its samples share the prompt's prefill, each seeded from `seed` (engine.proto)."""
     options: dict = {k: getattr(req, k) for k in _SAME_NAME if getattr(req, k) is not None}
     options["max_new_tokens"] = max_tokens if max_tokens is not None else default_max_tokens
     if req.top_k is not None:
         options["top_k"] = max(req.top_k, 0)          # vLLM's -1 and 0 both mean "off"
     if req.seed is not None:
-        options["seed"] = (req.seed + sample) % 2**63
+        options["seed"] = req.seed
+    if req.n > 1:
+        options["n"] = req.n
     if req.stop:
         options["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
     if req.stop_token_ids:

@@ -15,6 +15,7 @@ from tests.rpc_log import CallLog
 from tokenwire.client import AsyncClient, Client, InvalidRequestError, RetryPolicy, UnavailableError
 from tokenwire.client import cli
 from tokenwire.client.convert import chat_messages, sampling_params
+from tokenwire.client.types import Completion, FinishReason, Usage
 from tokenwire.engine.config import EngineConfig, ServerConfig
 from tokenwire.engine.server import EngineServer
 from tokenwire.serving.launcher import free_port
@@ -133,3 +134,56 @@ def test_unreachable_services_are_named_with_how_to_start_them(capsys):
             client.model_info()
     assert cli.main(["--tokenizer", address, "--engine", address, "info"]) == 1
     assert "cannot reach the engine service at" in capsys.readouterr().err
+
+
+class TwoSampleEngine(engine_pb2_grpc.EngineServiceServicer):
+    """Answers every request with two samples whose messages interleave, as the engine streams n = 2."""
+
+    async def Generate(self, request, context):
+        assert request.sampling.n == 2
+        rid = request.request_id
+        yield pb.GenerateResponse(request_id=rid, index=1, token_ids=[21], text="b")
+        yield pb.GenerateResponse(request_id=rid, index=0, token_ids=[11], text="a")
+        yield pb.GenerateResponse(request_id=rid, index=1, token_ids=[22], text="B",
+                                  finish_reason=pb.FINISH_REASON_LENGTH,
+                                  usage=pb.Usage(prompt_tokens=3, completion_tokens=2, cached_prompt_tokens=1))
+        yield pb.GenerateResponse(request_id=rid, index=0, token_ids=[12, 13], text="AA",
+                                  finish_reason=pb.FINISH_REASON_LENGTH,
+                                  usage=pb.Usage(prompt_tokens=3, completion_tokens=3, cached_prompt_tokens=1))
+
+    async def GenerateBatch(self, request, context):
+        results = []
+        for r in request.requests:
+            results += [pb.GenerateResponse(request_id=r.request_id, index=i, token_ids=[i], text=str(i),
+                                            finish_reason=pb.FINISH_REASON_STOP,
+                                            usage=pb.Usage(prompt_tokens=2, completion_tokens=1))
+                        for i in range(r.sampling.n)]
+        return pb.GenerateBatchResponse(results=results)
+
+
+def test_n_samples_chunks_carry_index_and_complete_gives_choices():
+    async def main():
+        server, address = await _serve(TwoSampleEngine())
+        try:
+            async with AsyncClient(None, address, retry=FAST_RETRY) as client:
+                chunks = [c async for c in client.generate(token_ids=[1, 2, 3], n=2)]
+                whole = await client.complete(token_ids=[1, 2, 3], n=2)
+                batch = await client.complete_batch(token_ids=[[1, 2], [3, 4]], n=2)
+        finally:
+            await server.stop(0)
+        return chunks, whole, batch
+
+    chunks, whole, batch = asyncio.run(main())
+    assert [(c.index, c.token_ids, c.finished) for c in chunks] == \
+        [(1, (21,), False), (0, (11,), False), (1, (22,), True), (0, (12, 13), True)]
+    assert [(c.index, c.text, c.token_ids) for c in whole.choices] == [(0, "aAA", (11, 12, 13)), (1, "bB", (21, 22))]
+    assert (whole.text, whole.index) == ("aAA", 0)   # the completion itself is sample 0
+    assert whole.usage == Usage(prompt_tokens=3, completion_tokens=5, cached_prompt_tokens=1)   # prompt once
+    assert [[c.text for c in result.choices] for result in batch] == [["0", "1"], ["0", "1"]]
+    assert [result.usage.completion_tokens for result in batch] == [2, 2]
+
+
+def test_n1_completion_is_its_own_only_choice():
+    completion = Completion(text="x", token_ids=(1,), finish_reason=FinishReason.STOP, usage=Usage(1, 1, 0),
+                            timings=None)
+    assert completion.choices == (completion,) and Completion.of_samples([completion]) is completion

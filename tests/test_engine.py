@@ -176,3 +176,92 @@ def test_smollm2_greedy_matches_transformers(smollm2_dir):
                ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]]
     params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
     assert_greedy_matches_reference(smollm2_dir, prompts, engine.generate(prompt_token_ids=prompts, params=params))
+
+
+# ---- parallel samples (SamplingParams.n) ----
+
+def _samples(engine, prompt, params):
+    """Generate one request's samples by hand: (ids per sample, final outputs by sample index)."""
+    rids = engine.add_samples(prompt_token_ids=prompt, params=params)
+    ids: dict[str, list[int]] = {rid: [] for rid in rids}
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            ids[out.request_id].extend(out.new_token_ids)
+            if out.finished:
+                finals[out.sample_index] = out
+    return [ids[rid] for rid in rids], finals
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+@pytest.mark.parametrize("length", [17, 16])   # a partial last block (copy-on-write) and a full one
+def test_n_samples_prefill_once(tiny_llama_dir, prefix, length):
+    engine = make_engine(tiny_llama_dir, prefix=prefix)
+    prompt = random_prompts(1, lo=length, hi=length, seed=20)[0]
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=7, ignore_eos=True, n=4)
+    outs, finals = _samples(engine, prompt, params)
+    # The prompt runs once; samples 1..3 each recompute only its last token for their own logits.
+    assert engine.scheduler.num_computed_prompt_tokens == length + 3
+    assert sorted(finals) == [0, 1, 2, 3]
+    assert all(f.num_prompt_tokens == length and f.num_output_tokens == 8 for f in finals.values())
+    assert len({tuple(o) for o in outs}) > 1   # distinct seeds, distinct samples
+    assert_all_blocks_free(engine)
+
+
+def test_n_samples_seeded_reproducible_and_sample0_is_n1(tiny_llama_dir, llama):
+    prompt = random_prompts(1, lo=13, hi=13, seed=21)[0]
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, seed=42, ignore_eos=True, n=3)
+    first, _ = _samples(llama, prompt, params)
+    tight = make_engine(tiny_llama_dir, budget=8, max_seqs=4)   # chunked prefill of sample 0, then the fork
+    assert _samples(tight, prompt, params)[0] == first
+    single = SamplingParams(max_new_tokens=10, temperature=0.9, seed=42, ignore_eos=True)
+    assert llama.generate(prompt_token_ids=[prompt], params=single)[0] == first[0]
+    assert llama.generate(prompt_token_ids=[prompt], params=params) == first
+    assert_all_blocks_free(llama)
+    assert_all_blocks_free(tight)
+
+
+def test_n_greedy_samples_equal_the_single_answer(llama):
+    prompt = random_prompts(1, lo=9, hi=9, seed=22)[0]
+    one = llama.generate(prompt_token_ids=[prompt], params=GREEDY)[0]
+    n3 = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True, n=3)
+    assert llama.generate(prompt_token_ids=[prompt], params=n3) == [one] * 3
+    assert_all_blocks_free(llama)
+
+
+def test_n_samples_abort_frees_all_blocks(llama):
+    prompt = random_prompts(1, lo=30, hi=30, seed=23)[0]
+    rids = llama.add_samples(prompt_token_ids=prompt,
+                             params=SamplingParams(max_new_tokens=40, ignore_eos=True, n=4))
+    llama.step()   # sample 0's prefill; the others fork off it
+    llama.step()
+    ends = [llama.abort(rid) for rid in rids]
+    assert all(e.finished and e.finish_reason is FinishReason.ABORT for e in ends)
+    assert not llama.has_unfinished()
+    assert_all_blocks_free(llama)
+
+
+def test_n_samples_one_token_each(llama):
+    """Sample 0 ends in the very step its prefill completes: the fork still happened first."""
+    prompt = random_prompts(1, lo=11, hi=11, seed=24)[0]
+    outs, _ = _samples(llama, prompt, SamplingParams(max_new_tokens=1, seed=3, n=5))
+    assert [len(o) for o in outs] == [1] * 5
+    assert_all_blocks_free(llama)
+
+
+@pytest.mark.parametrize("n", [0, 17, 2.5])
+def test_n_out_of_range_names_n(llama, n):
+    with pytest.raises(InvalidRequestError) as err:
+        llama.add_request(prompt_token_ids=[5, 6], params=SamplingParams(n=n))
+    assert err.value.field == "n"
+
+
+def test_n_samples_under_kv_pressure_finish_and_free(tiny_llama_dir, llama):
+    """A pool far too small for n forks at once: queued forks give their blocks back, samples are
+    preempted and recomputed, and every sample still matches the roomy engine's."""
+    prompt = random_prompts(1, lo=30, hi=30, seed=25)[0]
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, seed=9, ignore_eos=True, n=4)
+    tight = make_engine(tiny_llama_dir, num_blocks=12, prefix=False)   # 48 slots for ~4 x 42 tokens
+    assert tight.generate(prompt_token_ids=[prompt], params=params) == \
+        llama.generate(prompt_token_ids=[prompt], params=params)
+    assert_all_blocks_free(tight)

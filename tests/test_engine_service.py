@@ -321,3 +321,76 @@ def test_not_serving_while_loading_and_draining(config):
 
 def _ids(responses) -> list[int]:
     return [t for r in responses for t in r.token_ids]
+
+
+# ---- parallel samples: n and index ----
+
+def _by_index(responses) -> dict[int, list]:
+    samples: dict[int, list] = {}
+    for r in responses:
+        samples.setdefault(r.index, []).append(r)
+    return samples
+
+
+def test_n_samples_stream_with_index_and_usage(stub):
+    request = ids_request(list(range(20, 37)), max_new_tokens=6, temperature=1.0, seed=11, ignore_eos=True, n=3)
+    request.request_id = "n-three"
+    responses = list(stub.Generate(request))
+    samples = _by_index(responses)
+    assert sorted(samples) == [0, 1, 2] and {r.request_id for r in responses} == {"n-three"}
+    for messages in samples.values():
+        finals = [m for m in messages if m.finish_reason != pb.FINISH_REASON_UNSPECIFIED]
+        assert finals == [messages[-1]]
+        assert finals[0].usage.prompt_tokens == 17 and finals[0].usage.completion_tokens == 6
+        assert len(_ids(messages)) == 6
+    ids = {i: _ids(m) for i, m in samples.items()}
+    assert len({tuple(v) for v in ids.values()}) > 1
+    request.request_id = ""
+    assert {i: _ids(m) for i, m in _by_index(stub.Generate(request)).items()} == ids   # seeded: reproducible
+    one = ids_request(list(range(20, 37)), max_new_tokens=6, temperature=1.0, seed=11, ignore_eos=True)
+    assert _ids(list(stub.Generate(one))) == ids[0]   # sample 0 is the n = 1 answer
+    assert all(r.index == 0 for r in stub.Generate(one))
+
+
+def test_n_out_of_range_is_invalid_argument_naming_sampling_n(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(ids_request([1, 2, 3], n=17)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("sampling.n: ")
+    assert (FIELD_METADATA_KEY, "sampling.n") in tuple(err.value.trailing_metadata())
+
+
+def test_n_samples_cancel_frees_every_sample(stub):
+    stream = stub.Generate(ids_request(list(range(10, 60)), max_new_tokens=1000, ignore_eos=True, n=4))
+    seen = set()
+    while seen != {0, 1, 2, 3}:
+        seen.add(next(stream).index)
+    assert stats(stub).num_running == 4
+    stream.cancel()
+    after = wait_until_idle(stub)
+    assert (after.num_running, after.num_waiting, after.num_free_kv_blocks) == (0, 0, NUM_BLOCKS)
+
+
+def test_generate_batch_gives_one_result_per_sample(stub):
+    requests = [ids_request([5, 6, 7], max_new_tokens=4, ignore_eos=True, seed=1, n=2),
+                ids_request([8, 9], max_new_tokens=3, ignore_eos=True, **GREEDY)]
+    results = stub.GenerateBatch(pb.GenerateBatchRequest(requests=requests)).results
+    assert [(len(r.token_ids), r.index) for r in results] == [(4, 0), (4, 1), (3, 0)]
+    assert len({r.request_id for r in results}) == 2
+
+
+def test_sdk_n_samples_against_the_engine(server, stub):
+    from tokenwire.client import AsyncClient
+
+    options = dict(max_new_tokens=5, temperature=1.0, seed=5, ignore_eos=True, n=2)
+
+    async def main():
+        async with AsyncClient(None, f"127.0.0.1:{server.port}") as client:
+            chunks = [c async for c in client.generate(token_ids=list(range(40, 52)), **options)]
+            return chunks, await client.complete(token_ids=list(range(40, 52)), **options)
+
+    chunks, whole = asyncio.run(main())
+    wire = {i: _ids(m) for i, m in _by_index(stub.Generate(ids_request(list(range(40, 52)), **options))).items()}
+    streamed = {i: [t for c in chunks if c.index == i for t in c.token_ids] for i in (0, 1)}
+    assert streamed == wire == {c.index: list(c.token_ids) for c in whole.choices}
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (12, 10)
