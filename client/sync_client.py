@@ -32,7 +32,7 @@ class Client:
                  interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
                  tls_root_cert: str | bytes | None = None, credentials: grpc.ChannelCredentials | None = None,
                  auth_token: str | None = None, routing: str = "round_robin",
-                 prefix_routing: PrefixRouting = PrefixRouting(), text_from: str = "tokenizer"):
+                 prefix_routing: PrefixRouting = PrefixRouting(), text_from: str = "engine"):
         """See AsyncClient: the same options, TLS, auth, routing and text source included."""
         self._loop = _shared_loop()
         self._closed = False

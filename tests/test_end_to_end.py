@@ -67,7 +67,7 @@ def test_sdk_text_is_encoded_once_by_the_tokenizer_and_never_by_the_engine(servi
     assert log.methods().count("Encode") == 1 and log.methods().count("Generate") == 1
     (generate,) = [call.request for call in log.calls if call.method == "Generate"]
     assert generate.WhichOneof("prompt") == "token_ids" and generate.tokenizer_fingerprint
-    assert "DecodeStream" in log.methods()              # text came back through the tokenizer service
+    assert generate.return_text and "DecodeStream" not in log.methods()   # the default: the engine's text
     assert engine_encodes(client) == before
     # One id for the whole call, on every RPC it made (so both services' logs of it line up).
     call_ids = {call.metadata.get("x-request-id") for call in log.calls}
@@ -82,13 +82,17 @@ def test_text_sent_straight_to_the_engine_is_encoded_once_there(services, client
     assert direct.text == client.complete(PROMPT, max_new_tokens=8, temperature=0.0).text
 
 
-def test_text_from_the_engine_is_the_same_text_without_decode_stream(services, client):
+def test_text_through_decode_stream_is_the_same_text(services, client):
+    """text_from="tokenizer" decodes through the tokenizer service's DecodeStream instead of taking the
+    engine's text (the default): the same text either way, and still encoded once."""
     before = engine_encodes(client)
     log = CallLog()
     with Client(services.tokenizer_address, services.engine_address, interceptors=log.interceptors,
-                text_from="engine") as engine_text:
-        chunks = list(engine_text.generate(PROMPT, max_new_tokens=12, temperature=0.0))
-    assert "DecodeStream" not in log.methods() and log.methods().count("Encode") == 1
+                text_from="tokenizer") as via_tokenizer:
+        chunks = list(via_tokenizer.generate(PROMPT, max_new_tokens=12, temperature=0.0))
+    assert "DecodeStream" in log.methods() and log.methods().count("Encode") == 1
+    (generate,) = [call.request for call in log.calls if call.method == "Generate"]
+    assert not generate.return_text
     assert engine_encodes(client) == before   # text is still encoded once, by the tokenizer service
     expected = "".join(c.text for c in client.generate(PROMPT, max_new_tokens=12, temperature=0.0))
     assert "".join(c.text for c in chunks) == expected
