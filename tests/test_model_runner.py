@@ -128,11 +128,13 @@ def test_cached_context_and_copied_blocks(runner, prompts):
     runner.copy_blocks([(src, dst) for src, dst in zip(table, copies)][:6])  # first 24 tokens
     (reuser,) = make_seqs([prompt], [copies])
     # Blocks 0-5 come from the copy; positions 24-39 are computed on top of them.
+    # bf16: a chunk computed in another shape (prefill vs decode kernel) rounds differently.
+    tol = dict(rtol=1e-4, atol=1e-4) if EXACT else dict(rtol=0.05, atol=0.15)
     logits = runner.execute([ScheduledChunk(reuser, 24, 16, True)])
-    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, reference, **tol)
     # And a decode-style single token on top of the copied context.
     logits = runner.execute([ScheduledChunk(reuser, 39, 1, True)])
-    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, reference, **tol)
 
 
 def test_runner_properties(runner, model_dir):
