@@ -13,8 +13,8 @@ import uvicorn
 
 from tokenwire.gateway.app import create_app
 from tokenwire.gateway.config import GatewayConfig
-from tokenwire.serving.cli_env import add_config_flags, apply_env_defaults, config_values
-from tokenwire.serving.logging_setup import add_logging_arguments, configure_logging
+from tokenwire.serving.cli_env import config_values, service_parser
+from tokenwire.serving.logging_setup import configure_logging
 
 log = logging.getLogger("tokenwire.gateway")
 
@@ -34,12 +34,7 @@ class _Server(uvicorn.Server):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenwire-gateway", description="tokenwire OpenAI-compatible HTTP gateway",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_flags(parser, GatewayConfig)
-    add_logging_arguments(parser)
-    apply_env_defaults(parser)  # every flag can also be set as TOKENWIRE_<FLAG>
-    return parser
+    return service_parser("tokenwire-gateway", "tokenwire OpenAI-compatible HTTP gateway", GatewayConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:

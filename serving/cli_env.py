@@ -44,6 +44,19 @@ def add_config_flags(group, cls, skip: Collection[str] = ()) -> None:
                                help=helps.get(f.name, ""))
 
 
+def service_parser(prog: str, description: str, cls) -> argparse.ArgumentParser:
+    """The whole command line of a service with one config dataclass: its flags, the logging flags, and
+    TOKENWIRE_<FLAG> environment defaults for every one of them."""
+    from tokenwire.serving.logging_setup import add_logging_arguments
+
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_flags(parser, cls)
+    add_logging_arguments(parser)
+    apply_env_defaults(parser)
+    return parser
+
+
 def config_values(args: argparse.Namespace, cls, skip: Collection[str] = ()) -> dict:
     """The parsed values of `cls`'s flags, as keyword arguments for `cls`."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in skip}

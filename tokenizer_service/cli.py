@@ -5,19 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from tokenwire.serving.cli_env import add_config_flags, apply_env_defaults, config_values
-from tokenwire.serving.logging_setup import add_logging_arguments, configure_logging
+from tokenwire.serving.cli_env import config_values, service_parser
+from tokenwire.serving.logging_setup import configure_logging
 from tokenwire.tokenizer.config import TokenizerServiceConfig
 from tokenwire.tokenizer.server import serve
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenwire-tokenizer", description="tokenwire tokenizer gRPC service",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_flags(parser, TokenizerServiceConfig)
-    add_logging_arguments(parser)
-    apply_env_defaults(parser)  # every flag can also be set as TOKENWIRE_<FLAG>
-    return parser
+    return service_parser("tokenwire-tokenizer", "tokenwire tokenizer gRPC service", TokenizerServiceConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> TokenizerServiceConfig:
