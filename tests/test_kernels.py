@@ -14,16 +14,29 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2
 DTYPES = [torch.float32, torch.bfloat16]
 
 
+# (heads, kv_heads, head_dim, block_size, context lengths, window): the vectorized kernel (head_dim 64, 128),
+# the general loop (48), and two long contexts that the kernel splits across threads and merges.
+DECODE_CASES = {
+    "d64": (9, 3, 64, 4, [1, 4, 5, 13, 30], 7),
+    "d128": (4, 2, 128, 16, [1, 17, 33, 16], 5),
+    "d48-general": (6, 3, 48, 4, [3, 20], 7),
+    "long-split": (9, 3, 64, 16, [700, 1500], 300),
+}
+
+
 @needs_native
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("window", [None, 7])
-def test_paged_decode_matches_gather_and_sdpa(dtype, window):
+@pytest.mark.parametrize("windowed", [False, True])
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_paged_decode_matches_gather_and_sdpa(dtype, windowed, case):
     torch.manual_seed(0)
-    blocks, block_size, kv_heads, heads, d = 40, 4, 3, 9, 64
+    heads, kv_heads, d, block_size, lens, window = DECODE_CASES[case]
+    window = window if windowed else None
+    lens = torch.tensor(lens)
+    width = -(-int(lens.max()) // block_size)
+    blocks = width * len(lens) + 1
     k_cache = torch.randn(blocks, block_size, kv_heads, d).to(dtype)
     v_cache = torch.randn(blocks, block_size, kv_heads, d).to(dtype)
-    lens = torch.tensor([1, 4, 5, 13, 30])
-    width = -(-int(lens.max()) // block_size)
     perm = torch.randperm(blocks)  # shuffled tables, padded with block 0 as the runner pads them
     tables = torch.zeros(len(lens), width, dtype=torch.long)
     for i, n in enumerate(lens.tolist()):
