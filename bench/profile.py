@@ -4,7 +4,8 @@
 
 32 prompts of 32-255 random ids (P1's lengths, as in ../shared/tools/p1_ceiling.py), prefilled in
 512-token steps packed across prompts the way the scheduler chunks them, then 63 decode steps of batch
-32, greedy, contiguous block tables. Prints completion tok/s, a decode-step and a prefill-step breakdown
+32, greedy, contiguous block tables. Prints completion tok/s, a breakdown of a decode step (batch 32 and
+batch 1) and of a prefill step
 (linear layers, attention, other ops, Python) from torch.profiler, the sampler's time, and the P1 ceiling
 measured with torch's F.linear and with the runner's own GEMMs. No scheduler, no engine loop: the
 difference to `tokenwire bench --workload P1` is what those cost.
@@ -145,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_breakdown:
         for seq in seqs:  # decode from mid-P1 contexts; each table has room for 64 new tokens
             del seq.output_token_ids[32:]
-        time_decode(runner, sampler, seqs)
-        breakdown(f"decode step, batch {len(seqs)}", runner, sampler, lambda: decode_chunks(seqs))
+        for batch in (seqs, seqs[:1]):  # P1's batch, and one stream (naive mode's step)
+            time_decode(runner, sampler, batch)
+            breakdown(f"decode step, batch {len(batch)}", runner, sampler, lambda b=batch: decode_chunks(b))
         first_prefill = prefill_steps(make_sequences(32, runner.block_size, runner.vocab_size), 512)[0]
         breakdown("prefill step, 512 tokens", runner, sampler, lambda: first_prefill, reps=2)
     if args.ceiling and runner.device.type == "cpu":
