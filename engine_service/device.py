@@ -96,6 +96,11 @@ class Linear:
         self._packed = _onednn_pack(weight)
         self.weight = weight if self._packed is None else None  # the packed copy replaces it
 
+    @property
+    def packed(self) -> torch.Tensor | None:
+        """The oneDNN-prepacked weight (what `mkldnn::_linear_pointwise` takes), or None on F.linear."""
+        return self._packed
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")

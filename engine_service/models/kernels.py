@@ -1,4 +1,4 @@
-"""The native CPU kernels of `cpu_kernels.cpp`, built once with the machine's compiler, and their
+"""The native CPU kernels of `cpu_kernels.cpp` and `cpu_decode.cpp`, built once with the machine's compiler, and their
 pure-torch equivalents.
 
 `native()` compiles the source with `torch.utils.cpp_extension.load` (gcc, -O3 -march=native -fno-trapping-math) into
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_decode.cpp")]
+_HEADER = Path(__file__).with_name("cpu_kernels.h")
 _ENV = "TOKENWIRE_NATIVE_KERNELS"
 _loaded: dict[str, object] = {}
 
@@ -41,15 +42,16 @@ def _load():
     if not enabled_by_env():
         log.info("native CPU kernels off (%s=0): torch ops instead", _ENV)
         return None
-    if not _SOURCE.exists():
-        log.warning("native CPU kernels: %s missing; torch ops instead", _SOURCE.name)
+    missing = [p.name for p in (*_SOURCES, _HEADER) if not p.exists()]
+    if missing:
+        log.warning("native CPU kernels: %s missing; torch ops instead", ", ".join(missing))
         return None
     from tokenwire.serving.model_resolver import tokenwire_home
     from torch.utils import cpp_extension
 
     _put_ninja_on_path()
 
-    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in (*_SOURCES, _HEADER))).hexdigest()[:12]
     tag = f"{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-{digest}".replace("+", "_")
     build_dir = tokenwire_home() / "kernels" / tag
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -57,7 +59,7 @@ def _load():
     start = time.perf_counter()
     try:
         cpp_extension.load(
-            name="tokenwire_cpu_kernels", sources=[str(_SOURCE)], build_directory=str(build_dir),
+            name="tokenwire_cpu_kernels", sources=[str(p) for p in _SOURCES], build_directory=str(build_dir),
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"], extra_ldflags=["-fopenmp"],
             is_python_module=False, verbose=False)
         module = torch.ops.tokenwire

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from tokenwire.engine.device import Linear
-from tokenwire.engine.models import kernels
 from tokenwire.engine.models.attention import AttentionBatch, KVCache, paged_attention
 
 
@@ -52,8 +51,23 @@ class LlamaForward:
             self.lm_head = Linear(hf_model.get_output_embeddings().weight.detach())
             windows = _layer_windows(config)
             self.layers = [_fuse(layer, windows[i]) for i, layer in enumerate(inner.layers)]
+            self._windows = [w or 0 for w in windows]
         self.vocab_size = self.lm_head.out_features
         self._check_rope()
+        self._decode_weights = self._native_decode_weights()
+
+    def _native_decode_weights(self) -> list[torch.Tensor | None] | None:
+        """The flat weight list of the native decode layers (`cpu_decode.cpp`), or None where that op
+        does not apply: per-head q/k norms, an activation other than SiLU, or GEMMs not on oneDNN."""
+        if self.act is not F.silu or any(layer.q_norm is not None for layer in self.layers):
+            return None
+        linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        if any(lin.packed is None for lin in linears) or any(
+                lin.bias is not None for layer in self.layers for lin in (layer.o, layer.gate_up, layer.down)):
+            return None
+        return [w for layer in self.layers for w in (
+            layer.input_norm, layer.qkv.packed, layer.qkv.bias, layer.o.packed, layer.post_norm,
+            layer.gate_up.packed, layer.down.packed)]
 
     def _check_rope(self) -> None:
         # apply_rope below uses half-width cos/sin: HF builds them as cat(freqs, freqs) for every rope type.
@@ -86,10 +100,17 @@ class LlamaForward:
 
     def _forward_native(self, native, h, cos, sin, kv: KVCache, batch: AttentionBatch,
                         sample_rows: torch.Tensor) -> torch.Tensor:
-        """The same layers through the fused CPU kernels: rms_norm, rope + cache write, decode attention."""
+        """The same layers through the fused CPU kernels: rms_norm, rope + cache write, decode attention,
+        SiLU*mul; a step of decodes alone runs every layer in one native call."""
         T, d, eps = h.shape[0], self.head_dim, self.eps
         H, KVH = self.num_heads, self.num_kv_heads
         q_end, k_end = H * d, (H + KVH) * d
+        if self._decode_weights is not None and not batch.prefills:  # decodes alone: every layer in C++
+            group = batch.decodes[0]
+            h = native.decode_layers(h, cos, sin, batch.slot_mapping, kv.k, kv.v, group.tables, group.lens,
+                                     self._decode_weights, self._windows, H, KVH, eps, self.scale)
+            h = native.rms_norm(h.index_select(0, sample_rows), self.final_norm, eps)
+            return self.lm_head(h).float()
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = kv.k[i], kv.v[i]
             qkv = layer.qkv(native.rms_norm(h, layer.input_norm, eps))
@@ -104,7 +125,7 @@ class LlamaForward:
             v = qkv[:, k_end:].view(T, KVH, d)
             attn = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale, layer.window, written)
             h = layer.o.add(attn, h)
-            h = layer.down.add(kernels.silu_mul(layer.gate_up(native.rms_norm(h, layer.post_norm, eps))), h)
+            h = layer.down.add(native.silu_mul(layer.gate_up(native.rms_norm(h, layer.post_norm, eps))), h)
         h = native.rms_norm(h.index_select(0, sample_rows), self.final_norm, eps)
         return self.lm_head(h).float()
 

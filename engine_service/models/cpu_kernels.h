@@ -1,0 +1,100 @@
+// Shared by the native CPU kernels' sources (see cpu_kernels.cpp): 16-float vectors, a vectorizable
+// exp, and the ops that the fused decode layers (cpu_decode.cpp) call directly.
+#pragma once
+#include <torch/extension.h>
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace vec {
+// 16 floats. GCC's vector extensions: -march=native lowers them to one AVX-512 register or two AVX2 ones.
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+inline v16 load(const float* p) { v16 r; std::memcpy(&r, p, sizeof(r)); return r; }
+inline v16 load(const c10::BFloat16* p) {  // bf16 is the high half of a float
+  v16h h; std::memcpy(&h, p, sizeof(h));
+  v16u u = __builtin_convertvector(h, v16u) << 16;
+  v16 r; std::memcpy(&r, &u, sizeof(r)); return r;
+}
+inline v16 load(const c10::Half* p) {
+  float t[16];
+  for (int i = 0; i < 16; ++i) t[i] = static_cast<float>(p[i]);
+  return load(t);
+}
+inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+
+// Sums of 16 vectors in one: lane j = horizontal sum of x[j]. A shuffle-add tree (15 two-vector steps for
+// 16 sums instead of a full horizontal reduction per vector); its output order is bit-reversed, so the
+// inputs are taken in bit-reversed order.
+inline v16 combine(v16 a, v16 b, v16i lo, v16i hi) {
+  return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+}
+inline v16 transpose_sum(const v16* x) {
+  static constexpr int rev[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  const v16i l1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const v16i h1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  const v16i l2 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+  const v16i h2 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+  const v16i l3 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+  const v16i h3 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+  const v16i l4 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+  const v16i h4 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+  v16 a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k) a[k] = combine(x[rev[2 * k]], x[rev[2 * k + 1]], l1, h1);
+  for (int k = 0; k < 4; ++k) b[k] = combine(a[2 * k], a[2 * k + 1], l2, h2);
+  for (int k = 0; k < 2; ++k) c[k] = combine(b[2 * k], b[2 * k + 1], l3, h3);
+  return combine(c[0], c[1], l4, h4);
+}
+}  // namespace vec
+
+namespace tokenwire_kernels {
+
+// Items per parallel chunk so that each chunk has about at::internal::GRAIN_SIZE elements of work: a
+// small model's ops then stay on one thread, where waking the other (OMP_WAIT_POLICY=PASSIVE, as the
+// engine service runs) costs more than the op (a soak of the tiny test model ran 2.5x slower).
+inline int64_t grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work_per_item));
+}
+
+// expf by Cephes' range reduction and polynomial (about 1 ulp): plain arithmetic, so loops over it
+// vectorize (std::exp stays a scalar libm call without -ffast-math).
+// Clamped to [-87, 88]: exp(-87) ~ 1.6e-38 stays a normal float.
+inline float fast_exp(float x) {
+  x = x < -87.0f ? -87.0f : x;  // selects, not branches (with -fno-trapping-math)
+  x = x > 88.0f ? 88.0f : x;
+  // round(x / ln 2); the offset keeps the argument positive so truncation is floor.
+  const float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f + 128.5f) - 128);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+}  // namespace tokenwire_kernels
+
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables,
+                           torch::Tensor lens, double scale, int64_t window);
+void rope_and_cache(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
+                    torch::Tensor k_cache, torch::Tensor v_cache, int64_t num_heads, int64_t num_kv_heads);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
