@@ -34,6 +34,7 @@ class EngineConfig:
     max_grammar_compile_s: float = 10.0  # a constraint taking longer to compile is refused (INVALID_ARGUMENT)
     trust_remote_code: bool = False      # never run code shipped with a checkpoint unless asked
     seed: int = 0                        # seeds requests that give none, so runs are reproducible
+    native_kernels: bool = True          # CPU: fused kernels compiled on first use into $TOKENWIRE_HOME/kernels (off: torch ops)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

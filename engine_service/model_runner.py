@@ -67,7 +67,7 @@ class ModelRunner:
         self.eos_token_ids = _eos_token_ids(hf_model)
         self.model: CausalLM = _ARCHITECTURES[self.architecture](hf_model)
         # Fused attention/rope/norm kernels on the CPU (None: torch ops; see models/kernels.py).
-        self.native = kernels.native() if self.device.type == "cpu" else None
+        self.native = kernels.native() if self.device.type == "cpu" and config.native_kernels else None
         del hf_model  # our forward keeps only the (fused) weights it needs
         self.vocab_size = self.model.vocab_size
         self.block_size = config.cache.block_size

@@ -89,6 +89,13 @@ def test_silu_mul_matches_torch(dtype):
     torch.testing.assert_close(native.silu_mul(gate_up).float(), want.float(), **TOL[dtype])
 
 
+def test_switched_off_by_config(tiny_llama_dir):
+    from tokenwire.engine.config import EngineConfig
+    from tokenwire.engine.model_runner import ModelRunner
+
+    assert ModelRunner(EngineConfig(model=tiny_llama_dir, native_kernels=False)).native is None
+
+
 def test_switched_off_by_env(monkeypatch):
     monkeypatch.setenv("TOKENWIRE_NATIVE_KERNELS", "0")
     assert not kernels.enabled_by_env()
