@@ -7,6 +7,8 @@ prompts; without --pretok they tokenize inside the timed region, as the engine d
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -158,6 +160,9 @@ class Ceiling:
     memory_floor_s: float = 0.0          # one decode step reads every weight once: bytes / read bandwidth
     bandwidth_gbs: float = 0.0           # measured memory read bandwidth
     num_requests: int = 1
+    # The same ceiling with the engine's own GEMMs (oneDNN prepacked) instead of F.linear: where those are
+    # faster, the F.linear ceiling is no ceiling for the engine, and this is the stricter figure.
+    engine_gemm_completion_tok_s: float | None = None
 
     @property
     def total_s(self) -> float:
@@ -221,6 +226,16 @@ def measure_ceiling(model_dir: str, dtype: torch.dtype, prompt_lens: list[int], 
     decode = (new_tokens - 1) * max(step, floor)  # the first new token comes out of prefill
     return Ceiling(str(dtype).removeprefix("torch."), prefill, decode, batch * new_tokens, chunk, floor,
                    bandwidth / 1e9, batch)
+
+
+def measure_ceilings(model_dir: str, dtype: torch.dtype, prompt_lens: list[int], new_tokens: int) -> Ceiling:
+    """The F.linear ceiling (p1_ceiling.py's), carrying the one measured with the engine's own GEMMs."""
+    from tokenwire.engine.device import Linear
+
+    ceiling = measure_ceiling(model_dir, dtype, prompt_lens, new_tokens)
+    engine_gemms = measure_ceiling(model_dir, dtype, prompt_lens, new_tokens,
+                                   time_linear=functools.partial(time_linear, layer=Linear))
+    return dataclasses.replace(ceiling, engine_gemm_completion_tok_s=engine_gemms.completion_tok_s)
 
 
 def read_bandwidth(mb: int = 512, reps: int = 5) -> float:

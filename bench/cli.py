@@ -35,9 +35,9 @@ from transformers import AutoTokenizer
 
 from tokenwire.bench import baselines as hf
 from tokenwire.bench import structured
-from tokenwire.bench.flags import (BASELINES, DEFAULT_MODES, ENGINE_MODES, ONLINE_MODES, build_parser,
-                                   parse_endpoints, parse_modes)
-from tokenwire.bench.metrics import RunRecord, latency_samples, summarize
+from tokenwire.bench.flags import (DEFAULT_MODES, ONLINE_MODES, build_parser, parse_endpoints,
+                                   parse_modes)
+from tokenwire.bench.metrics import RunRecord, agreement, compare, latency_samples, summarize
 from tokenwire.bench.report import (cpu_busy_cores, environment, format_replicas_table, format_table, progress_bar,
                                     write_json, write_plot)
 from tokenwire.bench.workloads import BenchRequest, build_requests, make_spec, pretokenize, warmup_requests
@@ -191,7 +191,7 @@ class Bench:
             return None
         reqs = build_requests(self.spec, self.tokenizer, 0)
         lens = [len(r.token_ids) if r.token_ids is not None else len(self.tokenizer.encode(r.text)) for r in reqs]
-        return hf.measure_ceiling(self.model_dir, self.dtype, lens, self.spec.max_new_tokens)
+        return hf.measure_ceilings(self.model_dir, self.dtype, lens, self.spec.max_new_tokens)
 
     # ---- report ----
 
@@ -237,39 +237,6 @@ class Bench:
                                  "ttft_p50_ms": summaries[setup].ttft_ms.p50}
                   for setup, load in self.replica_loads.items()}
         return {"setups": setups, "targets": targets}, format_replicas_table(summaries, self.replica_loads, targets)
-
-
-def compare(summaries: dict, ceiling: hf.Ceiling | None) -> dict:
-    """Completion tok/s ratios: each engine mode against each baseline, and against the ceiling."""
-    out = {}
-    for mode in (m for m in summaries if m.startswith("online_")):   # the gateway against the SDK path
-        if "online" in summaries:
-            sdk, gateway = summaries["online"], summaries[mode]
-            out[f"{mode}_vs_online"] = gateway.completion_tok_s / max(sdk.completion_tok_s, 1e-9)
-            if sdk.ttft_ms.p50 is not None and gateway.ttft_ms.p50 is not None:
-                out[f"{mode}_ttft_p50_overhead_ms"] = gateway.ttft_ms.p50 - sdk.ttft_ms.p50
-    for mode in (m for m in ENGINE_MODES if m in summaries):
-        for base in (b for b in BASELINES if b in summaries and b != mode):
-            out[f"{mode}_vs_{base}"] = summaries[mode].completion_tok_s / max(summaries[base].completion_tok_s, 1e-9)
-        if ceiling is not None:  # one stream at a time is bounded by the single-stream (memory) floor
-            limit = ceiling.single_stream_tok_s if mode == "naive" else ceiling.completion_tok_s
-            out[f"{mode}_fraction_of_ceiling"] = summaries[mode].completion_tok_s / limit
-    if ceiling is not None:
-        out["ceiling_completion_tok_s"] = ceiling.completion_tok_s
-        out["single_stream_floor_tpot_ms"] = ceiling.memory_floor_s * 1e3
-        if "naive" in summaries and summaries["naive"].tpot_ms.p50:
-            out["naive_tpot_vs_floor"] = summaries["naive"].tpot_ms.p50 / (ceiling.memory_floor_s * 1e3)
-    return out
-
-
-def agreement(runs: dict[str, list[RunRecord]], greedy: bool) -> dict:
-    """Greedy sanity check: the fraction of requests whose ids equal generate()'s, last runs compared.
-    Informative only: a padded batch's float rounding can flip a near-tie and fork the rest."""
-    if not greedy or "hf_static" not in runs:
-        return {}
-    ref = [r.token_ids for r in runs["hf_static"][-1].requests]
-    return {f"{mode}_same_ids_as_hf_static": sum(a.token_ids == b for a, b in zip(rs[-1].requests, ref)) / len(ref)
-            for mode, rs in runs.items() if mode in ENGINE_MODES and len(rs[-1].requests) == len(ref)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,14 @@ Distributions pool every request of every repeat run; per-run figures are kept b
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from tokenwire.bench.flags import BASELINES, ENGINE_MODES
+
+if TYPE_CHECKING:
+    from tokenwire.bench.baselines import Ceiling
 
 
 @dataclass
@@ -200,3 +206,41 @@ def _values(requests: list[RequestRecord], name: str) -> list[float]:
 
 def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else 0.0
+
+
+def compare(summaries: dict, ceiling: Ceiling | None) -> dict:
+    """Completion tok/s ratios: each engine mode against each baseline, and against the ceiling."""
+    out = {}
+    for mode in (m for m in summaries if m.startswith("online_")):   # the gateway against the SDK path
+        if "online" in summaries:
+            sdk, gateway = summaries["online"], summaries[mode]
+            out[f"{mode}_vs_online"] = gateway.completion_tok_s / max(sdk.completion_tok_s, 1e-9)
+            if sdk.ttft_ms.p50 is not None and gateway.ttft_ms.p50 is not None:
+                out[f"{mode}_ttft_p50_overhead_ms"] = gateway.ttft_ms.p50 - sdk.ttft_ms.p50
+    for mode in (m for m in ENGINE_MODES if m in summaries):
+        for base in (b for b in BASELINES if b in summaries and b != mode):
+            out[f"{mode}_vs_{base}"] = summaries[mode].completion_tok_s / max(summaries[base].completion_tok_s, 1e-9)
+        if ceiling is not None:  # one stream at a time is bounded by the single-stream (memory) floor
+            limit = ceiling.single_stream_tok_s if mode == "naive" else ceiling.completion_tok_s
+            out[f"{mode}_fraction_of_ceiling"] = summaries[mode].completion_tok_s / limit
+            if mode != "naive" and ceiling.engine_gemm_completion_tok_s:
+                out[f"{mode}_fraction_of_engine_gemm_ceiling"] = (summaries[mode].completion_tok_s
+                                                                 / ceiling.engine_gemm_completion_tok_s)
+    if ceiling is not None:
+        out["ceiling_completion_tok_s"] = ceiling.completion_tok_s
+        if ceiling.engine_gemm_completion_tok_s:
+            out["engine_gemm_ceiling_completion_tok_s"] = ceiling.engine_gemm_completion_tok_s
+        out["single_stream_floor_tpot_ms"] = ceiling.memory_floor_s * 1e3
+        if "naive" in summaries and summaries["naive"].tpot_ms.p50:
+            out["naive_tpot_vs_floor"] = summaries["naive"].tpot_ms.p50 / (ceiling.memory_floor_s * 1e3)
+    return out
+
+
+def agreement(runs: dict[str, list[RunRecord]], greedy: bool) -> dict:
+    """Greedy sanity check: the fraction of requests whose ids equal generate()'s, last runs compared.
+    Informative only: a padded batch's float rounding can flip a near-tie and fork the rest."""
+    if not greedy or "hf_static" not in runs:
+        return {}
+    ref = [r.token_ids for r in runs["hf_static"][-1].requests]
+    return {f"{mode}_same_ids_as_hf_static": sum(a.token_ids == b for a, b in zip(rs[-1].requests, ref)) / len(ref)
+            for mode, rs in runs.items() if mode in ENGINE_MODES and len(rs[-1].requests) == len(ref)}
