@@ -34,6 +34,21 @@ inline v16 load(const c10::Half* p) {
   for (int i = 0; i < 16; ++i) t[i] = static_cast<float>(p[i]);
   return load(t);
 }
+// Round to the nearest bfloat16 (ties to even), kept as a float: what storing to bf16 and loading does.
+inline v16 round_bf16(v16 x) {
+  v16u u; std::memcpy(&u, &x, sizeof(u));
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  v16 r; std::memcpy(&r, &u, sizeof(r)); return r;
+}
+inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof(x)); }
+inline void store(c10::BFloat16* p, v16 x) {
+  v16u u; std::memcpy(&u, &x, sizeof(u));
+  const v16h h = __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, v16h);
+  std::memcpy(p, &h, sizeof(h));
+}
+inline void store(c10::Half* p, v16 x) {
+  for (int i = 0; i < 16; ++i) p[i] = static_cast<c10::Half>(x[i]);
+}
 inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
 // Sums of 16 vectors in one: lane j = horizontal sum of x[j]. A shuffle-add tree (15 two-vector steps for
@@ -87,6 +102,27 @@ inline float fast_exp(float x) {
   p = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// fast_exp on 16 lanes at once.
+inline vec::v16 fast_exp(vec::v16 x) {
+  using vec::splat;
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  x = x > splat(88.0f) ? splat(88.0f) : x;
+  const vec::v16i ni = __builtin_convertvector(x * 1.44269504088896341f + 128.5f, vec::v16i) - 128;
+  const vec::v16 n = __builtin_convertvector(ni, vec::v16);
+  const vec::v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vec::v16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vec::v16i bits = (ni + 127) << 23;
+  vec::v16 scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
