@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install kernels model test demo protos bench bench-all clean
+.PHONY: install kernels model test demo protos bench bench-all bench-soak clean
 
 # torch is installed first, pinned to the CPU wheel, so nothing later can pull a CUDA build.
 $(STAMP): pyproject.toml
@@ -55,6 +55,11 @@ bench-all: bench
 	$(BENCH) --workload P1 --mode offline --json bench-out/p1-steps.json
 	$(BENCH) --workload json --json bench-out/json.json
 	$(PY) -m tokenwire.bench.profile | tee bench-out/profile.txt
+
+# The engine service's memory soak: 20,000 requests of varying shape (cancels and deadlines among them),
+# RSS of the engine front and core every 1,000 (bench/soak.py; ~20 min on 2 cores: 2,000 requests took 100 s).
+bench-soak: model
+	$(VENV)/bin/tokenwire-bench soak --num-requests 20000 --json bench-out/soak.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

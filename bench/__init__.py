@@ -6,4 +6,5 @@ It sits on top of every other package (engine, client, tokenizer, serving) and n
 - engine.py / online.py / baselines.py: the in-process, gRPC and transformers modes;
 - metrics.py / report.py: latency distributions, the table, JSON and plot;
 - profile.py: a torch.profiler breakdown of decode and prefill steps; tokenizer.py: the tokenizer service alone.
+- soak.py / soak_report.py: the engine service's memory soak (`tokenwire-bench soak`): RSS under varying shapes.
 """

@@ -15,6 +15,7 @@ Modes (comma-separated `--mode`, run in this order, one process):
            (default of the multiprefix workload; see replicas.py).
   hf       transformers `generate()` (one static left-padded batch) and `generate_batch()` (its
            continuous batching): same checkpoint, dtype and prompts. `hf_static` / `hf_batch` alone too.
+`tokenwire-bench soak` is the engine service's memory soak instead (bench/soak.py, its own flags).
 The json workload runs offline twice per run, with a JSON schema per request (`offline_json`) and without.
 `--pretok` tokenizes text prompts before the timed region and sends ids (the engine then encodes
 nothing); without it, text goes in and tokenization is timed. Metrics: see metrics.py.
@@ -240,6 +241,10 @@ class Bench:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["soak"]:   # the memory soak: its own flags (tokenwire-bench soak --help)
+        from tokenwire.bench import soak
+        return soak.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.warmup_runs < 0 or args.repeat_runs < 1:

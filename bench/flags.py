@@ -16,7 +16,8 @@ BASELINES = ("hf_static", "hf_batch", "offline")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenwire bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="tokenwire bench soak --help: the engine service's memory soak")
     p.add_argument("--mode", help=f"comma-separated among {', '.join(MODES)}, hf (= hf_static,hf_batch); "
                                   f"default per workload: {DEFAULT_MODES}, else offline")
     p.add_argument("--workload", choices=[*STANDARD, "custom"],

@@ -186,14 +186,18 @@ def _extra(rate, concurrency, cpu_s: dict[str, float], records: list[RequestReco
             "cpu_s_per_1k_tokens": per_1k_tokens(cpu_s, tokens)}
 
 
-async def _stream_ids(stub, req: BenchRequest, p: SamplingParams) -> RequestRecord:
-    rec = RequestRecord(submit_time=time.perf_counter())
+def ids_request(req: BenchRequest, p: SamplingParams) -> engine_pb2.GenerateRequest:
+    """The engine's GenerateRequest for an id prompt (the raw-stub modes: online_ids, the soak)."""
     sampling = engine_pb2.SamplingParams(
         max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
         repetition_penalty=p.repetition_penalty, ignore_eos=p.ignore_eos, **({} if p.seed is None else {"seed": p.seed}))
-    request = engine_pb2.GenerateRequest(token_ids=engine_pb2.TokenIds(ids=req.token_ids), sampling=sampling)
+    return engine_pb2.GenerateRequest(token_ids=engine_pb2.TokenIds(ids=req.token_ids), sampling=sampling)
+
+
+async def _stream_ids(stub, req: BenchRequest, p: SamplingParams) -> RequestRecord:
+    rec = RequestRecord(submit_time=time.perf_counter())
     try:
-        async for message in stub.Generate(request):
+        async for message in stub.Generate(ids_request(req, p)):
             rec.add_chunk(time.perf_counter(), list(message.token_ids))
             if message.HasField("usage"):
                 rec.prompt_tokens = message.usage.prompt_tokens
