@@ -254,3 +254,24 @@ def test_linear_matches_f_linear(bias):
     expected = torch.nn.functional.linear(x, weight, b)
     torch.testing.assert_close(linear(x), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(linear.add(x, residual.clone()), residual + expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gemm_rows_are_a_bounded_set_of_shapes():
+    from tokenwire.engine.device import gemm_rows
+
+    rows = [gemm_rows(m) for m in range(1, 1025)]
+    assert rows[:16] == list(range(1, 17)) and len(set(rows)) <= 48
+    assert all(0 <= r - m < max(16, m / 8) for m, r in zip(range(1, 1025), rows))   # under 16 rows or 1/8
+
+
+@pytest.mark.parametrize("m", [5, 17, 200])
+def test_a_padded_gemm_gives_the_rows_it_was_asked_for(m):
+    from tokenwire.engine.device import Linear
+
+    torch.manual_seed(0)
+    weight, bias, x, residual = torch.randn(24, 40), torch.randn(24), torch.randn(m, 40), torch.randn(m, 24)
+    linear = Linear(weight, bias)
+    torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    want = residual + torch.nn.functional.linear(x, weight, bias)
+    torch.testing.assert_close(linear.add(x, residual.clone()), want, rtol=1e-5, atol=1e-5)
+

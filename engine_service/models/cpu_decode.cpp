@@ -96,8 +96,9 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 torch::Tensor decode_layers(torch::Tensor h, torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
                             torch::Tensor k_caches, torch::Tensor v_caches, torch::Tensor tables, torch::Tensor lens,
                             c10::List<std::optional<torch::Tensor>> weights, std::vector<int64_t> windows,
-                            int64_t num_heads, int64_t num_kv_heads, double eps, double scale) {
+                            int64_t num_heads, int64_t num_kv_heads, double eps, double scale, int64_t gemm_rows) {
   const int64_t layers = k_caches.size(0), n = h.size(0), d = k_caches.size(4);
+  TORCH_CHECK(gemm_rows >= n, "decode_layers: gemm_rows < rows");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kWeightsPerLayer, "decode_layers: weights");
   TORCH_CHECK(static_cast<int64_t>(windows.size()) == layers, "decode_layers: windows");
   tables = tables.to(torch::kLong).contiguous();
@@ -108,25 +109,31 @@ torch::Tensor decode_layers(torch::Tensor h, torch::Tensor cos, torch::Tensor si
   static const auto attention_op = tokenwire_op<decltype(paged_decode)>("tokenwire::paged_decode");
   static const auto silu_mul_op = tokenwire_op<decltype(silu_mul)>("tokenwire::silu_mul");
   auto w = [&](int64_t layer, int64_t i) -> torch::Tensor { return *weights.get(layer * kWeightsPerLayer + i); };
+  // The GEMMs run at `gemm_rows` rows (device.gemm_rows: a bounded set of shapes), so h carries zero rows
+  // past the n decodes; rope, the cache write and attention see the n real rows only.
+  const auto pad = [&](const torch::Tensor& x) {
+    return x.size(0) == gemm_rows ? x : torch::constant_pad_nd(x, {0, 0, 0, gemm_rows - x.size(0)});
+  };
+  h = pad(h);
   for (int64_t i = 0; i < layers; ++i) {
     torch::Tensor k_cache = k_caches.select(0, i), v_cache = v_caches.select(0, i);
     const std::optional<torch::Tensor> qkv_bias = weights.get(i * kWeightsPerLayer + 2);
-    torch::Tensor qkv = packed_linear(norm_op.call(h, w(i, 0), eps), w(i, 1), qkv_bias);
+    torch::Tensor qkv = packed_linear(norm_op.call(h, w(i, 0), eps), w(i, 1), qkv_bias).narrow(0, 0, n);
     rope_op.call(qkv, cos, sin, slots, k_cache, v_cache, num_heads, num_kv_heads);
     torch::Tensor q = qkv.narrow(1, 0, num_heads * d).view({n, num_heads, d});
     torch::Tensor attn = attention_op.call(q, k_cache, v_cache, tables, lens, scale, windows[i]);
-    h = packed_linear_add(attn, h, w(i, 3));
+    h = packed_linear_add(pad(attn), h, w(i, 3));
     torch::Tensor act = silu_mul_op.call(packed_linear(norm_op.call(h, w(i, 4), eps), w(i, 5), std::nullopt));
     h = packed_linear_add(act, h, w(i, 6));
   }
-  return h;
+  return h.narrow(0, 0, n);
 }
 
 TORCH_LIBRARY_FRAGMENT(tokenwire, m) {
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("decode_layers(Tensor h, Tensor cos, Tensor sin, Tensor slots, Tensor(a!) k_caches, Tensor(b!) v_caches, "
         "Tensor tables, Tensor lens, Tensor?[] weights, int[] windows, int num_heads, int num_kv_heads, "
-        "float eps, float scale) -> Tensor");
+        "float eps, float scale, int gemm_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenwire, CPU, m) {

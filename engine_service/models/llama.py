@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from tokenwire.engine.device import Linear
+from tokenwire.engine.device import Linear, gemm_rows
 from tokenwire.engine.models.attention import AttentionBatch, KVCache, paged_attention
 
 
@@ -108,7 +108,7 @@ class LlamaForward:
         if self._decode_weights is not None and not batch.prefills:  # decodes alone: every layer in C++
             group = batch.decodes[0]
             h = native.decode_layers(h, cos, sin, batch.slot_mapping, kv.k, kv.v, group.tables, group.lens,
-                                     self._decode_weights, self._windows, H, KVH, eps, self.scale)
+                                     self._decode_weights, self._windows, H, KVH, eps, self.scale, gemm_rows(T))
             h = native.rms_norm(h.index_select(0, sample_rows), self.final_norm, eps)
             return self.lm_head(h).float()
         for i, layer in enumerate(self.layers):
