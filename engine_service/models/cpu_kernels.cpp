@@ -33,26 +33,28 @@ inline float dot(const float* q, const T* k, int64_t d) {
 constexpr int64_t kTile = 16;  // keys per tile: one vector of scores
 
 template <typename T>
-inline void tile_rows(const T* base, const int64_t* table, int64_t block_size, int64_t slot_stride, int64_t t0,
-                      int64_t n, const T** rows) {
+inline void row_pointers(const T* base, const int64_t* table, int64_t block_size, int64_t slot_stride,
+                         int64_t t0, int64_t n, const T** rows) {
   int64_t blk = t0 / block_size, off = t0 % block_size;
   for (int64_t j = 0; j < n; ++j) {
     rows[j] = base + (table[blk] * block_size + off) * slot_stride;
     if (++off == block_size) { off = 0; ++blk; }
   }
 }
-// Ask for the next tile's rows while this one computes: blocks are scattered, so the hardware's stream
-// prefetchers lose the thread at every block boundary.
+
+// The cache rows of keys [t0, min(t0 + 16, end)), and a prefetch of the rows two tiles ahead: blocks are
+// scattered, so the hardware's stream prefetchers lose the thread at every block boundary.
 template <typename T>
-inline void prefetch_tile(const T* base, const int64_t* table, int64_t block_size, int64_t slot_stride, int64_t t0,
-                          int64_t n, int64_t row_bytes) {
-  const T* rows[kTile];
+inline void tile_rows(const T* base, const int64_t* table, int64_t block_size, int64_t slot_stride, int64_t t0,
+                      int64_t end, const T** rows) {
+  row_pointers(base, table, block_size, slot_stride, t0, std::min(kTile, end - t0), rows);
+  const int64_t ahead = t0 + 2 * kTile, n = std::min(kTile, end - ahead);
   if (n <= 0) return;
-  tile_rows(base, table, block_size, slot_stride, t0, n, rows);
-  for (int64_t j = 0; j < n; ++j) {
-    const char* p = reinterpret_cast<const char*>(rows[j]);
-    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
-  }
+  const T* next[kTile];
+  row_pointers(base, table, block_size, slot_stride, ahead, n, next);
+  const int64_t row_bytes = slot_stride * static_cast<int64_t>(sizeof(T));
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(next[j]) + b, 0, 3);
 }
 
 // One task: query heads of sequence s over keys [k0, k1). Unnormalized output acc [H, d], and per head
@@ -64,12 +66,10 @@ void decode_chunk(const float* qf, const T* kp, const T* vp, const int64_t* tabl
   using vec::v16;
   const int64_t d = DV * 16, H = kvh * group, slot_stride = kvh * d, count = k1 - k0;
   const T* rows[kTile];
-  const int64_t row_bytes = slot_stride * static_cast<int64_t>(sizeof(T));
   // Pass 1: scores [H, count], a tile of 16 keys at a time.
   for (int64_t t0 = k0; t0 < k1; t0 += kTile) {
     const int64_t n = std::min(kTile, k1 - t0);
-    tile_rows(kp, table, block_size, slot_stride, t0, n, rows);
-    prefetch_tile(kp, table, block_size, slot_stride, t0 + 2 * kTile, std::min(kTile, k1 - t0 - 2 * kTile), row_bytes);
+    tile_rows(kp, table, block_size, slot_stride, t0, k1, rows);
     for (int64_t h = 0; h < kvh; ++h) {
       for (int64_t g = 0; g < group; ++g) {
         const float* q = qf + (h * group + g) * d;
@@ -107,8 +107,7 @@ void decode_chunk(const float* qf, const T* kp, const T* vp, const int64_t* tabl
   for (int64_t hg = 0; hg < H * d; ++hg) acc[hg] = 0.f;
   for (int64_t t0 = k0; t0 < k1; t0 += kTile) {
     const int64_t n = std::min(kTile, k1 - t0);
-    tile_rows(vp, table, block_size, slot_stride, t0, n, rows);
-    prefetch_tile(vp, table, block_size, slot_stride, t0 + 2 * kTile, std::min(kTile, k1 - t0 - 2 * kTile), row_bytes);
+    tile_rows(vp, table, block_size, slot_stride, t0, k1, rows);
     for (int64_t h = 0; h < kvh; ++h) {
       for (int64_t g = 0; g < group; ++g) {
         const int64_t hg = h * group + g;
@@ -323,6 +322,20 @@ void rope_and_cache_impl(torch::Tensor& qkv, const torch::Tensor& cos, const tor
   });
 }
 
+inline void rms_norm_row_bf16(const c10::BFloat16* x, const c10::BFloat16* w, int64_t D, float eps,
+                              c10::BFloat16* out) {
+  vec::v16 acc = {};
+  for (int64_t i = 0; i < D; i += 16) {
+    const vec::v16 v = vec::load(x + i);
+    acc += v * v;
+  }
+  float ss = 0.f;
+  for (int j = 0; j < 16; ++j) ss += acc[j];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+  for (int64_t i = 0; i < D; i += 16)
+    vec::store(out + i, vec::load(w + i) * vec::round_bf16(vec::load(x + i) * r));
+}
+
 // y = w * cast(x * rsqrt(mean(x^2) + eps)), as transformers' LlamaRMSNorm rounds it. x [T, D] rows.
 template <typename T>
 void rms_norm_impl(const torch::Tensor& x, const torch::Tensor& w, double eps, torch::Tensor& out) {
@@ -333,6 +346,12 @@ void rms_norm_impl(const torch::Tensor& x, const torch::Tensor& w, double eps, t
   at::parallel_for(0, T_, grain(2 * D), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const T* xr = xp + t * row;
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (D % 16 == 0) {  // bf16 <-> float conversions do not vectorize as scalars: 16 lanes by hand
+          rms_norm_row_bf16(xr, wp, D, static_cast<float>(eps), op + t * D);
+          continue;
+        }
+      }
       float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
       for (int64_t i = 0; i < D; ++i) ss += f(xr[i]) * f(xr[i]);

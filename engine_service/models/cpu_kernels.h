@@ -84,45 +84,34 @@ inline int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work_per_item));
 }
 
-// expf by Cephes' range reduction and polynomial (about 1 ulp): plain arithmetic, so loops over it
-// vectorize (std::exp stays a scalar libm call without -ffast-math).
+// expf by Cephes' range reduction and polynomial (about 1 ulp), for a float or 16 lanes at once: plain
+// arithmetic, so scalar loops over it vectorize (std::exp stays a scalar libm call without -ffast-math).
 // Clamped to [-87, 88]: exp(-87) ~ 1.6e-38 stays a normal float.
-inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : x;  // selects, not branches (with -fno-trapping-math)
-  x = x > 88.0f ? 88.0f : x;
-  // round(x / ln 2); the offset keeps the argument positive so truncation is floor.
-  const float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f + 128.5f) - 128);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
+inline float broadcast(float x, float) { return x; }
+inline vec::v16 broadcast(float x, vec::v16) { return vec::splat(x); }
+inline int32_t truncate(float x) { return static_cast<int32_t>(x); }
+inline vec::v16i truncate(vec::v16 x) { return __builtin_convertvector(x, vec::v16i); }
+inline float to_float(int32_t x) { return static_cast<float>(x); }
+inline vec::v16 to_float(vec::v16i x) { return __builtin_convertvector(x, vec::v16); }
 
-// fast_exp on 16 lanes at once.
-inline vec::v16 fast_exp(vec::v16 x) {
-  using vec::splat;
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;
-  x = x > splat(88.0f) ? splat(88.0f) : x;
-  const vec::v16i ni = __builtin_convertvector(x * 1.44269504088896341f + 128.5f, vec::v16i) - 128;
-  const vec::v16 n = __builtin_convertvector(ni, vec::v16);
-  const vec::v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vec::v16 p = splat(1.9875691500e-4f);
+template <typename F>
+inline F fast_exp(F x) {
+  const F lo = broadcast(-87.0f, x), hi = broadcast(88.0f, x);
+  x = x < lo ? lo : x;  // selects, not branches (with -fno-trapping-math)
+  x = x > hi ? hi : x;
+  // round(x / ln 2); the offset keeps the argument positive so truncation is floor.
+  const auto ni = truncate(x * 1.44269504088896341f + 128.5f) - 128;
+  const F n = to_float(ni);
+  const F r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  F p = broadcast(1.9875691500e-4f, x);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const vec::v16i bits = (ni + 127) << 23;
-  vec::v16 scale;
+  const auto bits = (ni + 127) << 23;
+  F scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
