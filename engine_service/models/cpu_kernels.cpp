@@ -57,13 +57,38 @@ inline void tile_rows(const T* base, const int64_t* table, int64_t block_size, i
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(next[j]) + b, 0, 3);
 }
 
+// Softmax numerators in place, p = exp(s - max), on 16 lanes; the max and the sum of p.
+inline void softmax_numerators(float* sc, int64_t count, float* mx, float* sum) {
+  using vec::v16;
+  const float inf = std::numeric_limits<float>::infinity();
+  v16 vm = vec::splat(-inf);
+  int64_t j = 0;
+  for (; j + 16 <= count; j += 16) { const v16 x = vec::load(sc + j); vm = x > vm ? x : vm; }
+  float m = -inf;
+  for (int l = 0; l < 16; ++l) m = std::max(m, vm[l]);
+  for (; j < count; ++j) m = std::max(m, sc[j]);
+  v16 vs = {};
+  for (j = 0; j + 16 <= count; j += 16) {
+    const v16 e = fast_exp(vec::load(sc + j) - m);
+    vec::store(sc + j, e);
+    vs += e;
+  }
+  float total = 0.f;
+  for (int l = 0; l < 16; ++l) total += vs[l];
+  for (; j < count; ++j) { sc[j] = fast_exp(sc[j] - m); total += sc[j]; }
+  *mx = m;
+  *sum = total;
+}
+
 // One task: query heads of sequence s over keys [k0, k1). Unnormalized output acc [H, d], and per head
-// the running max and sum of exp, for a later merge of a sequence's chunks.
+// the running max and sum of exp, for a later merge of a sequence's chunks. Each K/V row is loaded (and,
+// from bf16, widened) once for up to G query heads of its group, whose accumulators stay in registers.
 template <typename T, int DV>
 void decode_chunk(const float* qf, const T* kp, const T* vp, const int64_t* table, int64_t block_size,
                   int64_t kvh, int64_t group, int64_t k0, int64_t k1, float* scores, float* acc, float* mx,
                   float* sum) {
   using vec::v16;
+  constexpr int G = DV <= 4 ? 4 : 2;  // G * DV accumulators: at most 16 of the 32 vector registers
   const int64_t d = DV * 16, H = kvh * group, slot_stride = kvh * d, count = k1 - k0;
   const T* rows[kTile];
   // Pass 1: scores [H, count], a tile of 16 keys at a time.
@@ -71,68 +96,55 @@ void decode_chunk(const float* qf, const T* kp, const T* vp, const int64_t* tabl
     const int64_t n = std::min(kTile, k1 - t0);
     tile_rows(kp, table, block_size, slot_stride, t0, k1, rows);
     for (int64_t h = 0; h < kvh; ++h) {
-      for (int64_t g = 0; g < group; ++g) {
-        const float* q = qf + (h * group + g) * d;
-        v16 qv[DV];
-        for (int c = 0; c < DV; ++c) qv[c] = vec::load(q + 16 * c);
-        v16 part[kTile];
+      for (int64_t g0 = 0; g0 < group; g0 += G) {
+        const int64_t gn = std::min<int64_t>(G, group - g0);
+        v16 qv[G][DV], part[G][kTile];
+        for (int gg = 0; gg < G; ++gg)
+          if (gg < gn) for (int c = 0; c < DV; ++c) qv[gg][c] = vec::load(qf + (h * group + g0 + gg) * d + 16 * c);
         for (int64_t j = 0; j < kTile; ++j) {
-          v16 a = v16{};
-          if (j < n) {
-            const T* k = rows[j] + h * d;
-            for (int c = 0; c < DV; ++c) a += qv[c] * vec::load(k + 16 * c);
+          v16 kv[DV];
+          for (int c = 0; c < DV; ++c) kv[c] = j < n ? vec::load(rows[j] + h * d + 16 * c) : v16{};
+          for (int gg = 0; gg < G; ++gg) {
+            if (gg >= gn) break;
+            v16 a = qv[gg][0] * kv[0];
+            for (int c = 1; c < DV; ++c) a += qv[gg][c] * kv[c];
+            part[gg][j] = a;
           }
-          part[j] = a;
         }
-        const v16 s = vec::transpose_sum(part);
-        float* out = scores + (h * group + g) * count + (t0 - k0);
-        if (n == kTile) std::memcpy(out, &s, sizeof(s));
-        else for (int64_t j = 0; j < n; ++j) out[j] = s[j];
+        for (int64_t gg = 0; gg < gn; ++gg) {
+          const v16 s = vec::transpose_sum(part[gg]);
+          float* out = scores + (h * group + g0 + gg) * count + (t0 - k0);
+          if (n == kTile) vec::store(out, s);
+          else for (int64_t j = 0; j < n; ++j) out[j] = s[j];
+        }
       }
     }
   }
-  // Softmax numerators per head.
-  for (int64_t hg = 0; hg < H; ++hg) {
-    float* sc = scores + hg * count;
-    float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < count; ++j) m = sc[j] > m ? sc[j] : m;  // (std::max does not vectorize)
-    float total = 0.f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < count; ++j) { sc[j] = fast_exp(sc[j] - m); total += sc[j]; }
-    mx[hg] = m;
-    sum[hg] = total;
-  }
-  // Pass 2: acc = p @ V, the accumulators of a head in registers across a tile.
-  for (int64_t hg = 0; hg < H * d; ++hg) acc[hg] = 0.f;
+  for (int64_t hg = 0; hg < H; ++hg) softmax_numerators(scores + hg * count, count, mx + hg, sum + hg);
+  // Pass 2: acc = p @ V.
+  std::fill(acc, acc + H * d, 0.f);
   for (int64_t t0 = k0; t0 < k1; t0 += kTile) {
     const int64_t n = std::min(kTile, k1 - t0);
     tile_rows(vp, table, block_size, slot_stride, t0, k1, rows);
     for (int64_t h = 0; h < kvh; ++h) {
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t hg = h * group + g;
-        float* a = acc + hg * d;
-        const float* p = scores + hg * count + (t0 - k0);
-        v16 av[DV];
-        for (int c = 0; c < DV; ++c) av[c] = vec::load(a + 16 * c);
-        v16 bv[DV] = {};  // a second chain: one FMA's latency per key pair, not per key
-        int64_t j = 0;
-        for (; j + 1 < n; j += 2) {
-          const v16 w0 = vec::splat(p[j]), w1 = vec::splat(p[j + 1]);
-          const T* v0 = rows[j] + h * d;
-          const T* v1 = rows[j + 1] + h * d;
-          for (int c = 0; c < DV; ++c) {
-            av[c] += w0 * vec::load(v0 + 16 * c);
-            bv[c] += w1 * vec::load(v1 + 16 * c);
+      for (int64_t g0 = 0; g0 < group; g0 += G) {
+        const int64_t gn = std::min<int64_t>(G, group - g0);
+        float* a = acc + (h * group + g0) * d;
+        const float* p = scores + (h * group + g0) * count + (t0 - k0);
+        v16 av[G][DV];
+        for (int gg = 0; gg < G; ++gg)
+          if (gg < gn) for (int c = 0; c < DV; ++c) av[gg][c] = vec::load(a + gg * d + 16 * c);
+        for (int64_t j = 0; j < n; ++j) {
+          v16 vv[DV];
+          for (int c = 0; c < DV; ++c) vv[c] = vec::load(rows[j] + h * d + 16 * c);
+          for (int gg = 0; gg < G; ++gg) {
+            if (gg >= gn) break;
+            const v16 w = vec::splat(p[gg * count + j]);
+            for (int c = 0; c < DV; ++c) av[gg][c] += w * vv[c];
           }
         }
-        if (j < n) {
-          const v16 w = vec::splat(p[j]);
-          const T* v = rows[j] + h * d;
-          for (int c = 0; c < DV; ++c) av[c] += w * vec::load(v + 16 * c);
-        }
-        for (int c = 0; c < DV; ++c) av[c] += bv[c];
-        for (int c = 0; c < DV; ++c) std::memcpy(a + 16 * c, &av[c], sizeof(v16));
+        for (int gg = 0; gg < G; ++gg)
+          if (gg < gn) for (int c = 0; c < DV; ++c) vec::store(a + gg * d + 16 * c, av[gg][c]);
       }
     }
   }
