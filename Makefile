@@ -57,7 +57,7 @@ bench-all: bench
 	$(PY) -m tokenwire.bench.profile | tee bench-out/profile.txt
 
 # The engine service's memory soak: 20,000 requests of varying shape (cancels and deadlines among them),
-# RSS of the engine front and core every 1,000 (bench/soak.py; ~20 min on 2 cores: 2,000 requests took 100 s).
+# RSS of the engine front and core every 1,000 (bench/soak.py; ~17 min on 2 cores).
 bench-soak: model
 	$(VENV)/bin/tokenwire-bench soak --num-requests 20000 --json bench-out/soak.json
 

@@ -77,6 +77,13 @@ inline v16 transpose_sum(const v16* x) {
 
 namespace tokenwire_kernels {
 
+template <typename T>
+inline float f(T x) { return static_cast<float>(x); }
+
+inline void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+}
+
 // Items per parallel chunk so that each chunk has about at::internal::GRAIN_SIZE elements of work: a
 // small model's ops then stay on one thread, where waking the other (OMP_WAIT_POLICY=PASSIVE, as the
 // engine service runs) costs more than the op (a soak of the tiny test model ran 2.5x slower).

@@ -1,4 +1,4 @@
-"""The native CPU kernels of `cpu_kernels.cpp` and `cpu_decode.cpp`, built once with the machine's compiler, and their
+"""The native CPU kernels of `cpu_kernels.cpp`, `cpu_attention.cpp` and `cpu_decode.cpp`, built once with the machine's compiler, and their
 pure-torch equivalents.
 
 `native()` compiles the source with `torch.utils.cpp_extension.load` (gcc, -O3 -march=native -fno-trapping-math) into
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_decode.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_attention.cpp", "cpu_decode.cpp")]
 _HEADER = Path(__file__).with_name("cpu_kernels.h")
 _ENV = "TOKENWIRE_NATIVE_KERNELS"
 _loaded: dict[str, object] = {}
