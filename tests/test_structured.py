@@ -9,7 +9,7 @@ import re
 import jsonschema
 import pytest
 
-from tests.reference import ENGINE_DTYPE
+from tests.reference import ENGINE_DTYPE, EXACT
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenwire.engine.engine import LLMEngine
 from tokenwire.engine.grammar import GrammarCompiler, GrammarError
@@ -101,8 +101,16 @@ def test_preempted_constrained_request_matches_unpreempted(smollm2_dir, smol):
     params = SamplingParams(max_new_tokens=40, temperature=0.0, constraint=constraint)
     prompts = [f"User number {i} as JSON:" for i in range(6)]
     tight = make_engine(smollm2_dir, num_blocks=12, prefix=False)   # 192 token slots for ~6 x 45
-    assert tight.generate(prompts, params=params) == smol.generate(prompts, params=params)
+    preempted, unpreempted = tight.generate(prompts, params=params), smol.generate(prompts, params=params)
     assert tight.stats().num_preemptions > 0
+    if EXACT:
+        assert preempted == unpreempted
+    else:  # bf16 rounds differently at each batch shape: the grammar state must still survive recompute
+        for ids in preempted:
+            if ids[-1] in tight.runner.eos_token_ids:   # completed (else cut at max_new_tokens)
+                jsonschema.validate(json.loads(text_of(tight, ids)), SCHEMA)
+            else:
+                assert len(ids) == params.max_new_tokens
 
 
 def test_compiled_once_per_constraint(smol):

@@ -81,6 +81,10 @@ void silu_mul_impl(const torch::Tensor& gate_up, torch::Tensor& out) {
 
 torch::Tensor silu_mul(torch::Tensor gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0, "silu_mul: [T, 2I] rows");
+#if !defined(__AVX512F__)  // GCC's AVX2 code for the 16-lane loop ran 1.3-2x slower than torch's two ops
+  const int64_t inter = gate_up.size(1) / 2;
+  return at::silu(gate_up.narrow(1, 0, inter)).mul_(gate_up.narrow(1, inter, inter));
+#endif
   auto out = torch::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
   switch (gate_up.scalar_type()) {
     case at::kFloat: silu_mul_impl<float>(gate_up, out); break;

@@ -76,12 +76,14 @@ void rms_norm_impl(const torch::Tensor& x, const torch::Tensor& w, double eps, t
   at::parallel_for(0, T_, grain(2 * D), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const T* xr = xp + t * row;
+#if defined(__AVX512F__)
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (D % 16 == 0) {  // bf16 <-> float conversions do not vectorize as scalars: 16 lanes by hand
           rms_norm_row_bf16(xr, wp, D, static_cast<float>(eps), op + t * D);
           continue;
         }
       }
+#endif
       float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
       for (int64_t i = 0; i < D; ++i) ss += f(xr[i]) * f(xr[i]);

@@ -16,6 +16,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace vec {
 // 16 floats. GCC's vector extensions: -march=native lowers them to one AVX-512 register or two AVX2 ones.
 typedef float v16 __attribute__((vector_size(64)));
@@ -51,9 +55,10 @@ inline void store(c10::Half* p, v16 x) {
 }
 inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
-// Sums of 16 vectors in one: lane j = horizontal sum of x[j]. A shuffle-add tree (15 two-vector steps for
-// 16 sums instead of a full horizontal reduction per vector); its output order is bit-reversed, so the
-// inputs are taken in bit-reversed order.
+// Sums of 16 vectors in one: lane j = horizontal sum of x[j], for the 16 keys of a tile.
+#if defined(__AVX512F__)
+// A shuffle-add tree (15 two-vector steps for 16 sums instead of a full horizontal reduction per
+// vector); its output order is bit-reversed, so the inputs are taken in bit-reversed order.
 inline v16 combine(v16 a, v16 b, v16i lo, v16i hi) {
   return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
 }
@@ -73,6 +78,37 @@ inline v16 transpose_sum(const v16* x) {
   for (int k = 0; k < 2; ++k) c[k] = combine(b[2 * k], b[2 * k + 1], l3, h3);
   return combine(c[0], c[1], l4, h4);
 }
+#elif defined(__AVX__)
+// Without AVX-512 GCC lowers 16-lane two-vector shuffles to scalar inserts: fold each vector to 8 lanes,
+// then the classic hadd transpose of 8 x 8.
+inline __m256 transpose_sum8(const __m256* y) {
+  const __m256 t0 = _mm256_hadd_ps(y[0], y[1]), t1 = _mm256_hadd_ps(y[2], y[3]);
+  const __m256 t2 = _mm256_hadd_ps(y[4], y[5]), t3 = _mm256_hadd_ps(y[6], y[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+inline v16 transpose_sum(const v16* x) {
+  __m256 folded[16];
+  for (int j = 0; j < 16; ++j) {
+    __m256 lo, hi;
+    std::memcpy(&lo, &x[j], sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&x[j]) + sizeof(lo), sizeof(hi));
+    folded[j] = _mm256_add_ps(lo, hi);
+  }
+  const __m256 first = transpose_sum8(folded), second = transpose_sum8(folded + 8);
+  v16 r;
+  std::memcpy(&r, &first, sizeof(first));
+  std::memcpy(reinterpret_cast<char*>(&r) + sizeof(first), &second, sizeof(second));
+  return r;
+}
+#else
+inline v16 transpose_sum(const v16* x) {
+  v16 r = {};
+  for (int j = 0; j < 16; ++j)
+    for (int l = 0; l < 16; ++l) r[j] += x[j][l];
+  return r;
+}
+#endif
 }  // namespace vec
 
 namespace tokenwire_kernels {
