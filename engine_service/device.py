@@ -89,10 +89,9 @@ def gemm_rows(m: int) -> int:
     """The row count a GEMM of `m` rows runs at: `m` up to 16, then rounded up to a step of 1/16 of the
     next power of two, at least 16 (steps of 16 to 256, 32 to 512, 64 to 1024): 47 shapes up to 1024
     rows, padded by under 16 rows (where a GEMM reads its weight at memory speed whatever the rows) or
-    under 1/8 of them. oneDNN
-    keeps a compiled kernel per shape (and the allocator a pool per size): with every token count of a
-    step as its own shape, a soak's RSS kept growing (+135 MiB over 1,200 requests of a tiny model; +54
-    MiB padded)."""
+    under 1/8 of them. oneDNN keeps a compiled kernel per shape (and the allocator a pool per size):
+    with every step's token count as its own shape, the engine core's RSS kept growing (a tiny model's
+    soak: +336 MiB over 1,200 requests; +20 MiB padded)."""
     if m <= 16:
         return m
     step = max(16, (1 << (m - 1).bit_length()) // 16)
