@@ -28,6 +28,7 @@ from tokenwire.serving.errors import InvalidRequestError
 # Compact JSON (no free whitespace): a small model otherwise pads objects with newlines and spaces.
 _JSON_OPTIONS = {"whitespace_flexible": False}
 _CACHE_SIZE = 256
+COMPILE_THREADS = 2   # constraints compiling at once, off the caller's thread (bounded by max_compile_s)
 
 
 class GrammarError(RuntimeError):
@@ -68,7 +69,7 @@ class GrammarCompiler:
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple, llguidance.LLMatcher] = OrderedDict()
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-compile")
+        self._pool = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="grammar-compile")
         self._executor: llguidance.LLExecutor | None = None
         self.compiles = 0                        # cache misses compiled
         self.compile_s = 0.0                     # wall time spent compiling them

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import jsonschema
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from tests.reference import ENGINE_DTYPE, EXACT
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenwire.engine.engine import LLMEngine
-from tokenwire.engine.grammar import GrammarCompiler, GrammarError
+from tokenwire.engine.grammar import COMPILE_THREADS, GrammarCompiler, GrammarError
 from tokenwire.engine.sampling_params import MAX_CHOICES, Constraint, SamplingParams
 from tokenwire.serving.errors import InvalidRequestError
 
@@ -143,9 +144,17 @@ def test_bad_constraints_name_their_field(smol, constraint, field, message):
 
 def test_slow_compile_is_refused(smol):
     compiler = GrammarCompiler(smol.tokenizer, smol.tokenizer_fingerprint, smol.vocab_size,
-                               smol.runner.eos_token_ids, max_compile_s=1e-9)
-    with pytest.raises(InvalidRequestError) as info:
-        compiler.matcher(Constraint("json_schema", json.dumps(SCHEMA)))
+                               smol.runner.eos_token_ids, max_compile_s=0.05)
+    # Every compile thread busy, so this compile cannot finish within the limit however fast it would be
+    # (with a 1 ns limit alone, a compile finishing before the wait began made this test flaky).
+    release = threading.Event()
+    for _ in range(COMPILE_THREADS):   # (bounded: a compiler that ignored the limit fails, not hangs)
+        compiler._pool.submit(release.wait, 10)
+    try:
+        with pytest.raises(InvalidRequestError) as info:
+            compiler.matcher(Constraint("json_schema", json.dumps(SCHEMA)))
+    finally:
+        release.set()
     assert info.value.field == "json_schema" and "max-grammar-compile-s" in str(info.value)
 
 
