@@ -33,7 +33,7 @@ from tokenwire.serving.model_resolver import resolve_model
 
 _CATEGORIES = {  # aten op -> bucket of the breakdown
     "linear": ("aten::addmm", "aten::addmm_", "aten::mm", "aten::linear", "aten::matmul",
-               "mkldnn::_linear_pointwise", "mkldnn::_linear_pointwise.binary"),
+               "mkldnn::_linear_pointwise", "mkldnn::_linear_pointwise.binary", "tokenwire::gemv"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
                   "aten::_scaled_dot_product_flash_attention", "aten::index_select", "aten::index_copy_",
                   "aten::bitwise_and", "aten::lt", "aten::le", "aten::gt", "tokenwire::paged_decode"),

@@ -98,25 +98,44 @@ def gemm_rows(m: int) -> int:
     return -(-m // step) * step
 
 
+# The most rows a GEMM of a 16-bit model runs through the native GEMV (cpu_linear.cpp's kGemvMaxRows).
+GEMV_MAX_ROWS = 4
+_GEMV_DTYPES = (torch.bfloat16, torch.float16)
+
+
 class Linear:
     """y = x @ weight.T + bias. On CPU the weight is prepacked once for oneDNN, whose GEMMs beat
     MKL's by 1.1-2.4x at the batch sizes an engine runs (measured on a 2-core AVX2 EPYC: decode-sized
-    32-row GEMMs 10-50%, the lm_head 2.4x); F.linear everywhere else."""
+    32-row GEMMs 10-50%, the lm_head 2.4x); F.linear everywhere else.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    `gemv` (the native kernel, or None): in bf16 and fp16, GEMMs of up to GEMV_MAX_ROWS rows (a single
+    stream's decode) go through it instead, reading the plain weight at memory speed where oneDNN's bf16
+    GEMM reads its packed copy at two thirds of it. Both copies are then kept: twice the weight memory
+    of the linear layers, the price of 1.3-1.5x faster single-stream decoding (see cpu_linear.cpp)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, gemv=None):
         self.out_features, self.in_features = weight.shape
         self.bias = bias
         self._packed = _onednn_pack(weight)
-        self.weight = weight if self._packed is None else None  # the packed copy replaces it
+        self._gemv = gemv if weight.dtype in _GEMV_DTYPES and weight.device.type == "cpu" else None
+        # The packed copy replaces the plain weight unless the GEMV reads it.
+        self.weight = weight if self._packed is None or self._gemv is not None else None
 
     @property
     def packed(self) -> torch.Tensor | None:
         """The oneDNN-prepacked weight (what `mkldnn::_linear_pointwise` takes), or None on F.linear."""
         return self._packed
 
+    @property
+    def gemv_weight(self) -> torch.Tensor | None:
+        """The plain weight that the native GEMV reads for few-row GEMMs, or None where it is not used."""
+        return self.weight if self._gemv is not None else None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        if self._gemv is not None and 0 < m <= GEMV_MAX_ROWS:
+            return self._gemv(x, self.weight, self.bias, None)
         if self._packed is not None:
-            m = x.shape[0]
             y = torch.ops.mkldnn._linear_pointwise(_pad_rows(x, gemm_rows(m)), self._packed, self.bias,
                                                    "none", [], "")
             return y if y.shape[0] == m else y[:m]
@@ -124,9 +143,11 @@ class Linear:
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + x @ weight.T + bias, the residual add done inside the GEMM (a new tensor on
-        oneDNN, `residual` updated in place otherwise)."""
+        oneDNN and the GEMV, `residual` updated in place otherwise)."""
+        m = x.shape[0]
+        if self._gemv is not None and 0 < m <= GEMV_MAX_ROWS:
+            return self._gemv(x, self.weight, self.bias, residual)
         if self._packed is not None:
-            m = x.shape[0]
             rows = gemm_rows(m)
             y = torch.ops.mkldnn._linear_pointwise.binary(_pad_rows(x, rows), _pad_rows(residual, rows),
                                                           self._packed, self.bias, "add")

@@ -65,9 +65,10 @@ class ModelRunner:
             path, dtype=self.dtype, trust_remote_code=config.trust_remote_code)
         hf_model.to(self.device).eval()
         self.eos_token_ids = _eos_token_ids(hf_model)
-        self.model: CausalLM = _ARCHITECTURES[self.architecture](hf_model)
         # Fused attention/rope/norm kernels on the CPU (None: torch ops; see models/kernels.py).
         self.native = kernels.native() if self.device.type == "cpu" and config.native_kernels else None
+        gemv = self.native.gemv if self.native is not None else None
+        self.model: CausalLM = _ARCHITECTURES[self.architecture](hf_model, gemv)
         del hf_model  # our forward keeps only the (fused) weights it needs
         self.vocab_size = self.model.vocab_size
         self.block_size = config.cache.block_size

@@ -103,20 +103,57 @@ def test_switched_off_by_env(monkeypatch):
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("step", ["mixed", "decodes", "decodes-padded"])
-def test_runner_with_and_without_native_kernels_agree(tiny_llama_dir, dtype, step):
-    """The whole forward on both paths: decodes with a prefill chunk over cached context (the Python
-    layer loop over the kernels), and decodes alone (every layer in one native call)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_gemv_matches_torch(dtype, rows):
+    torch.manual_seed(4)
+    for n, k in [(40, 64), (37, 96), (16, 50)]:  # whole tiles of 16 rows, a tail tile, a K tail
+        x, w, b, r = (torch.randn(*shape).to(dtype) for shape in [(rows, k), (n, k), (n,), (rows, n)])
+        for bias, residual in [(None, None), (b, None), (None, r), (b, r)]:
+            want = kernels.gemv(x, w, bias, residual)
+            got = native.gemv(x, w, bias, residual)
+            assert got.dtype == dtype and got.shape == (rows, n)
+            torch.testing.assert_close(got.float(), want.float(), **TOL.get(dtype, TOL[torch.bfloat16]))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_runs_few_rows_on_the_gemv(dtype):
+    """device.Linear: up to GEMV_MAX_ROWS rows on the GEMV (plain weight kept), more on oneDNN/F.linear;
+    float32 never on it (oneDNN reads fp32 weights at memory speed already)."""
+    from tokenwire.engine.device import GEMV_MAX_ROWS, Linear
+
+    torch.manual_seed(5)
+    w, b = torch.randn(48, 64).to(dtype), torch.randn(48).to(dtype)
+    fast, plain = Linear(w, b, gemv=native.gemv), Linear(w, b)
+    assert fast.gemv_weight is w and plain.gemv_weight is None
+    assert Linear(w.float(), gemv=native.gemv).gemv_weight is None
+    calls = []
+    fast._gemv = lambda *args: calls.append(args[0].shape[0]) or native.gemv(*args)
+    for rows in (1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1):
+        x, residual = torch.randn(rows, 64).to(dtype), torch.randn(rows, 48).to(dtype)
+        torch.testing.assert_close(fast(x).float(), plain(x).float(), **TOL[torch.bfloat16])
+        torch.testing.assert_close(fast.add(x, residual.clone()).float(), plain.add(x, residual.clone()).float(),
+                                   **TOL[torch.bfloat16])
+    assert calls == [1, 1, GEMV_MAX_ROWS, GEMV_MAX_ROWS]
+
+
+def _runner_logits(model_dir, dtype: str, step: str, native_kernels: bool = True, fused_decode: bool = True):
+    """Prefill a few prompts, then one step: decodes with a prefill chunk over cached context ("mixed",
+    the Python layer loop over the kernels), or decodes alone (every layer in one native call)."""
     from tests.test_model_runner import BLOCK_SIZE, contiguous_tables, make_seqs
     from tokenwire.engine.config import CacheConfig, EngineConfig
     from tokenwire.engine.model_runner import ModelRunner
     from tokenwire.engine.sequence import ScheduledChunk
 
-    runner = ModelRunner(EngineConfig(model=tiny_llama_dir, dtype=dtype,
+    runner = ModelRunner(EngineConfig(model=model_dir, dtype=dtype, native_kernels=native_kernels,
                                       cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=256)))
-    assert runner.model._decode_weights is not None
-    # 19 decodes run their GEMMs at 32 rows (device.gemm_rows), zero rows past the real ones.
+    if native_kernels:
+        assert runner.model._decode_weights is not None
+    if not fused_decode:
+        runner.model._decode_weights = runner.model._small_decode_weights = None
+    # 19 decodes run their GEMMs at 32 rows (device.gemm_rows), zero rows past the real ones; 3 decodes
+    # of a bf16 model run them on the GEMV.
     lengths = range(3, 22) if step == "decodes-padded" else (3, 9, 21)
     prompts = [list(range(5, 5 + n)) for n in lengths]
     seqs = make_seqs(prompts, contiguous_tables(prompts, 4))
@@ -127,19 +164,21 @@ def test_runner_with_and_without_native_kernels_agree(tiny_llama_dir, dtype, ste
     else:
         runner.execute([ScheduledChunk(s, s.num_tokens - 2, 1, False) for s in seqs])
         chunks = [ScheduledChunk(s, s.num_tokens - 1, 1, True) for s in seqs]
-    def run(module, fused_decode=True):
-        runner.native = module
-        runner.model._decode_weights, weights = (runner.model._decode_weights if fused_decode else None,
-                                                 runner.model._decode_weights)
-        try:
-            return runner.execute(chunks)
-        finally:
-            runner.model._decode_weights = weights
+    return runner.execute(chunks)
 
-    got, python_loop, torch_ops = run(native), run(native, fused_decode=False), run(None)
-    assert got.shape == (len(prompts), runner.vocab_size)
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("step", ["mixed", "decodes", "decodes-padded"])
+def test_runner_with_and_without_native_kernels_agree(tiny_llama_dir, dtype, step):
+    """The whole forward with the kernels (from C++ or from Python) and with torch ops alone (which
+    also means oneDNN for every GEMM, never the GEMV)."""
+    got = _runner_logits(tiny_llama_dir, dtype, step)
+    python_loop = _runner_logits(tiny_llama_dir, dtype, step, fused_decode=False)
+    torch_ops = _runner_logits(tiny_llama_dir, dtype, step, native_kernels=False)
+    assert got.shape == (3 if step != "decodes-padded" else 19, torch_ops.shape[1])
     # The same kernels from C++ or from Python: the same numbers.
     torch.testing.assert_close(got, python_loop, rtol=1e-5, atol=1e-5)
-    # Against the torch ops: bf16 rounds at different places (attention, norms) on the two paths.
+    # Against the torch ops: bf16 rounds at different places (attention, norms, GEMV sums) on the two paths.
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=0.1, atol=0.25)
     torch.testing.assert_close(got, torch_ops, **tol)

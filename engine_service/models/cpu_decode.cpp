@@ -14,8 +14,8 @@ namespace {
 using tokenwire_kernels::fast_exp;
 using tokenwire_kernels::grain;
 
-// Per layer in `weights`: input norm, qkv (packed), qkv bias or None, o (packed), post norm, gate_up
-// (packed), down (packed).
+// Per layer in `weights`: input norm, qkv, qkv bias or None, o, post norm, gate_up, down. The linears'
+// weights are oneDNN-packed, or plain for the GEMV (at most kGemvMaxRows decodes of a 16-bit model).
 constexpr int64_t kWeightsPerLayer = 7;
 
 // This extension's own ops are called through the dispatcher too, so that torch.profiler times each
@@ -29,8 +29,11 @@ c10::OperatorHandle linear_op(const char* overload) {
   return c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", overload);
 }
 
-// x @ W^T + b through oneDNN's prepacked GEMM, as device.Linear calls it from Python.
+// x @ W^T + b through oneDNN's prepacked GEMM, or the GEMV for a plain weight, as device.Linear calls
+// them from Python.
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& b) {
+  static const auto gemv_op = tokenwire_op<decltype(gemv)>("tokenwire::gemv");
+  if (!w.is_mkldnn()) return gemv_op.call(x, w, b, std::nullopt);
   static const c10::OperatorHandle op = linear_op("");
   torch::jit::Stack stack{x, w, b, std::string("none"), c10::List<std::optional<c10::Scalar>>(), std::string("")};
   op.callBoxed(&stack);
@@ -39,6 +42,8 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& w, cons
 
 // residual + x @ W^T, the add inside the GEMM.
 torch::Tensor packed_linear_add(const torch::Tensor& x, const torch::Tensor& residual, const torch::Tensor& w) {
+  static const auto gemv_op = tokenwire_op<decltype(gemv)>("tokenwire::gemv");
+  if (!w.is_mkldnn()) return gemv_op.call(x, w, std::nullopt, residual);
   static const c10::OperatorHandle op = linear_op("binary");
   torch::jit::Stack stack{x, residual, w, c10::IValue(), std::string("add")};
   op.callBoxed(&stack);

@@ -34,6 +34,10 @@ inline v16 load(const c10::BFloat16* p) {  // bf16 is the high half of a float
   v16 r; std::memcpy(&r, &u, sizeof(r)); return r;
 }
 inline v16 load(const c10::Half* p) {
+#if defined(__AVX512F__)
+  const __m512 r = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  v16 out; std::memcpy(&out, &r, sizeof(out)); return out;
+#endif
   float t[16];
   for (int i = 0; i < 16; ++i) t[i] = static_cast<float>(p[i]);
   return load(t);
@@ -166,3 +170,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 void rope_and_cache(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
                     torch::Tensor k_cache, torch::Tensor v_cache, int64_t num_heads, int64_t num_kv_heads);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+// The most rows gemv (cpu_linear.cpp) takes; device.GEMV_MAX_ROWS mirrors it.
+constexpr int64_t kGemvMaxRows = 4;
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor> bias,
+                   std::optional<torch::Tensor> residual);

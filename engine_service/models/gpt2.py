@@ -39,7 +39,8 @@ class _Block:
 
 
 class GPT2Forward:
-    def __init__(self, hf_model: torch.nn.Module):
+    def __init__(self, hf_model: torch.nn.Module, gemv=None):
+        """`gemv`: the native few-row GEMM for 16-bit weights, or None (see device.Linear)."""
         config = hf_model.config
         inner = hf_model.transformer
         self.num_layers = config.n_layer
@@ -52,8 +53,8 @@ class GPT2Forward:
             self.wte = inner.wte.weight.detach()
             self.wpe = inner.wpe.weight.detach()
             self.ln_f = (inner.ln_f.weight.detach(), inner.ln_f.bias.detach())
-            self.lm_head = Linear(hf_model.get_output_embeddings().weight.detach())
-            self.blocks = [_block(b) for b in inner.h]
+            self.lm_head = Linear(hf_model.get_output_embeddings().weight.detach(), gemv=gemv)
+            self.blocks = [_block(b, gemv) for b in inner.h]
         self.vocab_size = self.lm_head.out_features
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
@@ -72,17 +73,17 @@ class GPT2Forward:
         return self.lm_head(h).float()
 
 
-def _block(block) -> _Block:
+def _block(block, gemv) -> _Block:
     attn, mlp = block.attn, block.mlp
     return _Block(
         ln1_w=block.ln_1.weight.detach(), ln1_b=block.ln_1.bias.detach(),
-        qkv=_conv1d(attn.c_attn), proj=_conv1d(attn.c_proj),
+        qkv=_conv1d(attn.c_attn, gemv), proj=_conv1d(attn.c_proj, gemv),
         ln2_w=block.ln_2.weight.detach(), ln2_b=block.ln_2.bias.detach(),
-        fc=_conv1d(mlp.c_fc), out=_conv1d(mlp.c_proj),
+        fc=_conv1d(mlp.c_fc, gemv), out=_conv1d(mlp.c_proj, gemv),
         scale=float(attn.scaling),
     )
 
 
-def _conv1d(conv) -> Linear:
+def _conv1d(conv, gemv) -> Linear:
     """HF's Conv1D keeps its weight as [in, out]; Linear wants nn.Linear's [out, in]."""
-    return Linear(conv.weight.detach().t().contiguous(), conv.bias.detach())
+    return Linear(conv.weight.detach().t().contiguous(), conv.bias.detach(), gemv)

@@ -1,5 +1,5 @@
-"""The native CPU kernels of `cpu_kernels.cpp`, `cpu_attention.cpp` and `cpu_decode.cpp`, built once with the machine's compiler, and their
-pure-torch equivalents.
+"""The native CPU kernels of `cpu_kernels.cpp`, `cpu_attention.cpp`, `cpu_decode.cpp` and `cpu_linear.cpp`, built
+once with the machine's compiler, and their pure-torch equivalents.
 
 `native()` compiles the source with `torch.utils.cpp_extension.load` (gcc, -O3 -march=native -fno-trapping-math) into
 `$TOKENWIRE_HOME/kernels/<torch>-<cpu capability>-<source hash>/` the first time (~1 min on 2 cores,
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_attention.cpp", "cpu_decode.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_attention.cpp", "cpu_decode.cpp", "cpu_linear.cpp")]
 _HEADER = Path(__file__).with_name("cpu_kernels.h")
 _ENV = "TOKENWIRE_NATIVE_KERNELS"
 _loaded: dict[str, object] = {}
@@ -118,3 +118,11 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
                                          attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
     return out.view(n, num_heads * head_dim)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+         residual: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T (+ bias) (+ residual), summed in float32 and rounded once to x's dtype: what the
+    native `gemv` computes for a few rows (it reads the plain weight at memory speed)."""
+    y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return (y if residual is None else y.add_(residual.float())).to(x.dtype)

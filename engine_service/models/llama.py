@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from tokenwire.engine.device import Linear, gemm_rows
+from tokenwire.engine.device import GEMV_MAX_ROWS, Linear, gemm_rows
 from tokenwire.engine.models.attention import AttentionBatch, KVCache, paged_attention
 
 
@@ -31,7 +31,8 @@ class _Layer:
 
 
 class LlamaForward:
-    def __init__(self, hf_model: torch.nn.Module):
+    def __init__(self, hf_model: torch.nn.Module, gemv=None):
+        """`gemv`: the native few-row GEMM for 16-bit weights, or None (see device.Linear)."""
         config = hf_model.config
         inner = hf_model.model
         self.num_layers = config.num_hidden_layers
@@ -48,26 +49,29 @@ class LlamaForward:
             self.embed = inner.embed_tokens.weight.detach()
             self.final_norm = inner.norm.weight.detach()
             # The embedding's own weight when tied (the packed GEMM copy is separate either way).
-            self.lm_head = Linear(hf_model.get_output_embeddings().weight.detach())
+            self.lm_head = Linear(hf_model.get_output_embeddings().weight.detach(), gemv=gemv)
             windows = _layer_windows(config)
-            self.layers = [_fuse(layer, windows[i]) for i, layer in enumerate(inner.layers)]
+            self.layers = [_fuse(layer, windows[i], gemv) for i, layer in enumerate(inner.layers)]
             self._windows = [w or 0 for w in windows]
         self.vocab_size = self.lm_head.out_features
         self._check_rope()
         self._decode_weights = self._native_decode_weights()
+        self._small_decode_weights = self._native_decode_weights(small=True)
 
-    def _native_decode_weights(self) -> list[torch.Tensor | None] | None:
+    def _native_decode_weights(self, small: bool = False) -> list[torch.Tensor | None] | None:
         """The flat weight list of the native decode layers (`cpu_decode.cpp`), or None where that op
-        does not apply: per-head q/k norms, an activation other than SiLU, or GEMMs not on oneDNN."""
+        does not apply: per-head q/k norms, an activation other than SiLU, or GEMMs not on oneDNN.
+        `small`: the plain weights of the native GEMV instead (steps of up to GEMV_MAX_ROWS decodes)."""
         if self.act is not F.silu or any(layer.q_norm is not None for layer in self.layers):
             return None
+        weight = (lambda lin: lin.gemv_weight) if small else (lambda lin: lin.packed)
         linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        if any(lin.packed is None for lin in linears) or any(
+        if any(weight(lin) is None for lin in linears) or any(
                 lin.bias is not None for layer in self.layers for lin in (layer.o, layer.gate_up, layer.down)):
             return None
         return [w for layer in self.layers for w in (
-            layer.input_norm, layer.qkv.packed, layer.qkv.bias, layer.o.packed, layer.post_norm,
-            layer.gate_up.packed, layer.down.packed)]
+            layer.input_norm, weight(layer.qkv), layer.qkv.bias, weight(layer.o), layer.post_norm,
+            weight(layer.gate_up), weight(layer.down))]
 
     def _check_rope(self) -> None:
         # apply_rope below uses half-width cos/sin: HF builds them as cat(freqs, freqs) for every rope type.
@@ -107,8 +111,11 @@ class LlamaForward:
         q_end, k_end = H * d, (H + KVH) * d
         if self._decode_weights is not None and not batch.prefills:  # decodes alone: every layer in C++
             group = batch.decodes[0]
+            weights = self._decode_weights
+            if T <= GEMV_MAX_ROWS and self._small_decode_weights is not None:
+                weights = self._small_decode_weights  # plain weights: the GEMMs run on the native GEMV
             h = native.decode_layers(h, cos, sin, batch.slot_mapping, kv.k, kv.v, group.tables, group.lens,
-                                     self._decode_weights, self._windows, H, KVH, eps, self.scale, gemm_rows(T))
+                                     weights, self._windows, H, KVH, eps, self.scale, gemm_rows(T))
             h = native.rms_norm(h.index_select(0, sample_rows), self.final_norm, eps)
             return self.lm_head(h).float()
         for i, layer in enumerate(self.layers):
@@ -173,22 +180,22 @@ def _cat(*tensors: torch.Tensor | None) -> torch.Tensor | None:
     return torch.cat([t.detach() for t in tensors])
 
 
-def _linear(*projections: torch.nn.Linear) -> Linear:
+def _linear(*projections: torch.nn.Linear, gemv) -> Linear:
     """One Linear computing the given projections side by side (their outputs concatenated)."""
-    return Linear(_cat(*(p.weight for p in projections)), _cat(*(p.bias for p in projections)))
+    return Linear(_cat(*(p.weight for p in projections)), _cat(*(p.bias for p in projections)), gemv)
 
 
-def _fuse(layer, window: int | None) -> _Layer:
+def _fuse(layer, window: int | None, gemv) -> _Layer:
     attn, mlp = layer.self_attn, layer.mlp
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     return _Layer(
         input_norm=layer.input_layernorm.weight.detach(),
-        qkv=_linear(attn.q_proj, attn.k_proj, attn.v_proj),
+        qkv=_linear(attn.q_proj, attn.k_proj, attn.v_proj, gemv=gemv),
         q_norm=None if q_norm is None else q_norm.weight.detach(),
         k_norm=None if k_norm is None else k_norm.weight.detach(),
-        o=_linear(attn.o_proj),
+        o=_linear(attn.o_proj, gemv=gemv),
         post_norm=layer.post_attention_layernorm.weight.detach(),
-        gate_up=_linear(mlp.gate_proj, mlp.up_proj),
-        down=_linear(mlp.down_proj),
+        gate_up=_linear(mlp.gate_proj, mlp.up_proj, gemv=gemv),
+        down=_linear(mlp.down_proj, gemv=gemv),
         window=window,
     )
