@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     model_dir = resolve_model(args.model)
     runner = ModelRunner(EngineConfig(model=model_dir, dtype=args.dtype))
-    sampler = Sampler()
+    sampler = Sampler(native=runner.native)
     print(f"{runner.architecture} {runner.dtype} on {runner.device}, {torch.get_num_threads()} threads, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
     run_p1(runner, sampler, 4)  # warm-up: first calls allocate and pick kernels

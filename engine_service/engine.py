@@ -44,7 +44,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
         self.grammars = GrammarCompiler(self.tokenizer, self.tokenizer_fingerprint, self.vocab_size,
                                         self.runner.eos_token_ids, config.max_grammar_compile_s)
-        self.sampler = Sampler(self.grammars)
+        self.sampler = Sampler(self.grammars, self.runner.native)
         self.outputs = OutputProcessor(self.tokenizer, self.runner.eos_token_ids, self.max_model_len)
         self._states: dict[str, RequestState] = {}
         self.preparer = RequestPreparer(self.tokenizer, self.vocab_size, self.max_model_len,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenwire.engine.grammar import GrammarCompiler
+from tokenwire.engine.models import kernels
 from tokenwire.engine.sequence import Sequence
 
 _GREEDY_TEMPERATURE = 1e-5   # below this, temperature scaling would overflow: treat as greedy
@@ -60,9 +61,11 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, grammars: GrammarCompiler | None = None) -> None:
+    def __init__(self, grammars: GrammarCompiler | None = None, native=None) -> None:
         self._vocab_keys: torch.Tensor | None = None
         self._grammars = grammars    # fills constrained rows' bitmasks (None: no constraint is accepted)
+        # The native CPU kernels (models/kernels.py) or None: their argmax reads logits at memory speed.
+        self._argmax = native.argmax if native is not None else kernels.argmax
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
@@ -79,7 +82,7 @@ class Sampler:
             scores = apply_penalties(scores, seqs)
         greedy = [p.temperature < _GREEDY_TEMPERATURE for p in params]
         if all(greedy):
-            tokens = scores.argmax(-1)
+            tokens = self._argmax(scores)
         else:
             tokens = self._sample_rows(scores, seqs, greedy)
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -108,7 +111,7 @@ class Sampler:
         chosen = _draw(x, params, row_keys, self._vocab_keys_for(x.shape[1], device))
         if len(rows) == len(seqs):
             return chosen
-        return scores.argmax(-1).index_copy_(0, index, chosen)
+        return self._argmax(scores).index_copy_(0, index, chosen)
 
     def _vocab_keys_for(self, vocab: int, device: torch.device) -> torch.Tensor:
         keys = self._vocab_keys

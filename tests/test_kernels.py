@@ -89,6 +89,23 @@ def test_silu_mul_matches_torch(dtype):
     torch.testing.assert_close(native.silu_mul(gate_up).float(), want.float(), **TOL[dtype])
 
 
+@needs_native
+def test_argmax_matches_torch():
+    """The first maximum of each row, NaN counting as the maximum; rows narrower than a vector, a tail."""
+    torch.manual_seed(6)
+    for width in (1, 7, 16, 50, 49152):
+        x = torch.randn(9, width)
+        x[1] = 0.5                                       # all tied: index 0
+        x[2] = float("-inf")
+        x[3, width // 2] = float("nan")                  # NaN in the vector part, or alone
+        x[4, -1] = float("nan")                          # NaN in the tail
+        x[5, :] = -1.0
+        x[5, [width - 1, width // 3]] = 3.0              # tied maxima in different lanes: the first
+        x[6, width - 1] = 1e9                            # the maximum in the tail
+        assert torch.equal(native.argmax(x), kernels.argmax(x)), width
+    assert native.argmax(torch.randn(0, 10)).shape == (0,)
+
+
 def test_switched_off_by_config(tiny_llama_dir):
     from tokenwire.engine.config import EngineConfig
     from tokenwire.engine.model_runner import ModelRunner

@@ -2,10 +2,10 @@
 //
 // paged_decode: one query per sequence attends over its KV blocks where they lie in the cache (no gather).
 // For head_dim 64 and 128: 16 keys at a time in vector registers (scores of a tile summed by one shuffle
-// tree), each K/V row loaded once for the query heads of its group, tiles prefetched ahead, and long
-// contexts split across threads when the batch is small (chunks merged by log-sum-exp). At P1's batch 32
-// on 2 Xeon cores it reads the fp32 cache at 15 GB/s (the machine streams 19), 2.1x the first version
-// (1.26 -> 0.60 ms per layer). The general loop serves other head dims, and machines without AVX-512,
+// tree), each K/V row loaded once for the query heads of its group, the next tile prefetched as a tile
+// is read, and long contexts split across threads when the batch is small (chunks merged by
+// log-sum-exp). At P1's batch 32 on 2 Xeon cores it reads the fp32 cache at 15-18 GB/s (the machine
+// streams 19-22), 2.1-2.5x the first version (1.26 -> 0.50-0.60 ms per layer). The general loop serves other head dims, and machines without AVX-512,
 // where the tiles spill out of AVX2's 16 registers (measured no faster than it in an AVX2 build).
 #include "cpu_kernels.h"
 
@@ -36,19 +36,18 @@ inline void row_pointers(const T* base, const int64_t* table, int64_t block_size
   }
 }
 
-// The cache rows of keys [t0, min(t0 + 16, end)), and a prefetch of the rows four tiles ahead: blocks are
-// scattered, so the hardware's stream prefetchers lose the thread at every block boundary.
+// The cache rows of keys [t0, min(t0 + 16, end)), and of the next tile (null past `end`), which the tile
+// loops prefetch a head's lines at a time as they go: blocks are scattered, so the hardware's stream
+// prefetchers lose the thread at every block boundary, and a burst of a whole tile's prefetches at its
+// start stalls on the line fill buffers (P1, 30 layers on a noisy 2-core VM: 0.47-0.58 ms per layer
+// spread out, 0.53-0.65 in one burst; streaming the same bytes takes 0.40-0.48).
 template <typename T>
 inline void tile_rows(const T* base, const int64_t* table, int64_t block_size, int64_t slot_stride, int64_t t0,
-                      int64_t end, const T** rows) {
+                      int64_t end, const T** rows, const T** next) {
   row_pointers(base, table, block_size, slot_stride, t0, std::min(kTile, end - t0), rows);
-  const int64_t ahead = t0 + 4 * kTile, n = std::min(kTile, end - ahead);
-  if (n <= 0) return;
-  const T* next[kTile];
-  row_pointers(base, table, block_size, slot_stride, ahead, n, next);
-  const int64_t row_bytes = slot_stride * static_cast<int64_t>(sizeof(T));
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(next[j]) + b, 0, 3);
+  const int64_t ahead = std::clamp<int64_t>(end - t0 - kTile, 0, kTile);
+  row_pointers(base, table, block_size, slot_stride, t0 + kTile, ahead, next);
+  std::fill(next + ahead, next + kTile, nullptr);
 }
 
 // Softmax numerators in place, p = exp(s - max), on 16 lanes; the max and the sum of p.
@@ -85,10 +84,11 @@ void decode_chunk(const float* qf, const T* kp, const T* vp, const int64_t* tabl
   constexpr int G = DV <= 4 ? 4 : 2;  // G * DV accumulators: at most 16 of the 32 vector registers
   const int64_t d = DV * 16, H = kvh * group, slot_stride = kvh * d, count = k1 - k0;
   const T* rows[kTile];
+  const T* next[kTile];
   // Pass 1: scores [H, count], a tile of 16 keys at a time.
   for (int64_t t0 = k0; t0 < k1; t0 += kTile) {
     const int64_t n = std::min(kTile, k1 - t0);
-    tile_rows(kp, table, block_size, slot_stride, t0, k1, rows);
+    tile_rows(kp, table, block_size, slot_stride, t0, k1, rows, next);
     for (int64_t h = 0; h < kvh; ++h) {
       for (int64_t g0 = 0; g0 < group; g0 += G) {
         const int64_t gn = std::min<int64_t>(G, group - g0);
@@ -97,6 +97,7 @@ void decode_chunk(const float* qf, const T* kp, const T* vp, const int64_t* tabl
           if (gg < gn) for (int c = 0; c < DV; ++c) qv[gg][c] = vec::load(qf + (h * group + g0 + gg) * d + 16 * c);
         for (int64_t j = 0; j < kTile; ++j) {
           v16 kv[DV];
+          if (g0 == 0 && next[j]) for (int c = 0; c < DV; ++c) __builtin_prefetch(next[j] + h * d + 16 * c, 0, 3);
           for (int c = 0; c < DV; ++c) kv[c] = j < n ? vec::load(rows[j] + h * d + 16 * c) : v16{};
           for (int gg = 0; gg < G; ++gg) {
             if (gg >= gn) break;
@@ -119,7 +120,7 @@ void decode_chunk(const float* qf, const T* kp, const T* vp, const int64_t* tabl
   std::fill(acc, acc + H * d, 0.f);
   for (int64_t t0 = k0; t0 < k1; t0 += kTile) {
     const int64_t n = std::min(kTile, k1 - t0);
-    tile_rows(vp, table, block_size, slot_stride, t0, k1, rows);
+    tile_rows(vp, table, block_size, slot_stride, t0, k1, rows, next);
     for (int64_t h = 0; h < kvh; ++h) {
       for (int64_t g0 = 0; g0 < group; g0 += G) {
         const int64_t gn = std::min<int64_t>(G, group - g0);
@@ -130,6 +131,7 @@ void decode_chunk(const float* qf, const T* kp, const T* vp, const int64_t* tabl
           if (gg < gn) for (int c = 0; c < DV; ++c) av[gg][c] = vec::load(a + gg * d + 16 * c);
         for (int64_t j = 0; j < n; ++j) {
           v16 vv[DV];
+          if (g0 == 0 && next[j]) for (int c = 0; c < DV; ++c) __builtin_prefetch(next[j] + h * d + 16 * c, 0, 3);
           for (int c = 0; c < DV; ++c) vv[c] = vec::load(rows[j] + h * d + 16 * c);
           for (int gg = 0; gg < G; ++gg) {
             if (gg >= gn) break;

@@ -5,6 +5,7 @@
 // - rope_and_cache: rotates q and k in place inside the fused qkv output and writes k and v into their
 //   cache slots;
 // - rms_norm: fused, rounding to the model dtype where transformers does;
+// - argmax: greedy sampling's argmax over the logits at memory speed;
 // - paged_decode (cpu_attention.cpp): decode attention reading the paged KV cache in place;
 // - silu_mul and decode_layers (cpu_decode.cpp): SiLU*mul, and every decoder layer of a decode-only step.
 // - gemv (cpu_linear.cpp): the few-row GEMMs of 16-bit models at memory speed.
@@ -96,7 +97,51 @@ void rms_norm_impl(const torch::Tensor& x, const torch::Tensor& w, double eps, t
   });
 }
 
+// Index of the first maximum of each row of x [n, V] (float32), NaN counting as the maximum as in
+// torch.argmax. torch's argmax reads the logits of a batch-32 step (6 MB) in 1.2 ms on 2 Xeon cores,
+// a tenth of memory speed; 16 lanes that each keep their best value and its index read them in 0.15.
+int64_t argmax_row(const float* x, int64_t V) {
+  using vec::v16;
+  using vec::v16i;
+  v16 best = vec::splat(-std::numeric_limits<float>::infinity());
+  v16i at = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, idx = at, nan = {};
+  int64_t i = 0;
+  for (; i + 16 <= V; i += 16, idx += 16) {
+    const v16 v = vec::load(x + i);
+    const v16i better = v > best;  // strict: each lane keeps the first index of its maximum
+    best = better ? v : best;
+    at = better ? idx : at;
+    nan |= v != v;
+  }
+  bool any_nan = false;
+  for (int l = 0; l < 16; ++l) any_nan |= nan[l] != 0;
+  if (any_nan) for (int64_t j = 0; j < i; ++j) if (std::isnan(x[j])) return j;
+  float m = i > 0 ? best[0] : x[0];
+  int64_t arg = i > 0 ? at[0] : 0;
+  for (int l = 1; l < 16 && i > 0; ++l)
+    if (best[l] > m || (best[l] == m && at[l] < arg)) { m = best[l]; arg = at[l]; }
+  for (int64_t j = i; j < V; ++j) {
+    if (std::isnan(x[j])) return j;
+    if (x[j] > m) { m = x[j]; arg = j; }
+  }
+  return arg;
+}
+
 }  // namespace
+
+torch::Tensor argmax(torch::Tensor x) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat, "argmax: float32 [n, V] rows");
+  TORCH_CHECK(x.size(1) > 0 && x.size(1) < (int64_t{1} << 31), "argmax: 0 < V < 2^31");
+  auto out = torch::empty({x.size(0)}, x.options().dtype(torch::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t V = x.size(1), row = x.stride(0);
+  at::parallel_for(0, x.size(0), grain(V), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) op[r] = argmax_row(xp + r * row, V);
+  });
+  return out;
+}
 
 void rope_and_cache(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
                     torch::Tensor k_cache, torch::Tensor v_cache, int64_t num_heads, int64_t num_kv_heads) {
@@ -136,10 +181,12 @@ TORCH_LIBRARY(tokenwire, m) {
   m.def("rope_and_cache(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor slots, Tensor(b!) k_cache, "
         "Tensor(c!) v_cache, int num_heads, int num_kv_heads) -> ()");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("argmax(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenwire, CPU, m) {
   m.impl("paged_decode", &paged_decode);
   m.impl("rope_and_cache", &rope_and_cache);
   m.impl("rms_norm", &rms_norm);
+  m.impl("argmax", &argmax);
 }

@@ -126,3 +126,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     native `gemv` computes for a few rows (it reads the plain weight at memory speed)."""
     y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     return (y if residual is None else y.add_(residual.float())).to(x.dtype)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Index of the first maximum of each row (NaN counts as the maximum): the native `argmax`."""
+    return x.argmax(-1)
