@@ -89,6 +89,10 @@ void decode_chunk(const float* qf, const T* kp, const T* vp, const int64_t* tabl
   for (int64_t t0 = k0; t0 < k1; t0 += kTile) {
     const int64_t n = std::min(kTile, k1 - t0);
     tile_rows(kp, table, block_size, slot_stride, t0, k1, rows, next);
+    if (t0 + kTile >= k1) {  // the last K tile: prefetch the first V tile instead
+      row_pointers(vp, table, block_size, slot_stride, k0, std::min(kTile, k1 - k0), next);
+      std::fill(next + std::min(kTile, k1 - k0), next + kTile, nullptr);
+    }
     for (int64_t h = 0; h < kvh; ++h) {
       for (int64_t g0 = 0; g0 < group; g0 += G) {
         const int64_t gn = std::min<int64_t>(G, group - g0);
