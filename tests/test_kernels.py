@@ -106,6 +106,14 @@ def test_argmax_matches_torch():
     assert native.argmax(torch.randn(0, 10)).shape == (0,)
 
 
+def test_kernels_build_where_there_is_a_compiler():
+    """A broken build falls back to torch ops at run time, and would skip the tests above: not here."""
+    import shutil
+
+    if kernels.enabled_by_env() and (shutil.which("c++") or shutil.which("g++")):
+        assert native is not None, "the native kernels failed to build (see the warning logged above)"
+
+
 def test_switched_off_by_config(tiny_llama_dir):
     from tokenwire.engine.config import EngineConfig
     from tokenwire.engine.model_runner import ModelRunner

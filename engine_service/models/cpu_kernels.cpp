@@ -42,6 +42,18 @@ void rope_and_cache_impl(torch::Tensor& qkv, const torch::Tensor& cos, const tor
       for (int64_t head = 0; head < H + kvh; ++head) {
         T* x1 = x + head * d;
         T* x2 = x1 + half;
+#if defined(__AVX512F__)
+        if constexpr (!std::is_same_v<T, double> && !std::is_same_v<C, double>) {
+          if (half % 16 == 0) {  // bf16 <-> float conversions do not vectorize as scalars: 16 lanes by hand
+            for (int64_t i = 0; i < half; i += 16) {
+              const vec::v16 a = vec::load(x1 + i), b = vec::load(x2 + i), ci = vec::load(c + i), si = vec::load(s + i);
+              vec::store(x1 + i, a * ci - b * si);
+              vec::store(x2 + i, b * ci + a * si);
+            }
+            continue;
+          }
+        }
+#endif
         for (int64_t i = 0; i < half; ++i) {
           const float a = f(x1[i]), b = f(x2[i]), ci = f(c[i]), si = f(s[i]);
           x1[i] = static_cast<T>(a * ci - b * si);
