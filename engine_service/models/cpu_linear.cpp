@@ -48,8 +48,17 @@ void gemv_impl(const torch::Tensor& x, const torch::Tensor& w, const std::option
   const T* rp = residual ? residual->data_ptr<T>() : nullptr;
   const int64_t r_row = residual ? residual->stride(0) : 0;
   T* op = out.data_ptr<T>();
-  const torch::Tensor xf_t = x.to(torch::kFloat).contiguous();  // M x K floats, read from L1 by every tile
-  const float* xf = xf_t.data_ptr<float>();
+  // x widened to M x K floats once (by hand: an ATen conversion cost 5 us per call, 0.6 ms per token),
+  // then read from L1 by every tile.
+  std::vector<float> xf_rows(M * K);
+  float* xf = xf_rows.data();
+  const T* xp = x.data_ptr<T>();
+  for (int i = 0; i < M; ++i) {
+    const T* row = xp + i * x.stride(0);
+    int64_t c = 0;
+    for (; c + 16 <= K; c += 16) vec::store(xf + i * K + c, vec::load(row + c));
+    for (; c < K; ++c) xf[i * K + c] = static_cast<float>(row[c]);
+  }
   at::parallel_for(0, tiles, grain(kRowsPerTile * K * M), [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n0 = tile * kRowsPerTile, rows = std::min(kRowsPerTile, N - n0);
