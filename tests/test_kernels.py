@@ -114,6 +114,21 @@ def test_kernels_build_where_there_is_a_compiler():
         assert native is not None, "the native kernels failed to build (see the warning logged above)"
 
 
+@needs_native
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_start():
+    """cpp_extension waits forever on its `lock` file, even to load a finished build; one left behind by a
+    process killed mid-build must be cleared by the next start, not block it."""
+    import subprocess
+    import sys
+
+    stale = kernels.build_directory() / "lock"
+    stale.touch()
+    code = "from tokenwire.engine.models import kernels; assert kernels.native() is not None"
+    done = subprocess.run([sys.executable, "-c", code], timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not stale.exists()
+
+
 def test_switched_off_by_config(tiny_llama_dir):
     from tokenwire.engine.config import EngineConfig
     from tokenwire.engine.model_runner import ModelRunner

@@ -10,6 +10,8 @@ test holds the two together.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -46,22 +48,20 @@ def _load():
     if missing:
         log.warning("native CPU kernels: %s missing; torch ops instead", ", ".join(missing))
         return None
-    from tokenwire.serving.model_resolver import tokenwire_home
     from torch.utils import cpp_extension
 
     _put_ninja_on_path()
 
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in (*_SOURCES, _HEADER))).hexdigest()[:12]
-    tag = f"{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-{digest}".replace("+", "_")
-    build_dir = tokenwire_home() / "kernels" / tag
+    build_dir = build_directory()
     build_dir.mkdir(parents=True, exist_ok=True)
     cached = any(build_dir.glob("*.so"))
     start = time.perf_counter()
     try:
-        cpp_extension.load(
-            name="tokenwire_cpu_kernels", sources=[str(p) for p in _SOURCES], build_directory=str(build_dir),
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"], extra_ldflags=["-fopenmp"],
-            is_python_module=False, verbose=False)
+        with _build_lock(build_dir):
+            cpp_extension.load(
+                name="tokenwire_cpu_kernels", sources=[str(p) for p in _SOURCES], build_directory=str(build_dir),
+                extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"],
+                extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         module = torch.ops.tokenwire
     except Exception as error:  # no compiler, no ninja, a header mismatch: run on torch ops
         log.warning("native CPU kernels unavailable (%s: %s); torch ops instead",
@@ -70,6 +70,35 @@ def _load():
     log.info("native CPU kernels %s from %s in %.1f s", "loaded" if cached else "built", build_dir,
              time.perf_counter() - start)
     return module
+
+
+def build_directory() -> Path:
+    """`$TOKENWIRE_HOME/kernels/<torch>-<cpu capability>-<hash of the sources>/`: a new build for any change."""
+    from tokenwire.serving.model_resolver import tokenwire_home
+
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in (*_SOURCES, _HEADER))).hexdigest()[:12]
+    tag = f"{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-{digest}".replace("+", "_")
+    return tokenwire_home() / "kernels" / tag
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """One build or load at a time per build directory, under a lock the OS drops when its holder dies.
+
+    cpp_extension takes its own lock file (`lock`, created exclusively, deleted when done) even to load a
+    finished build, and waits for it forever: a process killed mid-build (kill -9, OOM, a container
+    stopped during the first start) left it behind, and every later start hung. Holding this flock, no
+    live process owns that file, so a leftover is removed."""
+    with open(build_dir / "build.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                log.warning("native CPU kernels: removing %s, left by a build that did not finish", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 def _put_ninja_on_path() -> None:
