@@ -29,9 +29,14 @@ typedef uint16_t v16h __attribute__((vector_size(32)));
 
 inline v16 load(const float* p) { v16 r; std::memcpy(&r, p, sizeof(r)); return r; }
 inline v16 load(const c10::BFloat16* p) {  // bf16 is the high half of a float
+#if defined(__AVX512F__)  // one widening move (GCC split the generic conversion into two 8-lane halves)
+  const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  v16 out; std::memcpy(&out, &w, sizeof(out)); return out;
+#else
   v16h h; std::memcpy(&h, p, sizeof(h));
   v16u u = __builtin_convertvector(h, v16u) << 16;
   v16 r; std::memcpy(&r, &u, sizeof(r)); return r;
+#endif
 }
 inline v16 load(const c10::Half* p) {
 #if defined(__AVX512F__)
@@ -51,8 +56,14 @@ inline v16 round_bf16(v16 x) {
 inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof(x)); }
 inline void store(c10::BFloat16* p, v16 x) {
   v16u u; std::memcpy(&u, &x, sizeof(u));
-  const v16h h = __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, v16h);
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+#if defined(__AVX512F__)  // one narrowing move (GCC used a two-register word permute)
+  __m512i w; std::memcpy(&w, &u, sizeof(w));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(w));
+#else
+  const v16h h = __builtin_convertvector(u, v16h);
   std::memcpy(p, &h, sizeof(h));
+#endif
 }
 inline void store(c10::Half* p, v16 x) {
   for (int i = 0; i < 16; ++i) p[i] = static_cast<c10::Half>(x[i]);
