@@ -131,9 +131,12 @@ class Linear:
         """The plain weight that the native GEMV reads for few-row GEMMs, or None where it is not used."""
         return self.weight if self._gemv is not None else None
 
+    def _on_gemv(self, m: int) -> bool:
+        return self._gemv is not None and 0 < m <= GEMV_MAX_ROWS
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
-        if self._gemv is not None and 0 < m <= GEMV_MAX_ROWS:
+        if self._on_gemv(m):
             return self._gemv(x, self.weight, self.bias, None)
         if self._packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(_pad_rows(x, gemm_rows(m)), self._packed, self.bias,
@@ -145,7 +148,7 @@ class Linear:
         """residual + x @ weight.T + bias, the residual add done inside the GEMM (a new tensor on
         oneDNN and the GEMV, `residual` updated in place otherwise)."""
         m = x.shape[0]
-        if self._gemv is not None and 0 < m <= GEMV_MAX_ROWS:
+        if self._on_gemv(m):
             return self._gemv(x, self.weight, self.bias, residual)
         if self._packed is not None:
             rows = gemm_rows(m)

@@ -42,10 +42,11 @@ inline v16 load(const c10::Half* p) {
 #if defined(__AVX512F__)
   const __m512 r = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   v16 out; std::memcpy(&out, &r, sizeof(out)); return out;
-#endif
+#else
   float t[16];
   for (int i = 0; i < 16; ++i) t[i] = static_cast<float>(p[i]);
   return load(t);
+#endif
 }
 // Round to the nearest bfloat16 (ties to even), kept as a float: what storing to bf16 and loading does.
 inline v16 round_bf16(v16 x) {
