@@ -13,6 +13,7 @@ The core dies with its front: PR_SET_PDEATHSIG on Linux, and EOF on the command 
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import queue
@@ -66,6 +67,7 @@ def run_core(commands: Connection, outputs: Connection, config: EngineConfig, lo
         log.exception("the engine core failed to load")
         outputs.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
+    freeze_startup_heap()
     runner = engine.runner
     outputs.send(("ready", CoreInfo(
         architecture=runner.architecture, device=str(runner.device), dtype=str(runner.dtype).removeprefix("torch."),
@@ -85,6 +87,18 @@ def load_engine(config: EngineConfig):
     # One tiny generation (prefill + decode) so the first real request does not pay one-time costs.
     engine.generate(prompt_token_ids=[[1] * 8], params=SamplingParams(max_new_tokens=2, temperature=0.0))
     return engine
+
+
+def freeze_startup_heap() -> int:
+    """Moves every object alive after startup (torch, transformers, the model's modules: ~365,000 for the
+    default model) out of the collector's reach. A full collection walked them all, a 170 ms stall of the
+    loop on 2 Xeon cores, whenever enough newer objects had survived; now it walks only those. What is
+    frozen is never freed, so this runs once the model is loaded and warmed up. Returns the count."""
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    log.info("froze %d startup objects out of the garbage collector's full collections", frozen)
+    return frozen
 
 
 def _die_with_parent(parent_pid: int) -> None:

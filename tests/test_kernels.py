@@ -50,6 +50,30 @@ def test_paged_decode_matches_gather_and_sdpa(dtype, windowed, case):
 
 
 @needs_native
+@pytest.mark.parametrize("threads", [1, 3, 5])
+@pytest.mark.parametrize("lens", [[700, 1500], [5, 300, 17, 64, 0, 129, 1, 800], [40]])
+def test_paged_decode_splits_keys_evenly_across_threads(threads, lens):
+    """Each thread takes an equal share of the keys: sequences cut at share boundaries (one sequence across
+    several threads, a share ending exactly at a sequence's end, empty contexts) merge to the same output."""
+    torch.manual_seed(3)
+    heads, kv_heads, d, block_size = 9, 3, 64, 16
+    lens = torch.tensor(lens)
+    width = max(1, -(-int(lens.max()) // block_size))
+    k_cache = torch.randn(width * len(lens) + 1, block_size, kv_heads, d)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.arange(width * len(lens)).view(len(lens), width).flip(1).contiguous()
+    q = torch.randn(len(lens), heads, d)
+    want = kernels.paged_decode(q, k_cache, v_cache, tables, lens, 0.125, None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = native.paged_decode(q, k_cache, v_cache, tables, lens, 0.125, 0)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_and_cache_matches_torch(dtype):
     torch.manual_seed(1)

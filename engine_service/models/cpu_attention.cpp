@@ -150,6 +150,64 @@ void decode_chunk(const float* qf, const T* kp, const T* vp, const int64_t* tabl
   }
 }
 
+// A sequence's keys [k0, k1), computed by thread share `part`.
+struct Span {
+  int64_t seq, k0, k1, part;
+};
+
+// Cuts the batch's keys (sequence s: [lo_of(s), lens[s])) into `parts` shares of equal size, in order:
+// whole sequences while they fit, the one crossing a share's end cut at a tile. A share holds at least 64
+// keys, so short contexts are not split for nothing.
+template <typename LoOf>
+std::vector<Span> balanced_spans(int64_t n, const int64_t* lens, LoOf lo_of, int64_t total, int64_t parts) {
+  const int64_t share = std::max<int64_t>(64, (total + parts - 1) / parts);
+  std::vector<Span> spans;
+  int64_t part = 0, room = share;
+  for (int64_t s = 0; s < n; ++s) {
+    int64_t k = lo_of(s);
+    if (k == lens[s]) spans.push_back({s, k, k, part});
+    while (k < lens[s]) {
+      if (room < kTile && part + 1 < parts) { ++part; room += share; }  // room >= kTile after this
+      int64_t take = lens[s] - k;
+      if (take > room && part + 1 < parts) take = room / kTile * kTile;
+      spans.push_back({s, k, k + take, part});
+      k += take;
+      room -= take;
+    }
+  }
+  return spans;
+}
+
+// out = acc / sum per head (a head that saw no key: zeros).
+template <typename T>
+void write_normalized(const float* acc, const float* sum, int64_t H, int64_t d, T* out) {
+  for (int64_t hg = 0; hg < H; ++hg) {
+    const float inv = sum[hg] > 0.f ? 1.f / sum[hg] : 0.f;
+    for (int64_t i = 0; i < d; ++i) out[hg * d + i] = static_cast<T>(acc[hg * d + i] * inv);
+  }
+}
+
+// One sequence's output from `count` partial results over disjoint key ranges, by log-sum-exp.
+template <typename T>
+void merge_partials(const float* acc, const float* mx, const float* sum, int64_t count, int64_t H, int64_t d,
+                    T* out) {
+  std::vector<float> o(d);
+  for (int64_t hg = 0; hg < H; ++hg) {
+    float M = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < count; ++c) if (sum[c * H + hg] > 0.f) M = std::max(M, mx[c * H + hg]);
+    std::fill(o.begin(), o.end(), 0.f);
+    float L = 0.f;
+    for (int64_t c = 0; c < count; ++c) {
+      if (sum[c * H + hg] <= 0.f) continue;
+      const float w = fast_exp(mx[c * H + hg] - M);
+      L += w * sum[c * H + hg];
+      for (int64_t i = 0; i < d; ++i) o[i] += w * acc[(c * H + hg) * d + i];
+    }
+    const float inv = L > 0.f ? 1.f / L : 0.f;
+    for (int64_t i = 0; i < d; ++i) out[hg * d + i] = static_cast<T>(o[i] * inv);
+  }
+}
+
 template <typename T, int DV>
 void paged_decode_fast(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                        const torch::Tensor& tables, const torch::Tensor& lens, double scale, int64_t window,
@@ -164,70 +222,55 @@ void paged_decode_fast(const torch::Tensor& q, const torch::Tensor& k_cache, con
   const int64_t* lp = lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
   auto lo_of = [&](int64_t s) { return window > 0 ? std::max<int64_t>(0, lp[s] - window) : int64_t{0}; };
-  // Split long contexts into chunks when there are too few sequences to keep every thread busy.
-  int64_t longest = 0, total = 0;
-  for (int64_t s = 0; s < n; ++s) { longest = std::max(longest, lp[s] - lo_of(s)); total += lp[s] - lo_of(s); }
-  const int64_t threads = at::get_num_threads();
-  int64_t chunk = std::max<int64_t>(longest, 1);
-  if (n < 4 * threads) {
-    const int64_t splits = (4 * threads + n - 1) / n;
-    chunk = std::max<int64_t>(256, (longest + splits - 1) / splits);
-    chunk = (chunk + kTile - 1) / kTile * kTile;
-  }
-  std::vector<int64_t> first(n + 1, 0);  // tasks of sequence s: [first[s], first[s+1])
-  for (int64_t s = 0; s < n; ++s) first[s + 1] = first[s] + std::max<int64_t>(1, (lp[s] - lo_of(s) + chunk - 1) / chunk);
-  const int64_t tasks = first[n];
-  const bool split = tasks > n;
-  std::vector<float> part_acc(split ? tasks * H * d : 0), part_max(split ? tasks * H : 0), part_sum(split ? tasks * H : 0);
-  std::vector<int64_t> seq_of(tasks);
-  for (int64_t s = 0; s < n; ++s) for (int64_t t = first[s]; t < first[s + 1]; ++t) seq_of[t] = s;
-  const int64_t work = 2 * H * d * (total / std::max<int64_t>(tasks, 1) + 1);
-  at::parallel_for(0, tasks, grain(work), [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(H * d), acc(H * d), mx(H), sm(H), scores(H * std::min(chunk, longest + kTile));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = seq_of[task], c = task - first[s], lo = lo_of(s);
-      const int64_t k0 = lo + c * chunk, k1 = std::min(lp[s], k0 + chunk);
+  // Every thread gets an equal share of the batch's keys (the K/V bytes to read), whole sequences where
+  // they fit and a part of the one at each boundary (cut at a tile), merged afterwards by log-sum-exp:
+  // one task per sequence split the batch by count, and at P1's lengths one thread read 8% more keys
+  // while the other waited. A small batch of long contexts is split across every thread the same way.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), 64));
+  int64_t total = 0;
+  for (int64_t s = 0; s < n; ++s) total += lp[s] - lo_of(s);
+  const std::vector<Span> spans = balanced_spans(n, lp, lo_of, total, parts);
+  std::vector<int64_t> pieces(n, 0), slot(spans.size(), -1);  // a split sequence's spans keep partials
+  for (const Span& sp : spans) ++pieces[sp.seq];
+  int64_t partials = 0;
+  for (size_t i = 0; i < spans.size(); ++i) if (pieces[spans[i].seq] > 1) slot[i] = partials++;
+  std::vector<float> part_acc(partials * H * d), part_max(partials * H), part_sum(partials * H);
+  std::vector<int64_t> part_first(parts + 1, static_cast<int64_t>(spans.size()));
+  for (size_t i = spans.size(); i-- > 0;) part_first[spans[i].part] = static_cast<int64_t>(i);
+  for (int64_t p = parts; p-- > 0;) part_first[p] = std::min(part_first[p], part_first[p + 1]);
+  int64_t longest = 0;
+  for (const Span& sp : spans) longest = std::max(longest, sp.k1 - sp.k0);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(H * d), acc(H * d), mx(H), sm(H), scores(H * (longest + kTile));
+    for (int64_t i = part_first[begin]; i < part_first[end]; ++i) {
+      const Span& sp = spans[i];
+      const int64_t s = sp.seq;
       for (int64_t hg = 0; hg < H; ++hg)
-        for (int64_t i = 0; i < d; ++i)
-          qf[hg * d + i] = static_cast<float>(qp[s * q_row + hg * q_head + i]) * static_cast<float>(scale);
-      float* a = split ? part_acc.data() + task * H * d : acc.data();
-      float* m = split ? part_max.data() + task * H : mx.data();
-      float* l = split ? part_sum.data() + task * H : sm.data();
-      if (k1 > k0) {
-        decode_chunk<T, DV>(qf.data(), kp, vp, tp + s * max_blocks, block_size, kvh, group, k0, k1, scores.data(), a, m, l);
+        for (int64_t j = 0; j < d; ++j)
+          qf[hg * d + j] = static_cast<float>(qp[s * q_row + hg * q_head + j]) * static_cast<float>(scale);
+      const bool partial = slot[i] >= 0;
+      float* a = partial ? part_acc.data() + slot[i] * H * d : acc.data();
+      float* m = partial ? part_max.data() + slot[i] * H : mx.data();
+      float* l = partial ? part_sum.data() + slot[i] * H : sm.data();
+      if (sp.k1 > sp.k0) {
+        decode_chunk<T, DV>(qf.data(), kp, vp, tp + s * max_blocks, block_size, kvh, group, sp.k0, sp.k1,
+                            scores.data(), a, m, l);
       } else {
         std::fill(a, a + H * d, 0.f); std::fill(m, m + H, 0.f); std::fill(l, l + H, 0.f);
       }
-      if (!split) {
-        for (int64_t hg = 0; hg < H; ++hg) {
-          const float inv = l[hg] > 0.f ? 1.f / l[hg] : 0.f;
-          for (int64_t i = 0; i < d; ++i) op[s * H * d + hg * d + i] = static_cast<T>(a[hg * d + i] * inv);
-        }
-      }
+      if (!partial) write_normalized(a, l, H, d, op + s * H * d);
     }
   });
-  if (!split) return;
-  // Merge each sequence's chunks by log-sum-exp.
-  at::parallel_for(0, n, grain(H * d * (tasks / n + 1)), [&](int64_t begin, int64_t end) {
-    std::vector<float> o(d);
-    for (int64_t s = begin; s < end; ++s) {
-      for (int64_t hg = 0; hg < H; ++hg) {
-        float M = -std::numeric_limits<float>::infinity();
-        for (int64_t t = first[s]; t < first[s + 1]; ++t) if (part_sum[t * H + hg] > 0.f) M = std::max(M, part_max[t * H + hg]);
-        std::fill(o.begin(), o.end(), 0.f);
-        float L = 0.f;
-        for (int64_t t = first[s]; t < first[s + 1]; ++t) {
-          if (part_sum[t * H + hg] <= 0.f) continue;
-          const float w = fast_exp(part_max[t * H + hg] - M);
-          L += w * part_sum[t * H + hg];
-          const float* a = part_acc.data() + (t * H + hg) * d;
-          for (int64_t i = 0; i < d; ++i) o[i] += w * a[i];
-        }
-        const float inv = L > 0.f ? 1.f / L : 0.f;
-        for (int64_t i = 0; i < d; ++i) op[s * H * d + hg * d + i] = static_cast<T>(o[i] * inv);
-      }
-    }
-  });
+  // Merge each split sequence's spans by log-sum-exp (at most one per thread boundary: serially).
+  for (size_t i = 0; i < spans.size();) {
+    if (slot[i] < 0) { ++i; continue; }
+    const int64_t s = spans[i].seq, first = slot[i];
+    size_t j = i;
+    while (j < spans.size() && spans[j].seq == s) ++j;
+    merge_partials(part_acc.data() + first * H * d, part_max.data() + first * H, part_sum.data() + first * H,
+                   static_cast<int64_t>(j - i), H, d, op + s * H * d);
+    i = j;
+  }
 }
 
 // The general kernel, for head dims that are not a multiple of 16 (or over 256).
