@@ -16,7 +16,8 @@ from tokenwire.engine.sampling_params import SamplingParams
 def build_engine(args) -> LLMEngine:
     return LLMEngine(EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
-        cache=CacheConfig(enable_prefix_cache=not args.no_prefix_cache, kv_cache_memory_gb=args.kv_cache_memory_gb),
+        cache=CacheConfig(enable_prefix_cache=not args.no_prefix_cache, kv_cache_memory_gb=args.kv_cache_memory_gb,
+                          kv_cache_dtype=args.kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens)))
 
@@ -25,6 +26,7 @@ def describe(engine: LLMEngine) -> dict:
     runner, cfg = engine.runner, engine.config
     return {"architecture": runner.architecture, "device": str(runner.device),
             "dtype": str(runner.dtype).removeprefix("torch."), "num_kv_blocks": runner.num_blocks,
+            "kv_cache_dtype": str(runner.kv_dtype).removeprefix("torch."),
             "block_size": runner.block_size, "max_model_len": engine.max_model_len,
             "enable_prefix_cache": cfg.cache.enable_prefix_cache, "max_num_seqs": cfg.scheduler.max_num_seqs,
             "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens}

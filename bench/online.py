@@ -103,7 +103,8 @@ def _engine_flags(args, model_dir: str) -> list[str]:
     return ["--model", model_dir, "--device", args.device, "--dtype", args.dtype, "--seed", str(args.seed),
             "--no-enable-prefix-cache" if args.no_prefix_cache else "--enable-prefix-cache",
             "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-            "--kv-cache-memory-gb", str(args.kv_cache_memory_gb), "--log-level", "WARNING"]
+            "--kv-cache-memory-gb", str(args.kv_cache_memory_gb), "--kv-cache-dtype", args.kv_cache_dtype,
+            "--log-level", "WARNING"]
 
 
 def run(client: OnlineClient, requests: list[BenchRequest], params: list[SamplingParams], rate: float,

@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from tokenwire.bench.baselines import measure_ceiling, time_linear
 from tokenwire.bench.workloads import p1_prompt_lengths
-from tokenwire.engine.config import EngineConfig
+from tokenwire.engine.config import CacheConfig, EngineConfig
 from tokenwire.engine.device import Linear
 from tokenwire.engine.model_runner import ModelRunner
 from tokenwire.engine.sampler import Sampler
@@ -128,15 +128,18 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="bfloat16/float16 under a float32 model (engine flag)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure the P1 ceiling (linear layers alone) in this process")
     ap.add_argument("--no-breakdown", action="store_true", help="throughput only, no profiled steps")
     args = ap.parse_args(argv)
     model_dir = resolve_model(args.model)
-    runner = ModelRunner(EngineConfig(model=model_dir, dtype=args.dtype))
+    runner = ModelRunner(EngineConfig(model=model_dir, dtype=args.dtype,
+                                      cache=CacheConfig(kv_cache_dtype=args.kv_cache_dtype)))
     sampler = Sampler(native=runner.native)
-    print(f"{runner.architecture} {runner.dtype} on {runner.device}, {torch.get_num_threads()} threads, "
+    print(f"{runner.architecture} {runner.dtype} (KV cache {runner.kv_dtype}) on {runner.device}, "
+          f"{torch.get_num_threads()} threads, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
     run_p1(runner, sampler, 4)  # warm-up: first calls allocate and pick kernels
     prefill_s, total_s, seqs = run_p1(runner, sampler, args.new_tokens)

@@ -14,6 +14,7 @@ class CacheConfig:
     kv_cache_memory_gb: float = 1.0      # memory budget for the whole KV pool (all layers, K and V)
     num_blocks: int | None = None        # overrides the budget when set (tests use it to force preemption)
     enable_prefix_cache: bool = True     # reuse KV blocks of identical token-id prefixes
+    kv_cache_dtype: str = "auto"         # "auto" (the model's); "bfloat16"/"float16" under a float32 model: half the bytes, not bit-exact
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tokenwire.engine.config import EngineConfig
-from tokenwire.engine.device import choose_device, choose_dtype
+from tokenwire.engine.device import choose_device, choose_dtype, choose_kv_cache_dtype
 from tokenwire.engine.models import kernels
 from tokenwire.engine.models.attention import AttentionBatch, KVCache
 from tokenwire.engine.models.gpt2 import GPT2Forward
@@ -61,6 +61,7 @@ class ModelRunner:
         self.max_model_len = _max_model_len(self.hf_config, config.max_model_len)  # checked before loading
         self.device = choose_device(config.device)
         self.dtype = choose_dtype(config.dtype, self.device)
+        self.kv_dtype = choose_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype)
         hf_model = AutoModelForCausalLM.from_pretrained(
             path, dtype=self.dtype, trust_remote_code=config.trust_remote_code)
         hf_model.to(self.device).eval()
@@ -74,9 +75,10 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.num_blocks = self._num_blocks()
         self.kv_cache = KVCache.allocate(self.model.num_layers, self.num_blocks, self.block_size,
-                                         self.model.num_kv_heads, self.model.head_dim, self.dtype, self.device)
-        log.info("model %s (%s) on %s in %s; KV cache %d blocks x %d tokens (%.0f MiB)",
+                                         self.model.num_kv_heads, self.model.head_dim, self.kv_dtype, self.device)
+        log.info("model %s (%s) on %s in %s; KV cache %d blocks x %d tokens in %s (%.0f MiB)",
                  config.model, self.architecture, self.device, self.dtype, self.num_blocks, self.block_size,
+                 str(self.kv_dtype).removeprefix("torch."),
                  2 * self.kv_cache.k.numel() * self.kv_cache.k.element_size() / 2**20)
 
     def _num_blocks(self) -> int:
@@ -86,7 +88,7 @@ class ModelRunner:
                 raise ValueError(f"num_blocks: must be >= 1, got {cache.num_blocks}")
             return cache.num_blocks
         per_block = KVCache.bytes_per_block(self.model.num_layers, self.block_size, self.model.num_kv_heads,
-                                            self.model.head_dim, self.dtype)
+                                            self.model.head_dim, self.kv_dtype)
         budget = int(cache.kv_cache_memory_gb * 2**30) // per_block
         if budget < 1:
             raise ValueError(f"kv_cache_memory_gb: {cache.kv_cache_memory_gb} GB holds no {per_block}-byte block")

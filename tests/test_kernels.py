@@ -50,6 +50,46 @@ def test_paged_decode_matches_gather_and_sdpa(dtype, windowed, case):
 
 
 @needs_native
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["d64", "d48-general", "long-split"])
+def test_paged_decode_reads_a_narrower_cache_under_float32_queries(cache_dtype, case):
+    torch.manual_seed(4)
+    heads, kv_heads, d, block_size, lens, window = DECODE_CASES[case]
+    lens = torch.tensor(lens)
+    width = -(-int(lens.max()) // block_size)
+    k_cache = torch.randn(width * len(lens) + 1, block_size, kv_heads, d).to(cache_dtype)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(width * len(lens)).view(len(lens), width)
+    q = torch.randn(len(lens), heads, d)
+    got = native.paged_decode(q, k_cache, v_cache, tables, lens, 0.125, window)
+    assert got.dtype == torch.float32
+    want = kernels.paged_decode(q, k_cache.float(), v_cache.float(), tables, lens, 0.125, window)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    with pytest.raises(RuntimeError, match="caches"):  # never wider than the queries
+        native.paged_decode(q.to(cache_dtype), k_cache.float(), v_cache.float(), tables, lens, 0.125, 0)
+
+
+@needs_native
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+def test_rope_and_cache_rounds_into_a_narrower_cache(cache_dtype):
+    torch.manual_seed(5)
+    T, heads, kv_heads, d = 5, 4, 2, 32
+    qkv = torch.randn(T, (heads + 2 * kv_heads) * d)
+    angles = torch.rand(T, d // 2) * 6
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.tensor([7, 0, 3, 12, 9])
+    k_cache = torch.zeros(4, 4, kv_heads, d, dtype=cache_dtype)
+    v_cache = torch.zeros_like(k_cache)
+    rotated = apply_rope(qkv[:, :(heads + kv_heads) * d].view(T, -1, d), cos[:, None], sin[:, None])
+    values = qkv[:, (heads + kv_heads) * d:].view(T, kv_heads, d).clone()
+    native.rope_and_cache(qkv, cos, sin, slots, k_cache, v_cache, heads, kv_heads)
+    torch.testing.assert_close(qkv[:, :(heads + kv_heads) * d].view(T, -1, d), rotated, **TOL[torch.float32])
+    assert torch.equal(k_cache.view(-1, kv_heads, d)[slots].float(),
+                       qkv[:, heads * d:(heads + kv_heads) * d].view(T, kv_heads, d).to(cache_dtype).float())
+    assert torch.equal(v_cache.view(-1, kv_heads, d)[slots], values.to(cache_dtype))
+
+
+@needs_native
 @pytest.mark.parametrize("threads", [1, 3, 5])
 @pytest.mark.parametrize("lens", [[700, 1500], [5, 300, 17, 64, 0, 129, 1, 800], [40]])
 def test_paged_decode_splits_keys_evenly_across_threads(threads, lens):
@@ -202,7 +242,8 @@ def test_linear_runs_few_rows_on_the_gemv(dtype):
     assert calls == [1, 1, GEMV_MAX_ROWS, GEMV_MAX_ROWS]
 
 
-def _runner_logits(model_dir, dtype: str, step: str, native_kernels: bool = True, fused_decode: bool = True):
+def _runner_logits(model_dir, dtype: str, step: str, native_kernels: bool = True, fused_decode: bool = True,
+                   kv_cache_dtype: str = "auto"):
     """Prefill a few prompts, then one step: decodes with a prefill chunk over cached context ("mixed",
     the Python layer loop over the kernels), or decodes alone (every layer in one native call)."""
     from tests.test_model_runner import BLOCK_SIZE, contiguous_tables, make_seqs
@@ -210,8 +251,10 @@ def _runner_logits(model_dir, dtype: str, step: str, native_kernels: bool = True
     from tokenwire.engine.model_runner import ModelRunner
     from tokenwire.engine.sequence import ScheduledChunk
 
-    runner = ModelRunner(EngineConfig(model=model_dir, dtype=dtype, native_kernels=native_kernels,
-                                      cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=256)))
+    runner = ModelRunner(EngineConfig(model=model_dir, dtype=dtype, native_kernels=native_kernels, cache=CacheConfig(
+        block_size=BLOCK_SIZE, num_blocks=256, kv_cache_dtype=kv_cache_dtype)))
+    assert runner.kv_cache.k.dtype == runner.kv_cache.v.dtype == getattr(
+        torch, dtype if kv_cache_dtype == "auto" else kv_cache_dtype)
     if native_kernels:
         assert runner.model._decode_weights is not None
     if not fused_decode:
@@ -229,6 +272,21 @@ def _runner_logits(model_dir, dtype: str, step: str, native_kernels: bool = True
         runner.execute([ScheduledChunk(s, s.num_tokens - 2, 1, False) for s in seqs])
         chunks = [ScheduledChunk(s, s.num_tokens - 1, 1, True) for s in seqs]
     return runner.execute(chunks)
+
+
+@needs_native
+@pytest.mark.parametrize("step", ["mixed", "decodes"])
+def test_a_bfloat16_kv_cache_under_a_float32_model(tiny_llama_dir, step):
+    """`kv_cache_dtype=bfloat16`: the fused layers, the Python loop over the kernels and torch's ops read the
+    same rounded K/V (so agree as fp32 does); against the fp32 cache the logits move by the rounding only."""
+    got = _runner_logits(tiny_llama_dir, "float32", step, kv_cache_dtype="bfloat16")
+    python_loop = _runner_logits(tiny_llama_dir, "float32", step, fused_decode=False, kv_cache_dtype="bfloat16")
+    torch_ops = _runner_logits(tiny_llama_dir, "float32", step, native_kernels=False, kv_cache_dtype="bfloat16")
+    exact_cache = _runner_logits(tiny_llama_dir, "float32", step)
+    torch.testing.assert_close(got, python_loop, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, torch_ops, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(got, exact_cache)
+    torch.testing.assert_close(got, exact_cache, rtol=0.05, atol=0.1)
 
 
 @needs_native

@@ -17,7 +17,7 @@ from transformers import (AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen
 from tests.reference import ENGINE_DTYPE, EXACT, TORCH_DTYPE, assert_greedy_matches_reference
 
 from tokenwire.engine.config import CacheConfig, EngineConfig
-from tokenwire.engine.device import Linear, choose_device, choose_dtype
+from tokenwire.engine.device import Linear, choose_device, choose_dtype, choose_kv_cache_dtype
 from tokenwire.engine.model_runner import ModelRunner
 from tokenwire.engine.sampling_params import SamplingParams
 from tokenwire.engine.sequence import ScheduledChunk, Sequence
@@ -243,6 +243,25 @@ def test_dtype_and_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             choose_device("cuda")
+
+
+def test_kv_cache_dtype_choice(tiny_llama_dir):
+    assert choose_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert choose_kv_cache_dtype("bfloat16", torch.float32) == torch.bfloat16
+    assert choose_kv_cache_dtype("float16", torch.float32) == torch.float16
+    assert choose_kv_cache_dtype("bfloat16", torch.bfloat16) == torch.bfloat16
+    with pytest.raises(ValueError, match="kv_cache_dtype: expected auto"):
+        choose_kv_cache_dtype("fp8", torch.float32)
+    with pytest.raises(ValueError, match="kv_cache_dtype: float32 under a bfloat16 model"):
+        choose_kv_cache_dtype("float32", torch.bfloat16)
+    with pytest.raises(ValueError, match="kv_cache_dtype: float16 under a bfloat16 model"):
+        choose_kv_cache_dtype("float16", torch.bfloat16)
+    # The budget buys twice the blocks with half the bytes per block.
+    budget = dict(block_size=16, kv_cache_memory_gb=0.001)
+    wide = ModelRunner(EngineConfig(model=tiny_llama_dir, dtype="float32", cache=CacheConfig(**budget)))
+    narrow = ModelRunner(EngineConfig(model=tiny_llama_dir, dtype="float32",
+                                      cache=CacheConfig(**budget, kv_cache_dtype="bfloat16")))
+    assert narrow.kv_cache.k.dtype == torch.bfloat16 and narrow.num_blocks == 2 * wide.num_blocks
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -194,9 +194,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """q [T, H, d], k/v [T, kv_heads, d] for this step's tokens; one layer's caches. Returns [T, H * d].
     `written`: the caller already put k/v into their cache slots."""
     kv_heads, head_dim = k.shape[1], k.shape[2]
-    if not written:
-        k_cache.view(-1, kv_heads, head_dim).index_copy_(0, batch.slot_mapping, k)
-        v_cache.view(-1, kv_heads, head_dim).index_copy_(0, batch.slot_mapping, v)
+    if not written:  # rounded to the cache's dtype where it is narrower than the model's
+        k_cache.view(-1, kv_heads, head_dim).index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, kv_heads, head_dim).index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
     if batch.native is not None and batch.decodes:
         group = batch.decodes[0]  # one group: the kernel reads each decode's own length only
         outs = [batch.native.paged_decode(q[group.begin:group.end], k_cache, v_cache, group.tables,
@@ -213,8 +213,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float, window: int | None) -> torch.Tensor:
     n, num_heads, head_dim = group.end - group.begin, q.shape[1], q.shape[2]
     kv_heads = k_cache.shape[2]
-    keys = k_cache.index_select(0, group.block_ids).view(n, -1, kv_heads, head_dim)
-    values = v_cache.index_select(0, group.block_ids).view(n, -1, kv_heads, head_dim)
+    keys = k_cache.index_select(0, group.block_ids).view(n, -1, kv_heads, head_dim).to(q.dtype)
+    values = v_cache.index_select(0, group.block_ids).view(n, -1, kv_heads, head_dim).to(q.dtype)
     out = F.scaled_dot_product_attention(
         q[group.begin:group.end].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
         attn_mask=group.mask(window, q.dtype), scale=scale, enable_gqa=True)
@@ -228,8 +228,8 @@ def _prefill(q, k, v, k_cache, v_cache, span: PrefillSpan, block_size: int, scal
     if span.block_ids is None:  # the chunk is the whole context: its own K/V, no gather
         keys, values = k[span.begin:span.end], v[span.begin:span.end]
     else:
-        keys = k_cache.index_select(0, span.block_ids).view(-1, kv_heads, head_dim)
-        values = v_cache.index_select(0, span.block_ids).view(-1, kv_heads, head_dim)
+        keys = k_cache.index_select(0, span.block_ids).view(-1, kv_heads, head_dim).to(q.dtype)
+        values = v_cache.index_select(0, span.block_ids).view(-1, kv_heads, head_dim).to(q.dtype)
     mask = span.mask(window, block_size, q)
     out = F.scaled_dot_product_attention(
         q[span.begin:span.end].transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),

@@ -3,8 +3,8 @@
 // paged_decode: one query per sequence attends over its KV blocks where they lie in the cache (no gather).
 // For head_dim 64 and 128: 16 keys at a time in vector registers (scores of a tile summed by one shuffle
 // tree), each K/V row loaded once for the query heads of its group, the next tile prefetched as a tile
-// is read, and long contexts split across threads when the batch is small (chunks merged by
-// log-sum-exp). At P1's batch 32 on 2 Xeon cores it reads the fp32 cache at 15-18 GB/s (the machine
+// is read, and the batch's keys cut into equal shares, one per thread (a sequence crossing a share's end
+// is merged by log-sum-exp). At P1's batch 32 on 2 Xeon cores it reads the fp32 cache at 15-18 GB/s (the machine
 // streams 19-22), 2.1-2.5x the first version (1.26 -> 0.50-0.60 ms per layer). The general loop serves other head dims, and machines without AVX-512,
 // where the tiles spill out of AVX2's 16 registers (measured no faster than it in an AVX2 build).
 #include "cpu_kernels.h"
@@ -12,6 +12,7 @@
 namespace {
 
 using tokenwire_kernels::check_cpu;
+using tokenwire_kernels::narrow_kv;
 using tokenwire_kernels::f;
 using tokenwire_kernels::fast_exp;
 using tokenwire_kernels::grain;
@@ -208,7 +209,7 @@ void merge_partials(const float* acc, const float* mx, const float* sum, int64_t
   }
 }
 
-template <typename T, int DV>
+template <typename T, typename KV, int DV>
 void paged_decode_fast(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                        const torch::Tensor& tables, const torch::Tensor& lens, double scale, int64_t window,
                        torch::Tensor& out) {
@@ -216,8 +217,8 @@ void paged_decode_fast(const torch::Tensor& q, const torch::Tensor& k_cache, con
   const int64_t block_size = k_cache.size(1), kvh = k_cache.size(2), group = H / kvh;
   const int64_t max_blocks = tables.size(1), q_row = q.stride(0), q_head = q.stride(1);
   const T* qp = q.data_ptr<T>();
-  const T* kp = k_cache.data_ptr<T>();
-  const T* vp = v_cache.data_ptr<T>();
+  const KV* kp = k_cache.data_ptr<KV>();
+  const KV* vp = v_cache.data_ptr<KV>();
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
@@ -253,7 +254,7 @@ void paged_decode_fast(const torch::Tensor& q, const torch::Tensor& k_cache, con
       float* m = partial ? part_max.data() + slot[i] * H : mx.data();
       float* l = partial ? part_sum.data() + slot[i] * H : sm.data();
       if (sp.k1 > sp.k0) {
-        decode_chunk<T, DV>(qf.data(), kp, vp, tp + s * max_blocks, block_size, kvh, group, sp.k0, sp.k1,
+        decode_chunk<KV, DV>(qf.data(), kp, vp, tp + s * max_blocks, block_size, kvh, group, sp.k0, sp.k1,
                             scores.data(), a, m, l);
       } else {
         std::fill(a, a + H * d, 0.f); std::fill(m, m + H, 0.f); std::fill(l, l + H, 0.f);
@@ -276,7 +277,7 @@ void paged_decode_fast(const torch::Tensor& q, const torch::Tensor& k_cache, con
 // The general kernel, for head dims that are not a multiple of 16 (or over 256).
 // q [n, H, d] (rows may be strided), caches [blocks, block_size, kv_heads, d], tables [n, max_blocks],
 // lens [n] (keys 0..len-1 are visible; with window > 0 only the last `window` of them). out [n, H * d].
-template <typename T>
+template <typename T, typename KV>
 void paged_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                        const torch::Tensor& tables, const torch::Tensor& lens, double scale, int64_t window,
                        torch::Tensor& out) {
@@ -285,8 +286,8 @@ void paged_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
   const int64_t group = H / kvh, max_blocks = tables.size(1);
   const int64_t q_row = q.stride(0), q_head = q.stride(1);
   const T* qp = q.data_ptr<T>();
-  const T* kp = k_cache.data_ptr<T>();
-  const T* vp = v_cache.data_ptr<T>();
+  const KV* kp = k_cache.data_ptr<KV>();
+  const KV* vp = v_cache.data_ptr<KV>();
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
@@ -308,7 +309,7 @@ void paged_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
       const int64_t* table = tp + s * max_blocks;
       // Block by block (no integer division per key): a key row is read once for the whole group.
       for (int64_t t = lo, blk = lo / block_size, off = lo % block_size; t < len; ++t) {
-        const T* krow = kp + (table[blk] * block_size + off) * slot_stride + h * d;
+        const KV* krow = kp + (table[blk] * block_size + off) * slot_stride + h * d;
         for (int64_t g = 0; g < group; ++g) scores[g * count + (t - lo)] = dot(qf.data() + g * d, krow, d);
         if (++off == block_size) { off = 0; ++blk; }
       }
@@ -324,7 +325,7 @@ void paged_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
         total[g] = sum;
       }
       for (int64_t t = lo, blk = lo / block_size, off = lo % block_size; t < len; ++t) {
-        const T* vrow = vp + (table[blk] * block_size + off) * slot_stride + h * d;
+        const KV* vrow = vp + (table[blk] * block_size + off) * slot_stride + h * d;
         for (int64_t g = 0; g < group; ++g) {
           const float p = scores[g * count + (t - lo)];
           float* a = acc.data() + g * d;
@@ -349,20 +350,34 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   check_cpu(q, "q");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q: [n, heads, head_dim] with contiguous head_dim");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4, "caches: contiguous 4-d");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), "dtype mismatch");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "k_cache and v_cache dtypes differ");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() || (q.scalar_type() == at::kFloat && narrow_kv(k_cache)),
+              "caches: q's dtype, or bfloat16/float16 under float32 q; got ", k_cache.scalar_type(), " for ",
+              q.scalar_type());
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0 && q.size(2) == k_cache.size(3), "head shapes");
   tables = tables.to(torch::kLong).contiguous();
   lens = lens.to(torch::kLong).contiguous();
   TORCH_CHECK(tables.dim() == 2 && tables.size(0) == q.size(0) && lens.numel() == q.size(0), "tables/lens");
   auto out = torch::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
+  const auto run = [&](auto q_type, auto kv_type) {
+    using T = decltype(q_type);
+    using KV = decltype(kv_type);
 #if defined(__AVX512F__)  // with AVX2's 16 registers the 16-float tiles spill: no faster than the loop below
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      if (q.size(2) == 64) return paged_decode_fast<scalar_t, 4>(q, k_cache, v_cache, tables, lens, scale, window, out);
-      if (q.size(2) == 128) return paged_decode_fast<scalar_t, 8>(q, k_cache, v_cache, tables, lens, scale, window, out);
+    if constexpr (!std::is_same_v<T, double>) {
+      if (q.size(2) == 64) return paged_decode_fast<T, KV, 4>(q, k_cache, v_cache, tables, lens, scale, window, out);
+      if (q.size(2) == 128) return paged_decode_fast<T, KV, 8>(q, k_cache, v_cache, tables, lens, scale, window, out);
     }
 #endif
-    paged_decode_impl<scalar_t>(q, k_cache, v_cache, tables, lens, scale, window, out);
-  });
+    paged_decode_impl<T, KV>(q, k_cache, v_cache, tables, lens, scale, window, out);
+  };
+  if (k_cache.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kFloat) {
+    run(float{}, c10::BFloat16{});
+  } else if (k_cache.scalar_type() == at::kHalf && q.scalar_type() == at::kFloat) {
+    run(float{}, c10::Half{});
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
+      run(scalar_t{}, scalar_t{});
+    });
+  }
   return out;
 }

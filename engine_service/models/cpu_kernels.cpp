@@ -16,12 +16,14 @@
 namespace {
 
 using tokenwire_kernels::check_cpu;
+using tokenwire_kernels::narrow_kv;
 using tokenwire_kernels::f;
 using tokenwire_kernels::grain;
 
 // qkv [T, (H + 2 * kvh) * d] contiguous rows; cos/sin [T, d/2] (float32 or the model dtype). q and k
-// are rotated in place (HF's rotate_half convention), then k and v rows go to cache slots `slots[t]`.
-template <typename T, typename C>
+// are rotated in place (HF's rotate_half convention), then k and v rows go to cache slots `slots[t]`,
+// rounded to the cache's dtype KV where it is narrower.
+template <typename T, typename C, typename KV = T>
 void rope_and_cache_impl(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                          const torch::Tensor& slots, torch::Tensor& k_cache, torch::Tensor& v_cache,
                          int64_t H, int64_t kvh, int64_t d) {
@@ -31,8 +33,8 @@ void rope_and_cache_impl(torch::Tensor& qkv, const torch::Tensor& cos, const tor
   const C* sp = sin.data_ptr<C>();
   const int64_t cs_row = cos.stride(0);
   const int64_t* slot = slots.data_ptr<int64_t>();
-  T* kc = k_cache.data_ptr<T>();
-  T* vc = v_cache.data_ptr<T>();
+  KV* kc = k_cache.data_ptr<KV>();
+  KV* vc = v_cache.data_ptr<KV>();
   const int64_t slot_stride = kvh * d;
   at::parallel_for(0, T_, grain((H + 3 * kvh) * d), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -162,9 +164,20 @@ void rope_and_cache(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, tor
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) == (num_heads + 2 * num_kv_heads) * d, "qkv shape");
   TORCH_CHECK(cos.dim() == 2 && cos.stride(1) == 1 && cos.size(1) == d / 2 && cos.size(0) == qkv.size(0), "cos shape");
   TORCH_CHECK(sin.sizes() == cos.sizes() && sin.strides() == cos.strides() && sin.scalar_type() == cos.scalar_type(), "sin");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == qkv.scalar_type(), "caches");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "caches: contiguous, one dtype");
   slots = slots.to(torch::kLong).contiguous();
   TORCH_CHECK(slots.numel() == qkv.size(0), "slots");
+  if (k_cache.scalar_type() != qkv.scalar_type()) {  // a narrower cache under a float32 model
+    TORCH_CHECK(qkv.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && narrow_kv(k_cache),
+                "caches: qkv's dtype, or bfloat16/float16 under float32 qkv; got ", k_cache.scalar_type());
+    if (k_cache.scalar_type() == at::kBFloat16) {
+      rope_and_cache_impl<float, float, c10::BFloat16>(qkv, cos, sin, slots, k_cache, v_cache, num_heads, num_kv_heads, d);
+    } else {
+      rope_and_cache_impl<float, float, c10::Half>(qkv, cos, sin, slots, k_cache, v_cache, num_heads, num_kv_heads, d);
+    }
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_and_cache", [&] {
     if (cos.scalar_type() == at::kFloat) {
       rope_and_cache_impl<scalar_t, float>(qkv, cos, sin, slots, k_cache, v_cache, num_heads, num_kv_heads, d);

@@ -132,6 +132,11 @@ namespace tokenwire_kernels {
 template <typename T>
 inline float f(T x) { return static_cast<float>(x); }
 
+// A KV cache narrower than a float32 model (CacheConfig.kv_cache_dtype): half the bytes for attention to read.
+inline bool narrow_kv(const torch::Tensor& cache) {
+  return cache.scalar_type() == at::kBFloat16 || cache.scalar_type() == at::kHalf;
+}
+
 inline void check_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
 }

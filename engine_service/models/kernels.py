@@ -137,8 +137,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     n, num_heads, head_dim = q.shape
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     ids = tables.reshape(-1)
-    keys = k_cache.index_select(0, ids).view(n, -1, kv_heads, head_dim)
-    values = v_cache.index_select(0, ids).view(n, -1, kv_heads, head_dim)
+    keys = k_cache.index_select(0, ids).view(n, -1, kv_heads, head_dim).to(q.dtype)
+    values = v_cache.index_select(0, ids).view(n, -1, kv_heads, head_dim).to(q.dtype)
     positions = torch.arange(tables.shape[1] * block_size, device=q.device)
     visible = positions < lens[:, None]
     if window is not None:
