@@ -112,10 +112,10 @@ def timings(t: RequestTimings) -> pb.Timings:
     return msg
 
 
-def engine_config_info(config: EngineConfig, device: str, dtype: str, num_kv_blocks: int,
+def engine_config_info(config: EngineConfig, device: str, dtype: str, kv_cache_dtype: str, num_kv_blocks: int,
                        block_size: int) -> pb.EngineConfigInfo:
     return pb.EngineConfigInfo(
-        device=device, dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
+        device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
         enable_prefix_cache=config.cache.enable_prefix_cache,
         max_num_seqs=config.scheduler.max_num_seqs,
         max_num_batched_tokens=config.scheduler.max_num_batched_tokens,

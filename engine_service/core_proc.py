@@ -39,6 +39,7 @@ class CoreInfo:
     architecture: str
     device: str
     dtype: str                      # "float32", "bfloat16", ...
+    kv_cache_dtype: str             # dtype, or a narrower one under a float32 model
     num_blocks: int
     block_size: int
     max_model_len: int
@@ -71,6 +72,7 @@ def run_core(commands: Connection, outputs: Connection, config: EngineConfig, lo
     runner = engine.runner
     outputs.send(("ready", CoreInfo(
         architecture=runner.architecture, device=str(runner.device), dtype=str(runner.dtype).removeprefix("torch."),
+        kv_cache_dtype=str(runner.kv_dtype).removeprefix("torch."),
         num_blocks=runner.num_blocks, block_size=runner.block_size, max_model_len=engine.max_model_len,
         vocab_size=engine.vocab_size, tokenizer_fingerprint=engine.tokenizer_fingerprint,
         eos_token_ids=tuple(sorted(runner.eos_token_ids)))))

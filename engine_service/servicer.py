@@ -212,8 +212,8 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             model=engine.config.model, architecture=info.architecture,
             max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
             tokenizer_fingerprint=engine.tokenizer_fingerprint,
-            config=convert.engine_config_info(engine.config, info.device, info.dtype, info.num_blocks,
-                                              info.block_size),
+            config=convert.engine_config_info(engine.config, info.device, info.dtype, info.kv_cache_dtype,
+                                              info.num_blocks, info.block_size),
             stats=convert.engine_stats(stats.engine, self.num_active_requests),
             eos_token_ids=list(info.eos_token_ids))
 

@@ -3,6 +3,7 @@ GenerateBatch and GetModelInfo, cancellation, concurrency, health and reflection
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import threading
 import time
@@ -279,6 +280,26 @@ def test_model_info(stub, config):
     assert len(info.tokenizer_fingerprint) == 64
     assert (info.config.num_kv_blocks, info.config.block_size, info.config.dtype) == (NUM_BLOCKS, 16, "float32")
     assert info.config.max_num_seqs == config.scheduler.max_num_seqs
+    assert info.config.kv_cache_dtype == "float32"
+
+
+def test_a_bfloat16_kv_cache_is_reported_and_serves(config, tokenizer, hf_model):
+    """`--kv-cache-dtype bfloat16` under the fp32 model: GetModelInfo says so, ids stream without an encode,
+    the first greedy token (from the prompt's own fp32 K/V) is transformers', and every block comes back."""
+    narrow = dataclasses.replace(config, cache=dataclasses.replace(config.cache, kv_cache_dtype="bfloat16"))
+    thread = ServerThread(narrow)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{thread.port}") as channel:
+            stub = engine_pb2_grpc.EngineServiceStub(channel)
+            info = stub.GetModelInfo(pb.GetModelInfoRequest())
+            assert (info.config.dtype, info.config.kv_cache_dtype) == ("float32", "bfloat16")
+            ids = tokenizer.encode("The capital of France is")
+            got = _ids(list(stub.Generate(ids_request(ids, max_new_tokens=6, **GREEDY))))
+            assert len(got) == 6 and got[0] == hf_greedy(hf_model, ids, 1)[0]
+            idle = wait_until_idle(stub)
+            assert idle.num_prompt_encodes == 0 and idle.num_free_kv_blocks == idle.num_kv_blocks
+    finally:
+        thread.close()
 
 
 def test_health_and_reflection(channel):
