@@ -13,6 +13,7 @@ namespace {
 
 using tokenwire_kernels::check_cpu;
 using tokenwire_kernels::narrow_kv;
+using tokenwire_kernels::new_output;
 using tokenwire_kernels::f;
 using tokenwire_kernels::fast_exp;
 using tokenwire_kernels::grain;
@@ -358,7 +359,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   tables = tables.to(torch::kLong).contiguous();
   lens = lens.to(torch::kLong).contiguous();
   TORCH_CHECK(tables.dim() == 2 && tables.size(0) == q.size(0) && lens.numel() == q.size(0), "tables/lens");
-  auto out = torch::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
+  auto out = new_output({q.size(0), q.size(1) * q.size(2)}, q.scalar_type());
   const auto run = [&](auto q_type, auto kv_type) {
     using T = decltype(q_type);
     using KV = decltype(kv_type);

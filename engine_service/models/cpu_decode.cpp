@@ -40,6 +40,14 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& w, cons
   return stack[0].toTensor();
 }
 
+// A view of `base`'s memory from element `offset` on, made without a dispatcher call (select, narrow and view
+// each make one, and under torch.profiler their events: 4 per layer). Valid while `base` lives, as every
+// view here is: within one decode_layers call.
+torch::Tensor view_at(const torch::Tensor& base, int64_t offset, c10::IntArrayRef sizes, c10::IntArrayRef strides) {
+  return torch::from_blob(static_cast<char*>(base.data_ptr()) + offset * base.element_size(), sizes, strides,
+                          base.options());
+}
+
 // residual + x @ W^T, the add inside the GEMM.
 torch::Tensor packed_linear_add(const torch::Tensor& x, const torch::Tensor& residual, const torch::Tensor& w) {
   static const auto gemv_op = tokenwire_op<decltype(gemv)>("tokenwire::gemv");
@@ -87,7 +95,7 @@ void silu_mul_impl(const torch::Tensor& gate_up, torch::Tensor& out) {
 torch::Tensor silu_mul(torch::Tensor gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0, "silu_mul: [T, 2I] rows");
 #if defined(__AVX512F__)
-  auto out = torch::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  auto out = tokenwire_kernels::new_output({gate_up.size(0), gate_up.size(1) / 2}, gate_up.scalar_type());
   switch (gate_up.scalar_type()) {
     case at::kFloat: silu_mul_impl<float>(gate_up, out); break;
     case at::kBFloat16: silu_mul_impl<c10::BFloat16>(gate_up, out); break;
@@ -111,6 +119,8 @@ torch::Tensor decode_layers(torch::Tensor h, torch::Tensor cos, torch::Tensor si
   TORCH_CHECK(gemm_rows >= n, "decode_layers: gemm_rows < rows");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kWeightsPerLayer, "decode_layers: weights");
   TORCH_CHECK(static_cast<int64_t>(windows.size()) == layers, "decode_layers: windows");
+  TORCH_CHECK(k_caches.is_contiguous() && v_caches.is_contiguous() && k_caches.sizes() == v_caches.sizes() &&
+              k_caches.scalar_type() == v_caches.scalar_type(), "decode_layers: caches");
   tables = tables.to(torch::kLong).contiguous();
   lens = lens.to(torch::kLong).contiguous();
   slots = slots.to(torch::kLong).contiguous();
@@ -125,18 +135,21 @@ torch::Tensor decode_layers(torch::Tensor h, torch::Tensor cos, torch::Tensor si
     return x.size(0) == gemm_rows ? x : torch::constant_pad_nd(x, {0, 0, 0, gemm_rows - x.size(0)});
   };
   h = pad(h);
+  const c10::IntArrayRef cache_sizes = k_caches.sizes().slice(1), cache_strides = k_caches.strides().slice(1);
   for (int64_t i = 0; i < layers; ++i) {
-    torch::Tensor k_cache = k_caches.select(0, i), v_cache = v_caches.select(0, i);
+    const torch::Tensor k_cache = view_at(k_caches, i * k_caches.stride(0), cache_sizes, cache_strides);
+    const torch::Tensor v_cache = view_at(v_caches, i * v_caches.stride(0), cache_sizes, cache_strides);
     const std::optional<torch::Tensor> qkv_bias = weights.get(i * kWeightsPerLayer + 2);
-    torch::Tensor qkv = packed_linear(norm_op.call(h, w(i, 0), eps), w(i, 1), qkv_bias).narrow(0, 0, n);
+    torch::Tensor qkv = packed_linear(norm_op.call(h, w(i, 0), eps), w(i, 1), qkv_bias);
+    if (n < gemm_rows) qkv = qkv.narrow(0, 0, n);
     rope_op.call(qkv, cos, sin, slots, k_cache, v_cache, num_heads, num_kv_heads);
-    torch::Tensor q = qkv.narrow(1, 0, num_heads * d).view({n, num_heads, d});
+    const torch::Tensor q = view_at(qkv, 0, {n, num_heads, d}, {qkv.stride(0), d, 1});
     torch::Tensor attn = attention_op.call(q, k_cache, v_cache, tables, lens, scale, windows[i]);
     h = packed_linear_add(pad(attn), h, w(i, 3));
     torch::Tensor act = silu_mul_op.call(packed_linear(norm_op.call(h, w(i, 4), eps), w(i, 5), std::nullopt));
     h = packed_linear_add(act, h, w(i, 6));
   }
-  return h.narrow(0, 0, n);
+  return n < gemm_rows ? h.narrow(0, 0, n) : h;
 }
 
 TORCH_LIBRARY_FRAGMENT(tokenwire, m) {

@@ -17,6 +17,7 @@ namespace {
 
 using tokenwire_kernels::check_cpu;
 using tokenwire_kernels::narrow_kv;
+using tokenwire_kernels::new_output;
 using tokenwire_kernels::f;
 using tokenwire_kernels::grain;
 
@@ -147,7 +148,7 @@ torch::Tensor argmax(torch::Tensor x) {
   check_cpu(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat, "argmax: float32 [n, V] rows");
   TORCH_CHECK(x.size(1) > 0 && x.size(1) < (int64_t{1} << 31), "argmax: 0 < V < 2^31");
-  auto out = torch::empty({x.size(0)}, x.options().dtype(torch::kLong));
+  auto out = new_output({x.size(0)}, torch::kLong);
   const float* xp = x.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
   const int64_t V = x.size(1), row = x.stride(0);
@@ -192,7 +193,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   check_cpu(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && w.is_contiguous() && w.numel() == x.size(1), "rms_norm shapes");
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "rms_norm: weight dtype");
-  auto out = torch::empty(x.sizes(), x.options());
+  auto out = new_output(x.sizes(), x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
     rms_norm_impl<scalar_t>(x, w, eps, out);
   });

@@ -106,7 +106,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor
   if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == w.size(0) && bias->scalar_type() == x.scalar_type(), "gemv: bias");
   if (residual) TORCH_CHECK(residual->dim() == 2 && residual->size(0) == x.size(0) && residual->size(1) == w.size(0) &&
                             residual->stride(1) == 1 && residual->scalar_type() == x.scalar_type(), "gemv: residual");
-  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
+  auto out = tokenwire_kernels::new_output({x.size(0), w.size(0)}, x.scalar_type());
   if (x.size(0) == 0) return out;
   switch (x.scalar_type()) {
     case at::kFloat: gemv_rows<float>(x, w, bias, residual, out); break;
