@@ -40,6 +40,17 @@ _CATEGORIES = {  # aten op -> bucket of the breakdown
 }
 
 
+def _bucket(event) -> str:
+    """The bucket of the nearest op, this one or one that called it, that has one: what a linear or an
+    attention op calls (the output's aten::empty, an index conversion) is part of its cost."""
+    while event is not None:
+        bucket = next((b for b, ops in _CATEGORIES.items() if event.name in ops), None)
+        if bucket is not None:
+            return bucket
+        event = event.cpu_parent
+    return "other ops"
+
+
 def make_sequences(n: int, block_size: int, vocab: int) -> list[Sequence]:
     rng = random.Random(0)
     seqs, next_block = [], 0
@@ -97,9 +108,8 @@ def breakdown(label: str, runner: ModelRunner, sampler: Sampler, make_chunks, re
             sampler.sample(runner.execute(chunks), [c.seq for c in chunks if c.sample])
         wall = (time.perf_counter() - wall) / reps
     buckets: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
-        bucket = next((b for b, ops in _CATEGORIES.items() if event.key in ops), "other ops")
-        buckets[bucket] += event.self_cpu_time_total / 1e6 / reps
+    for event in prof.events():
+        buckets[_bucket(event)] += event.self_cpu_time_total / 1e6 / reps
     print(f"{label}: {wall * 1e3:.1f} ms per step (profiled)")
     ops = sum(buckets.values())
     for name, seconds in sorted(buckets.items(), key=lambda kv: -kv[1]):
