@@ -4,8 +4,9 @@
 // For head_dim 64 and 128: 16 keys at a time in vector registers (scores of a tile summed by one shuffle
 // tree), each K/V row loaded once for the query heads of its group, the next tile prefetched as a tile
 // is read, and the batch's keys cut into equal shares, one per thread (a sequence crossing a share's end
-// is merged by log-sum-exp). At P1's batch 32 on 2 Xeon cores it reads the fp32 cache at 15-18 GB/s (the machine
-// streams 19-22), 2.1-2.5x the first version (1.26 -> 0.50-0.60 ms per layer). The general loop serves other head dims, and machines without AVX-512,
+// is merged by log-sum-exp). At P1's batch 32 on 2 Xeon cores it reads the fp32 cache at 16-20 GB/s, about what a
+// plain read of the same blocks reaches (19-21; both move with the VM's phase), 2.1-2.6x the first version
+// (1.26 -> 0.44-0.60 ms per layer). A bf16/fp16 cache under fp32 queries (--kv-cache-dtype) halves the bytes. The general loop serves other head dims, and machines without AVX-512,
 // where the tiles spill out of AVX2's 16 registers (measured no faster than it in an AVX2 build).
 #include "cpu_kernels.h"
 
