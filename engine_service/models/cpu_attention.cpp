@@ -1,13 +1,14 @@
 // Decode attention over the paged KV cache, in place (see cpu_kernels.cpp for the build and the ops).
 //
-// paged_decode: one query per sequence attends over its KV blocks where they lie in the cache (no gather).
-// For head_dim 64 and 128: 16 keys at a time in vector registers (scores of a tile summed by one shuffle
-// tree), each K/V row loaded once for the query heads of its group, the next tile prefetched as a tile
-// is read, and the batch's keys cut into equal shares, one per thread (a sequence crossing a share's end
-// is merged by log-sum-exp). At P1's batch 32 on 2 Xeon cores it reads the fp32 cache at 16-20 GB/s, about what a
-// plain read of the same blocks reaches (19-21; both move with the VM's phase), 2.1-2.6x the first version
-// (1.26 -> 0.44-0.60 ms per layer). A bf16/fp16 cache under fp32 queries (--kv-cache-dtype) halves the bytes. The general loop serves other head dims, and machines without AVX-512,
-// where the tiles spill out of AVX2's 16 registers (measured no faster than it in an AVX2 build).
+// paged_decode: one query per sequence attends over its KV blocks where they lie in the cache (no gather). For
+// head_dim 64 and 128: 16 keys at a time in vector registers (scores of a tile summed by one shuffle tree), each
+// K/V row loaded once for the query heads of its group, the next tile prefetched as a tile is read, and the
+// batch's keys cut into equal shares, one per thread (a sequence crossing a share's end is merged by
+// log-sum-exp). At P1's batch 32 on 2 Xeon cores it reads the fp32 cache at 16-20 GB/s, about what a plain read of the
+// same blocks reaches (19-21; both move with the VM's phase), 2.1-2.6x the first version (1.26 -> 0.44-0.60 ms
+// per layer). A bf16/fp16 cache under fp32 queries (--kv-cache-dtype) halves the bytes. The general loop serves
+// other head dims, and machines without AVX-512, where the tiles spill out of AVX2's 16 registers (measured no
+// faster than it in an AVX2 build).
 #include "cpu_kernels.h"
 
 namespace {
