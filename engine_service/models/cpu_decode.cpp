@@ -35,7 +35,9 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& w, cons
   static const auto gemv_op = tokenwire_op<decltype(gemv)>("tokenwire::gemv");
   if (!w.is_mkldnn()) return gemv_op.call(x, w, b, std::nullopt);
   static const c10::OperatorHandle op = linear_op("");
-  torch::jit::Stack stack{x, w, b, std::string("none"), c10::List<std::optional<c10::Scalar>>(), std::string("")};
+  // The constant arguments made once: each call copies a reference, not a string or a list.
+  static const c10::IValue attr{"none"}, scalars{c10::List<std::optional<c10::Scalar>>()}, algorithm{""};
+  torch::jit::Stack stack{x, w, b, attr, scalars, algorithm};
   op.callBoxed(&stack);
   return stack[0].toTensor();
 }
@@ -53,7 +55,8 @@ torch::Tensor packed_linear_add(const torch::Tensor& x, const torch::Tensor& res
   static const auto gemv_op = tokenwire_op<decltype(gemv)>("tokenwire::gemv");
   if (!w.is_mkldnn()) return gemv_op.call(x, w, std::nullopt, residual);
   static const c10::OperatorHandle op = linear_op("binary");
-  torch::jit::Stack stack{x, residual, w, c10::IValue(), std::string("add")};
+  static const c10::IValue add{"add"};
+  torch::jit::Stack stack{x, residual, w, c10::IValue(), add};
   op.callBoxed(&stack);
   return stack[0].toTensor();
 }
