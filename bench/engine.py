@@ -9,6 +9,7 @@ import time
 from tokenwire.bench.metrics import RequestRecord, RunRecord
 from tokenwire.bench.workloads import BenchRequest
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from tokenwire.engine.device import dtype_name
 from tokenwire.engine.engine import LLMEngine
 from tokenwire.engine.sampling_params import SamplingParams
 
@@ -25,8 +26,8 @@ def build_engine(args) -> LLMEngine:
 def describe(engine: LLMEngine) -> dict:
     runner, cfg = engine.runner, engine.config
     return {"architecture": runner.architecture, "device": str(runner.device),
-            "dtype": str(runner.dtype).removeprefix("torch."), "num_kv_blocks": runner.num_blocks,
-            "kv_cache_dtype": str(runner.kv_dtype).removeprefix("torch."),
+            "dtype": dtype_name(runner.dtype), "num_kv_blocks": runner.num_blocks,
+            "kv_cache_dtype": dtype_name(runner.kv_dtype),
             "block_size": runner.block_size, "max_model_len": engine.max_model_len,
             "enable_prefix_cache": cfg.cache.enable_prefix_cache, "max_num_seqs": cfg.scheduler.max_num_seqs,
             "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens}

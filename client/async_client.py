@@ -14,8 +14,8 @@ from typing import Unpack
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from tokenwire.client import convert
-from tokenwire.client.calls import (CallScope, RetryPolicy, TextStream, check_serving, stream_with_retries, wait_serving,
+from tokenwire.client import convert, detokenize
+from tokenwire.client.calls import (CallScope, RetryPolicy, check_serving, stream_with_retries, wait_serving,
                                     with_retries)
 from tokenwire.client.credentials import auth_metadata, channel_credentials, open_channel
 from tokenwire.client.errors import Endpoint, TokenwireError
@@ -134,11 +134,12 @@ class AsyncClient:
         texts: dict[int, list[str]] = {}
         async for message in self._engine_stream(request, scope):
             result = results.setdefault(message.index, engine_pb2.GenerateResponse(index=message.index))
-            _merge(result, message)
+            convert.merge_message(result, message)
             texts.setdefault(message.index, []).append(message.text)
         for index, result in results.items():
             result.text = "".join(texts[index])
-        return await self._completions([results[i] for i in sorted(results)], prompt_ids, request, scope)
+        return await detokenize.completions([results[i] for i in sorted(results)], request, prompt_ids,
+                                           self._tokenizer, self._tokenizer_endpoint, scope)
 
     async def complete_batch(self, prompts: Sequence[str] | None = None, *,
                              token_ids: Sequence[Sequence[int]] | None = None, timeout: float | None = None,
@@ -162,7 +163,8 @@ class AsyncClient:
         for result in await self._generate_batch(requests, scope):   # request order, then sample index
             results[result.request_id].append(result)
         return list(await asyncio.gather(*(
-            self._completions(results[request.request_id], request.token_ids.ids, request, scope)
+            detokenize.completions(results[request.request_id], request, request.token_ids.ids, self._tokenizer,
+                                   self._tokenizer_endpoint, scope)
             for request in requests)))
 
     # ---- tokenizer service ----
@@ -281,28 +283,10 @@ class AsyncClient:
                                     engine_pb2.GenerateBatchRequest(requests=requests), scope)
         return response.results
 
-    async def _stream(self, request: engine_pb2.GenerateRequest, prompt_ids: Sequence[int],
-                      scope: CallScope) -> AsyncIterator[GenerationChunk]:
-        texts: dict[int, TextStream] = {}   # one detokenizer per sample (index)
-
-        def text_of(index: int) -> TextStream:
-            if index not in texts:
-                texts[index] = TextStream(self._tokenizer, self._tokenizer_endpoint, prompt_ids,
-                                          convert.skip_special_tokens(request), scope)
-            return texts[index]
-
-        try:
-            async for message in self._engine_stream(request, scope):
-                delta = message.text
-                if not request.return_text:
-                    text = text_of(message.index)
-                    delta = await text.push(message.token_ids)
-                    if message.finish_reason:
-                        delta += await text.finish()
-                yield convert.chunk(message, delta)
-        finally:
-            for text in texts.values():
-                text.cancel()
+    def _stream(self, request: engine_pb2.GenerateRequest, prompt_ids: Sequence[int],
+                scope: CallScope) -> AsyncIterator[GenerationChunk]:
+        return detokenize.chunks(self._engine_stream(request, scope), request, prompt_ids, self._tokenizer,
+                                 self._tokenizer_endpoint, scope)
 
     def _engine_stream(self, request: engine_pb2.GenerateRequest, scope: CallScope
                        ) -> AsyncIterator[engine_pb2.GenerateResponse]:
@@ -321,35 +305,3 @@ class AsyncClient:
             self._block_size = response.config.block_size
         async for message in routed_stream(self._router, request, self._block_size, self.retry, scope):
             yield message
-
-    async def _completions(self, results: Sequence[engine_pb2.GenerateResponse], prompt_ids: Sequence[int],
-                           request: engine_pb2.GenerateRequest, scope: CallScope) -> Completion:
-        """One request's merged results (one per sample, index order) as one Completion."""
-        samples = await asyncio.gather(*(self._completion(r, prompt_ids, request, scope) for r in results))
-        return Completion.of_samples(samples)
-
-    async def _completion(self, result: engine_pb2.GenerateResponse, prompt_ids: Sequence[int],
-                          request: engine_pb2.GenerateRequest, scope: CallScope) -> Completion:
-        if request.return_text:
-            return convert.completion(result, result.text)
-        # The same DecodeStream as generate(), so complete().text == the concatenated stream.
-        text = TextStream(self._tokenizer, self._tokenizer_endpoint, prompt_ids, convert.skip_special_tokens(request),
-                          scope)
-        try:
-            body = await text.push(result.token_ids)
-            return convert.completion(result, body + await text.finish())
-        finally:
-            text.cancel()
-
-
-def _merge(result: engine_pb2.GenerateResponse, message: engine_pb2.GenerateResponse) -> None:
-    """Fold one stream message of a sample into that sample's whole result (text aside)."""
-    result.token_ids.extend(message.token_ids)
-    result.logprobs.extend(message.logprobs)
-    if message.finish_reason:
-        result.finish_reason = message.finish_reason
-        result.usage.CopyFrom(message.usage)
-        if message.HasField("timings"):
-            result.timings.CopyFrom(message.timings)
-        if message.HasField("stop_detail"):
-            result.stop_detail.CopyFrom(message.stop_detail)

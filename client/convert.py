@@ -133,3 +133,16 @@ def tokenizer_info(msg: tokenizer_pb2.GetInfoResponse) -> TokenizerInfo:
 def _same_fields(cls, msg):
     """A dataclass whose fields mirror a message's fields one for one."""
     return cls(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)})
+
+
+def merge_message(result: engine_pb2.GenerateResponse, message: engine_pb2.GenerateResponse) -> None:
+    """Fold one stream message of a sample into that sample's whole result (text aside)."""
+    result.token_ids.extend(message.token_ids)
+    result.logprobs.extend(message.logprobs)
+    if message.finish_reason:
+        result.finish_reason = message.finish_reason
+        result.usage.CopyFrom(message.usage)
+        if message.HasField("timings"):
+            result.timings.CopyFrom(message.timings)
+        if message.HasField("stop_detail"):
+            result.stop_detail.CopyFrom(message.stop_detail)

@@ -68,11 +68,13 @@ def run_core(commands: Connection, outputs: Connection, config: EngineConfig, lo
         log.exception("the engine core failed to load")
         outputs.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
+    from tokenwire.engine.device import dtype_name  # torch: the core's import, not the front's
+
     freeze_startup_heap()
     runner = engine.runner
     outputs.send(("ready", CoreInfo(
-        architecture=runner.architecture, device=str(runner.device), dtype=str(runner.dtype).removeprefix("torch."),
-        kv_cache_dtype=str(runner.kv_dtype).removeprefix("torch."),
+        architecture=runner.architecture, device=str(runner.device), dtype=dtype_name(runner.dtype),
+        kv_cache_dtype=dtype_name(runner.kv_dtype),
         num_blocks=runner.num_blocks, block_size=runner.block_size, max_model_len=engine.max_model_len,
         vocab_size=engine.vocab_size, tokenizer_fingerprint=engine.tokenizer_fingerprint,
         eos_token_ids=tuple(sorted(runner.eos_token_ids)))))

@@ -45,6 +45,11 @@ def choose_dtype(name: str, device: torch.device) -> torch.dtype:
     return _cpu_auto_dtype()
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"float32", "bfloat16", ...: the name the flags take and the reports print."""
+    return str(dtype).removeprefix("torch.")
+
+
 def choose_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     """The KV cache's dtype: `auto` is the model's; a float32 model may keep bfloat16 or float16 K/V (half
     the bytes that decode attention reads, outputs no longer bit-exact). Never wider than the model's."""
@@ -54,7 +59,7 @@ def choose_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
         raise ValueError(f"kv_cache_dtype: expected auto, {', '.join(_EXPLICIT_DTYPES)}; got {name!r}")
     dtype = _EXPLICIT_DTYPES[name]
     if dtype != model_dtype and not (model_dtype == torch.float32 and dtype.itemsize == 2):
-        model = str(model_dtype).removeprefix("torch.")
+        model = dtype_name(model_dtype)
         raise ValueError(f"kv_cache_dtype: {name} under a {model} model; expected auto, {model}, or bfloat16 / "
                          "float16 under a float32 model")
     return dtype

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tokenwire.engine.config import EngineConfig
-from tokenwire.engine.device import choose_device, choose_dtype, choose_kv_cache_dtype
+from tokenwire.engine.device import choose_device, choose_dtype, choose_kv_cache_dtype, dtype_name
 from tokenwire.engine.models import kernels
 from tokenwire.engine.models.attention import AttentionBatch, KVCache
 from tokenwire.engine.models.gpt2 import GPT2Forward
@@ -78,7 +78,7 @@ class ModelRunner:
                                          self.model.num_kv_heads, self.model.head_dim, self.kv_dtype, self.device)
         log.info("model %s (%s) on %s in %s; KV cache %d blocks x %d tokens in %s (%.0f MiB)",
                  config.model, self.architecture, self.device, self.dtype, self.num_blocks, self.block_size,
-                 str(self.kv_dtype).removeprefix("torch."),
+                 dtype_name(self.kv_dtype),
                  2 * self.kv_cache.k.numel() * self.kv_cache.k.element_size() / 2**20)
 
     def _num_blocks(self) -> int:

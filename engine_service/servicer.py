@@ -14,7 +14,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
@@ -23,6 +23,7 @@ import grpc
 from tokenwire.engine import convert
 from tokenwire.engine.outputs import RequestOutput
 from tokenwire.engine.sequence import FinishReason, Sequence
+from tokenwire.engine.submission import Submitted
 from tokenwire.serving.errors import (FIELD_METADATA_KEY, REASON_METADATA_KEY, REASON_TOKENIZER_MISMATCH,
                                       InvalidRequestError)
 from tokenwire.v1 import engine_pb2 as pb
@@ -53,59 +54,13 @@ class _Refused(Exception):
                (((REASON_METADATA_KEY, self.reason),) if self.reason else ())
 
 
-class _Submitted:
-    """One request's sequences (its n samples) inside the engine: one output queue for all of them, and
-    their abort if the caller leaves early. `on_start` runs (on the event loop) when the first output
-    arrives: the request has left the waiting queue."""
-
-    def __init__(self, engine_loop: CoreClient, seqs: Seq[Sequence], want_text: bool,
-                 on_start: Callable[[str], None] = lambda request_id: None):
-        self._engine_loop = engine_loop
-        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._on_start: Callable[[str], None] | None = on_start
-        self.request_id = seqs[0].request_id
-        self.index_of = {seq.request_id: seq.sample_index for seq in seqs}   # engine id -> sample index
-        self._unfinished = set(self.index_of)
-        self.finished = False
-        for seq in seqs:
-            engine_loop.submit(seq, self._deliver, want_text)
-
-    def _deliver(self, output: RequestOutput) -> None:
-        if self._on_start is not None:
-            self._on_start(self.request_id)
-            self._on_start = None
-        self._queue.put_nowait(output)
-
-    async def next_outputs(self) -> list[RequestOutput]:
-        """Wait for one output, then take every one already queued (a slow reader gets them merged)."""
-        outputs = [await self._queue.get()]
-        while not self._queue.empty():
-            outputs.append(self._queue.get_nowait())
-        self._unfinished.difference_update(out.request_id for out in outputs if out.finished)
-        self.finished = not self._unfinished
-        return outputs
-
-    async def all_outputs(self) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
-        while not self.finished:
-            outputs += await self.next_outputs()
-        return outputs
-
-    def messages(self, outputs: Seq[RequestOutput]) -> list[pb.GenerateResponse]:
-        """One stream message per sample present in `outputs`, in order of first appearance."""
-        by_sample: dict[str, list[RequestOutput]] = {}
-        for out in outputs:
-            by_sample.setdefault(out.request_id, []).append(out)
-        return [convert.generate_response(self.request_id, outs, self.index_of[sample_id])
-                for sample_id, outs in by_sample.items()]
-
-    def abort_unless_finished(self) -> None:
-        """Abort every sample still running (cancel, deadline, a failed sample): all n end together."""
-        self._on_start = None  # the handler is leaving: its id may soon name another request
-        for sample_id in sorted(self._unfinished):
-            self._engine_loop.abort(sample_id)
-        self._unfinished.clear()
-        self.finished = True
+def _messages(submitted: Submitted, outputs: Seq[RequestOutput]) -> list[pb.GenerateResponse]:
+    """One stream message per sample present in `outputs`, in order of first appearance."""
+    by_sample: dict[str, list[RequestOutput]] = {}
+    for out in outputs:
+        by_sample.setdefault(out.request_id, []).append(out)
+    return [convert.generate_response(submitted.request_id, outs, submitted.index_of[sample_id])
+            for sample_id, outs in by_sample.items()]
 
 
 def _raise_if_failed(output: RequestOutput, core_death: str | None) -> None:
@@ -155,13 +110,13 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             engine_loop = self._serving_loop()
             with self._reserve([request.request_id]) as (rid,):
                 seqs = await asyncio.to_thread(_prepare, engine_loop.engine, request, rid, arrival)
-                submitted = _Submitted(engine_loop, seqs, request.return_text, self._waiting.discard)
+                submitted = Submitted(engine_loop, seqs, request.return_text, self._waiting.discard)
                 try:
                     while not submitted.finished:
                         outputs = await submitted.next_outputs()
                         for output in outputs:
                             _raise_if_failed(output, engine_loop.death)
-                        for message in submitted.messages(outputs):
+                        for message in _messages(submitted, outputs):
                             yield message
                 finally:  # client cancel / deadline lands here as CancelledError
                     submitted.abort_unless_finished()
@@ -178,7 +133,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             self._check_batch_size(len(request.requests))
             with self._reserve([r.request_id for r in request.requests], batch=True) as rids:
                 seqs = await asyncio.to_thread(_prepare_batch, engine_loop.engine, request.requests, rids, arrival)
-                batch = [_Submitted(engine_loop, samples, r.return_text, self._waiting.discard)
+                batch = [Submitted(engine_loop, samples, r.return_text, self._waiting.discard)
                          for samples, r in zip(seqs, request.requests)]
                 try:
                     results = await asyncio.gather(*(s.all_outputs() for s in batch))
@@ -190,7 +145,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                     _raise_if_failed(output, engine_loop.death)
             return pb.GenerateBatchResponse(results=[
                 message for s, outs in zip(batch, results)
-                for message in sorted(s.messages(outs), key=lambda m: m.index)])
+                for message in sorted(_messages(s, outs), key=lambda m: m.index)])
         except _Refused as refused:
             await _abort(context, refused)
         except Exception as exc:

@@ -239,9 +239,10 @@ void paged_decode_fast(const torch::Tensor& q, const torch::Tensor& k_cache, con
   int64_t partials = 0;
   for (size_t i = 0; i < spans.size(); ++i) if (pieces[spans[i].seq] > 1) slot[i] = partials++;
   std::vector<float> part_acc(partials * H * d), part_max(partials * H), part_sum(partials * H);
-  std::vector<int64_t> part_first(parts + 1, static_cast<int64_t>(spans.size()));
-  for (size_t i = spans.size(); i-- > 0;) part_first[spans[i].part] = static_cast<int64_t>(i);
-  for (int64_t p = parts; p-- > 0;) part_first[p] = std::min(part_first[p], part_first[p + 1]);
+  std::vector<int64_t> part_first(parts + 1);  // thread share p computes spans [part_first[p], part_first[p + 1])
+  for (int64_t p = 0; p <= parts; ++p)
+    part_first[p] = std::lower_bound(spans.begin(), spans.end(), p, [](const Span& sp, int64_t v) { return sp.part < v; }) -
+                    spans.begin();
   int64_t longest = 0;
   for (const Span& sp : spans) longest = std::max(longest, sp.k1 - sp.k0);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
@@ -337,11 +338,7 @@ void paged_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
         }
         if (++off == block_size) { off = 0; ++blk; }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        const float inv = total[g] > 0.f ? 1.f / total[g] : 0.f;
-        T* o = op + s * H * d + (h * group + g) * d;
-        for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(acc[g * d + i] * inv);
-      }
+      write_normalized(acc.data(), total.data(), group, d, op + s * H * d + h * group * d);
     }
   });
 }
