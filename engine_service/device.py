@@ -118,9 +118,9 @@ def gemm_rows(m: int) -> int:
     return -(-m // step) * step
 
 
-# The most rows a GEMM of a 16-bit model runs through the native GEMV (cpu_linear.cpp's kGemvMaxRows).
+# The most rows a GEMM runs through the native GEMV (cpu_linear.cpp's kGemvMaxRows).
 GEMV_MAX_ROWS = 4
-_GEMV_DTYPES = (torch.bfloat16, torch.float16)
+_GEMV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class Linear:
@@ -128,10 +128,11 @@ class Linear:
     MKL's by 1.1-2.4x at the batch sizes an engine runs (measured on a 2-core AVX2 EPYC: decode-sized
     32-row GEMMs 10-50%, the lm_head 2.4x); F.linear everywhere else.
 
-    `gemv` (the native kernel, or None): in bf16 and fp16, GEMMs of up to GEMV_MAX_ROWS rows (a single
-    stream's decode) go through it instead, reading the plain weight at memory speed where oneDNN's bf16
-    GEMM reads its packed copy at two thirds of it. Both copies are then kept: twice the weight memory
-    of the linear layers, the price of 1.3-1.5x faster single-stream decoding (see cpu_linear.cpp)."""
+    `gemv` (the native kernel, or None): GEMMs of up to GEMV_MAX_ROWS rows (a single stream's decode)
+    go through it instead, reading the plain weight at memory speed where oneDNN's GEMM reads its packed
+    copy at two thirds of it (bf16) or pays 50-80 us a call (fp32). Both copies are then kept: twice the
+    weight memory of the linear layers, the price of 1.2-1.5x faster single-stream decoding (see
+    cpu_linear.cpp)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, gemv=None):
         self.out_features, self.in_features = weight.shape

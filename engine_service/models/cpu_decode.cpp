@@ -15,7 +15,7 @@ using tokenwire_kernels::fast_exp;
 using tokenwire_kernels::grain;
 
 // Per layer in `weights`: input norm, qkv, qkv bias or None, o, post norm, gate_up, down. The linears'
-// weights are oneDNN-packed, or plain for the GEMV (at most kGemvMaxRows decodes of a 16-bit model).
+// weights are oneDNN-packed, or plain for the GEMV (at most kGemvMaxRows decodes).
 constexpr int64_t kWeightsPerLayer = 7;
 
 // This extension's own ops are called through the dispatcher too, so that torch.profiler times each

@@ -8,7 +8,7 @@
 // - argmax: greedy sampling's argmax over the logits at memory speed;
 // - paged_decode (cpu_attention.cpp): decode attention reading the paged KV cache in place;
 // - silu_mul and decode_layers (cpu_decode.cpp): SiLU*mul, and every decoder layer of a decode-only step.
-// - gemv (cpu_linear.cpp): the few-row GEMMs of 16-bit models at memory speed.
+// - gemv (cpu_linear.cpp): the few-row GEMMs at memory speed.
 // Math is in float32 whatever the storage dtype; work is split with at::parallel_for (torch's threads);
 // shared helpers are in cpu_kernels.h.
 #include "cpu_kernels.h"

@@ -1,11 +1,13 @@
-// A GEMV for the few-row GEMMs of 16-bit models (see cpu_kernels.cpp for the build and the ops).
+// A GEMV for the few-row GEMMs (see cpu_kernels.cpp for the build and the ops).
 //
 // gemv: y = x @ W^T (+ bias) (+ residual) for x of a few rows, reading the plain [N, K] weight once at
 // memory speed. At one row (a single stream's decode) a GEMM is a pass over the weights, and oneDNN's
 // prepacked bf16 GEMM reads them at 12-14 GB/s on Xeons with and without AMX; this loop, which widens
 // bf16 to float by a shift and prefetches 2 KB ahead into L1, reads them at 21 GB/s (the machine streams
-// 20.5): SmolLM2-135M's 121 GEMMs of a token in 12.6 ms instead of 19.2. In float32 oneDNN already
-// reads at memory speed (the same 19 GB/s as this loop), so the engine keeps it there.
+// 20.5): SmolLM2-135M's 121 GEMMs of a token in 12.6 ms instead of 19.2. In float32 oneDNN's prepacked
+// GEMM pays 50-80 us per call at these sizes (its 2-7 MB weights at 9-16 GB/s; 30 distinct layers, 2 Xeon
+// cores): this loop reads them at 17-23 GB/s for 2-4 rows, and for one row MKL's sgemv (at::addmm on
+// the same plain weight), at 19-26 GB/s, beats both, so one float32 row goes there.
 #include "cpu_kernels.h"
 
 namespace {
@@ -24,6 +26,7 @@ inline void row_dots(const T* w, const float* xf, int64_t K, v16* out) {
   int64_t c = 0;
   for (; c + 32 <= K; c += 32) {
     __builtin_prefetch(reinterpret_cast<const char*>(w + c) + kPrefetchBytes, 0, 3);
+    if constexpr (sizeof(T) == 4) __builtin_prefetch(reinterpret_cast<const char*>(w + c) + kPrefetchBytes + 64, 0, 3);
     const v16 w0 = vec::load(w + c), w1 = vec::load(w + c + 16);
     for (int i = 0; i < M; ++i) {
       a[i] += vec::load(xf + i * K + c) * w0;
@@ -95,6 +98,17 @@ void gemv_rows(const torch::Tensor& x, const torch::Tensor& w, const std::option
   }
 }
 
+// One float32 row through MKL's sgemv, the residual (or the bias) as addmm's input: see the header.
+torch::Tensor sgemv_row(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& bias,
+                        const std::optional<torch::Tensor>& residual) {
+  const torch::Tensor wt = w.t();
+  if (residual) {
+    torch::Tensor y = at::addmm(*residual, x, wt);
+    return bias ? y.add_(*bias) : y;
+  }
+  return bias ? at::addmm(*bias, x, wt) : at::mm(x, wt);
+}
+
 }  // namespace
 
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor> bias,
@@ -106,6 +120,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor
   if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == w.size(0) && bias->scalar_type() == x.scalar_type(), "gemv: bias");
   if (residual) TORCH_CHECK(residual->dim() == 2 && residual->size(0) == x.size(0) && residual->size(1) == w.size(0) &&
                             residual->stride(1) == 1 && residual->scalar_type() == x.scalar_type(), "gemv: residual");
+  if (x.scalar_type() == at::kFloat && x.size(0) == 1) return sgemv_row(x, w, bias, residual);
   auto out = tokenwire_kernels::new_output({x.size(0), w.size(0)}, x.scalar_type());
   if (x.size(0) == 0) return out;
   switch (x.scalar_type()) {

@@ -40,7 +40,7 @@ class _Block:
 
 class GPT2Forward:
     def __init__(self, hf_model: torch.nn.Module, gemv=None):
-        """`gemv`: the native few-row GEMM for 16-bit weights, or None (see device.Linear)."""
+        """`gemv`: the native few-row GEMM, or None (see device.Linear)."""
         config = hf_model.config
         inner = hf_model.transformer
         self.num_layers = config.n_layer

@@ -32,7 +32,7 @@ class _Layer:
 
 class LlamaForward:
     def __init__(self, hf_model: torch.nn.Module, gemv=None):
-        """`gemv`: the native few-row GEMM for 16-bit weights, or None (see device.Linear)."""
+        """`gemv`: the native few-row GEMM, or None (see device.Linear)."""
         config = hf_model.config
         inner = hf_model.model
         self.num_layers = config.num_hidden_layers
