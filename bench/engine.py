@@ -16,7 +16,7 @@ from tokenwire.engine.sampling_params import SamplingParams
 
 def build_engine(args) -> LLMEngine:
     return LLMEngine(EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
+        model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, few_row_gemv=args.few_row_gemv,
         cache=CacheConfig(enable_prefix_cache=not args.no_prefix_cache, kv_cache_memory_gb=args.kv_cache_memory_gb,
                           kv_cache_dtype=args.kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
@@ -27,7 +27,7 @@ def describe(engine: LLMEngine) -> dict:
     runner, cfg = engine.runner, engine.config
     return {"architecture": runner.architecture, "device": str(runner.device),
             "dtype": dtype_name(runner.dtype), "num_kv_blocks": runner.num_blocks,
-            "kv_cache_dtype": dtype_name(runner.kv_dtype),
+            "kv_cache_dtype": dtype_name(runner.kv_dtype), "few_row_gemv": cfg.few_row_gemv,
             "block_size": runner.block_size, "max_model_len": engine.max_model_len,
             "enable_prefix_cache": cfg.cache.enable_prefix_cache, "max_num_seqs": cfg.scheduler.max_num_seqs,
             "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens}

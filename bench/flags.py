@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-cache-memory-gb", type=float, default=CacheConfig.kv_cache_memory_gb)
     e.add_argument("--kv-cache-dtype", default=CacheConfig.kv_cache_dtype,
                    help="bfloat16/float16 under a float32 model: half the K/V bytes (not bit-exact)")
+    e.add_argument("--few-row-gemv", action=argparse.BooleanOptionalAction, default=EngineConfig.few_row_gemv,
+                   help="CPU: GEMMs of 1-4 rows on a plain weight copy (engine flag)")
     r = p.add_argument_group("run")
     r.add_argument("--pretok", action="store_true", help="tokenize before the timed region and send ids")
     r.add_argument("--warmup-runs", type=int, default=1)

@@ -104,6 +104,7 @@ def _engine_flags(args, model_dir: str) -> list[str]:
             "--no-enable-prefix-cache" if args.no_prefix_cache else "--enable-prefix-cache",
             "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             "--kv-cache-memory-gb", str(args.kv_cache_memory_gb), "--kv-cache-dtype", args.kv_cache_dtype,
+            "--few-row-gemv" if args.few_row_gemv else "--no-few-row-gemv",
             "--log-level", "WARNING"]
 
 

@@ -139,13 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--kv-cache-dtype", default="auto", help="bfloat16/float16 under a float32 model (engine flag)")
+    ap.add_argument("--few-row-gemv", action=argparse.BooleanOptionalAction, default=True,
+                    help="GEMMs of 1-4 rows on a plain weight copy (engine flag)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure the P1 ceiling (linear layers alone) in this process")
     ap.add_argument("--no-breakdown", action="store_true", help="throughput only, no profiled steps")
     args = ap.parse_args(argv)
     model_dir = resolve_model(args.model)
-    runner = ModelRunner(EngineConfig(model=model_dir, dtype=args.dtype,
+    runner = ModelRunner(EngineConfig(model=model_dir, dtype=args.dtype, few_row_gemv=args.few_row_gemv,
                                       cache=CacheConfig(kv_cache_dtype=args.kv_cache_dtype)))
     sampler = Sampler(native=runner.native)
     print(f"{runner.architecture} {runner.dtype} (KV cache {runner.kv_dtype}) on {runner.device}, "

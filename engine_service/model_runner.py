@@ -68,7 +68,8 @@ class ModelRunner:
         self.eos_token_ids = _eos_token_ids(hf_model)
         # Fused attention/rope/norm kernels on the CPU (None: torch ops; see models/kernels.py).
         self.native = kernels.native() if self.device.type == "cpu" and config.native_kernels else None
-        gemv = self.native.gemv if self.native is not None else None
+        # The few-row GEMV keeps a plain copy of every linear weight besides oneDNN's packed one.
+        gemv = self.native.gemv if self.native is not None and config.few_row_gemv else None
         self.model: CausalLM = _ARCHITECTURES[self.architecture](hf_model, gemv)
         del hf_model  # our forward keeps only the (fused) weights it needs
         self.vocab_size = self.model.vocab_size

@@ -241,7 +241,7 @@ def test_linear_runs_few_rows_on_the_gemv(dtype):
 
 
 def _runner_logits(model_dir, dtype: str, step: str, native_kernels: bool = True, fused_decode: bool = True,
-                   kv_cache_dtype: str = "auto"):
+                   kv_cache_dtype: str = "auto", few_row_gemv: bool = True):
     """Prefill a few prompts, then one step: decodes with a prefill chunk over cached context ("mixed",
     the Python layer loop over the kernels), or decodes alone (every layer in one native call)."""
     from tests.test_model_runner import BLOCK_SIZE, contiguous_tables, make_seqs
@@ -249,8 +249,9 @@ def _runner_logits(model_dir, dtype: str, step: str, native_kernels: bool = True
     from tokenwire.engine.model_runner import ModelRunner
     from tokenwire.engine.sequence import ScheduledChunk
 
-    runner = ModelRunner(EngineConfig(model=model_dir, dtype=dtype, native_kernels=native_kernels, cache=CacheConfig(
-        block_size=BLOCK_SIZE, num_blocks=256, kv_cache_dtype=kv_cache_dtype)))
+    runner = ModelRunner(EngineConfig(model=model_dir, dtype=dtype, native_kernels=native_kernels,
+                                      few_row_gemv=few_row_gemv, cache=CacheConfig(
+                                          block_size=BLOCK_SIZE, num_blocks=256, kv_cache_dtype=kv_cache_dtype)))
     assert runner.kv_cache.k.dtype == runner.kv_cache.v.dtype == getattr(
         torch, dtype if kv_cache_dtype == "auto" else kv_cache_dtype)
     if native_kernels:
@@ -258,8 +259,8 @@ def _runner_logits(model_dir, dtype: str, step: str, native_kernels: bool = True
     if not fused_decode:
         runner.model._decode_weights = runner.model._small_decode_weights = None
     # 19 decodes run their GEMMs at 32 rows (device.gemm_rows), zero rows past the real ones; 3 decodes
-    # of a bf16 model run them on the GEMV.
-    lengths = range(3, 22) if step == "decodes-padded" else (3, 9, 21)
+    # run them on the GEMV, one decode on MKL's sgemv (both on the plain weights).
+    lengths = {"decodes-padded": range(3, 22), "decode-one": (9,)}.get(step, (3, 9, 21))
     prompts = [list(range(5, 5 + n)) for n in lengths]
     seqs = make_seqs(prompts, contiguous_tables(prompts, 4))
     runner.execute([ScheduledChunk(s, 0, s.num_tokens - 2, False) for s in seqs])
@@ -270,6 +271,29 @@ def _runner_logits(model_dir, dtype: str, step: str, native_kernels: bool = True
         runner.execute([ScheduledChunk(s, s.num_tokens - 2, 1, False) for s in seqs])
         chunks = [ScheduledChunk(s, s.num_tokens - 1, 1, True) for s in seqs]
     return runner.execute(chunks)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("step", ["decode-one", "decodes"])
+def test_few_row_gemv_switched_off_keeps_one_weight_copy(tiny_llama_dir, dtype, step):
+    """`few_row_gemv=False`: every linear keeps its oneDNN-packed weight alone (no plain copy, so the
+    linear layers' memory once), and steps of 1 and 3 decodes give the logits of the few-row path."""
+    from tokenwire.engine.config import EngineConfig
+    from tokenwire.engine.model_runner import ModelRunner
+
+    def linears(runner):
+        return [lin for layer in runner.model.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+
+    off = ModelRunner(EngineConfig(model=tiny_llama_dir, dtype=dtype, few_row_gemv=False))
+    assert all(lin.gemv_weight is None and lin.weight is None and lin.packed is not None for lin in linears(off))
+    assert off.model._small_decode_weights is None and off.model._decode_weights is not None
+    on = ModelRunner(EngineConfig(model=tiny_llama_dir, dtype=dtype))
+    assert all(lin.gemv_weight is not None for lin in linears(on))
+    got = _runner_logits(tiny_llama_dir, dtype, step, few_row_gemv=False)
+    want = _runner_logits(tiny_llama_dir, dtype, step)
+    assert got.shape == want.shape == (1 if step == "decode-one" else 3, want.shape[1])
+    torch.testing.assert_close(got, want, **TOL[getattr(torch, dtype)])
 
 
 @needs_native
