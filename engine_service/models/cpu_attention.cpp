@@ -6,9 +6,9 @@
 // batch's keys cut into equal shares, one per thread (a sequence crossing a share's end is merged by
 // log-sum-exp). At P1's batch 32 on 2 Xeon cores it reads the fp32 cache at 16-20 GB/s, about what a plain read of the
 // same blocks reaches (19-21; both move with the VM's phase), 2.1-2.6x the first version (1.26 -> 0.44-0.60 ms
-// per layer). A bf16/fp16 cache under fp32 queries (--kv-cache-dtype) halves the bytes. The general loop serves
-// other head dims, and machines without AVX-512, where the tiles spill out of AVX2's 16 registers (measured no
-// faster than it in an AVX2 build).
+// per layer). A bf16/fp16 cache under fp32 queries (--kv-cache-dtype) halves the bytes. A general loop, key by
+// key, serves other head dims and machines without AVX-512, where the tiles spill out of AVX2's 16 registers
+// (measured no faster than it in an AVX2 build); it runs under the same split of the keys across threads.
 #include "cpu_kernels.h"
 
 namespace {
@@ -154,17 +154,45 @@ void decode_chunk(const float* qf, const T* kp, const T* vp, const int64_t* tabl
   }
 }
 
+// The same task for any head dim, and for machines without AVX-512: key by key, block by block (no
+// integer division per key), each K/V row read from memory once for the query heads of its group.
+template <typename T>
+void decode_chunk_general(const float* qf, const T* kp, const T* vp, const int64_t* table, int64_t block_size,
+                          int64_t kvh, int64_t group, int64_t d, int64_t k0, int64_t k1, float* scores, float* acc,
+                          float* mx, float* sum) {
+  const int64_t H = kvh * group, slot_stride = kvh * d, count = k1 - k0;
+  for (int64_t t = k0, blk = k0 / block_size, off = k0 % block_size; t < k1; ++t) {
+    const T* row = kp + (table[blk] * block_size + off) * slot_stride;
+    for (int64_t hg = 0; hg < H; ++hg) scores[hg * count + (t - k0)] = dot(qf + hg * d, row + hg / group * d, d);
+    if (++off == block_size) { off = 0; ++blk; }
+  }
+  for (int64_t hg = 0; hg < H; ++hg) softmax_numerators(scores + hg * count, count, mx + hg, sum + hg);
+  std::fill(acc, acc + H * d, 0.f);
+  for (int64_t t = k0, blk = k0 / block_size, off = k0 % block_size; t < k1; ++t) {
+    const T* row = vp + (table[blk] * block_size + off) * slot_stride;
+    for (int64_t hg = 0; hg < H; ++hg) {
+      const float p = scores[hg * count + (t - k0)];
+      const T* v = row + hg / group * d;
+      float* a = acc + hg * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) a[i] += p * f(v[i]);
+    }
+    if (++off == block_size) { off = 0; ++blk; }
+  }
+}
+
 // A sequence's keys [k0, k1), computed by thread share `part`.
 struct Span {
   int64_t seq, k0, k1, part;
 };
 
 // Cuts the batch's keys (sequence s: [lo_of(s), lens[s])) into `parts` shares of equal size, in order:
-// whole sequences while they fit, the one crossing a share's end cut at a tile. A share holds at least 64
-// keys, so short contexts are not split for nothing.
+// whole sequences while they fit, the one crossing a share's end cut at a tile. A share holds at least
+// `min_share` keys, so short contexts are not split for nothing (nor a small model's woken thread paid).
 template <typename LoOf>
-std::vector<Span> balanced_spans(int64_t n, const int64_t* lens, LoOf lo_of, int64_t total, int64_t parts) {
-  const int64_t share = std::max<int64_t>(64, (total + parts - 1) / parts);
+std::vector<Span> balanced_spans(int64_t n, const int64_t* lens, LoOf lo_of, int64_t total, int64_t parts,
+                                 int64_t min_share) {
+  const int64_t share = std::max(min_share, (total + parts - 1) / parts);
   std::vector<Span> spans;
   int64_t part = 0, room = share;
   for (int64_t s = 0; s < n; ++s) {
@@ -212,17 +240,14 @@ void merge_partials(const float* acc, const float* mx, const float* sum, int64_t
   }
 }
 
-template <typename T, typename KV, int DV>
-void paged_decode_fast(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                       const torch::Tensor& tables, const torch::Tensor& lens, double scale, int64_t window,
-                       torch::Tensor& out) {
-  const int64_t n = q.size(0), H = q.size(1), d = DV * 16;
-  const int64_t block_size = k_cache.size(1), kvh = k_cache.size(2), group = H / kvh;
-  const int64_t max_blocks = tables.size(1), q_row = q.stride(0), q_head = q.stride(1);
+// q [n, H, d] (rows may be strided), caches [blocks, block_size, kv_heads, d], tables [n, max_blocks],
+// lens [n] (keys 0..len-1 are visible; with window > 0 only the last `window` of them). out [n, H * d].
+// `chunk(qf, s, k0, k1, scores, acc, mx, sum)` computes sequence s over keys [k0, k1) as decode_chunk does.
+template <typename T, typename Chunk>
+void paged_decode_spans(const torch::Tensor& q, const torch::Tensor& lens, double scale, int64_t window,
+                        torch::Tensor& out, const Chunk& chunk) {
+  const int64_t n = q.size(0), H = q.size(1), d = q.size(2), q_row = q.stride(0), q_head = q.stride(1);
   const T* qp = q.data_ptr<T>();
-  const KV* kp = k_cache.data_ptr<KV>();
-  const KV* vp = v_cache.data_ptr<KV>();
-  const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
   auto lo_of = [&](int64_t s) { return window > 0 ? std::max<int64_t>(0, lp[s] - window) : int64_t{0}; };
@@ -233,7 +258,9 @@ void paged_decode_fast(const torch::Tensor& q, const torch::Tensor& k_cache, con
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), 64));
   int64_t total = 0;
   for (int64_t s = 0; s < n; ++s) total += lp[s] - lo_of(s);
-  const std::vector<Span> spans = balanced_spans(n, lp, lo_of, total, parts);
+  // At least 64 keys a share, and GRAIN_SIZE elements of work (small models stay on one thread).
+  const std::vector<Span> spans = balanced_spans(n, lp, lo_of, total, parts, std::max<int64_t>(64, grain(2 * H * d)));
+  const int64_t busy = spans.empty() ? 0 : spans.back().part + 1;  // shares with work: threads to wake
   std::vector<int64_t> pieces(n, 0), slot(spans.size(), -1);  // a split sequence's spans keep partials
   for (const Span& sp : spans) ++pieces[sp.seq];
   int64_t partials = 0;
@@ -245,7 +272,7 @@ void paged_decode_fast(const torch::Tensor& q, const torch::Tensor& k_cache, con
                     spans.begin();
   int64_t longest = 0;
   for (const Span& sp : spans) longest = std::max(longest, sp.k1 - sp.k0);
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, busy, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(H * d), acc(H * d), mx(H), sm(H), scores(H * (longest + kTile));
     for (int64_t i = part_first[begin]; i < part_first[end]; ++i) {
       const Span& sp = spans[i];
@@ -258,8 +285,7 @@ void paged_decode_fast(const torch::Tensor& q, const torch::Tensor& k_cache, con
       float* m = partial ? part_max.data() + slot[i] * H : mx.data();
       float* l = partial ? part_sum.data() + slot[i] * H : sm.data();
       if (sp.k1 > sp.k0) {
-        decode_chunk<KV, DV>(qf.data(), kp, vp, tp + s * max_blocks, block_size, kvh, group, sp.k0, sp.k1,
-                            scores.data(), a, m, l);
+        chunk(qf.data(), s, sp.k0, sp.k1, scores.data(), a, m, l);
       } else {
         std::fill(a, a + H * d, 0.f); std::fill(m, m + H, 0.f); std::fill(l, l + H, 0.f);
       }
@@ -278,69 +304,33 @@ void paged_decode_fast(const torch::Tensor& q, const torch::Tensor& k_cache, con
   }
 }
 
-// The general kernel, for head dims that are not a multiple of 16 (or over 256).
-// q [n, H, d] (rows may be strided), caches [blocks, block_size, kv_heads, d], tables [n, max_blocks],
-// lens [n] (keys 0..len-1 are visible; with window > 0 only the last `window` of them). out [n, H * d].
 template <typename T, typename KV>
-void paged_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+void paged_decode_with(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                        const torch::Tensor& tables, const torch::Tensor& lens, double scale, int64_t window,
                        torch::Tensor& out) {
-  const int64_t n = q.size(0), H = q.size(1), d = q.size(2);
-  const int64_t block_size = k_cache.size(1), kvh = k_cache.size(2);
-  const int64_t group = H / kvh, max_blocks = tables.size(1);
-  const int64_t q_row = q.stride(0), q_head = q.stride(1);
-  const T* qp = q.data_ptr<T>();
+  const int64_t d = q.size(2), block_size = k_cache.size(1), kvh = k_cache.size(2), group = q.size(1) / kvh;
+  const int64_t max_blocks = tables.size(1);
   const KV* kp = k_cache.data_ptr<KV>();
   const KV* vp = v_cache.data_ptr<KV>();
   const int64_t* tp = tables.data_ptr<int64_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  T* op = out.data_ptr<T>();
-  const int64_t slot_stride = kvh * d;
-  int64_t total_len = 0;
-  for (int64_t s = 0; s < n; ++s) total_len += lp[s];
-  const int64_t work_per_task = 2 * group * d * (n > 0 ? total_len / n + 1 : 1);  // K and V rows read
-  at::parallel_for(0, n * kvh, grain(work_per_task), [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * d), acc(group * d), scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / kvh, h = task % kvh;
-      const int64_t len = lp[s];
-      const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t count = len - lo;
-      scores.resize(group * count);
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t i = 0; i < d; ++i)
-          qf[g * d + i] = f(qp[s * q_row + (h * group + g) * q_head + i]) * static_cast<float>(scale);
-      const int64_t* table = tp + s * max_blocks;
-      // Block by block (no integer division per key): a key row is read once for the whole group.
-      for (int64_t t = lo, blk = lo / block_size, off = lo % block_size; t < len; ++t) {
-        const KV* krow = kp + (table[blk] * block_size + off) * slot_stride + h * d;
-        for (int64_t g = 0; g < group; ++g) scores[g * count + (t - lo)] = dot(qf.data() + g * d, krow, d);
-        if (++off == block_size) { off = 0; ++blk; }
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::vector<float> total(group, 0.f);
-      for (int64_t g = 0; g < group; ++g) {
-        float* sc = scores.data() + g * count;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < count; ++j) mx = std::max(mx, sc[j]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < count; ++j) { sc[j] = fast_exp(sc[j] - mx); sum += sc[j]; }
-        total[g] = sum;
-      }
-      for (int64_t t = lo, blk = lo / block_size, off = lo % block_size; t < len; ++t) {
-        const KV* vrow = vp + (table[blk] * block_size + off) * slot_stride + h * d;
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * count + (t - lo)];
-          float* a = acc.data() + g * d;
-#pragma omp simd
-          for (int64_t i = 0; i < d; ++i) a[i] += p * f(vrow[i]);
-        }
-        if (++off == block_size) { off = 0; ++blk; }
-      }
-      write_normalized(acc.data(), total.data(), group, d, op + s * H * d + h * group * d);
-    }
-  });
+  const auto general = [&](const float* qf, int64_t s, int64_t k0, int64_t k1, float* scores, float* acc, float* mx,
+                           float* sum) {
+    decode_chunk_general<KV>(qf, kp, vp, tp + s * max_blocks, block_size, kvh, group, d, k0, k1, scores, acc, mx, sum);
+  };
+#if defined(__AVX512F__)  // with AVX2's 16 registers the 16-float tiles spill: no faster than the general loop
+  if constexpr (!std::is_same_v<T, double>) {
+    const auto tiles = [&](auto dv) {
+      return [&, dv](const float* qf, int64_t s, int64_t k0, int64_t k1, float* scores, float* acc, float* mx,
+                     float* sum) {
+        decode_chunk<KV, decltype(dv)::value>(qf, kp, vp, tp + s * max_blocks, block_size, kvh, group, k0, k1,
+                                              scores, acc, mx, sum);
+      };
+    };
+    if (d == 64) return paged_decode_spans<T>(q, lens, scale, window, out, tiles(std::integral_constant<int, 4>{}));
+    if (d == 128) return paged_decode_spans<T>(q, lens, scale, window, out, tiles(std::integral_constant<int, 8>{}));
+  }
+#endif
+  paged_decode_spans<T>(q, lens, scale, window, out, general);
 }
 
 }  // namespace
@@ -360,15 +350,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   TORCH_CHECK(tables.dim() == 2 && tables.size(0) == q.size(0) && lens.numel() == q.size(0), "tables/lens");
   auto out = new_output({q.size(0), q.size(1) * q.size(2)}, q.scalar_type());
   const auto run = [&](auto q_type, auto kv_type) {
-    using T = decltype(q_type);
-    using KV = decltype(kv_type);
-#if defined(__AVX512F__)  // with AVX2's 16 registers the 16-float tiles spill: no faster than the loop below
-    if constexpr (!std::is_same_v<T, double>) {
-      if (q.size(2) == 64) return paged_decode_fast<T, KV, 4>(q, k_cache, v_cache, tables, lens, scale, window, out);
-      if (q.size(2) == 128) return paged_decode_fast<T, KV, 8>(q, k_cache, v_cache, tables, lens, scale, window, out);
-    }
-#endif
-    paged_decode_impl<T, KV>(q, k_cache, v_cache, tables, lens, scale, window, out);
+    paged_decode_with<decltype(q_type), decltype(kv_type)>(q, k_cache, v_cache, tables, lens, scale, window, out);
   };
   if (k_cache.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kFloat) {
     run(float{}, c10::BFloat16{});
