@@ -175,6 +175,18 @@ def test_invalid_bytes_are_not_held_forever(smollm2):
     assert "".join(deltas) + detokenizer.finish() == smollm2.decode(ids)
 
 
+def test_a_character_after_invalid_bytes_survives_a_forced_emission(smollm2):
+    # SmolLM2's vocabulary has no token for byte 0xF1, so U+40000 encodes to three stray continuation
+    # bytes (U+FFFD three times). A push of more than MAX_HELD_TOKENS ids ending mid-character right
+    # after them forces an emission: it must stop before that character's first bytes (found by
+    # hypothesis: the character came out as two U+FFFD).
+    ids = smollm2.encode("00000000\x80\x80\u00c0\u0a40\u0a40\u21c0\U000c0000\U00040000\U000c0000",
+                         add_special_tokens=False)
+    assert "\ufffd\ufffd\ufffd\U000c0000" in smollm2.decode(ids) and len(ids) > MAX_HELD_TOKENS + 1
+    for cut in range(MAX_HELD_TOKENS, len(ids)):
+        assert stream(smollm2, [ids[:cut], ids[cut:]], skip=False) == smollm2.decode(ids), cut
+
+
 def max_pending(tokenizer, ids) -> int:
     detokenizer = IncrementalDetokenizer(tokenizer)
     pending = 0

@@ -17,8 +17,9 @@ Skipped special tokens are dropped on arrival rather than decoded with skip_spec
 made only of skipped tokens would decode to "" and lose the context that decides a leading space.
 Text is never "cleaned up" (`clean_up_tokenization_spaces`): that rewrites text already streamed.
 
-Guarantees, for ids whose bytes form valid UTF-8 (any ids a tokenizer produced from text), however
-the ids are split into pushes: the deltas of `push` and `finish` concatenate to
+Guarantees, for ids whose bytes form valid UTF-8 (and for invalid bytes a tokenizer produced from text,
+such as a character whose first byte is missing from the vocabulary), however the ids are split into
+pushes: the deltas of `push` and `finish` concatenate to
 `decode(ids, skip_special_tokens=...)`; with `prompt_ids`, to the text `decode(prompt + ids)` has
 after the prompt's text (a first word keeps its leading space; a prompt ending mid-character yields
 the completed character; a literal U+FFFD right at the cut is ambiguous). Free of gRPC: the engine
@@ -97,13 +98,19 @@ class IncrementalDetokenizer:
         prefix_text = self._prefix_text()
         # Emit up to the last whole character: the full window, else one of the last few ids may
         # hold the first bytes of a character still being generated.
+        ends = []
         for end in range(len(self._ids), max(self._read_offset, len(self._ids) - MAX_INCOMPLETE_TOKENS - 1), -1):
             text = self._decode(self._ids[self._prefix_offset:end])
             cut = self._cut(prefix_text, text)
             if len(text) > cut and not text.endswith(REPLACEMENT_CHAR):
                 return self._advance(text, cut, end)
+            ends.append((len(text) - len(text.rstrip(REPLACEMENT_CHAR)), -end, text, cut))
         if self.num_pending_ids > MAX_HELD_TOKENS:
-            return self._emit_all(prefix_text)
+            # The U+FFFD are real (invalid bytes, which a tokenizer missing some bytes can produce from
+            # text): emit anyway, up to the end with the fewest of them trailing, since the first bytes
+            # of a character still being generated add one more there and have to stay held.
+            _, end, text, cut = min(ends)
+            return self._advance(text, cut, -end)
         return ""
 
     def finish(self) -> str:
