@@ -130,15 +130,8 @@ class AsyncClient:
         if messages is not None:
             token_ids = await self._chat_ids(messages, scope)
         request, prompt_ids = await self._request(prompt, token_ids, sampling, scope)
-        results: dict[int, engine_pb2.GenerateResponse] = {}
-        texts: dict[int, list[str]] = {}
-        async for message in self._engine_stream(request, scope):
-            result = results.setdefault(message.index, engine_pb2.GenerateResponse(index=message.index))
-            convert.merge_message(result, message)
-            texts.setdefault(message.index, []).append(message.text)
-        for index, result in results.items():
-            result.text = "".join(texts[index])
-        return await detokenize.completions([results[i] for i in sorted(results)], request, prompt_ids,
+        messages = [message async for message in self._engine_stream(request, scope)]
+        return await detokenize.completions(convert.merged_results(messages), request, prompt_ids,
                                            self._tokenizer, self._tokenizer_endpoint, scope)
 
     async def complete_batch(self, prompts: Sequence[str] | None = None, *,
@@ -153,7 +146,7 @@ class AsyncClient:
         if prompts is not None and self._tokenizer is not None:
             token_ids = await self._encode_batch(prompts, scope)
         if token_ids is not None:
-            fingerprint = await self._fingerprint(scope) if self._tokenizer is not None else ""
+            fingerprint = await self._fingerprint(scope)
             requests = [self._ids_request(ids, sampling, fingerprint) for ids in token_ids]
         else:
             requests = [convert.text_request(text, sampling) for text in prompts]
@@ -225,8 +218,7 @@ class AsyncClient:
 
     async def _call(self, service: Endpoint, method, request, scope: CallScope):
         return await with_retries(lambda: method(request, timeout=scope.remaining(), metadata=scope.metadata),
-                                  self.retry,
-                                  scope, service)
+                                  self.retry, scope, service)
 
     async def _info(self, scope: CallScope) -> TokenizerInfo:
         if self._tokenizer_info is None:  # a tokenizer's identity never changes: ask once
@@ -236,7 +228,8 @@ class AsyncClient:
         return self._tokenizer_info
 
     async def _fingerprint(self, scope: CallScope) -> str:
-        return (await self._info(scope)).fingerprint
+        """What id requests carry to the engine: the tokenizer's fingerprint ("" without a tokenizer service)."""
+        return (await self._info(scope)).fingerprint if self._tokenizer is not None else ""
 
     async def _request(self, prompt: str | None, token_ids: Sequence[int] | None, sampling: Mapping,
                        scope: CallScope) -> tuple[engine_pb2.GenerateRequest, Sequence[int]]:
@@ -249,7 +242,7 @@ class AsyncClient:
             response = await self._call(self._tokenizer_endpoint, self._tokenizer.Encode,
                                         tokenizer_pb2.EncodeRequest(text=prompt), scope)
             token_ids = list(response.ids)
-        fingerprint = await self._fingerprint(scope) if self._tokenizer is not None else ""
+        fingerprint = await self._fingerprint(scope)
         return self._ids_request(token_ids, sampling, fingerprint), token_ids
 
     def _ids_request(self, ids: Sequence[int], sampling: Mapping, fingerprint: str = ""

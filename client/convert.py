@@ -135,6 +135,18 @@ def _same_fields(cls, msg):
     return cls(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)})
 
 
+def merged_results(messages: Iterable[engine_pb2.GenerateResponse]) -> list[engine_pb2.GenerateResponse]:
+    """A generation's stream messages as one whole result per sample, in sample index order."""
+    results: dict[int, engine_pb2.GenerateResponse] = {}
+    texts: dict[int, list[str]] = {}
+    for message in messages:
+        merge_message(results.setdefault(message.index, engine_pb2.GenerateResponse(index=message.index)), message)
+        texts.setdefault(message.index, []).append(message.text)
+    for index, result in results.items():
+        result.text = "".join(texts[index])
+    return [results[i] for i in sorted(results)]
+
+
 def merge_message(result: engine_pb2.GenerateResponse, message: engine_pb2.GenerateResponse) -> None:
     """Fold one stream message of a sample into that sample's whole result (text aside)."""
     result.token_ids.extend(message.token_ids)

@@ -259,7 +259,7 @@ def _runner_logits(model_dir, dtype: str, step: str, native_kernels: bool = True
     if not fused_decode:
         runner.model._decode_weights = runner.model._small_decode_weights = None
     # 19 decodes run their GEMMs at 32 rows (device.gemm_rows), zero rows past the real ones; 3 decodes
-    # run them on the GEMV, one decode on MKL's sgemv (both on the plain weights).
+    # run them on the GEMV, one decode of a float32 model on MKL's sgemv (both on the plain weights).
     lengths = {"decodes-padded": range(3, 22), "decode-one": (9,)}.get(step, (3, 9, 21))
     prompts = [list(range(5, 5 + n)) for n in lengths]
     seqs = make_seqs(prompts, contiguous_tables(prompts, 4))

@@ -80,13 +80,14 @@ inline void softmax_numerators(float* sc, int64_t count, float* mx, float* sum) 
 // One task: query heads of sequence s over keys [k0, k1). Unnormalized output acc [H, d], and per head
 // the running max and sum of exp, for a later merge of a sequence's chunks. Each K/V row is loaded (and,
 // from bf16, widened) once for up to G query heads of its group, whose accumulators stay in registers.
+// (`d` is DV * 16 here; it is a parameter so that both loops share ChunkKernel's signature.)
 template <typename T, int DV>
 void decode_chunk(const float* qf, const T* kp, const T* vp, const int64_t* table, int64_t block_size,
-                  int64_t kvh, int64_t group, int64_t k0, int64_t k1, float* scores, float* acc, float* mx,
-                  float* sum) {
+                  int64_t kvh, int64_t group, int64_t d, int64_t k0, int64_t k1, float* scores, float* acc,
+                  float* mx, float* sum) {
   using vec::v16;
   constexpr int G = DV <= 4 ? 4 : 2;  // G * DV accumulators: at most 16 of the 32 vector registers
-  const int64_t d = DV * 16, H = kvh * group, slot_stride = kvh * d, count = k1 - k0;
+  const int64_t H = kvh * group, slot_stride = kvh * d, count = k1 - k0;
   const T* rows[kTile];
   const T* next[kTile];
   // Pass 1: scores [H, count], a tile of 16 keys at a time.
@@ -304,6 +305,23 @@ void paged_decode_spans(const torch::Tensor& q, const torch::Tensor& lens, doubl
   }
 }
 
+// The chunk kernel for a head dim: the 16-lane tiles for 64 and 128 where AVX-512 is built (with AVX2's 16
+// registers the tiles spill: no faster than the general loop), the general loop otherwise.
+template <typename KV>
+using ChunkKernel = void (*)(const float*, const KV*, const KV*, const int64_t*, int64_t, int64_t, int64_t, int64_t,
+                             int64_t, int64_t, float*, float*, float*, float*);
+
+template <typename KV>
+ChunkKernel<KV> chunk_kernel(int64_t d) {
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<KV, double>) {
+    if (d == 64) return decode_chunk<KV, 4>;
+    if (d == 128) return decode_chunk<KV, 8>;
+  }
+#endif
+  return decode_chunk_general<KV>;
+}
+
 template <typename T, typename KV>
 void paged_decode_with(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                        const torch::Tensor& tables, const torch::Tensor& lens, double scale, int64_t window,
@@ -313,24 +331,11 @@ void paged_decode_with(const torch::Tensor& q, const torch::Tensor& k_cache, con
   const KV* kp = k_cache.data_ptr<KV>();
   const KV* vp = v_cache.data_ptr<KV>();
   const int64_t* tp = tables.data_ptr<int64_t>();
-  const auto general = [&](const float* qf, int64_t s, int64_t k0, int64_t k1, float* scores, float* acc, float* mx,
-                           float* sum) {
-    decode_chunk_general<KV>(qf, kp, vp, tp + s * max_blocks, block_size, kvh, group, d, k0, k1, scores, acc, mx, sum);
-  };
-#if defined(__AVX512F__)  // with AVX2's 16 registers the 16-float tiles spill: no faster than the general loop
-  if constexpr (!std::is_same_v<T, double>) {
-    const auto tiles = [&](auto dv) {
-      return [&, dv](const float* qf, int64_t s, int64_t k0, int64_t k1, float* scores, float* acc, float* mx,
-                     float* sum) {
-        decode_chunk<KV, decltype(dv)::value>(qf, kp, vp, tp + s * max_blocks, block_size, kvh, group, k0, k1,
-                                              scores, acc, mx, sum);
-      };
-    };
-    if (d == 64) return paged_decode_spans<T>(q, lens, scale, window, out, tiles(std::integral_constant<int, 4>{}));
-    if (d == 128) return paged_decode_spans<T>(q, lens, scale, window, out, tiles(std::integral_constant<int, 8>{}));
-  }
-#endif
-  paged_decode_spans<T>(q, lens, scale, window, out, general);
+  const ChunkKernel<KV> kernel = chunk_kernel<KV>(d);
+  paged_decode_spans<T>(q, lens, scale, window, out, [&](const float* qf, int64_t s, int64_t k0, int64_t k1,
+                                                         float* scores, float* acc, float* mx, float* sum) {
+    kernel(qf, kp, vp, tp + s * max_blocks, block_size, kvh, group, d, k0, k1, scores, acc, mx, sum);
+  });
 }
 
 }  // namespace

@@ -25,8 +25,9 @@ inline void row_dots(const T* w, const float* xf, int64_t K, v16* out) {
   v16 a[M] = {}, b[M] = {};
   int64_t c = 0;
   for (; c + 32 <= K; c += 32) {
-    __builtin_prefetch(reinterpret_cast<const char*>(w + c) + kPrefetchBytes, 0, 3);
-    if constexpr (sizeof(T) == 4) __builtin_prefetch(reinterpret_cast<const char*>(w + c) + kPrefetchBytes + 64, 0, 3);
+    // Every cache line of this step's 32 weights: one in bf16, two in fp32 (one prefetch a step read fp32 5-10% slower).
+    for (size_t line = 0; line < 32 * sizeof(T); line += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(w + c) + kPrefetchBytes + line, 0, 3);
     const v16 w0 = vec::load(w + c), w1 = vec::load(w + c + 16);
     for (int i = 0; i < M; ++i) {
       a[i] += vec::load(xf + i * K + c) * w0;
