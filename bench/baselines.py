@@ -21,7 +21,7 @@ from transformers import (AutoModelForCausalLM, ContinuousBatchingConfig, Genera
 
 from tokenwire.bench.metrics import RequestRecord, RunRecord
 from tokenwire.bench.workloads import BenchRequest
-from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.engine.request.sampling_params import SamplingParams
 
 _CB_PAGE = 256   # generate_batch's default page size, in tokens
 
@@ -230,7 +230,7 @@ def measure_ceiling(model_dir: str, dtype: torch.dtype, prompt_lens: list[int], 
 
 def measure_ceilings(model_dir: str, dtype: torch.dtype, prompt_lens: list[int], new_tokens: int) -> Ceiling:
     """The F.linear ceiling (p1_ceiling.py's), carrying the one measured with the engine's own GEMMs."""
-    from tokenwire.engine.device import Linear
+    from tokenwire.engine.models.linear import Linear
 
     ceiling = measure_ceiling(model_dir, dtype, prompt_lens, new_tokens)
     engine_gemms = measure_ceiling(model_dir, dtype, prompt_lens, new_tokens,

@@ -42,7 +42,7 @@ from tokenwire.bench.metrics import RunRecord, agreement, compare, latency_sampl
 from tokenwire.bench.report import (cpu_busy_cores, environment, format_replicas_table, format_table, progress_bar,
                                     write_json, write_plot)
 from tokenwire.bench.workloads import BenchRequest, build_requests, make_spec, pretokenize, warmup_requests
-from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.serving.model_resolver import resolve_model
 
 log = logging.getLogger("tokenwire.bench")
@@ -178,7 +178,7 @@ class Bench:
     def resolve_dtype(self) -> None:
         """The engine's dtype when an engine ran; otherwise the engine's own `auto` rule."""
         if self.dtype is None or self.device is None:
-            from tokenwire.engine.device import choose_device, choose_dtype
+            from tokenwire.engine.worker.device import choose_device, choose_dtype
             self.device = choose_device(self.args.device)
             self.dtype = choose_dtype(self.args.dtype, self.device)
 

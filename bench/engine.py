@@ -9,9 +9,9 @@ import time
 from tokenwire.bench.metrics import RequestRecord, RunRecord
 from tokenwire.bench.workloads import BenchRequest
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from tokenwire.engine.device import dtype_name
-from tokenwire.engine.engine import LLMEngine
-from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.engine.worker.device import dtype_name
+from tokenwire.engine.core.engine import LLMEngine
+from tokenwire.engine.request.sampling_params import SamplingParams
 
 
 def build_engine(args) -> LLMEngine:

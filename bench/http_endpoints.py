@@ -19,7 +19,7 @@ import openai
 
 from tokenwire.bench.metrics import RequestRecord
 from tokenwire.bench.workloads import BenchRequest
-from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.engine.request.sampling_params import SamplingParams
 
 SERVED_MODEL = "bench"     # the gateway started by the benchmark serves the model under this name
 _TIMEOUT = httpx.Timeout(600.0, connect=30.0)

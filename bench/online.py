@@ -30,7 +30,7 @@ from tokenwire.bench.metrics import RequestRecord, RunRecord
 from tokenwire.bench.proc_cpu import CpuMeter, engine_core_pid, per_1k_tokens
 from tokenwire.bench.workloads import BenchRequest, arrival_offsets
 from tokenwire.client import AsyncClient, TokenwireError
-from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.serving.launcher import ENGINE, GATEWAY, TOKENIZER, start_service
 from tokenwire.v1 import engine_pb2, engine_pb2_grpc
 

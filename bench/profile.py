@@ -24,11 +24,10 @@ from torch.profiler import ProfilerActivity, profile
 from tokenwire.bench.baselines import measure_ceiling, time_linear
 from tokenwire.bench.workloads import p1_prompt_lengths
 from tokenwire.engine.config import CacheConfig, EngineConfig
-from tokenwire.engine.device import Linear
-from tokenwire.engine.model_runner import ModelRunner
-from tokenwire.engine.sampler import Sampler
-from tokenwire.engine.sampling_params import SamplingParams
-from tokenwire.engine.sequence import ScheduledChunk, Sequence
+from tokenwire.engine.models.linear import Linear
+from tokenwire.engine.worker.model_runner import ModelRunner
+from tokenwire.engine.request.sampling_params import SamplingParams
+from tokenwire.engine.scheduling.sequence import ScheduledChunk, Sequence
 from tokenwire.serving.model_resolver import resolve_model
 
 _CATEGORIES = {  # aten op -> bucket of the breakdown
@@ -77,7 +76,7 @@ def prefill_steps(seqs: list[Sequence], budget: int) -> list[list[ScheduledChunk
     return steps + ([current] if current else [])
 
 
-def run_step(runner: ModelRunner, sampler: Sampler, chunks: list[ScheduledChunk]) -> None:
+def run_step(runner: ModelRunner, sampler, chunks: list[ScheduledChunk]) -> None:
     logits = runner.execute(chunks)
     sampled = [c.seq for c in chunks if c.sample]
     for seq, token in zip(sampled, sampler.sample(logits, sampled).token_ids):
@@ -88,7 +87,7 @@ def decode_chunks(seqs: list[Sequence]) -> list[ScheduledChunk]:
     return [ScheduledChunk(s, s.num_tokens - 1, 1, True) for s in seqs]
 
 
-def run_p1(runner: ModelRunner, sampler: Sampler, new_tokens: int) -> tuple[float, float, list[Sequence]]:
+def run_p1(runner: ModelRunner, sampler, new_tokens: int) -> tuple[float, float, list[Sequence]]:
     seqs = make_sequences(32, runner.block_size, runner.vocab_size)
     start = time.perf_counter()
     for chunks in prefill_steps(seqs, 512):
@@ -99,7 +98,7 @@ def run_p1(runner: ModelRunner, sampler: Sampler, new_tokens: int) -> tuple[floa
     return prefill_s, time.perf_counter() - start, seqs
 
 
-def breakdown(label: str, runner: ModelRunner, sampler: Sampler, make_chunks, reps: int = 5) -> None:
+def breakdown(label: str, runner: ModelRunner, sampler, make_chunks, reps: int = 5) -> None:
     """Profile `reps` steps of `make_chunks()`; bucket each op's self time."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         wall = time.perf_counter()
@@ -119,7 +118,7 @@ def breakdown(label: str, runner: ModelRunner, sampler: Sampler, make_chunks, re
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 
-def time_decode(runner: ModelRunner, sampler: Sampler, seqs: list[Sequence], reps: int = 5) -> None:
+def time_decode(runner: ModelRunner, sampler, seqs: list[Sequence], reps: int = 5) -> None:
     """Unprofiled: one decode step's forward and sampling."""
     start = time.perf_counter()
     for _ in range(reps):
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve_model(args.model)
     runner = ModelRunner(EngineConfig(model=model_dir, dtype=args.dtype, few_row_gemv=args.few_row_gemv,
                                       cache=CacheConfig(kv_cache_dtype=args.kv_cache_dtype)))
-    sampler = Sampler(native=runner.native)
+    sampler = runner.sampler
     print(f"{runner.architecture} {runner.dtype} (KV cache {runner.kv_dtype}) on {runner.device}, "
           f"{torch.get_num_threads()} threads, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")

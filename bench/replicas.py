@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from tokenwire.bench import online as bench_online
 from tokenwire.bench.metrics import RunRecord
 from tokenwire.bench.workloads import BenchRequest
-from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.serving.launcher import ENGINE, TOKENIZER, free_port, start_service
 
 SETUPS = ("round_robin", "prefix", "single")

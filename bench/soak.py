@@ -33,7 +33,7 @@ from tokenwire.bench.proc_cpu import engine_core_pid
 from tokenwire.bench.report import cpu_busy_cores
 from tokenwire.bench.soak_report import RssSample, RssSampler
 from tokenwire.bench.workloads import BenchRequest
-from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.serving.launcher import ENGINE, start_service
 from tokenwire.serving.model_resolver import DEFAULT_MODEL
 from tokenwire.v1 import engine_pb2, engine_pb2_grpc

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from tokenwire.bench import engine as bench_engine
 from tokenwire.bench.report import progress_bar
-from tokenwire.engine.sampling_params import Constraint, SamplingParams
+from tokenwire.engine.request.sampling_params import Constraint, SamplingParams
 
 _TEXT = {"type": "string", "maxLength": 24}
 SCHEMAS = {

@@ -13,7 +13,7 @@ import os
 from collections.abc import MutableMapping
 
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
-from tokenwire.engine.server import serve
+from tokenwire.engine.edge.server import serve
 from tokenwire.serving.cli_env import add_config_flags, apply_env_defaults, config_values
 from tokenwire.serving.server import ServiceFailed
 from tokenwire.serving.logging_setup import add_logging_arguments, configure_logging

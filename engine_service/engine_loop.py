@@ -10,9 +10,9 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from tokenwire.engine.engine import LLMEngine
-from tokenwire.engine.outputs import RequestOutput
-from tokenwire.engine.sequence import Sequence
+from tokenwire.engine.core.engine import LLMEngine
+from tokenwire.engine.core.outputs import RequestOutput
+from tokenwire.engine.scheduling.sequence import Sequence
 
 log = logging.getLogger(__name__)
 

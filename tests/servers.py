@@ -9,7 +9,7 @@ import time
 import grpc
 
 from tokenwire.engine.config import EngineConfig, ServerConfig
-from tokenwire.engine.server import EngineServer
+from tokenwire.engine.edge.server import EngineServer
 from tokenwire.tokenizer.config import TokenizerServiceConfig
 from tokenwire.tokenizer.server import TokenizerServer
 from tokenwire.v1 import engine_pb2 as pb

@@ -5,6 +5,7 @@ lands inside the engine before its next step."""
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 
@@ -15,10 +16,10 @@ from tests.reference import ENGINE_DTYPE
 from tests.servers import EngineThread, TokenizerThread, rpc_error, wait_until_idle
 from tokenwire.client import Client, OverloadedError
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
-from tokenwire.engine.engine import LLMEngine
-from tokenwire.engine.engine_loop import EngineLoop
-from tokenwire.engine.sampling_params import SamplingParams
-from tokenwire.engine.sequence import FinishReason
+from tokenwire.engine.core.messages import AbortRequest, AddRequest, QueryStats, Ready, StatsReply, StepOutputs, Stop
+from tokenwire.engine.core.process import InMemoryTransport, run_core_in_thread
+from tokenwire.engine.request.sampling_params import SamplingParams
+from tokenwire.engine.scheduling.sequence import FinishReason, Sequence
 from tokenwire.tokenizer.config import TokenizerServiceConfig
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
@@ -120,30 +121,42 @@ def test_a_flood_is_served_or_refused_never_hung(server, stub):
 
 
 def test_abort_lands_before_the_next_step(config):
-    """A request aborted while its first token is being delivered never gets a second one: the loop
-    applies queued aborts between steps."""
-    loop = EngineLoop(LLMEngine(config)).start()
+    """A request aborted while its first token is being delivered never gets a second one: the core loop
+    applies queued aborts between steps. The production loop runs on a thread, over the in-memory
+    transport, and its front answers on the core's thread, before the loop can step again."""
+    replies: queue.SimpleQueue = queue.SimpleQueue()
+
+    def deliver(reply):  # the core's thread
+        if isinstance(reply, StepOutputs):
+            for output in reply.outputs:
+                if not output.finished and output.num_output_tokens == 1:
+                    transport.put(AbortRequest(output.request_id))
+        replies.put(reply)
+
+    transport = InMemoryTransport(deliver)
+    thread = run_core_in_thread(config, transport)
     try:
-        finals: list = []
-        done = threading.Event()
-
-        def sink(output):  # engine thread
-            if output.finished:
-                finals.append(output)
-                done.set()
-            elif output.num_output_tokens == 1:
-                loop.abort(output.request_id)
-
-        seq = loop.engine.prepare(prompt_token_ids=[1, 2, 3], request_id="abort-me",
-                                  params=SamplingParams(max_new_tokens=1000, ignore_eos=True))
-        loop.submit(seq, sink)
-        assert done.wait(30)
-        (final,) = finals
+        ready = replies.get(timeout=120)
+        assert isinstance(ready, Ready), ready
+        seq = Sequence("abort-me", [1, 2, 3], SamplingParams(max_new_tokens=1000, ignore_eos=True))
+        transport.put(AddRequest(seq, want_text=False))
+        outputs = []
+        while not (outputs and outputs[-1].finished):
+            reply = replies.get(timeout=30)
+            outputs += reply.outputs if isinstance(reply, StepOutputs) else []
+        final = outputs[-1]
+        assert final.request_id == "abort-me"
         assert final.finish_reason is FinishReason.ABORT and final.num_output_tokens == 1
-        stats = loop.call(loop.engine.stats)
-        assert stats.num_free_kv_blocks == stats.num_kv_blocks and stats.num_running == 0
+        transport.put(QueryStats(token=7))
+        reply = replies.get(timeout=30)
+        assert isinstance(reply, StatsReply) and reply.token == 7
+        stats = reply.stats
+        assert stats.engine.num_free_kv_blocks == stats.engine.num_kv_blocks and stats.engine.num_running == 0
+        assert (stats.engine.num_requests, stats.engine.num_scheduled_requests, stats.num_live_requests) == (0, 0, 0)
     finally:
-        loop.stop()
+        transport.put(Stop())
+        thread.join(30)
+    assert not thread.is_alive()
 
 
 def test_tokenizer_service_bounds_rpcs_in_flight(smollm2_dir):

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from tokenwire.bench import cli as bench_cli
 from tokenwire.bench import profile as bench_profile
-from tokenwire.engine.device import choose_dtype
+from tokenwire.engine.worker.device import choose_dtype
 from tokenwire.serving.launcher import command
 from tokenwire.bench.replicas import Counters, parse_counters
 from tokenwire.bench.workloads import build_requests, make_spec, p1_prompt_lengths, usable_ids

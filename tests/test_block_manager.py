@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from tokenwire.engine.block_manager import BlockManager
-from tokenwire.engine.sampling_params import SamplingParams
-from tokenwire.engine.sequence import Sequence
+from tokenwire.engine.scheduling.block_manager import BlockManager
+from tokenwire.engine.request.sampling_params import SamplingParams
+from tokenwire.engine.scheduling.sequence import Sequence
 
 BS = 4
 

@@ -17,7 +17,7 @@ from tokenwire.client import cli
 from tokenwire.client.convert import chat_messages, sampling_params
 from tokenwire.client.types import Completion, FinishReason, Usage
 from tokenwire.engine.config import EngineConfig, ServerConfig
-from tokenwire.engine.server import EngineServer
+from tokenwire.engine.edge.server import EngineServer
 from tokenwire.serving.launcher import free_port
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc

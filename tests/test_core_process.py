@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.reference import ENGINE_DTYPE
 from tokenwire.bench.proc_cpu import children, engine_core_pid
-from tokenwire.engine.core_proc import freeze_startup_heap
+from tokenwire.engine.core.process import freeze_startup_heap
 from tokenwire.serving.launcher import command, free_port
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc

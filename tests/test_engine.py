@@ -9,9 +9,9 @@ import pytest
 from tests.reference import ENGINE_DTYPE, EXACT, assert_greedy_matches_reference, assert_runs_agree
 
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from tokenwire.engine.engine import LLMEngine
-from tokenwire.engine.sampling_params import SamplingParams
-from tokenwire.engine.sequence import FinishReason
+from tokenwire.engine.core.engine import LLMEngine
+from tokenwire.engine.request.sampling_params import SamplingParams
+from tokenwire.engine.scheduling.sequence import FinishReason
 from tokenwire.serving.errors import InvalidRequestError
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)

@@ -5,10 +5,10 @@ import dataclasses
 import subprocess
 import sys
 
-from tokenwire.engine import convert
+from tokenwire.engine.edge import convert
 from tokenwire.engine.cli import build_parser, configs_from_args, prefer_sleeping_omp_waits
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
-from tokenwire.engine.sampling_params import Constraint, SamplingParams
+from tokenwire.engine.request.sampling_params import Constraint, SamplingParams
 from tokenwire.v1 import engine_pb2 as pb
 
 

@@ -16,8 +16,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokenwire.engine.config import CacheConfig, EngineConfig, ServerConfig
-from tokenwire.engine.server import SERVICE_NAME, EngineServer
-from tokenwire.engine.servicer import FIELD_METADATA_KEY
+from tokenwire.engine.edge.server import SERVICE_NAME, EngineServer
+from tokenwire.engine.edge.servicer import FIELD_METADATA_KEY
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
 

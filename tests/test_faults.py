@@ -4,7 +4,7 @@ its batch; the tokenizer service dying leaves id requests working, makes text re
 UnavailableError, and they work again once it is back on the same port; the engine dying mid-stream
 ends the client's stream with an error, never a hang (every call carries a deadline as a safety net).
 
-The in-engine failures use the engine's fault-injection switch (engine_service/faults.py), set only
+The in-engine failures use the engine's fault-injection switch (engine_service/core/faults.py), set only
 for the engine started here: requests whose id starts with `poison-` fail in post-processing, and any
 step holding a `crash-` request fails in the batched forward."""
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pytest
 from tests.reference import ENGINE_DTYPE
 from tokenwire.client import Client, DeadlineExceededError, ServerError, TokenwireError, UnavailableError
 from tokenwire.engine.config import CacheConfig, EngineConfig
-from tokenwire.engine.engine import LLMEngine
-from tokenwire.engine.faults import ENV_VAR, FaultInjector, InjectedFault
-from tokenwire.engine.sampling_params import SamplingParams
+from tokenwire.engine.core.engine import LLMEngine
+from tokenwire.engine.core.faults import ENV_VAR, FaultInjector, InjectedFault
+from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.serving.launcher import LocalServices, Service, start_service
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc

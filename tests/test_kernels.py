@@ -174,7 +174,7 @@ def test_kernels_build_where_there_is_a_compiler():
     """A broken build falls back to torch ops at run time, and would skip the tests above: not here."""
     import shutil
 
-    if kernels.enabled_by_env() and (shutil.which("c++") or shutil.which("g++")):
+    if shutil.which("c++") or shutil.which("g++"):
         assert native is not None, "the native kernels failed to build (see the warning logged above)"
 
 
@@ -195,15 +195,24 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_start():
 
 def test_switched_off_by_config(tiny_llama_dir):
     from tokenwire.engine.config import EngineConfig
-    from tokenwire.engine.model_runner import ModelRunner
+    from tokenwire.engine.worker.model_runner import ModelRunner
 
     assert ModelRunner(EngineConfig(model=tiny_llama_dir, native_kernels=False)).native is None
 
 
-def test_switched_off_by_env(monkeypatch):
+@needs_native
+def test_the_flag_wins_over_the_environment(tiny_llama_dir, monkeypatch):
+    """TOKENWIRE_NATIVE_KERNELS=0 is the flag's default, read once by the CLI: `--native-kernels` still
+    turns them on (the kernels module read the variable again and overrode the flag)."""
+    from tokenwire.engine.cli import build_parser, configs_from_args
+    from tokenwire.engine.worker.model_runner import ModelRunner
+
     monkeypatch.setenv("TOKENWIRE_NATIVE_KERNELS", "0")
-    assert not kernels.enabled_by_env()
-    assert kernels._load() is None  # the model runs on the torch ops
+    by_env, _ = configs_from_args(build_parser().parse_args(["--model", tiny_llama_dir]))
+    by_flag, _ = configs_from_args(build_parser().parse_args(["--model", tiny_llama_dir, "--native-kernels"]))
+    assert not by_env.native_kernels and by_flag.native_kernels
+    assert ModelRunner(by_env).native is None
+    assert ModelRunner(by_flag).native is not None
 
 
 @needs_native
@@ -223,8 +232,8 @@ def test_gemv_matches_torch(dtype, rows):
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_linear_runs_few_rows_on_the_gemv(dtype):
-    """device.Linear: up to GEMV_MAX_ROWS rows on the GEMV (plain weight kept), more on oneDNN/F.linear."""
-    from tokenwire.engine.device import GEMV_MAX_ROWS, Linear
+    """linear.Linear: up to GEMV_MAX_ROWS rows on the GEMV (plain weight kept), more on oneDNN/F.linear."""
+    from tokenwire.engine.models.linear import GEMV_MAX_ROWS, Linear
 
     torch.manual_seed(5)
     w, b = torch.randn(48, 64).to(dtype), torch.randn(48).to(dtype)
@@ -246,8 +255,8 @@ def _runner_logits(model_dir, dtype: str, step: str, native_kernels: bool = True
     the Python layer loop over the kernels), or decodes alone (every layer in one native call)."""
     from tests.test_model_runner import BLOCK_SIZE, contiguous_tables, make_seqs
     from tokenwire.engine.config import CacheConfig, EngineConfig
-    from tokenwire.engine.model_runner import ModelRunner
-    from tokenwire.engine.sequence import ScheduledChunk
+    from tokenwire.engine.worker.model_runner import ModelRunner
+    from tokenwire.engine.scheduling.sequence import ScheduledChunk
 
     runner = ModelRunner(EngineConfig(model=model_dir, dtype=dtype, native_kernels=native_kernels,
                                       few_row_gemv=few_row_gemv, cache=CacheConfig(
@@ -258,7 +267,7 @@ def _runner_logits(model_dir, dtype: str, step: str, native_kernels: bool = True
         assert runner.model._decode_weights is not None
     if not fused_decode:
         runner.model._decode_weights = runner.model._small_decode_weights = None
-    # 19 decodes run their GEMMs at 32 rows (device.gemm_rows), zero rows past the real ones; 3 decodes
+    # 19 decodes run their GEMMs at 32 rows (linear.gemm_rows), zero rows past the real ones; 3 decodes
     # run them on the GEMV, one decode of a float32 model on MKL's sgemv (both on the plain weights).
     lengths = {"decodes-padded": range(3, 22), "decode-one": (9,)}.get(step, (3, 9, 21))
     prompts = [list(range(5, 5 + n)) for n in lengths]
@@ -280,7 +289,7 @@ def test_few_row_gemv_switched_off_keeps_one_weight_copy(tiny_llama_dir, dtype, 
     """`few_row_gemv=False`: every linear keeps its oneDNN-packed weight alone (no plain copy, so the
     linear layers' memory once), and steps of 1 and 3 decodes give the logits of the few-row path."""
     from tokenwire.engine.config import EngineConfig
-    from tokenwire.engine.model_runner import ModelRunner
+    from tokenwire.engine.worker.model_runner import ModelRunner
 
     def linears(runner):
         return [lin for layer in runner.model.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]

@@ -16,9 +16,9 @@ import pytest
 
 FORBIDDEN = {
     # module: prefixes of modules it must not load
-    "tokenwire.engine.scheduler": ["torch", "grpc", "tokenwire.tokenizer", "tokenwire.v1"],
-    "tokenwire.engine.block_manager": ["torch", "grpc", "tokenwire.tokenizer", "tokenwire.v1"],
-    "tokenwire.engine.prefix_cache": ["torch", "grpc", "tokenwire.tokenizer", "tokenwire.v1"],
+    "tokenwire.engine.scheduling.scheduler": ["torch", "grpc", "tokenwire.tokenizer", "tokenwire.v1"],
+    "tokenwire.engine.scheduling.block_manager": ["torch", "grpc", "tokenwire.tokenizer", "tokenwire.v1"],
+    "tokenwire.engine.scheduling.prefix_cache": ["torch", "grpc", "tokenwire.tokenizer", "tokenwire.v1"],
     "tokenwire.tokenizer.server": ["tokenwire.engine", "tokenwire.client", "tokenwire.bench", "torch"],
     "tokenwire.tokenizer.cli": ["tokenwire.engine", "tokenwire.client", "tokenwire.bench", "torch"],
     "tokenwire.client": ["torch", "transformers", "tokenwire.engine", "tokenwire.tokenizer", "tokenwire.bench"],
@@ -64,5 +64,5 @@ def test_serving_loads_no_service():
 
 
 def test_engine_uses_only_the_fingerprint_and_detokenizer_of_the_tokenizer():
-    loaded = loaded_modules("tokenwire.engine.server") + loaded_modules("tokenwire.engine.engine")
+    loaded = loaded_modules("tokenwire.engine.edge.server") + loaded_modules("tokenwire.engine.core.engine")
     assert sorted(set(offending(loaded, ["tokenwire.tokenizer"])) - ENGINE_MAY_USE) == []

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.reference import ENGINE_DTYPE
 from tokenwire.client import Client, InvalidRequestError
 from tokenwire.engine.config import CacheConfig, EngineConfig, ServerConfig
-from tokenwire.engine.server import EngineServer
+from tokenwire.engine.edge.server import EngineServer
 from tokenwire.tokenizer.config import TokenizerServiceConfig
 from tokenwire.tokenizer.server import TokenizerServer
 

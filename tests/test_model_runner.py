@@ -17,10 +17,11 @@ from transformers import (AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen
 from tests.reference import ENGINE_DTYPE, EXACT, TORCH_DTYPE, assert_greedy_matches_reference
 
 from tokenwire.engine.config import CacheConfig, EngineConfig
-from tokenwire.engine.device import Linear, choose_device, choose_dtype, choose_kv_cache_dtype
-from tokenwire.engine.model_runner import ModelRunner
-from tokenwire.engine.sampling_params import SamplingParams
-from tokenwire.engine.sequence import ScheduledChunk, Sequence
+from tokenwire.engine.models.linear import Linear
+from tokenwire.engine.worker.device import choose_device, choose_dtype, choose_kv_cache_dtype
+from tokenwire.engine.worker.model_runner import ModelRunner
+from tokenwire.engine.request.sampling_params import SamplingParams
+from tokenwire.engine.scheduling.sequence import ScheduledChunk, Sequence
 
 PROMPT_LENGTHS = (1, 5, 17, 40)
 NEW_TOKENS = 8
@@ -276,7 +277,7 @@ def test_linear_matches_f_linear(bias):
 
 
 def test_gemm_rows_are_a_bounded_set_of_shapes():
-    from tokenwire.engine.device import gemm_rows
+    from tokenwire.engine.models.linear import gemm_rows
 
     rows = [gemm_rows(m) for m in range(1, 1025)]
     assert rows[:16] == list(range(1, 17)) and len(set(rows)) <= 48
@@ -285,7 +286,7 @@ def test_gemm_rows_are_a_bounded_set_of_shapes():
 
 @pytest.mark.parametrize("m", [5, 17, 200])
 def test_a_padded_gemm_gives_the_rows_it_was_asked_for(m):
-    from tokenwire.engine.device import Linear
+    from tokenwire.engine.models.linear import Linear
 
     torch.manual_seed(0)
     weight, bias, x, residual = torch.randn(24, 40), torch.randn(24), torch.randn(m, 40), torch.randn(m, 24)

@@ -1,7 +1,7 @@
 """PrefixCache on its own: hash chain, longest-prefix match, duplicate registration, LRU eviction, stats."""
 from __future__ import annotations
 
-from tokenwire.engine.prefix_cache import ROOT_HASH, PrefixCache, PrefixCacheStats, block_hash
+from tokenwire.engine.scheduling.prefix_cache import ROOT_HASH, PrefixCache, PrefixCacheStats, block_hash
 
 BS = 4
 

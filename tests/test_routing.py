@@ -14,7 +14,7 @@ from tokenwire.client.routing import PrefixRouter, rendezvous, resolve, routed_s
 from tokenwire.client.calls import CallScope
 from tokenwire.client.credentials import open_channel
 from tokenwire.engine.config import CacheConfig, EngineConfig, ServerConfig
-from tokenwire.engine.prefix_cache import PrefixCache
+from tokenwire.engine.scheduling.prefix_cache import PrefixCache
 from tokenwire.serving.block_hash import ROOT_HASH, block_hash, prefix_hash
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc

@@ -7,10 +7,10 @@ from collections import Counter
 import pytest
 import torch
 
-from tokenwire.engine import sampler as sampler_module
-from tokenwire.engine.sampler import Sampler, apply_penalties
-from tokenwire.engine.sampling_params import SamplingParams
-from tokenwire.engine.sequence import Sequence
+from tokenwire.engine.worker import sampler as sampler_module
+from tokenwire.engine.worker.sampler import Sampler, apply_penalties
+from tokenwire.engine.request.sampling_params import SamplingParams
+from tokenwire.engine.scheduling.sequence import Sequence
 from tokenwire.serving.errors import InvalidRequestError
 
 VOCAB = 64

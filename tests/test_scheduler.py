@@ -6,11 +6,11 @@ import random
 
 import pytest
 
-from tokenwire.engine.block_manager import BlockManager
+from tokenwire.engine.scheduling.block_manager import BlockManager
 from tokenwire.engine.config import SchedulerConfig
-from tokenwire.engine.sampling_params import SamplingParams
-from tokenwire.engine.scheduler import Scheduler, SchedulerOutput
-from tokenwire.engine.sequence import FinishReason, Sequence, SequenceStatus
+from tokenwire.engine.request.sampling_params import SamplingParams
+from tokenwire.engine.scheduling.scheduler import Scheduler, SchedulerOutput
+from tokenwire.engine.scheduling.sequence import FinishReason, Sequence, SequenceStatus
 
 BS = 4
 

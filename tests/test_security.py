@@ -24,7 +24,7 @@ from tests.servers import EngineThread, TokenizerThread
 from tokenwire.client import AuthenticationError, Client, RetryPolicy, UnavailableError
 from tokenwire.engine.cli import build_parser as engine_parser
 from tokenwire.engine.config import CacheConfig, EngineConfig, ServerConfig
-from tokenwire.engine.engine import LLMEngine
+from tokenwire.engine.core.engine import LLMEngine
 from tokenwire.serving.security import TlsConfigError, server_credentials
 from tokenwire.tokenizer.cli import build_parser as tokenizer_parser
 from tokenwire.tokenizer.config import TokenizerServiceConfig

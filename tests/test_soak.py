@@ -162,10 +162,11 @@ def _greedy(stub, ids: list[int]) -> list[int]:
 
 def _assert_no_request_state(server: EngineThread) -> None:
     """Past the public stats: no request left in any of the engine's or servicer's tables."""
-    loop = server.server.engine_loop
-    engine = loop.engine
-    leftovers = loop.call(lambda: (len(engine._states), len(engine.scheduler._by_id), len(loop._sinks)))
-    assert leftovers == (0, 0, 0)
+    core = server.server.core
+    stats = server.run(core.stats())   # a round trip: every abort sent before it has been applied
+    leftovers = (stats.engine.num_requests, stats.engine.num_scheduled_requests, stats.num_live_requests,
+                 core.num_in_flight)
+    assert leftovers == (0, 0, 0, 0)
     servicer = server.server.servicer
     assert not servicer._active and not servicer._waiting
 

@@ -12,9 +12,9 @@ import pytest
 
 from tests.reference import ENGINE_DTYPE, EXACT
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from tokenwire.engine.engine import LLMEngine
-from tokenwire.engine.grammar import COMPILE_THREADS, GrammarCompiler, GrammarError
-from tokenwire.engine.sampling_params import MAX_CHOICES, Constraint, SamplingParams
+from tokenwire.engine.core.engine import LLMEngine
+from tokenwire.engine.request.grammar import COMPILE_THREADS, GrammarCompiler, GrammarError
+from tokenwire.engine.request.sampling_params import MAX_CHOICES, Constraint, SamplingParams
 from tokenwire.serving.errors import InvalidRequestError
 
 _WORD = {"type": "string", "pattern": "^[A-Z][a-z]{1,7}$"}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from tokenwire.engine.device import Linear
+from tokenwire.engine.models.linear import Linear
 from tokenwire.engine.models.attention import AttentionBatch, KVCache, paged_attention
 
 # gelu_new is the tanh approximation; F.gelu does it in one fused op instead of HF's five.
@@ -40,7 +40,7 @@ class _Block:
 
 class GPT2Forward:
     def __init__(self, hf_model: torch.nn.Module, gemv=None):
-        """`gemv`: the native few-row GEMM, or None (see device.Linear)."""
+        """`gemv`: the native few-row GEMM, or None (see linear.Linear)."""
         config = hf_model.config
         inner = hf_model.transformer
         self.num_layers = config.n_layer

@@ -5,7 +5,8 @@ once with the machine's compiler, and their pure-torch equivalents.
 `$TOKENWIRE_HOME/kernels/<torch>-<cpu capability>-<source hash>/` the first time (~1 min on 2 cores,
 logged) and loads it from there afterwards (well under a second). It returns None, and the model falls
 back to the torch ops below, when the build fails (no compiler, no ninja), when
-`TOKENWIRE_NATIVE_KERNELS=0`, or off the CPU. The fallbacks define what the kernels compute; a parity
+the engine is configured without them (`--no-native-kernels`: the config decides, this module reads no
+environment), or off the CPU. The fallbacks define what the kernels compute; a parity
 test holds the two together.
 """
 from __future__ import annotations
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_attention.cpp", "cpu_decode.cpp", "cpu_linear.cpp")]
 _HEADER = Path(__file__).with_name("cpu_kernels.h")
-_ENV = "TOKENWIRE_NATIVE_KERNELS"
 _loaded: dict[str, object] = {}
 
 
@@ -36,14 +36,7 @@ def native():
     return _loaded["module"]
 
 
-def enabled_by_env() -> bool:
-    return os.environ.get(_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
 def _load():
-    if not enabled_by_env():
-        log.info("native CPU kernels off (%s=0): torch ops instead", _ENV)
-        return None
     missing = [p.name for p in (*_SOURCES, _HEADER) if not p.exists()]
     if missing:
         log.warning("native CPU kernels: %s missing; torch ops instead", ", ".join(missing))

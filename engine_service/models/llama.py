@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from tokenwire.engine.device import GEMV_MAX_ROWS, Linear, gemm_rows
+from tokenwire.engine.models.linear import GEMV_MAX_ROWS, Linear, gemm_rows
 from tokenwire.engine.models.attention import AttentionBatch, KVCache, paged_attention
 
 
@@ -32,7 +32,7 @@ class _Layer:
 
 class LlamaForward:
     def __init__(self, hf_model: torch.nn.Module, gemv=None):
-        """`gemv`: the native few-row GEMM, or None (see device.Linear)."""
+        """`gemv`: the native few-row GEMM, or None (see linear.Linear)."""
         config = hf_model.config
         inner = hf_model.model
         self.num_layers = config.num_hidden_layers

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from tokenwire.engine.sequence import FinishReason
+from tokenwire.engine.scheduling.sequence import FinishReason
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ class RequestOutput:
     text_delta: str = ""                     # only when the request asked for text or has stop strings
     finished: bool = False
     finish_reason: FinishReason | None = None
-    error: str | None = None                 # set when the engine failed this request
+    error: str | None = None                 # set when the engine failed or refused this request
+    error_field: str | None = None           # with `error`: the request field it refused (INVALID_ARGUMENT)
     num_prompt_tokens: int = 0
     num_cached_prompt_tokens: int = 0
     num_output_tokens: int = 0
@@ -75,4 +76,5 @@ class EngineStats:
     num_prompt_encodes: int                  # prompts this engine tokenized itself (text requests)
     prefix_cache_hit_rate: float
     num_preemptions: int
-    extra: dict = field(default_factory=dict)
+    num_requests: int = 0                    # requests the engine holds state for (0 once all have ended)
+    num_scheduled_requests: int = 0          # ...and the scheduler's count (running, waiting, swapped)

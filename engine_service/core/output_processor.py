@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenwire.engine.outputs import RequestOutput, RequestTimings, StopDetail, StopKind, TokenLogprob
-from tokenwire.engine.sequence import FinishReason, Sequence
+from tokenwire.engine.core.outputs import RequestOutput, RequestTimings, StopDetail, StopKind, TokenLogprob
+from tokenwire.engine.scheduling.sequence import FinishReason, Sequence
 from tokenwire.tokenizer.detokenizer import IncrementalDetokenizer
 
 

@@ -11,6 +11,8 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS_ENTRIES = 300         # OpenAI's bound
 MAX_LOGIT_BIAS = 100.0               # each value in [-100, 100]
+# Below this temperature, scaling would overflow float32 logits: the request is greedy (an argmax).
+GREEDY_TEMPERATURE = 1e-5
 MAX_CONSTRAINT_BYTES = 64 * 1024   # a json_schema, regex or grammar; all choices together
 MAX_CHOICES = 1024
 MAX_N = 16                           # parallel samples of one prompt (SamplingParams.n)
@@ -43,7 +45,7 @@ class Constraint:
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 16
-    temperature: float = 1.0             # 0 means greedy
+    temperature: float = 1.0             # 0 (below GREEDY_TEMPERATURE) means greedy
     top_k: int = 0                       # 0 disables
     top_p: float = 1.0                   # in (0, 1]; 1 disables
     min_p: float = 0.0                   # in [0, 1]; 0 disables
@@ -62,7 +64,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Greedy decoding: the one definition the sampler and everyone else use."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def uses_penalties(self) -> bool:

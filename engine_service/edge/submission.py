@@ -8,11 +8,11 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
-from tokenwire.engine.outputs import RequestOutput
-from tokenwire.engine.sequence import Sequence
+from tokenwire.engine.core.outputs import RequestOutput
+from tokenwire.engine.scheduling.sequence import Sequence
 
 if TYPE_CHECKING:  # kept out of the import path: the server binds its port before loading torch
-    from tokenwire.engine.core_client import CoreClient
+    from tokenwire.engine.edge.core_client import CoreClient
 
 
 class Submitted:
@@ -20,9 +20,9 @@ class Submitted:
     their abort if the caller leaves early. `on_start` runs (on the event loop) when the first output
     arrives: the request has left the waiting queue."""
 
-    def __init__(self, engine_loop: CoreClient, seqs: Seq[Sequence], want_text: bool,
+    def __init__(self, core: CoreClient, seqs: Seq[Sequence], want_text: bool,
                  on_start: Callable[[str], None] = lambda request_id: None):
-        self._engine_loop = engine_loop
+        self._core = core
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._on_start: Callable[[str], None] | None = on_start
         self.request_id = seqs[0].request_id
@@ -30,7 +30,7 @@ class Submitted:
         self._unfinished = set(self.index_of)
         self.finished = False
         for seq in seqs:
-            engine_loop.submit(seq, self._deliver, want_text)
+            core.submit(seq, self._deliver, want_text)
 
     def _deliver(self, output: RequestOutput) -> None:
         if self._on_start is not None:
@@ -57,6 +57,6 @@ class Submitted:
         """Abort every sample still running (cancel, deadline, a failed sample): all n end together."""
         self._on_start = None  # the handler is leaving: its id may soon name another request
         for sample_id in sorted(self._unfinished):
-            self._engine_loop.abort(sample_id)
+            self._core.abort(sample_id)
         self._unfinished.clear()
         self.finished = True

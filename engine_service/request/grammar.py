@@ -22,7 +22,7 @@ import llguidance.gbnf_to_lark
 import llguidance.hf
 import numpy as np
 
-from tokenwire.engine.sampling_params import Constraint
+from tokenwire.engine.request.sampling_params import Constraint
 from tokenwire.serving.errors import InvalidRequestError
 
 # Compact JSON (no free whitespace): a small model otherwise pads objects with newlines and spaces.
@@ -70,7 +70,6 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple, llguidance.LLMatcher] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="grammar-compile")
-        self._executor: llguidance.LLExecutor | None = None
         self.compiles = 0                        # cache misses compiled
         self.compile_s = 0.0                     # wall time spent compiling them
 
@@ -105,21 +104,32 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return template
 
-    def fill_bitmasks(self, matchers: list[GrammarMatcher]) -> np.ndarray:
-        """int32 [len(matchers), ceil(vocab / 32)]: bit j of row i set iff matchers[i] allows token j."""
-        mask = np.empty((len(matchers), (self.vocab_size + 31) // 32), dtype=np.int32)
-        if self._executor is None:
-            self._executor = llguidance.LLExecutor(1)
-        self._executor.unsafe_compute_mask_ptr([(m._matcher, i) for i, m in enumerate(matchers)],
-                                               mask.ctypes.data, mask.shape[1] * 4, mask.shape[0])
-        return mask
-
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._tokenizer is None:
                 self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size,
                                                                eos_token=self._eos)
             return self._tokenizer
+
+
+_executor: list[llguidance.LLExecutor] = []   # one, made on the first constrained step
+
+
+def fill_bitmasks(matchers: list[GrammarMatcher], vocab_size: int) -> np.ndarray:
+    """int32 [len(matchers), ceil(vocab_size / 32)]: bit j of row i set iff matchers[i] allows token j
+    (`vocab_size` is the logits' width, so the mask covers every column). Engine loop only."""
+    mask = np.empty((len(matchers), (vocab_size + 31) // 32), dtype=np.int32)
+    if not _executor:
+        _executor.append(llguidance.LLExecutor(1))
+    _executor[0].unsafe_compute_mask_ptr([(m._matcher, i) for i, m in enumerate(matchers)],
+                                         mask.ctypes.data, mask.shape[1] * 4, mask.shape[0])
+    return mask
+
+
+def check_parses(constraint: Constraint) -> None:
+    """InvalidRequestError (naming the constraint's field) unless it converts to an llguidance grammar; the
+    compile against the tokenizer, which can still refuse it, is left to whoever builds its matcher."""
+    _grammar(constraint)
 
 
 def _grammar(constraint: Constraint) -> str:

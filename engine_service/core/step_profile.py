@@ -1,12 +1,14 @@
 """Where the engine's step time goes, measured in the real loop: cumulative wall time of each phase of
 `LLMEngine.step` (schedule, forward, sample, post-process), split into decode-only steps and steps that
-carry prefill chunks. Four `perf_counter` calls per step; no profiler, no synchronisation of its own.
+carry prefill chunks. Five `perf_counter` calls per step (a `StepClock`'s marks); no profiler, no
+synchronisation of its own.
 
 On CUDA the forward is asynchronous, so its time shows up in `sample` (the one `.tolist()` per step that
 waits for the device); on CPU each phase is what it says.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field, fields
 
 
@@ -27,13 +29,30 @@ class PhaseTimes:
                 for f in fields(self) if f.name != "steps"}
 
 
+class StepClock:
+    """The times of one step's phase ends, from its start: `mark()` after each phase."""
+
+    __slots__ = ("marks",)
+
+    def __init__(self):
+        self.marks = [time.perf_counter()]
+
+    def mark(self) -> None:
+        self.marks.append(time.perf_counter())
+
+
 @dataclass
 class StepProfile:
     decode: PhaseTimes = field(default_factory=PhaseTimes)   # every chunk is one decode token
     prefill: PhaseTimes = field(default_factory=PhaseTimes)  # at least one prompt chunk in the batch
 
-    def add(self, has_prefill: bool, start: float, scheduled: float, forwarded: float, sampled: float,
-            end: float) -> None:
+    @staticmethod
+    def clock() -> StepClock:
+        return StepClock()
+
+    def add(self, has_prefill: bool, clock: StepClock) -> None:
+        """Count one step whose clock holds its start and the end of each of the four phases."""
+        start, scheduled, forwarded, sampled, end = clock.marks
         times = self.prefill if has_prefill else self.decode
         times.steps += 1
         times.schedule_s += scheduled - start

@@ -7,13 +7,19 @@ import dataclasses
 from collections.abc import Sequence as Seq
 
 from tokenwire.engine.config import EngineConfig
-from tokenwire.engine.outputs import EngineStats, RequestOutput, RequestTimings, StopDetail, StopKind, TokenLogprob
-from tokenwire.engine.sampling_params import Constraint, SamplingParams
-from tokenwire.engine.sequence import FinishReason
+from tokenwire.engine.core.outputs import EngineStats, RequestOutput, RequestTimings, StopDetail, StopKind, TokenLogprob
+from tokenwire.engine.request.sampling_params import Constraint, SamplingParams
+from tokenwire.engine.scheduling.sequence import FinishReason
 from tokenwire.v1 import engine_pb2 as pb
 
 _REPEATED_PARAMS = ("stop_token_ids", "stop")
 _FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
+_FINISH_REASON_NAMES = {value: reason.value for reason, value in _FINISH_REASONS.items()}
+
+
+def finish_reason_name(value: int) -> str:
+    """A tokenwire.v1.FinishReason value as a metrics label: "stop", "length", or "other"."""
+    return _FINISH_REASON_NAMES.get(value, "other")
 _PROMPT_FIELDS = ("prompt", "prompt_token_ids")   # the engine's names for either form of the prompt
 _STOP_KINDS = {StopKind.EOS: pb.STOP_KIND_EOS, StopKind.TOKEN_ID: pb.STOP_KIND_TOKEN_ID,
                StopKind.STRING: pb.STOP_KIND_STRING}

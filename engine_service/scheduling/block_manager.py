@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from tokenwire.engine.prefix_cache import ROOT_HASH, BlockHash, PrefixCache, PrefixCacheStats, block_hash
-from tokenwire.engine.sequence import Sequence
+from tokenwire.engine.scheduling.prefix_cache import ROOT_HASH, BlockHash, PrefixCache, PrefixCacheStats, block_hash
+from tokenwire.engine.scheduling.sequence import Sequence
 
 
 def cdiv(a: int, b: int) -> int:

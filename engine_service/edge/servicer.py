@@ -1,8 +1,8 @@
 """The EngineService gRPC handlers (grpc.aio).
 
-Handlers validate and encode off the event loop (`asyncio.to_thread(engine.prepare, ...)`), hand the
-prepared sequence to the engine core (CoreClient.submit), and read its outputs from a per-request asyncio
-queue that the core client fills on the event loop (one core message per step carries every request's
+Handlers validate and encode off the event loop (`asyncio.to_thread(_prepare, ...)`, with the core
+client's RequestPreparer), hand the prepared sequences to the engine core (CoreClient.submit), and read
+their outputs from a per-request asyncio queue that the core client fills on the event loop (one core message per step carries every request's
 outputs). Whatever way a handler exits (finish, error, client cancel, deadline, shutdown) an unfinished
 request is aborted inside the engine, which frees its blocks.
 """
@@ -20,21 +20,21 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from tokenwire.engine import convert
-from tokenwire.engine.outputs import RequestOutput
-from tokenwire.engine.sequence import FinishReason, Sequence
-from tokenwire.engine.submission import Submitted
+from tokenwire.engine.edge import convert
+from tokenwire.engine.core.outputs import RequestOutput
+from tokenwire.engine.scheduling.sequence import FinishReason, Sequence
+from tokenwire.engine.edge.submission import Submitted
 from tokenwire.serving.errors import (FIELD_METADATA_KEY, REASON_METADATA_KEY, REASON_TOKENIZER_MISMATCH,
                                       InvalidRequestError)
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
 
 if TYPE_CHECKING:  # kept out of the import path: the server binds its port before loading torch
-    from tokenwire.engine.core_client import CoreClient, EngineFront
+    from tokenwire.engine.edge.core_client import CoreClient
+    from tokenwire.engine.request.preparer import RequestPreparer
 
 log = logging.getLogger(__name__)
 
-# Trailing metadata key naming the offending request field of an INVALID_ARGUMENT error.
 # Request ids land in logs and metrics: printable ASCII without spaces, so none can forge a log line.
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,256}")
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
@@ -63,10 +63,15 @@ def _messages(submitted: Submitted, outputs: Seq[RequestOutput]) -> list[pb.Gene
             for sample_id, outs in by_sample.items()]
 
 
-def _raise_if_failed(output: RequestOutput, core_death: str | None) -> None:
+def _raise_if_failed(output: RequestOutput, core_death: str | None, request: pb.GenerateRequest,
+                     field_prefix: str = "") -> None:
     """Errors travel as a status, never inside an OK stream."""
     if output.error is not None and output.error == core_death:
         raise _Refused(grpc.StatusCode.UNAVAILABLE, core_death)
+    if output.error is not None and output.error_field is not None:  # the core refused a field (a grammar)
+        field = field_prefix + convert.request_field_path(output.error_field, request)
+        message = output.error.removeprefix(f"{output.error_field}: ")
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field)
     if output.error is not None:
         raise _Refused(grpc.StatusCode.INTERNAL, f"the engine failed this request: {output.error}")
     if output.finished and output.finish_reason is FinishReason.ABORT:
@@ -82,16 +87,16 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     def __init__(self, max_pending_requests: int, max_waiting_requests: int | None = None):
         self.max_pending_requests = max_pending_requests
         self.max_waiting_requests = max_waiting_requests or max_pending_requests
-        self.engine_loop: CoreClient | None = None
+        self.core: CoreClient | None = None
         self.draining = False
         self._active: set[str] = set()   # request ids being served (also refuses duplicates)
         self._waiting: set[str] = set()  # ...of which those with no output yet (queued or prefilling)
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def attach(self, engine_loop: CoreClient) -> None:
+    def attach(self, core: CoreClient) -> None:
         """Start serving generation once the model is loaded and warmed up."""
-        self.engine_loop = engine_loop
+        self.core = core
 
     @property
     def num_active_requests(self) -> int:
@@ -107,15 +112,16 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                        ) -> AsyncIterator[pb.GenerateResponse]:
         arrival = time.monotonic()
         try:
-            engine_loop = self._serving_loop()
+            core = self._serving_core()
             with self._reserve([request.request_id]) as (rid,):
-                seqs = await asyncio.to_thread(_prepare, engine_loop.engine, request, rid, arrival)
-                submitted = Submitted(engine_loop, seqs, request.return_text, self._waiting.discard)
+                seqs = await asyncio.to_thread(_prepare, core.preparer, core.info.tokenizer_fingerprint, request,
+                                               rid, arrival)
+                submitted = Submitted(core, seqs, request.return_text, self._waiting.discard)
                 try:
                     while not submitted.finished:
                         outputs = await submitted.next_outputs()
                         for output in outputs:
-                            _raise_if_failed(output, engine_loop.death)
+                            _raise_if_failed(output, core.death, request)
                         for message in _messages(submitted, outputs):
                             yield message
                 finally:  # client cancel / deadline lands here as CancelledError
@@ -129,20 +135,21 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                             ) -> pb.GenerateBatchResponse:
         arrival = time.monotonic()
         try:
-            engine_loop = self._serving_loop()
+            core = self._serving_core()
             self._check_batch_size(len(request.requests))
             with self._reserve([r.request_id for r in request.requests], batch=True) as rids:
-                seqs = await asyncio.to_thread(_prepare_batch, engine_loop.engine, request.requests, rids, arrival)
-                batch = [Submitted(engine_loop, samples, r.return_text, self._waiting.discard)
+                seqs = await asyncio.to_thread(_prepare_batch, core.preparer, core.info.tokenizer_fingerprint,
+                                               request.requests, rids, arrival)
+                batch = [Submitted(core, samples, r.return_text, self._waiting.discard)
                          for samples, r in zip(seqs, request.requests)]
                 try:
                     results = await asyncio.gather(*(s.all_outputs() for s in batch))
                 finally:
                     for submitted in batch:
                         submitted.abort_unless_finished()
-            for outputs in results:
+            for i, (outputs, r) in enumerate(zip(results, request.requests)):
                 for output in outputs:
-                    _raise_if_failed(output, engine_loop.death)
+                    _raise_if_failed(output, core.death, r, f"requests[{i}].")
             return pb.GenerateBatchResponse(results=[
                 message for s, outs in zip(batch, results)
                 for message in sorted(_messages(s, outs), key=lambda m: m.index)])
@@ -154,34 +161,33 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
                            ) -> pb.GetModelInfoResponse:
         try:
-            engine_loop = self._serving_loop(allow_draining=True)
+            core = self._serving_core(allow_draining=True)
         except _Refused as refused:
             await _abort(context, refused)
-        engine = engine_loop.engine
         try:
-            stats = await engine_loop.stats()  # a snapshot between two steps of the core
+            stats = await core.stats()  # a snapshot between two steps of the core
         except RuntimeError as exc:  # the core died meanwhile
             await _abort(context, _Refused(grpc.StatusCode.UNAVAILABLE, str(exc)))
-        info = engine.info
+        info = core.info
         return pb.GetModelInfoResponse(
-            model=engine.config.model, architecture=info.architecture,
-            max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
-            tokenizer_fingerprint=engine.tokenizer_fingerprint,
-            config=convert.engine_config_info(engine.config, info.device, info.dtype, info.kv_cache_dtype,
+            model=core.config.model, architecture=info.architecture,
+            max_model_len=info.max_model_len, vocab_size=info.vocab_size,
+            tokenizer_fingerprint=info.tokenizer_fingerprint,
+            config=convert.engine_config_info(core.config, info.device, info.dtype, info.kv_cache_dtype,
                                               info.num_blocks, info.block_size),
             stats=convert.engine_stats(stats.engine, self.num_active_requests),
             eos_token_ids=list(info.eos_token_ids))
 
     # ---- admission ----
 
-    def _serving_loop(self, allow_draining: bool = False) -> CoreClient:
-        if self.engine_loop is None:
+    def _serving_core(self, allow_draining: bool = False) -> CoreClient:
+        if self.core is None:
             raise _Refused(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
-        if self.engine_loop.death is not None:
-            raise _Refused(grpc.StatusCode.UNAVAILABLE, self.engine_loop.death)
+        if self.core.death is not None:
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, self.core.death)
         if self.draining and not allow_draining:
             raise _Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        return self.engine_loop
+        return self.core
 
     def _check_batch_size(self, size: int) -> None:
         """A batch bigger than the admission bounds could never be admitted: a bad request, not overload."""
@@ -226,34 +232,36 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                            f"{self.max_waiting_requests}")
 
 
-def _prepare_batch(engine: EngineFront, requests: Seq[pb.GenerateRequest], rids: Seq[str],
-                   arrival: float) -> list[list[Sequence]]:
+def _prepare_batch(preparer: RequestPreparer, served_fingerprint: str, requests: Seq[pb.GenerateRequest],
+                   rids: Seq[str], arrival: float) -> list[list[Sequence]]:
     if not requests:
         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "requests: must not be empty", "requests")
-    return [_prepare(engine, r, rid, arrival, f"requests[{i}].") for i, (r, rid) in enumerate(zip(requests, rids))]
+    return [_prepare(preparer, served_fingerprint, r, rid, arrival, f"requests[{i}].")
+            for i, (r, rid) in enumerate(zip(requests, rids))]
 
 
-def _prepare(engine: EngineFront, request: pb.GenerateRequest, rid: str, arrival: float,
-             field_prefix: str = "") -> list[Sequence]:
-    """One Sequence per sample (SamplingParams.n). Fingerprint check first (no work for a mismatched tokenizer), then validation and, for a text
-    prompt, its one encode. Runs in a worker thread: a long prompt must not stall the event loop."""
+def _prepare(preparer: RequestPreparer, served_fingerprint: str, request: pb.GenerateRequest, rid: str,
+             arrival: float, field_prefix: str = "") -> list[Sequence]:
+    """One Sequence per sample (SamplingParams.n). Fingerprint check first (no work for a mismatched
+    tokenizer), then validation and, for a text prompt, its one encode. Runs in a worker thread: a long
+    prompt must not stall the event loop."""
     fingerprint = request.tokenizer_fingerprint
     if fingerprint and not _FINGERPRINT.fullmatch(fingerprint):
         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                        f"{field_prefix}tokenizer_fingerprint: must be 64 lowercase hex digits (GetInfo's "
                        f"fingerprint) or empty", f"{field_prefix}tokenizer_fingerprint")
-    if fingerprint and fingerprint != engine.tokenizer_fingerprint:
+    if fingerprint and fingerprint != served_fingerprint:
         raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                        f"{field_prefix}tokenizer_fingerprint: the ids were made by tokenizer "
-                       f"{fingerprint[:16]}..., this engine serves {engine.tokenizer_fingerprint[:16]}...",
+                       f"{fingerprint[:16]}..., this engine serves {served_fingerprint[:16]}...",
                        f"{field_prefix}tokenizer_fingerprint", REASON_TOKENIZER_MISMATCH)
     prompt = convert.prompt_kwargs(request)
     if not prompt:
         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{field_prefix}prompt: set text or token_ids",
                        f"{field_prefix}prompt")
     try:
-        return engine.prepare_samples(params=convert.sampling_params(request.sampling), request_id=rid,
-                              arrival_time=arrival, **prompt)
+        return preparer.prepare_samples(params=convert.sampling_params(request.sampling), request_id=rid,
+                                        arrival_time=arrival, **prompt)
     except InvalidRequestError as exc:
         field = field_prefix + convert.request_field_path(exc.field, request)
         message = str(exc).removeprefix(f"{exc.field}: ")

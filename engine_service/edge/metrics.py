@@ -6,7 +6,7 @@ Two sources, neither of which costs the engine thread anything:
   final message carries; inter-token latency from the gaps between stream messages;
 - engine state, read only when Prometheus scrapes (`EngineStatsCollector`): queue depth, running
   requests, KV blocks, prefix-cache hits, and the prompts the engine tokenized itself.
-The RPC-level metrics (requests by method and status code, latency) come from tokenwire.tokenizer.metrics.
+The RPC-level metrics (requests by method and status code, latency) come from tokenwire.serving.metrics.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tokenwire.engine.edge import convert
+
 # Seconds. TTFT and queue wait: milliseconds on a warm GPU up to minutes behind a long queue.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0)
@@ -24,7 +26,6 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
                0.4, 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0, 300.0,
                600.0)
-_FINISH_REASONS = {1: "stop", 2: "length"}  # tokenwire.v1.FinishReason values
 
 
 class EngineMetrics:
@@ -69,7 +70,7 @@ class EngineMetrics:
         usage, timings = message.usage, message.timings
         self.prompt_tokens.inc(usage.prompt_tokens)
         self.cached_prompt_tokens.inc(usage.cached_prompt_tokens)
-        self.finished.labels(_FINISH_REASONS.get(message.finish_reason, "other")).inc()
+        self.finished.labels(convert.finish_reason_name(message.finish_reason)).inc()
         if message.HasField("timings"):
             self.e2e.observe(timings.total_s)
             if timings.HasField("time_to_first_token_s"):

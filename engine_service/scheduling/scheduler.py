@@ -21,9 +21,9 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from tokenwire.engine.block_manager import BlockManager, PrefixMatch
+from tokenwire.engine.scheduling.block_manager import BlockManager, PrefixMatch
 from tokenwire.engine.config import SchedulerConfig
-from tokenwire.engine.sequence import FinishReason, ScheduledChunk, Sequence, SequenceStatus
+from tokenwire.engine.scheduling.sequence import FinishReason, ScheduledChunk, Sequence, SequenceStatus
 
 
 @dataclass
@@ -87,6 +87,11 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self.running)
+
+    @property
+    def num_requests(self) -> int:
+        """Every sequence the scheduler tracks, in any state (0 once all have finished or been aborted)."""
+        return len(self._by_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

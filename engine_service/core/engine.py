@@ -1,5 +1,6 @@
-"""The in-process engine: requests in (text or token ids), one step = schedule -> forward -> sample ->
-post-process, per-request output deltas out. Single-threaded by design; `EngineLoop` runs it on a thread.
+"""The step engine: requests in (text or token ids), one step = schedule -> run the model (forward and
+sample) -> post-process, per-request output deltas out. Single-threaded by design: the core loop
+(core/process.py) runs it in the engine core, and `generate` runs a batch to completion offline.
 """
 from __future__ import annotations
 
@@ -9,19 +10,18 @@ from collections.abc import Sequence as Seq
 
 from transformers import AutoTokenizer
 
-from tokenwire.engine.block_manager import BlockManager
+from tokenwire.engine.scheduling.block_manager import BlockManager
 from tokenwire.engine.config import EngineConfig
-from tokenwire.engine.faults import FaultInjector
-from tokenwire.engine.grammar import GrammarCompiler
-from tokenwire.engine.model_runner import ModelRunner
-from tokenwire.engine.output_processor import OutputProcessor, RequestState
-from tokenwire.engine.preparer import RequestPreparer
-from tokenwire.engine.outputs import EngineStats, RequestOutput
-from tokenwire.engine.sampler import Sampler
-from tokenwire.engine.sampling_params import SamplingParams
-from tokenwire.engine.scheduler import Scheduler
-from tokenwire.engine.sequence import FinishReason, Sequence
-from tokenwire.engine.step_profile import StepProfile
+from tokenwire.engine.core.faults import FaultInjector
+from tokenwire.engine.request.grammar import GrammarCompiler
+from tokenwire.engine.worker.model_runner import ModelRunner
+from tokenwire.engine.core.output_processor import OutputProcessor, RequestState
+from tokenwire.engine.request.preparer import RequestPreparer
+from tokenwire.engine.core.outputs import EngineStats, RequestOutput
+from tokenwire.engine.request.sampling_params import SamplingParams
+from tokenwire.engine.scheduling.scheduler import Scheduler
+from tokenwire.engine.scheduling.sequence import FinishReason, Sequence
+from tokenwire.engine.core.step_profile import StepProfile
 from tokenwire.serving.errors import InvalidRequestError
 from tokenwire.serving.model_resolver import resolve_model
 from tokenwire.tokenizer.tokenizer import tokenizer_fingerprint
@@ -44,8 +44,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
         self.grammars = GrammarCompiler(self.tokenizer, self.tokenizer_fingerprint, self.vocab_size,
                                         self.runner.eos_token_ids, config.max_grammar_compile_s)
-        self.sampler = Sampler(self.grammars, self.runner.native)
-        self.outputs = OutputProcessor(self.tokenizer, self.runner.eos_token_ids, self.max_model_len)
+        self.output_processor = OutputProcessor(self.tokenizer, self.runner.eos_token_ids, self.max_model_len)
         self._states: dict[str, RequestState] = {}
         self.preparer = RequestPreparer(self.tokenizer, self.vocab_size, self.max_model_len,
                                         config.max_new_tokens_cap, config.max_logprobs, config.seed, self.grammars)
@@ -69,9 +68,6 @@ class LLMEngine:
         """Seconds spent tokenizing those prompts (the benchmark's longprompt workload reports it)."""
         return self.preparer.prompt_encode_s
 
-    def encode_prompt(self, text: str) -> list[int]:
-        return self.preparer.encode_prompt(text)
-
     def prepare(self, prompt: str | None = None, prompt_token_ids: Seq[int] | None = None,
                 params: SamplingParams | None = None, request_id: str | None = None,
                 arrival_time: float | None = None) -> Sequence:
@@ -88,7 +84,7 @@ class LLMEngine:
         """Queue a prepared sequence. Engine thread only."""
         if seq.request_id in self._states:
             raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in use")
-        self._states[seq.request_id] = self.outputs.new_state(seq, seq.arrival_time, want_text)
+        self._states[seq.request_id] = self.output_processor.new_state(seq, seq.arrival_time, want_text)
         self.scheduler.add(seq)
         return seq.request_id
 
@@ -117,7 +113,7 @@ class LLMEngine:
         if state is None:
             return None
         self.scheduler.abort(request_id)
-        return self.outputs.make_output(state, [], None, "", reason, time.monotonic(), error)
+        return self.output_processor.make_output(state, [], None, "", reason, time.monotonic(), error)
 
     # ---- the step ----
 
@@ -125,33 +121,35 @@ class LLMEngine:
         return bool(self._states)
 
     def step(self) -> list[RequestOutput]:
-        start = time.perf_counter()
+        clock = self.step_profile.clock()   # one mark per phase: schedule, forward, sample, post-process
         batch = self.scheduler.schedule()
         if not batch.chunks:
             return []
-        scheduled = time.perf_counter()
+        clock.mark()
+        self._note_scheduled(batch)
+        try:
+            self._inject_faults("forward", (chunk.seq.request_id for chunk in batch.chunks))
+            sampled = self.runner.run(batch, on_forward_done=clock.mark)
+        except Exception as exc:  # cannot tell whose fault: fail this batch, keep serving the rest
+            log.exception("engine step failed; failing the %d requests of its batch", len(batch.chunks))
+            return self._fail_batch(batch.chunks, f"engine step failed: {exc!r}")
+        clock.mark()
+        self.scheduler.on_step_done(batch)
+        outputs = self._postprocess(sampled.seqs, sampled.token_ids, sampled.logprobs)
+        clock.mark()
+        self.step_profile.add(batch.has_prefill, clock)
+        return outputs
+
+    def _note_scheduled(self, batch) -> None:
         now = time.monotonic()
         for chunk in batch.chunks:
             timings = self._states[chunk.seq.request_id].timings
             if timings.first_scheduled_time is None:
                 timings.first_scheduled_time = now
-        seqs = [chunk.seq for chunk in batch.chunks if chunk.sample]
-        try:
-            if self.faults is not None:
-                self.faults.check("forward", (chunk.seq.request_id for chunk in batch.chunks))
-            if batch.block_copies:
-                self.runner.copy_blocks(batch.block_copies)
-            logits = self.runner.execute(batch.chunks)
-            forwarded = time.perf_counter()
-            sampled = self.sampler.sample(logits, seqs)
-        except Exception as exc:  # cannot tell whose fault: fail this batch, keep serving the rest
-            log.exception("engine step failed; failing the %d requests of its batch", len(batch.chunks))
-            return self._fail_batch(batch.chunks, f"engine step failed: {exc!r}")
-        sampled_at = time.perf_counter()
-        self.scheduler.on_step_done(batch)
-        outputs = self._postprocess(seqs, sampled.token_ids, sampled.logprobs)
-        self.step_profile.add(batch.has_prefill, start, scheduled, forwarded, sampled_at, time.perf_counter())
-        return outputs
+
+    def _inject_faults(self, stage: str, request_ids) -> None:
+        if self.faults is not None:  # tests only: TOKENWIRE_FAULT_INJECT
+            self.faults.check(stage, request_ids)
 
     def _postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs) -> list[RequestOutput]:
         now = time.monotonic()
@@ -167,10 +165,9 @@ class LLMEngine:
         return outputs
 
     def _process_one(self, seq: Sequence, token_id: int, logprob, now: float) -> RequestOutput:
-        if self.faults is not None:
-            self.faults.check("postprocess", (seq.request_id,))
+        self._inject_faults("postprocess", (seq.request_id,))
         state = self._states[seq.request_id]
-        output, reason = self.outputs.process(state, token_id, logprob, now)
+        output, reason = self.output_processor.process(state, token_id, logprob, now)
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self._states[seq.request_id]
@@ -210,4 +207,5 @@ class LLMEngine:
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             num_kv_blocks=self.runner.num_blocks, num_free_kv_blocks=bm.num_free_blocks,
             num_prompt_encodes=self.num_prompt_encodes, prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
-            num_preemptions=self.scheduler.num_preemptions)
+            num_preemptions=self.scheduler.num_preemptions, num_requests=len(self._states),
+            num_scheduled_requests=self.scheduler.num_requests)

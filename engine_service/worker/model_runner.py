@@ -1,4 +1,5 @@
-"""Loads a HF causal LM, owns the paged KV cache, and runs one batched forward per engine step.
+"""Loads a HF causal LM, owns the paged KV cache and the sampler, and runs one batched forward per engine
+step, returning the sampled token ids (`run`).
 
 Each step's chunks (decodes and prefill chunks of any sequences) are packed into ONE flat token batch,
 decodes first, with no padding between sequences; index tensors are built once on the host and every
@@ -14,12 +15,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tokenwire.engine.config import EngineConfig
-from tokenwire.engine.device import choose_device, choose_dtype, choose_kv_cache_dtype, dtype_name
+from tokenwire.engine.worker.device import choose_device, choose_dtype, choose_kv_cache_dtype, dtype_name
 from tokenwire.engine.models import kernels
 from tokenwire.engine.models.attention import AttentionBatch, KVCache
 from tokenwire.engine.models.gpt2 import GPT2Forward
 from tokenwire.engine.models.llama import LlamaForward
-from tokenwire.engine.sequence import ScheduledChunk
+from tokenwire.engine.scheduling.sequence import ScheduledChunk
+from tokenwire.engine.worker.sampler import Sampler, SamplerOutput
 from tokenwire.serving.model_resolver import resolve_model
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ class ModelRunner:
         self.model: CausalLM = _ARCHITECTURES[self.architecture](hf_model, gemv)
         del hf_model  # our forward keeps only the (fused) weights it needs
         self.vocab_size = self.model.vocab_size
+        self.sampler = Sampler(self.native)
         self.block_size = config.cache.block_size
         self.num_blocks = self._num_blocks()
         self.kv_cache = KVCache.allocate(self.model.num_layers, self.num_blocks, self.block_size,
@@ -100,6 +103,15 @@ class ModelRunner:
             log.warning("KV cache holds %d tokens, fewer than max_model_len %d",
                         num_blocks * self.block_size, self.max_model_len)
         return num_blocks
+
+    def run(self, batch, on_forward_done=lambda: None) -> SamplerOutput:
+        """One engine step's model work: copy-on-write block copies, the forward, and one sampled token for
+        each `sample` chunk of `batch` (a scheduler Batch), in chunk order."""
+        if batch.block_copies:
+            self.copy_blocks(batch.block_copies)
+        logits = self.execute(batch.chunks)
+        on_forward_done()
+        return self.sampler.sample(logits, [chunk.seq for chunk in batch.chunks if chunk.sample])
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenwire.engine.grammar import GrammarCompiler
+from tokenwire.engine.request.grammar import fill_bitmasks
 from tokenwire.engine.models import kernels
-from tokenwire.engine.sequence import Sequence
+from tokenwire.engine.scheduling.sequence import Sequence
 
-_GREEDY_TEMPERATURE = 1e-5   # below this, temperature scaling would overflow: treat as greedy
 # top_p alone is first tried within the top-N tokens (torch.topk is ~10x cheaper than a full sort on
 # CPU); only when the nucleus is wider than that do its rows sort the whole vocabulary.
 _NUCLEUS_WIDTH = 1024
@@ -56,14 +55,14 @@ class TokenLogprobs:
 
 @dataclass
 class SamplerOutput:
+    seqs: list[Sequence]                    # the rows' sequences
     token_ids: list[int]                    # one per row
     logprobs: list[TokenLogprobs | None]    # None for rows that did not ask for logprobs
 
 
 class Sampler:
-    def __init__(self, grammars: GrammarCompiler | None = None, native=None) -> None:
+    def __init__(self, native=None) -> None:
         self._vocab_keys: torch.Tensor | None = None
-        self._grammars = grammars    # fills constrained rows' bitmasks (None: no constraint is accepted)
         # The native CPU kernels (models/kernels.py) or None: their argmax reads logits at memory speed.
         self._argmax = native.argmax if native is not None else kernels.argmax
 
@@ -80,19 +79,19 @@ class Sampler:
             scores = self._apply_grammars(scores.clone() if copy else scores, seqs, constrained)
         if any(p.uses_penalties for p in params):
             scores = apply_penalties(scores, seqs)
-        greedy = [p.temperature < _GREEDY_TEMPERATURE for p in params]
+        greedy = [p.greedy for p in params]
         if all(greedy):
             tokens = self._argmax(scores)
         else:
             tokens = self._sample_rows(scores, seqs, greedy)
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not wanted:
-            return SamplerOutput(tokens.tolist(), [None] * len(seqs))
-        return _with_logprobs(logits, tokens, wanted, [params[i].logprobs for i in wanted])
+            return SamplerOutput(seqs, tokens.tolist(), [None] * len(seqs))
+        return _with_logprobs(seqs, logits, tokens, wanted, [params[i].logprobs for i in wanted])
 
     def _apply_grammars(self, scores: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor:
         """In place: -inf on every token the rows' grammars disallow (bitmasks for those rows only)."""
-        packed = torch.from_numpy(self._grammars.fill_bitmasks([seqs[i].grammar for i in rows]))
+        packed = torch.from_numpy(fill_bitmasks([seqs[i].grammar for i in rows], scores.shape[1]))
         device = scores.device
         byte_values = packed.view(torch.uint8).reshape(-1).to(device, torch.long)   # little-endian words
         bias = _BYTE_BIAS.to(device).index_select(0, byte_values).view(len(rows), -1)[:, :scores.shape[1]]
@@ -262,7 +261,8 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return scores
 
 
-def _with_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], ns: list[int]) -> SamplerOutput:
+def _with_logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor, rows: list[int],
+                   ns: list[int]) -> SamplerOutput:
     """Token ids plus logprobs of the rows that asked, packed into one tensor for a single .tolist()."""
     index = torch.tensor(rows, device=logits.device)
     logprobs = logits.index_select(0, index).log_softmax(-1)
@@ -281,4 +281,4 @@ def _with_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], 
         ids, values = rec[2:2 + n], rec[2 + n:]
         top = [(int(ids[i]), values[i]) for i in range(row_n)]
         out[row] = TokenLogprobs(token_ids[row], rec[0], int(rec[1]), top)
-    return SamplerOutput(token_ids, out)
+    return SamplerOutput(seqs, token_ids, out)

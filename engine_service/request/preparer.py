@@ -2,6 +2,8 @@
 
 The in-process engine owns one; the engine service's gRPC front owns another (built from the shapes the
 engine core reports), so text is encoded once, in the front, and the core only ever sees token ids.
+A structured-output constraint is compiled once on a request's path: here when a GrammarCompiler is
+given (the in-process engine), else in the engine core (the front only checks that it parses).
 """
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ import uuid
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
-from tokenwire.engine.sampling_params import Constraint, SamplingParams, sample_seed
-from tokenwire.engine.sequence import Sequence
+from tokenwire.engine.request.sampling_params import Constraint, SamplingParams, sample_seed
+from tokenwire.engine.scheduling.sequence import Sequence
 from tokenwire.serving.errors import InvalidRequestError
 
 if TYPE_CHECKING:  # llguidance is loaded by whoever builds the compiler
-    from tokenwire.engine.grammar import GrammarCompiler, GrammarMatcher
+    from tokenwire.engine.request.grammar import GrammarCompiler, GrammarMatcher
+
 
 
 class RequestPreparer:
@@ -28,7 +31,7 @@ class RequestPreparer:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_new_tokens_cap: int,
                  max_logprobs: int, seed: int, grammars: GrammarCompiler | None = None):
         self.tokenizer = tokenizer
-        self.grammars = grammars   # compiles structured-output constraints (here: off the engine loop)
+        self.grammars = grammars   # compiles constraints here (None: the engine core compiles them)
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_new_tokens_cap = max_new_tokens_cap
@@ -94,12 +97,15 @@ class RequestPreparer:
             grammar=self._matcher(first.params.constraint), sample_index=index, fork_of=first.request_id)
 
     def _matcher(self, constraint: Constraint | None) -> GrammarMatcher | None:
-        """The constraint compiled (cached per constraint and tokenizer, time-bounded): a bad one is refused
-        here, before admission."""
+        """The constraint compiled (cached per constraint and tokenizer, time-bounded), or, without a
+        compiler, only parsed (None: the core builds the matcher). Either way a bad one is refused here."""
         if constraint is None:
             return None
         if self.grammars is None:
-            raise InvalidRequestError(constraint.kind, "structured output is not available on this engine")
+            from tokenwire.engine.request.grammar import check_parses
+
+            check_parses(constraint)
+            return None
         return self.grammars.matcher(constraint)
 
     def _checked_ids(self, ids: Seq[int]) -> list[int]:

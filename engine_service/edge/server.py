@@ -2,7 +2,7 @@
 the engine's gauges on /metrics (read at scrape time) and per-request metrics from the response stream.
 
 The engine core (scheduler, model runner, sampler: LLMEngine.step) runs in a child process that this
-server starts and owns (core_proc, core_client); this process keeps the edge: validation, fingerprint
+server starts and owns (core/process.py, edge/core_client.py); this process keeps the edge: validation, fingerprint
 checks, text encoding, admission, metrics, health and drain. The core loads the model and runs one
 warm-up generation before health turns SERVING. If the core dies, the requests in flight end
 UNAVAILABLE, health turns NOT_SERVING and the service exits non-zero. On shutdown health goes
@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 import grpc
 
 from tokenwire.engine.config import EngineConfig, ServerConfig
-from tokenwire.engine.metrics import EngineMetrics, EngineStatsCollector
-from tokenwire.engine.servicer import EngineServicer
+from tokenwire.engine.edge.metrics import EngineMetrics, EngineStatsCollector
+from tokenwire.engine.edge.servicer import EngineServicer
 from tokenwire.serving.server import GrpcServer, serve_until_signal
 from tokenwire.v1 import engine_pb2, engine_pb2_grpc
 
 if TYPE_CHECKING:  # the engine (torch, transformers) is imported by load(), after the port is bound
-    from tokenwire.engine.core_client import CoreClient
+    from tokenwire.engine.edge.core_client import CoreClient
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +39,18 @@ class EngineServer(GrpcServer):
         super().__init__(server_config)
         self.engine_config = engine_config
         self.servicer = EngineServicer(server_config.max_pending_requests, server_config.max_waiting_requests)
-        self.engine_loop: CoreClient | None = None
+        self.core: CoreClient | None = None
         self.metrics = EngineMetrics(self.registry)
         self.observe_responses(self.metrics.on_response)
         self.registry.register(EngineStatsCollector(
-            lambda: self.engine_loop and self.engine_loop.latest_stats(), lambda: self.servicer.num_active_requests))
+            lambda: self.core and self.core.latest_stats(), lambda: self.servicer.num_active_requests))
 
     def add_servicer(self, server: grpc.aio.Server) -> None:
         engine_pb2_grpc.add_EngineServiceServicer_to_server(self.servicer, server)
 
     async def load(self) -> None:
         """Start the engine core process (it loads and warms up the model), then turn SERVING."""
-        from tokenwire.engine.core_client import CoreClient
+        from tokenwire.engine.edge.core_client import CoreClient
 
         core = CoreClient(self.engine_config, on_death=self.fail)
         try:
@@ -58,7 +58,7 @@ class EngineServer(GrpcServer):
         except BaseException:
             await core.stop(timeout=5.0)
             raise
-        self.engine_loop = core
+        self.core = core
         self.servicer.attach(core)
         await self.set_serving()
         log.info("tokenwire-engine serving %s on port %d", self.engine_config.model, self.port)
@@ -75,8 +75,8 @@ class EngineServer(GrpcServer):
         return _ABORT_GRACE_S  # cancelled handlers abort their requests in the engine
 
     async def close(self) -> None:
-        if self.engine_loop is not None:
-            await self.engine_loop.stop()
+        if self.core is not None:
+            await self.core.stop()
 
 
 async def serve(engine_config: EngineConfig, server_config: ServerConfig = ServerConfig()) -> None:

@@ -1,0 +1,249 @@
+"""The gRPC front's side of the engine core boundary (core/process.py, core/messages.py).
+
+`CoreClient` starts the core (a child process, or a thread with `in_process=True`), prepares requests
+with its own tokenizer (validation and text encoding: the core only ever sees token ids), sends typed
+commands, and hands each request's outputs to its sink on the event loop: the outputs of one step
+arrive as one message, read by an event-loop reader, with no thread hop per request.
+
+If the core dies, every request in flight gets a final output whose error is `death`, new requests
+are refused, and `on_death` tells the server (which turns NOT_SERVING and exits non-zero).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable
+
+from tokenwire.engine.config import EngineConfig
+from tokenwire.engine.core.messages import (AbortRequest, AddRequest, Command, CoreInfo, CoreStats, LoadFailed,
+                                            QueryStats, Ready, Reply, StatsReply, StepOutputs, Stop)
+from tokenwire.engine.core.outputs import RequestOutput
+from tokenwire.engine.core.process import InMemoryTransport, run_core, run_core_in_thread
+from tokenwire.engine.request.preparer import RequestPreparer
+from tokenwire.engine.scheduling.sequence import FinishReason, Sequence
+from tokenwire.serving.logging_setup import JsonFormatter
+from tokenwire.serving.model_resolver import resolve_model
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[RequestOutput], None]
+_STOP_TIMEOUT_S = 30.0
+
+
+class CoreClient:
+    def __init__(self, config: EngineConfig, on_death: Callable[[str], None] = lambda reason: None,
+                 in_process: bool = False):
+        self.config = config
+        self.in_process = in_process
+        self.info: CoreInfo | None = None             # the loaded model's shapes, once started
+        self.preparer: RequestPreparer | None = None  # validation and encoding, in the caller's thread
+        self.death: str | None = None                 # why the core died, once it has
+        self.latest: CoreStats | None = None          # the stats that came with the last step
+        self._on_death = on_death
+        self._sinks: dict[str, Sink] = {}
+        self._queries: dict[int, asyncio.Future] = {}
+        self._next_query = 0
+        self._stopping = False
+        self._ready: asyncio.Future | None = None
+        self._process = None                          # the core's process, or its thread in process
+        self._commands = self._replies = None
+        self._inbox: InMemoryTransport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- lifecycle ----
+
+    async def start(self) -> CoreClient:
+        """Start the core and wait until its model is loaded and warmed up, loading the front's tokenizer
+        meanwhile. Spawned from the event-loop thread: PR_SET_PDEATHSIG follows the spawning thread."""
+        self._loop = asyncio.get_running_loop()
+        self._ready = self._loop.create_future()
+        model_dir = await asyncio.to_thread(resolve_model, self.config.model)   # converted once, here
+        core_config = dataclasses.replace(self.config, model=model_dir)
+        if self.in_process:
+            self._start_thread(core_config)
+        else:
+            self._start_process(core_config)
+        (tokenizer, fingerprint), info = await asyncio.gather(asyncio.to_thread(_load_tokenizer, core_config),
+                                                              self._ready)
+        if fingerprint != info.tokenizer_fingerprint:
+            raise RuntimeError(f"the front's tokenizer {fingerprint[:16]}... differs from the core's "
+                               f"{info.tokenizer_fingerprint[:16]}...")
+        self.info = info
+        # Across a pipe the core compiles each constraint (a matcher does not pickle) and the front only
+        # checks it parses; in process the front's compile is the one, and the matcher travels as it is.
+        grammars = None
+        if self.in_process:
+            from tokenwire.engine.request.grammar import GrammarCompiler
+
+            grammars = GrammarCompiler(tokenizer, fingerprint, info.vocab_size, info.eos_token_ids,
+                                       self.config.max_grammar_compile_s)
+        self.preparer = RequestPreparer(tokenizer, info.vocab_size, info.max_model_len, self.config.max_new_tokens_cap,
+                                        self.config.max_logprobs, self.config.seed, grammars)
+        log.info("engine core running %s", "in this process" if self.in_process else f"as pid {self._process.pid}")
+        return self
+
+    def _start_process(self, core_config: EngineConfig) -> None:
+        ctx = multiprocessing.get_context("spawn")   # never fork a process that runs gRPC threads
+        commands_r, self._commands = ctx.Pipe(duplex=False)
+        self._replies, replies_w = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(
+            target=run_core, name="tokenwire-engine-core", daemon=True,
+            args=(commands_r, replies_w, core_config, *_log_settings(), os.getpid()))
+        self._process.start()
+        commands_r.close()   # ours closed, so the core's death is EOF here and ours is EOF there
+        replies_w.close()
+        self._loop.add_reader(self._replies.fileno(), self._on_readable)
+
+    def _start_thread(self, core_config: EngineConfig) -> None:
+        self._inbox = InMemoryTransport(functools.partial(self._loop.call_soon_threadsafe, self._handle))
+        self._process = run_core_in_thread(core_config, self._inbox)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None and not self.in_process else None
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests whose final output has not reached their sink yet."""
+        return len(self._sinks)
+
+    async def stop(self, timeout: float = _STOP_TIMEOUT_S) -> None:
+        """Abort what is still in flight (each gets its terminal output) and end the core."""
+        if self._process is None:
+            return
+        self._stopping = True
+        if self.death is None:
+            self._send(Stop())
+        # The reader stays on: the aborts of the requests in flight come back before EOF.
+        await asyncio.to_thread(self._process.join, timeout)
+        if self._process.is_alive() and not self.in_process:
+            log.warning("the engine core did not stop within %.0fs; killing it", timeout)
+            self._process.kill()
+            await asyncio.to_thread(self._process.join)
+        await asyncio.sleep(0)   # an in-process core's last replies were scheduled on the loop
+        self._close_reader()
+        if self._commands is not None:
+            self._commands.close()
+
+    # ---- requests ----
+
+    def submit(self, seq: Sequence, sink: Sink, want_text: bool = False) -> None:
+        """Queue a prepared sequence; `sink` gets its outputs, on the event loop."""
+        if self.death is not None:
+            sink(self._death_output(seq.request_id))
+            return
+        self._sinks[seq.request_id] = sink
+        self._send(AddRequest(seq, want_text))
+
+    def abort(self, request_id: str) -> None:
+        """Ends the request at the core's next step boundary (freeing its KV blocks)."""
+        if self.death is None:
+            self._send(AbortRequest(request_id))
+
+    async def stats(self) -> CoreStats:
+        """Fresh stats, ordered after every command sent before (a round trip between two steps)."""
+        if self.death is not None:
+            raise RuntimeError(self.death)
+        token, self._next_query = self._next_query, self._next_query + 1
+        future = self._loop.create_future()
+        self._queries[token] = future
+        self._send(QueryStats(token))
+        return self._with_front_counts(await future)
+
+    def latest_stats(self) -> CoreStats | None:
+        """The stats of the last step, without asking the core (Prometheus scrapes)."""
+        return None if self.latest is None else self._with_front_counts(self.latest)
+
+    # ---- plumbing ----
+
+    def _send(self, command: Command) -> None:
+        if self._inbox is not None:
+            self._inbox.put(command)
+            return
+        try:
+            self._commands.send(command)
+        except OSError:  # the core is gone; its EOF reaches the reader and fails everything in flight
+            pass
+
+    def _with_front_counts(self, stats: CoreStats) -> CoreStats:
+        encodes = self.preparer.num_prompt_encodes if self.preparer is not None else 0
+        return dataclasses.replace(stats, engine=dataclasses.replace(stats.engine, num_prompt_encodes=encodes))
+
+    def _on_readable(self) -> None:
+        """Event loop: every complete message waiting on the pipe, then back to the loop."""
+        try:
+            while self._replies.poll():
+                self._handle(self._replies.recv())
+        except (EOFError, OSError):
+            self._close_reader()
+            if not self._stopping:
+                self._died()
+
+    def _handle(self, reply: Reply) -> None:
+        if isinstance(reply, StepOutputs):
+            self.latest = reply.stats
+            for output in reply.outputs:
+                self._emit(output)
+        elif isinstance(reply, StatsReply):
+            self.latest = reply.stats
+            future = self._queries.pop(reply.token, None)
+            if future is not None and not future.done():
+                future.set_result(reply.stats)
+        elif isinstance(reply, Ready):
+            self._ready.set_result(reply.info)
+        elif isinstance(reply, LoadFailed):
+            self._ready.set_exception(RuntimeError(f"the engine core failed to load: {reply.message}"))
+
+    def _emit(self, output: RequestOutput) -> None:
+        rid = output.request_id
+        sink = self._sinks.pop(rid, None) if output.finished else self._sinks.get(rid)
+        if sink is None:
+            return
+        try:
+            sink(output)
+        except Exception:  # a consumer's bug must not stop the reader
+            log.exception("output sink for %s failed", rid)
+
+    def _died(self) -> None:
+        self._process.join(0.5)   # EOF came as it exited; its status follows at once
+        self.death = f"the engine core died (exit code {self._process.exitcode})"
+        if not self._ready.done():
+            self._ready.set_exception(RuntimeError(f"the engine core exited while loading (exit code "
+                                                   f"{self._process.exitcode})"))
+            return
+        log.error("%s; failing %d requests in flight", self.death, len(self._sinks))
+        for rid in list(self._sinks):
+            self._emit(self._death_output(rid))
+        for future in self._queries.values():
+            if not future.done():
+                future.set_exception(RuntimeError(self.death))
+        self._queries.clear()
+        self._on_death(self.death)
+
+    def _death_output(self, request_id: str) -> RequestOutput:
+        return RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ABORT, error=self.death)
+
+    def _close_reader(self) -> None:
+        if self._replies is not None and not self._replies.closed:
+            self._loop.remove_reader(self._replies.fileno())
+            self._replies.close()
+
+
+def _log_settings() -> tuple[str, str]:
+    """The front's log level and format (text or json), for the core to log the same way."""
+    root = logging.getLogger()
+    json_format = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    return logging.getLevelName(root.getEffectiveLevel()), "json" if json_format else "text"
+
+
+def _load_tokenizer(config: EngineConfig):
+    from transformers import AutoTokenizer
+
+    from tokenwire.tokenizer.tokenizer import tokenizer_fingerprint
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    return tokenizer, tokenizer_fingerprint(tokenizer)
