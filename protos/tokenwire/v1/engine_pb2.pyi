@@ -78,7 +78,7 @@ Global___StopKind: _TypeAlias = StopKind  # noqa: Y015
 @_typing.final
 class SamplingParams(_message.Message):
     """Sampling controls. Every scalar is `optional`: an unset field takes the engine's default
-    (tokenwire.engine.sampling_params.SamplingParams), so 0 and "unset" never get confused.
+    (tokenwire.engine.request.sampling_params.SamplingParams), so 0 and "unset" never get confused.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
