@@ -36,7 +36,7 @@ class EngineConfig:
     trust_remote_code: bool = False      # never run code shipped with a checkpoint unless asked
     seed: int = 0                        # seeds requests that give none, so runs are reproducible
     native_kernels: bool = True          # CPU: fused kernels compiled on first use into $TOKENWIRE_HOME/kernels (off: torch ops)
-    few_row_gemv: bool = True            # CPU: GEMMs of 1-4 rows (one stream, a few) on a plain weight copy: 1.2-1.5x faster, the linear layers' memory twice
+    few_row_gemv: bool = True            # CPU: GEMMs of 1-4 rows (one stream, a few) on a plain weight copy: faster, the linear layers' memory twice
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -11,6 +11,9 @@ from tokenwire.engine.models import kernels
 native = kernels.native()
 needs_native = pytest.mark.skipif(native is None, reason="native CPU kernels unavailable on this machine")
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+# A whole forward's logits through two GEMM backends (oneDNN vs MKL's sgemv or the GEMV): each layer adds
+# in its own order, and the differences compound over layers (1.4e-5 seen on an AVX-512 BF16 EPYC).
+FORWARD_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: TOL[torch.bfloat16]}
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -302,7 +305,7 @@ def test_few_row_gemv_switched_off_keeps_one_weight_copy(tiny_llama_dir, dtype, 
     got = _runner_logits(tiny_llama_dir, dtype, step, few_row_gemv=False)
     want = _runner_logits(tiny_llama_dir, dtype, step)
     assert got.shape == want.shape == (1 if step == "decode-one" else 3, want.shape[1])
-    torch.testing.assert_close(got, want, **TOL[getattr(torch, dtype)])
+    torch.testing.assert_close(got, want, **FORWARD_TOL[getattr(torch, dtype)])
 
 
 @needs_native

@@ -4,7 +4,10 @@
                                                    gateway: client + serving, no torch, no service
                                                    bench on top of everything
 
-The scheduler, block manager and prefix cache are plain Python, unit-testable with no torch or gRPC.
+Inside the engine (tokenwire.engine), by process:
+    front process: edge (gRPC) + request (validation, encoding)   never torch, worker or models
+    core process:  core -> scheduling (plain Python) + worker (torch) -> models; request for grammars
+The scheduling package is plain Python, unit-testable with no torch or gRPC.
 """
 from __future__ import annotations
 
@@ -14,11 +17,23 @@ import sys
 
 import pytest
 
+_NO_TORCH_NOR_WIRE = ["torch", "grpc", "tokenwire.tokenizer", "tokenwire.v1", "tokenwire.engine.worker",
+                      "tokenwire.engine.models", "tokenwire.engine.edge"]
+_THE_EDGE_NEVER_LOADS = ["torch", "tokenwire.engine.worker", "tokenwire.engine.models", "tokenwire.engine.core.engine",
+                         "tokenwire.client", "tokenwire.bench"]
 FORBIDDEN = {
     # module: prefixes of modules it must not load
-    "tokenwire.engine.scheduling.scheduler": ["torch", "grpc", "tokenwire.tokenizer", "tokenwire.v1"],
-    "tokenwire.engine.scheduling.block_manager": ["torch", "grpc", "tokenwire.tokenizer", "tokenwire.v1"],
-    "tokenwire.engine.scheduling.prefix_cache": ["torch", "grpc", "tokenwire.tokenizer", "tokenwire.v1"],
+    "tokenwire.engine.scheduling.scheduler": _NO_TORCH_NOR_WIRE + ["tokenwire.engine.core"],
+    "tokenwire.engine.scheduling.block_manager": _NO_TORCH_NOR_WIRE + ["tokenwire.engine.core"],
+    "tokenwire.engine.scheduling.prefix_cache": _NO_TORCH_NOR_WIRE + ["tokenwire.engine.core"],
+    "tokenwire.engine.request.preparer": _NO_TORCH_NOR_WIRE + ["tokenwire.engine.core", "transformers"],
+    "tokenwire.engine.core.messages": _NO_TORCH_NOR_WIRE + ["transformers"],
+    # The engine's gRPC front binds its port before torch loads (health answers while the model loads),
+    # and its side of the core boundary never loads the models.
+    "tokenwire.engine.cli": _THE_EDGE_NEVER_LOADS + ["transformers"],
+    "tokenwire.engine.edge.server": _THE_EDGE_NEVER_LOADS + ["transformers"],
+    "tokenwire.engine.edge.core_client": _THE_EDGE_NEVER_LOADS,
+    "tokenwire.engine.core.process": _THE_EDGE_NEVER_LOADS + ["grpc", "tokenwire.engine.edge"],
     "tokenwire.tokenizer.server": ["tokenwire.engine", "tokenwire.client", "tokenwire.bench", "torch"],
     "tokenwire.tokenizer.cli": ["tokenwire.engine", "tokenwire.client", "tokenwire.bench", "torch"],
     "tokenwire.client": ["torch", "transformers", "tokenwire.engine", "tokenwire.tokenizer", "tokenwire.bench"],
@@ -28,8 +43,6 @@ FORBIDDEN = {
     "tokenwire.serving.errors": ["grpc", "google.protobuf", "tokenwire.v1"],
     # The gateway sits on the SDK and serving: it never loads torch, a tokenizer or the engine.
     "tokenwire.gateway.cli": ["torch", "transformers", "tokenwire.engine", "tokenwire.tokenizer", "tokenwire.bench"],
-    # The engine's gRPC front binds its port before torch loads (health answers while the model loads).
-    "tokenwire.engine.cli": ["torch", "transformers", "tokenwire.client", "tokenwire.bench"],
 }
 # The only tokenizer modules the engine may use: the fingerprint (tokenizer.py) and the detokenizer.
 ENGINE_MAY_USE = {"tokenwire.tokenizer", "tokenwire.tokenizer.tokenizer", "tokenwire.tokenizer.detokenizer"}

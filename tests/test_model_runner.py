@@ -18,7 +18,7 @@ from tests.reference import ENGINE_DTYPE, EXACT, TORCH_DTYPE, assert_greedy_matc
 
 from tokenwire.engine.config import CacheConfig, EngineConfig
 from tokenwire.engine.models.linear import Linear
-from tokenwire.engine.worker.device import choose_device, choose_dtype, choose_kv_cache_dtype
+from tokenwire.engine.worker.device import choose_device, choose_dtype, choose_kv_cache_dtype, cpu_auto_dtype
 from tokenwire.engine.worker.model_runner import ModelRunner
 from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.engine.scheduling.sequence import ScheduledChunk, Sequence
@@ -232,6 +232,18 @@ def test_llama_family_variants_match_hf(variant, tmp_path):
     assert_greedy_matches_reference(str(tmp_path), prompts, [s.output_token_ids for s in seqs])
 
 
+@pytest.mark.parametrize("capability, flags, expected", [
+    ("AVX512", {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, torch.bfloat16),   # Xeon with AMX
+    ("AVX512", {"avx512f", "avx512_bf16"}, torch.bfloat16),                           # EPYC Zen 4, Xeon Cooper Lake
+    ("AVX512", {"avx512f", "avx512_vnni"}, torch.float32),                            # Xeon Ice Lake: no bf16
+    ("AVX2", {"avx2", "avx512_bf16"}, torch.float32),                                 # torch's AVX2 kernels
+    ("DEFAULT", set(), torch.float32),
+])
+def test_cpu_auto_dtype_follows_the_cpu_features(capability, flags, expected):
+    dtype, why = cpu_auto_dtype(capability, flags)
+    assert dtype == expected and capability in why
+
+
 def test_dtype_and_device_choice():
     cpu = torch.device("cpu")
     assert choose_device("auto") == (torch.device("cuda") if torch.cuda.is_available() else cpu)
@@ -239,6 +251,7 @@ def test_dtype_and_device_choice():
     assert choose_dtype("bfloat16", cpu) == torch.bfloat16
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         assert choose_dtype("auto", cpu) == torch.float32  # bf16 is emulated, 4-5x slower, on AVX2
+    assert len({choose_dtype("auto", cpu) for _ in range(5)}) == 1   # a rule, not a timing race
     with pytest.raises(ValueError, match="dtype"):
         choose_dtype("fp8", cpu)
     if not torch.cuda.is_available():

@@ -2,8 +2,9 @@
 
 Both directions carry these objects as they are: pickled over the core process's two pipes, or handed
 over in memory when the core runs on a thread (`core.process.InMemoryTransport`). Pickle was kept over
-msgspec by measurement: a batch-32 step's outputs pickle and unpickle in ~0.1 ms together, under 0.2% of
-the step (docs/architecture.md). Receivers dispatch on `kind`, never on the position of a field.
+msgspec by measurement: a step's outputs cost a fraction of a percent of the step to pickle and unpickle
+(docs/architecture.md, "The process boundary"). Receivers dispatch on `kind` or type, never on the
+position of a field.
 
 Commands are applied by the core loop between two steps, in the order sent; replies to one front arrive
 in the order the core made them, so a `StatsReply` follows every output of the commands sent before its

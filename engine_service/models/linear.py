@@ -30,14 +30,13 @@ _GEMV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 class Linear:
     """y = x @ weight.T + bias. On CPU the weight is prepacked once for oneDNN, whose GEMMs beat
-    MKL's by 1.1-2.4x at the batch sizes an engine runs (measured on a 2-core AVX2 EPYC: decode-sized
-    32-row GEMMs 10-50%, the lm_head 2.4x); F.linear everywhere else.
+    MKL's at the batch sizes an engine runs (docs/benchmarks.md); F.linear everywhere else.
 
     `gemv` (the native kernel, or None): GEMMs of up to GEMV_MAX_ROWS rows (a single stream's decode)
     go through it instead, reading the plain weight at memory speed where oneDNN's GEMM reads its packed
-    copy at two thirds of it (bf16) or pays 50-80 us a call (fp32). Both copies are then kept: twice the
-    weight memory of the linear layers, the price of 1.2-1.5x faster single-stream decoding (see
-    cpu_linear.cpp)."""
+    copy more slowly (bf16) or pays a fixed cost per call (fp32). Both copies are then kept: twice the
+    weight memory of the linear layers, the price of faster single-stream decoding (cpu_linear.cpp,
+    docs/benchmarks.md)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, gemv=None):
         self.out_features, self.in_features = weight.shape

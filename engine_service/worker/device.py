@@ -2,20 +2,13 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
 
-from tokenwire.engine.models.linear import Linear
-
 log = logging.getLogger(__name__)
 
 _EXPLICIT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# bf16 must beat fp32 by this factor on the probe GEMM to be worth its lower precision.
-_BF16_MIN_SPEEDUP = 1.25
-# One decode-sized GEMM of a small model: (tokens, hidden) @ (hidden, intermediate).
-_PROBE_SHAPE = (32, 576, 1536)
 
 
 def choose_device(name: str = "auto") -> torch.device:
@@ -34,7 +27,8 @@ def choose_device(name: str = "auto") -> torch.device:
 
 
 def choose_dtype(name: str, device: torch.device) -> torch.dtype:
-    """An explicit dtype is honoured; `auto` picks bf16/fp16 on CUDA and the faster of bf16/fp32 on CPU."""
+    """An explicit dtype is honoured; `auto` picks bf16/fp16 on CUDA, and on CPU bf16 where it is native
+    (`cpu_auto_dtype`), else fp32."""
     if name in _EXPLICIT_DTYPES:
         return _EXPLICIT_DTYPES[name]
     if name != "auto":
@@ -67,19 +61,20 @@ def choose_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 
 
 def _cpu_auto_dtype() -> torch.dtype:
-    capability = torch.backends.cpu.get_cpu_capability()
-    flags = _cpu_flags()
-    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    if not capability.startswith("AVX512") or not native:
-        log.info("dtype auto -> float32: CPU capability %s, no native bf16 (flags: %s)",
-                 capability, native or "none")
-        return torch.float32
-    fp32_s, bf16_s = _probe_gemm(torch.float32), _probe_gemm(torch.bfloat16)
-    speedup = fp32_s / bf16_s
-    dtype = torch.bfloat16 if speedup >= _BF16_MIN_SPEEDUP else torch.float32
-    log.info("dtype auto -> %s: CPU capability %s with %s; probe GEMM bf16 is %.2fx fp32 speed",
-             dtype, capability, "+".join(native), speedup)
+    dtype, why = cpu_auto_dtype(torch.backends.cpu.get_cpu_capability(), _cpu_flags())
+    log.info("dtype auto -> %s: %s", dtype_name(dtype), why)
     return dtype
+
+
+def cpu_auto_dtype(capability: str, flags: set[str]) -> tuple[torch.dtype, str]:
+    """bf16 where the CPU computes it natively (AMX or AVX-512 BF16, under torch's AVX-512 kernels), fp32
+    elsewhere, where bf16 is emulated. Decided from the CPU's features alone, never by a timing, so every
+    replica on the same kind of host serves the same dtype (a probe GEMM timed at startup flipped under
+    load). Returns the dtype and the reason, for the log."""
+    native = sorted(flags & {"amx_bf16", "avx512_bf16"})
+    if capability.startswith("AVX512") and native:
+        return torch.bfloat16, f"CPU capability {capability} with native bf16 ({'+'.join(native)})"
+    return torch.float32, f"CPU capability {capability}, no native bf16 (flags: {', '.join(native) or 'none'})"
 
 
 def _cpu_flags() -> set[str]:
@@ -91,16 +86,3 @@ def _cpu_flags() -> set[str]:
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
     return set()
-
-
-def _probe_gemm(dtype: torch.dtype, reps: int = 8) -> float:
-    """Best-of-reps seconds for one decode-sized matmul in `dtype`, through the backend we would use."""
-    m, k, n = _PROBE_SHAPE
-    x, linear = torch.randn(m, k).to(dtype), Linear(torch.randn(n, k).to(dtype))
-    linear(x)  # warm-up: first calls pick kernels and allocate
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        linear(x)
-        best = min(best, time.perf_counter() - start)
-    return best
