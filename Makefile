@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install kernels model test demo protos bench bench-all bench-soak clean
+.PHONY: install kernels model lint format test demo protos bench bench-all bench-soak clean
 
 # torch is installed first, pinned to the CPU wheel, so nothing later can pull a CUDA build.
 $(STAMP): pyproject.toml
@@ -25,6 +25,15 @@ kernels: install
 
 model: kernels
 	$(PY) -m tokenwire.serving.model_resolver
+
+# ruff (configured in pyproject.toml): lint, and the formatter's check; `make format` rewrites.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 test: kernels
 	$(PY) -m pytest

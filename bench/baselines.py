@@ -5,6 +5,7 @@ machine's physical ceiling for the workload (the method of ../shared/tools/p1_ce
 Both transformers baselines load the same checkpoint in the same dtype as the engine and get the same
 prompts; without --pretok they tokenize inside the timed region, as the engine does.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,14 +17,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import (AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig, StoppingCriteria,
-                          StoppingCriteriaList)
-
 from tokenwire.bench.metrics import RequestRecord, RunRecord
 from tokenwire.bench.workloads import BenchRequest
 from tokenwire.engine.request.sampling_params import SamplingParams
+from transformers import (
+    AutoModelForCausalLM,
+    ContinuousBatchingConfig,
+    GenerationConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
-_CB_PAGE = 256   # generate_batch's default page size, in tokens
+_CB_PAGE = 256  # generate_batch's default page size, in tokens
 
 
 def load_hf_model(model_dir: str, device: torch.device, dtype: torch.dtype):
@@ -35,11 +40,16 @@ def generation_config(params: SamplingParams, pad_id: int, eos_ids: list[int]) -
     """The engine's sampling parameters as transformers understands them (ignore_eos: no eos at all)."""
     sampled = not params.greedy
     return GenerationConfig(
-        max_new_tokens=params.max_new_tokens, do_sample=sampled,
-        temperature=params.temperature if sampled else None, top_k=(params.top_k or None) if sampled else None,
-        top_p=params.top_p if sampled else None, min_p=(params.min_p or None) if sampled else None,
+        max_new_tokens=params.max_new_tokens,
+        do_sample=sampled,
+        temperature=params.temperature if sampled else None,
+        top_k=(params.top_k or None) if sampled else None,
+        top_p=params.top_p if sampled else None,
+        min_p=(params.min_p or None) if sampled else None,
         repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
-        pad_token_id=pad_id, eos_token_id=None if params.ignore_eos else eos_ids)
+        pad_token_id=pad_id,
+        eos_token_id=None if params.ignore_eos else eos_ids,
+    )
 
 
 class _StepClock(StoppingCriteria):
@@ -53,8 +63,9 @@ class _StepClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def run_hf_static(model, tokenizer, requests: list[BenchRequest], params: SamplingParams,
-                  batch_size: int, progress=None) -> RunRecord:
+def run_hf_static(
+    model, tokenizer, requests: list[BenchRequest], params: SamplingParams, batch_size: int, progress=None
+) -> RunRecord:
     """`generate()` over left-padded static batches of `batch_size` (0: one batch of everything)."""
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -65,16 +76,20 @@ def run_hf_static(model, tokenizer, requests: list[BenchRequest], params: Sampli
     start = time.perf_counter()
     records = [RequestRecord(submit_time=start) for _ in requests]
     for lo in range(0, len(requests), size):
-        ids = _prompt_ids(requests[lo:lo + size], tokenizer)
+        ids = _prompt_ids(requests[lo : lo + size], tokenizer)
         clock = _StepClock()
         batch, mask = _left_pad(ids, pad_id, model.device)
         if params.seed is not None:
             torch.manual_seed(params.seed)
         with torch.inference_mode():
-            out = model.generate(input_ids=batch, attention_mask=mask, generation_config=config,
-                                 stopping_criteria=StoppingCriteriaList([clock]))
-        new = out[:, batch.shape[1]:].tolist()
-        for rec, prompt, gen in zip(records[lo:lo + size], ids, new):
+            out = model.generate(
+                input_ids=batch,
+                attention_mask=mask,
+                generation_config=config,
+                stopping_criteria=StoppingCriteriaList([clock]),
+            )
+        new = out[:, batch.shape[1] :].tolist()
+        for rec, prompt, gen in zip(records[lo : lo + size], ids, new):
             gen = _until_eos(gen, eos_ids, params)
             rec.prompt_tokens = len(prompt)
             for t, token in zip(clock.times, gen):
@@ -85,8 +100,7 @@ def run_hf_static(model, tokenizer, requests: list[BenchRequest], params: Sampli
     return RunRecord("hf_static", start, time.perf_counter(), records, extra={"batch_size": size})
 
 
-def run_hf_batch(model, tokenizer, requests: list[BenchRequest], params: SamplingParams,
-                 progress=None) -> RunRecord:
+def run_hf_batch(model, tokenizer, requests: list[BenchRequest], params: SamplingParams, progress=None) -> RunRecord:
     """`generate_batch()`: transformers' continuous batching, its defaults but for the KV cache size.
 
     On a CPU its default sizes the cache from free host RAM (up to 90% of it, zeroed on every call);
@@ -98,11 +112,17 @@ def run_hf_batch(model, tokenizer, requests: list[BenchRequest], params: Samplin
         torch.manual_seed(params.seed)
     start = time.perf_counter()
     ids = _prompt_ids(requests, tokenizer)
-    cb_config = ContinuousBatchingConfig(num_blocks=sum(
-        -(-(len(p) + params.max_new_tokens) // _CB_PAGE) for p in ids) + len(ids), page_size=_CB_PAGE)
+    cb_config = ContinuousBatchingConfig(
+        num_blocks=sum(-(-(len(p) + params.max_new_tokens) // _CB_PAGE) for p in ids) + len(ids), page_size=_CB_PAGE
+    )
     with torch.inference_mode():
-        results = model.generate_batch(inputs=ids, generation_config=config, record_timestamps=True,
-                                       continuous_batching_config=cb_config, progress_bar=False)
+        results = model.generate_batch(
+            inputs=ids,
+            generation_config=config,
+            record_timestamps=True,
+            continuous_batching_config=cb_config,
+            progress_bar=False,
+        )
     end = time.perf_counter()
     records = []
     for prompt, result in zip(ids, results.values()):
@@ -111,12 +131,13 @@ def run_hf_batch(model, tokenizer, requests: list[BenchRequest], params: Samplin
             rec.add_chunk(t, [token])
         rec.finish_time = rec.chunk_times[-1] if rec.chunk_times else end
         records.append(rec)
-    records += [RequestRecord(submit_time=start, error="missing from generate_batch results")
-                for _ in range(len(ids) - len(records))]
+    records += [
+        RequestRecord(submit_time=start, error="missing from generate_batch results")
+        for _ in range(len(ids) - len(records))
+    ]
     if progress is not None:
         progress.update(len(records))
-    return RunRecord("hf_batch", start, end, records, extra={"num_blocks": cb_config.num_blocks,
-                                                             "page_size": _CB_PAGE})
+    return RunRecord("hf_batch", start, end, records, extra={"num_blocks": cb_config.num_blocks, "page_size": _CB_PAGE})
 
 
 def _prompt_ids(requests: list[BenchRequest], tokenizer) -> list[list[int]]:
@@ -144,21 +165,22 @@ def _until_eos(tokens: list[int], eos_ids: list[int], params: SamplingParams) ->
         return tokens
     for i, token in enumerate(tokens):
         if token in eos_ids:
-            return tokens[:i + 1]
+            return tokens[: i + 1]
     return tokens
 
 
 # ---- the physical ceiling: linear layers alone, timed with F.linear at the shapes the workload needs ----
 
+
 @dataclass(frozen=True)
 class Ceiling:
     dtype: str
-    prefill_s: float                     # linear layers of the whole prefill, chunked
-    decode_s: float                      # linear layers of every decode step after the first token
+    prefill_s: float  # linear layers of the whole prefill, chunked
+    decode_s: float  # linear layers of every decode step after the first token
     completion_tokens: int
     prefill_chunk: int
-    memory_floor_s: float = 0.0          # one decode step reads every weight once: bytes / read bandwidth
-    bandwidth_gbs: float = 0.0           # measured memory read bandwidth
+    memory_floor_s: float = 0.0  # one decode step reads every weight once: bytes / read bandwidth
+    bandwidth_gbs: float = 0.0  # measured memory read bandwidth
     num_requests: int = 1
     # The same ceiling with the engine's own GEMMs (oneDNN prepacked) instead of F.linear: where those are
     # faster, the F.linear ceiling is no ceiling for the engine, and this is the stricter figure.
@@ -205,8 +227,14 @@ def time_linear(m: int, k: int, n: int, dtype: torch.dtype, reps: int, layer=Non
     return (time.perf_counter() - start) / reps
 
 
-def measure_ceiling(model_dir: str, dtype: torch.dtype, prompt_lens: list[int], new_tokens: int,
-                    chunk: int = 512, time_linear=time_linear) -> Ceiling:
+def measure_ceiling(
+    model_dir: str,
+    dtype: torch.dtype,
+    prompt_lens: list[int],
+    new_tokens: int,
+    chunk: int = 512,
+    time_linear=time_linear,
+) -> Ceiling:
     """p1_ceiling.py's method for any prompt lengths: every request decodes in one batch, on the CPU.
     `time_linear(m, k, n, dtype, reps)` times one GEMM; the default is torch's F.linear."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
@@ -224,8 +252,9 @@ def measure_ceiling(model_dir: str, dtype: torch.dtype, prompt_lens: list[int], 
     bandwidth = read_bandwidth()
     floor = weight_bytes(cfg, dtype) / bandwidth
     decode = (new_tokens - 1) * max(step, floor)  # the first new token comes out of prefill
-    return Ceiling(str(dtype).removeprefix("torch."), prefill, decode, batch * new_tokens, chunk, floor,
-                   bandwidth / 1e9, batch)
+    return Ceiling(
+        str(dtype).removeprefix("torch."), prefill, decode, batch * new_tokens, chunk, floor, bandwidth / 1e9, batch
+    )
 
 
 def measure_ceilings(model_dir: str, dtype: torch.dtype, prompt_lens: list[int], new_tokens: int) -> Ceiling:
@@ -233,8 +262,9 @@ def measure_ceilings(model_dir: str, dtype: torch.dtype, prompt_lens: list[int],
     from tokenwire.engine.models.linear import Linear
 
     ceiling = measure_ceiling(model_dir, dtype, prompt_lens, new_tokens)
-    engine_gemms = measure_ceiling(model_dir, dtype, prompt_lens, new_tokens,
-                                   time_linear=functools.partial(time_linear, layer=Linear))
+    engine_gemms = measure_ceiling(
+        model_dir, dtype, prompt_lens, new_tokens, time_linear=functools.partial(time_linear, layer=Linear)
+    )
     return dataclasses.replace(ceiling, engine_gemm_completion_tok_s=engine_gemms.completion_tok_s)
 
 

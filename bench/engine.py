@@ -2,6 +2,7 @@
 (one request at a time through the same engine). The benchmark drives `step()` itself, on this thread,
 and stamps every token when the step that made it returns.
 """
+
 from __future__ import annotations
 
 import time
@@ -9,32 +10,51 @@ import time
 from tokenwire.bench.metrics import RequestRecord, RunRecord
 from tokenwire.bench.workloads import BenchRequest
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from tokenwire.engine.worker.device import dtype_name
 from tokenwire.engine.core.engine import LLMEngine
 from tokenwire.engine.request.sampling_params import SamplingParams
+from tokenwire.engine.worker.device import dtype_name
 
 
 def build_engine(args) -> LLMEngine:
-    return LLMEngine(EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, few_row_gemv=args.few_row_gemv,
-        cache=CacheConfig(enable_prefix_cache=not args.no_prefix_cache, kv_cache_memory_gb=args.kv_cache_memory_gb,
-                          kv_cache_dtype=args.kv_cache_dtype),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
-                                  max_num_batched_tokens=args.max_num_batched_tokens)))
+    return LLMEngine(
+        EngineConfig(
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            seed=args.seed,
+            few_row_gemv=args.few_row_gemv,
+            cache=CacheConfig(
+                enable_prefix_cache=not args.no_prefix_cache,
+                kv_cache_memory_gb=args.kv_cache_memory_gb,
+                kv_cache_dtype=args.kv_cache_dtype,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+            ),
+        )
+    )
 
 
 def describe(engine: LLMEngine) -> dict:
     runner, cfg = engine.runner, engine.config
-    return {"architecture": runner.architecture, "device": str(runner.device),
-            "dtype": dtype_name(runner.dtype), "num_kv_blocks": runner.num_blocks,
-            "kv_cache_dtype": dtype_name(runner.kv_dtype), "few_row_gemv": cfg.few_row_gemv,
-            "block_size": runner.block_size, "max_model_len": engine.max_model_len,
-            "enable_prefix_cache": cfg.cache.enable_prefix_cache, "max_num_seqs": cfg.scheduler.max_num_seqs,
-            "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens}
+    return {
+        "architecture": runner.architecture,
+        "device": str(runner.device),
+        "dtype": dtype_name(runner.dtype),
+        "num_kv_blocks": runner.num_blocks,
+        "kv_cache_dtype": dtype_name(runner.kv_dtype),
+        "few_row_gemv": cfg.few_row_gemv,
+        "block_size": runner.block_size,
+        "max_model_len": engine.max_model_len,
+        "enable_prefix_cache": cfg.cache.enable_prefix_cache,
+        "max_num_seqs": cfg.scheduler.max_num_seqs,
+        "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens,
+    }
 
 
-def run_offline(engine: LLMEngine, requests: list[BenchRequest], params: list[SamplingParams],
-                progress=None) -> RunRecord:
+def run_offline(
+    engine: LLMEngine, requests: list[BenchRequest], params: list[SamplingParams], progress=None
+) -> RunRecord:
     """All requests handed over at once (text ones are encoded by the engine, inside the timing)."""
     with _RunStats(engine) as stats:
         start = time.perf_counter()
@@ -43,8 +63,9 @@ def run_offline(engine: LLMEngine, requests: list[BenchRequest], params: list[Sa
     return stats.record("offline", start, list(records.values()))
 
 
-def run_naive(engine: LLMEngine, requests: list[BenchRequest], params: list[SamplingParams],
-              progress=None) -> RunRecord:
+def run_naive(
+    engine: LLMEngine, requests: list[BenchRequest], params: list[SamplingParams], progress=None
+) -> RunRecord:
     """The same requests, each submitted only after the previous one finished."""
     with _RunStats(engine) as stats:
         start = time.perf_counter()
@@ -86,7 +107,7 @@ class _RunStats:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
 
-    def __enter__(self) -> "_RunStats":
+    def __enter__(self) -> _RunStats:
         # Runs already use distinct prompts; a reset also clears the entries of a repeated --prompt.
         self.engine.reset_prefix_cache()
         self.encodes, self.cache = self.engine.num_prompt_encodes, self._cache_counts()
@@ -109,8 +130,17 @@ class _RunStats:
             queried, hit = now[0] - self.cache[0], now[1] - self.cache[1]
             rate = hit / queried if queried else 0.0
         end = max([self.end] + [r.finish_time for r in records if r.finish_time is not None])
-        return RunRecord(mode, start, end, records, prompt_encodes=self.engine.num_prompt_encodes - self.encodes,
-                         prefix_cache_hit_rate=rate, reports_cached_tokens=True,
-                         extra={"num_preemptions": self.engine.stats().num_preemptions - self.preemptions,
-                                "prompt_encode_s": self.engine.prompt_encode_s - self.encode_s,
-                                "step_profile": self.engine.step_profile.minus(self.steps).to_dict()})
+        return RunRecord(
+            mode,
+            start,
+            end,
+            records,
+            prompt_encodes=self.engine.num_prompt_encodes - self.encodes,
+            prefix_cache_hit_rate=rate,
+            reports_cached_tokens=True,
+            extra={
+                "num_preemptions": self.engine.stats().num_preemptions - self.preemptions,
+                "prompt_encode_s": self.engine.prompt_encode_s - self.encode_s,
+                "step_profile": self.engine.step_profile.minus(self.steps).to_dict(),
+            },
+        )

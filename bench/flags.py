@@ -1,4 +1,5 @@
 """The benchmark's flags and modes: `tokenwire-bench --help` is this parser (bench/cli.py runs it)."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,19 +10,28 @@ from tokenwire.serving.model_resolver import DEFAULT_MODEL
 
 MODES = ("offline", "naive", "online", "online_etext", "online_ids", "replicas", "hf_static", "hf_batch")
 ONLINE_MODES = ("online", "online_etext", "online_ids")
-DEFAULT_MODES = {"P1": "offline,hf", "online": "offline,online", "multiprefix": "replicas"}   # others: offline
+DEFAULT_MODES = {"P1": "offline,hf", "online": "offline,online", "multiprefix": "replicas"}  # others: offline
 ENGINE_MODES = ("offline", "naive", *ONLINE_MODES)
 BASELINES = ("hf_static", "hf_batch", "offline")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tokenwire bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog="tokenwire bench soak --help: the engine service's memory soak")
-    p.add_argument("--mode", help=f"comma-separated among {', '.join(MODES)}, hf (= hf_static,hf_batch); "
-                                  f"default per workload: {DEFAULT_MODES}, else offline")
-    p.add_argument("--workload", choices=[*STANDARD, "custom"],
-                   help="a standard workload (default P1, or custom when prompts are given)")
+    p = argparse.ArgumentParser(
+        prog="tokenwire bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="tokenwire bench soak --help: the engine service's memory soak",
+    )
+    p.add_argument(
+        "--mode",
+        help=f"comma-separated among {', '.join(MODES)}, hf (= hf_static,hf_batch); "
+        f"default per workload: {DEFAULT_MODES}, else offline",
+    )
+    p.add_argument(
+        "--workload",
+        choices=[*STANDARD, "custom"],
+        help="a standard workload (default P1, or custom when prompts are given)",
+    )
     w = p.add_argument_group("prompts (override the workload's defaults)")
     w.add_argument("--prompt", help="one prompt text, sent --num-requests times")
     w.add_argument("--prompts", dest="prompts_file", help="file: one prompt per line, or JSONL with 'prompt'")
@@ -47,32 +57,53 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     e.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
     e.add_argument("--kv-cache-memory-gb", type=float, default=CacheConfig.kv_cache_memory_gb)
-    e.add_argument("--kv-cache-dtype", default=CacheConfig.kv_cache_dtype,
-                   help="bfloat16/float16 under a float32 model: half the K/V bytes (not bit-exact)")
-    e.add_argument("--few-row-gemv", action=argparse.BooleanOptionalAction, default=EngineConfig.few_row_gemv,
-                   help="CPU: GEMMs of 1-4 rows on a plain weight copy (engine flag)")
+    e.add_argument(
+        "--kv-cache-dtype",
+        default=CacheConfig.kv_cache_dtype,
+        help="bfloat16/float16 under a float32 model: half the K/V bytes (not bit-exact)",
+    )
+    e.add_argument(
+        "--few-row-gemv",
+        action=argparse.BooleanOptionalAction,
+        default=EngineConfig.few_row_gemv,
+        help="CPU: GEMMs of 1-4 rows on a plain weight copy (engine flag)",
+    )
     r = p.add_argument_group("run")
     r.add_argument("--pretok", action="store_true", help="tokenize before the timed region and send ids")
     r.add_argument("--warmup-runs", type=int, default=1)
     r.add_argument("--warmup-max-new-tokens", type=int, default=8, help="warm-up runs generate this many at most")
     r.add_argument("--warmup-max-requests", type=int, default=32, help="warm-up runs send this many at most")
-    r.add_argument("--warmup-max-prompt-tokens", type=int, default=512,
-                   help="warm-up prompts are cut to this many tokens (text: words)")
+    r.add_argument(
+        "--warmup-max-prompt-tokens",
+        type=int,
+        default=512,
+        help="warm-up prompts are cut to this many tokens (text: words)",
+    )
     r.add_argument("--repeat-runs", type=int, default=1)
     r.add_argument("--hf-batch-size", type=int, default=0, help="generate() static batch size (0: all)")
-    r.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=None,
-                   help="measure the physical ceiling (linear layers alone) in this run (default: on for P1)")
+    r.add_argument(
+        "--ceiling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure the physical ceiling (linear layers alone) in this run (default: on for P1)",
+    )
     o = p.add_argument_group("online")
     o.add_argument("--request-rate", type=float, help="Poisson arrivals per second (inf: all at once)")
     o.add_argument("--concurrency", type=int, help="at most this many requests in flight")
     o.add_argument("--engine-addr", help="host:port of a running engine service (default: start one)")
     o.add_argument("--tokenizer-addr", help="host:port of a running tokenizer service (default: start one)")
     o.add_argument("--replicas", type=int, default=3, help="replicas mode: engine replicas started here")
-    o.add_argument("--endpoint", default="grpc",
-                   help="comma-separated among grpc (the SDK), openai (the gateway through the openai client), "
-                        "sse (the gateway, raw SSE through httpx); each is one online mode, run in this order")
-    o.add_argument("--gateway-url", help="http://host:port of a running gateway serving the model as "
-                                         "'bench' (default: start one over the services)")
+    o.add_argument(
+        "--endpoint",
+        default="grpc",
+        help="comma-separated among grpc (the SDK), openai (the gateway through the openai client), "
+        "sse (the gateway, raw SSE through httpx); each is one online mode, run in this order",
+    )
+    o.add_argument(
+        "--gateway-url",
+        help="http://host:port of a running gateway serving the model as "
+        "'bench' (default: start one over the services)",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--json", dest="json_out", help="write every figure and the environment here")
     out.add_argument("--plot", help="write latency CDFs and throughput bars to this PNG")
@@ -87,11 +118,12 @@ def parse_modes(text: str) -> list[str]:
     bad = [m for m in expanded if m not in MODES]
     if bad or not expanded:
         raise SystemExit(f"--mode: unknown {bad or text!r}; choose from {', '.join(MODES)}, hf")
-    return [m for m in MODES if m in expanded]   # canonical order: engine modes before the baselines
+    return [m for m in MODES if m in expanded]  # canonical order: engine modes before the baselines
 
 
 def parse_endpoints(text: str) -> tuple[str, ...]:
     from tokenwire.bench.online import ENDPOINTS
+
     names = tuple(dict.fromkeys(e.strip() for e in text.split(",") if e.strip()))
     bad = [e for e in names if e not in ENDPOINTS]
     if bad or not names:

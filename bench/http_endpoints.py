@@ -9,6 +9,7 @@ The same requests as the SDK path (`--endpoint grpc`), sent as streamed `POST /v
 A stream carries text, not ids, so each chunk with text (or the finish) is one arrival, and the
 completion token count is the engine's own, from the usage chunk (never re-tokenized text).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,26 +17,31 @@ import time
 
 import httpx
 import openai
-
 from tokenwire.bench.metrics import RequestRecord
 from tokenwire.bench.workloads import BenchRequest
 from tokenwire.engine.request.sampling_params import SamplingParams
 
-SERVED_MODEL = "bench"     # the gateway started by the benchmark serves the model under this name
+SERVED_MODEL = "bench"  # the gateway started by the benchmark serves the model under this name
 _TIMEOUT = httpx.Timeout(600.0, connect=30.0)
-_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=None)   # the bench sets concurrency
+_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=None)  # the bench sets concurrency
 
 
 def extension_fields(p: SamplingParams) -> dict:
     """The engine parameters OpenAI's API has no name for, by vLLM's names."""
-    return {"top_k": p.top_k, "min_p": p.min_p, "repetition_penalty": p.repetition_penalty,
-            "ignore_eos": p.ignore_eos}
+    return {"top_k": p.top_k, "min_p": p.min_p, "repetition_penalty": p.repetition_penalty, "ignore_eos": p.ignore_eos}
 
 
 def completion_body(req: BenchRequest, p: SamplingParams, model: str = SERVED_MODEL) -> dict:
-    body = {"model": model, "prompt": req.token_ids if req.token_ids is not None else req.text,
-            "max_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p, "stream": True,
-            "stream_options": {"include_usage": True}, **extension_fields(p)}
+    body = {
+        "model": model,
+        "prompt": req.token_ids if req.token_ids is not None else req.text,
+        "max_tokens": p.max_new_tokens,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extension_fields(p),
+    }
     return body if p.seed is None else {**body, "seed": p.seed}
 
 
@@ -53,11 +59,17 @@ def _record_chunk(rec: RequestRecord, now: float, chunk: dict) -> None:
 
 class OpenAIEndpoint:
     """The official client; one AsyncOpenAI per run, opened inside the run's event loop."""
+
     name = "openai"
 
     def __init__(self, base_url: str):
-        self.client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0,
-                                         timeout=_TIMEOUT, http_client=httpx.AsyncClient(limits=_LIMITS))
+        self.client = openai.AsyncOpenAI(
+            base_url=f"{base_url}/v1",
+            api_key="unused",
+            max_retries=0,
+            timeout=_TIMEOUT,
+            http_client=httpx.AsyncClient(limits=_LIMITS),
+        )
 
     async def stream_one(self, req: BenchRequest, p: SamplingParams) -> RequestRecord:
         rec = RequestRecord(submit_time=time.perf_counter())
@@ -78,6 +90,7 @@ class OpenAIEndpoint:
 
 class SseEndpoint:
     """Raw SSE lines through httpx: `data: {...}` events until `data: [DONE]`."""
+
     name = "sse"
 
     def __init__(self, base_url: str):
@@ -101,7 +114,7 @@ class SseEndpoint:
         async for line in response.aiter_lines():
             if not line.startswith("data: "):
                 continue
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             if data == "[DONE]":
                 return
             chunk = json.loads(data)

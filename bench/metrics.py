@@ -14,13 +14,13 @@ the requests, so queueing, tokenization (without --pretok) and transport are all
   by re-tokenizing text.
 Distributions pool every request of every repeat run; per-run figures are kept beside them.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-
 from tokenwire.bench.flags import BASELINES, ENGINE_MODES
 
 if TYPE_CHECKING:
@@ -29,11 +29,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class RequestRecord:
-    submit_time: float                   # when the benchmark handed the request over
-    prompt_tokens: int = 0               # as counted by whoever tokenized it
-    cached_prompt_tokens: int = 0        # prompt tokens served by the prefix cache (engine modes)
+    submit_time: float  # when the benchmark handed the request over
+    prompt_tokens: int = 0  # as counted by whoever tokenized it
+    cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache (engine modes)
     chunk_times: list[float] = field(default_factory=list)  # arrival of each batch of new tokens
-    token_ids: list[int] = field(default_factory=list)      # every generated id, in order
+    token_ids: list[int] = field(default_factory=list)  # every generated id, in order
     finish_time: float | None = None
     error: str | None = None
     # Streams that carry text, not ids (the HTTP gateway): the engine's count, from the usage chunk.
@@ -75,10 +75,10 @@ class RequestRecord:
 @dataclass
 class RunRecord:
     mode: str
-    start: float                         # first submission
-    end: float                           # last token (or last completion)
+    start: float  # first submission
+    end: float  # last token (or last completion)
     requests: list[RequestRecord]
-    prompt_encodes: int | None = None    # prompts the engine tokenized during this run
+    prompt_encodes: int | None = None  # prompts the engine tokenized during this run
     prefix_cache_hit_rate: float | None = None  # engine-reported, for this run's lookups
     reports_cached_tokens: bool = False  # whether records carry cached_prompt_tokens (engine modes)
     extra: dict = field(default_factory=dict)
@@ -91,6 +91,7 @@ class RunRecord:
 @dataclass
 class Distribution:
     """Milliseconds."""
+
     count: int
     mean: float | None
     min: float | None
@@ -100,7 +101,7 @@ class Distribution:
     max: float | None
 
     @classmethod
-    def of(cls, seconds: list[float]) -> "Distribution":
+    def of(cls, seconds: list[float]) -> Distribution:
         if not seconds:
             return cls(0, None, None, None, None, None, None)
         ms = np.asarray(seconds, dtype=np.float64) * 1e3
@@ -126,14 +127,14 @@ class RunSummary:
 class ModeSummary:
     mode: str
     num_runs: int
-    num_requests: int                    # per run
-    num_errors: int                      # over all runs
-    prompt_tokens: int                   # per run (last run)
-    completion_tokens: int               # per run (last run)
-    duration_s: float                    # mean over runs
-    completion_tok_s: float              # mean over runs
-    total_tok_s: float                   # mean over runs
-    request_s: float                     # finished requests per second, mean over runs
+    num_requests: int  # per run
+    num_errors: int  # over all runs
+    prompt_tokens: int  # per run (last run)
+    completion_tokens: int  # per run (last run)
+    duration_s: float  # mean over runs
+    completion_tok_s: float  # mean over runs
+    total_tok_s: float  # mean over runs
+    request_s: float  # finished requests per second, mean over runs
     completion_tok_s_min: float
     completion_tok_s_max: float
     ttft_ms: Distribution
@@ -142,7 +143,7 @@ class ModeSummary:
     e2e_ms: Distribution
     prefix_cache_hit_rate: float | None  # token-level: cached prompt tokens / prompt tokens
     engine_prefix_cache_hit_rate: float | None  # as the engine reports it (block lookups)
-    prompt_encodes: int | None           # engine encodes per run (max over runs); 0 with --pretok
+    prompt_encodes: int | None  # engine encodes per run (max over runs); 0 with --pretok
     runs: list[RunSummary]
     extra: dict = field(default_factory=dict)
 
@@ -156,12 +157,17 @@ def summarize_run(run: RunRecord) -> RunSummary:
     prompt = sum(r.prompt_tokens for r in run.requests)
     duration = max(run.duration, 1e-9)
     return RunSummary(
-        duration_s=duration, completion_tokens=completion, prompt_tokens=prompt,
-        completion_tok_s=completion / duration, total_tok_s=(prompt + completion) / duration,
+        duration_s=duration,
+        completion_tokens=completion,
+        prompt_tokens=prompt,
+        completion_tok_s=completion / duration,
+        total_tok_s=(prompt + completion) / duration,
         request_s=len(done) / duration,
         ttft_p50_ms=Distribution.of(_values(run.requests, "ttft")).p50,
         tpot_p50_ms=Distribution.of(_values(run.requests, "tpot")).p50,
-        prompt_encodes=run.prompt_encodes, prefix_cache_hit_rate=run.prefix_cache_hit_rate)
+        prompt_encodes=run.prompt_encodes,
+        prefix_cache_hit_rate=run.prefix_cache_hit_rate,
+    )
 
 
 def summarize(mode: str, runs: list[RunRecord]) -> ModeSummary:
@@ -176,20 +182,30 @@ def summarize(mode: str, runs: list[RunRecord]) -> ModeSummary:
     encodes = [run.prompt_encodes for run in runs if run.prompt_encodes is not None]
     last = per_run[-1]
     return ModeSummary(
-        mode=mode, num_runs=len(runs), num_requests=len(runs[-1].requests),
+        mode=mode,
+        num_runs=len(runs),
+        num_requests=len(runs[-1].requests),
         num_errors=sum(r.error is not None for r in requests),
-        prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-        duration_s=_mean([s.duration_s for s in per_run]), completion_tok_s=_mean(rates),
-        total_tok_s=_mean([s.total_tok_s for s in per_run]), request_s=_mean([s.request_s for s in per_run]),
-        completion_tok_s_min=min(rates), completion_tok_s_max=max(rates),
-        ttft_ms=Distribution.of(_values(requests, "ttft")), tpot_ms=Distribution.of(_values(requests, "tpot")),
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        duration_s=_mean([s.duration_s for s in per_run]),
+        completion_tok_s=_mean(rates),
+        total_tok_s=_mean([s.total_tok_s for s in per_run]),
+        request_s=_mean([s.request_s for s in per_run]),
+        completion_tok_s_min=min(rates),
+        completion_tok_s_max=max(rates),
+        ttft_ms=Distribution.of(_values(requests, "ttft")),
+        tpot_ms=Distribution.of(_values(requests, "tpot")),
         itl_ms=Distribution.of([gap for r in requests for gap in r.itls]),
         e2e_ms=Distribution.of(_values(requests, "e2e")),
-        prefix_cache_hit_rate=(cached / prompt_tokens if prompt_tokens and all(run.reports_cached_tokens for run in runs)
-                               else None),
+        prefix_cache_hit_rate=(
+            cached / prompt_tokens if prompt_tokens and all(run.reports_cached_tokens for run in runs) else None
+        ),
         engine_prefix_cache_hit_rate=_mean(engine_rates) if engine_rates else None,
-        prompt_encodes=max(encodes) if encodes else None, runs=per_run,
-        extra=dict(runs[-1].extra))
+        prompt_encodes=max(encodes) if encodes else None,
+        runs=per_run,
+        extra=dict(runs[-1].extra),
+    )
 
 
 def latency_samples(runs: list[RunRecord]) -> dict[str, list[float]]:
@@ -211,7 +227,7 @@ def _mean(values: list[float]) -> float:
 def compare(summaries: dict, ceiling: Ceiling | None) -> dict:
     """Completion tok/s ratios: each engine mode against each baseline, and against the ceiling."""
     out = {}
-    for mode in (m for m in summaries if m.startswith("online_")):   # the gateway against the SDK path
+    for mode in (m for m in summaries if m.startswith("online_")):  # the gateway against the SDK path
         if "online" in summaries:
             sdk, gateway = summaries["online"], summaries[mode]
             out[f"{mode}_vs_online"] = gateway.completion_tok_s / max(sdk.completion_tok_s, 1e-9)
@@ -224,8 +240,9 @@ def compare(summaries: dict, ceiling: Ceiling | None) -> dict:
             limit = ceiling.single_stream_tok_s if mode == "naive" else ceiling.completion_tok_s
             out[f"{mode}_fraction_of_ceiling"] = summaries[mode].completion_tok_s / limit
             if mode != "naive" and ceiling.engine_gemm_completion_tok_s:
-                out[f"{mode}_fraction_of_engine_gemm_ceiling"] = (summaries[mode].completion_tok_s
-                                                                 / ceiling.engine_gemm_completion_tok_s)
+                out[f"{mode}_fraction_of_engine_gemm_ceiling"] = (
+                    summaries[mode].completion_tok_s / ceiling.engine_gemm_completion_tok_s
+                )
     if ceiling is not None:
         out["ceiling_completion_tok_s"] = ceiling.completion_tok_s
         if ceiling.engine_gemm_completion_tok_s:
@@ -242,5 +259,8 @@ def agreement(runs: dict[str, list[RunRecord]], greedy: bool) -> dict:
     if not greedy or "hf_static" not in runs:
         return {}
     ref = [r.token_ids for r in runs["hf_static"][-1].requests]
-    return {f"{mode}_same_ids_as_hf_static": sum(a.token_ids == b for a, b in zip(rs[-1].requests, ref)) / len(ref)
-            for mode, rs in runs.items() if mode in ENGINE_MODES and len(rs[-1].requests) == len(ref)}
+    return {
+        f"{mode}_same_ids_as_hf_static": sum(a.token_ids == b for a, b in zip(rs[-1].requests, ref)) / len(ref)
+        for mode, rs in runs.items()
+        if mode in ENGINE_MODES and len(rs[-1].requests) == len(ref)
+    }

@@ -14,6 +14,7 @@ The `online_ids` mode isolates the engine service: ids in (made before the timed
 text and no SDK, raw grpc.aio stubs, one stream per request. Every online run also records the CPU
 seconds each process spent in it (engine core, engine front, tokenizer service, this client), from /proc.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,7 +25,6 @@ import time
 from dataclasses import asdict
 
 import grpc
-
 from tokenwire.bench.http_endpoints import HTTP_ENDPOINTS, SERVED_MODEL
 from tokenwire.bench.metrics import RequestRecord, RunRecord
 from tokenwire.bench.proc_cpu import CpuMeter, engine_core_pid, per_1k_tokens
@@ -34,7 +34,7 @@ from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.serving.launcher import ENGINE, GATEWAY, TOKENIZER, start_service
 from tokenwire.v1 import engine_pb2, engine_pb2_grpc
 
-_START_TIMEOUT_S = 600.0   # model load and warm-up on a busy 2-core machine
+_START_TIMEOUT_S = 600.0  # model load and warm-up on a busy 2-core machine
 ENDPOINTS = ("grpc", *HTTP_ENDPOINTS)
 
 
@@ -48,23 +48,36 @@ class OnlineClient:
     `engine_addr` may be a multi-replica target (`ipv4:a:p,b:p`), balanced by `routing`; no tokenizer
     (None) means the prompts go as ids. `gateway_url`: the OpenAI-compatible gateway, for the HTTP endpoints."""
 
-    def __init__(self, engine_addr: str, tokenizer_addr: str | None, routing: str = "round_robin",
-                 gateway_url: str | None = None, pids: dict[str, int] | None = None):
+    def __init__(
+        self,
+        engine_addr: str,
+        tokenizer_addr: str | None,
+        routing: str = "round_robin",
+        gateway_url: str | None = None,
+        pids: dict[str, int] | None = None,
+    ):
         self.engine_addr, self.tokenizer_addr, self.routing = engine_addr, tokenizer_addr, routing
         self.gateway_url = gateway_url
-        self.pids = {**(pids or {}), "bench client": os.getpid()}   # processes whose CPU time is reported
+        self.pids = {**(pids or {}), "bench client": os.getpid()}  # processes whose CPU time is reported
 
     def connect(self, text_from: str = "tokenizer") -> AsyncClient:
-        return AsyncClient(tokenizer=self.tokenizer_addr, engine=self.engine_addr, routing=self.routing,
-                           text_from=text_from)
+        return AsyncClient(
+            tokenizer=self.tokenizer_addr, engine=self.engine_addr, routing=self.routing, text_from=text_from
+        )
 
     def describe(self) -> dict:
         async def info():
             async with self.connect() as client:
                 return await client.model_info()
+
         info = asyncio.run(info())
-        return {"engine_addr": self.engine_addr, "tokenizer_addr": self.tokenizer_addr,
-                "gateway_url": self.gateway_url, "architecture": info.architecture, **asdict(info.config)}
+        return {
+            "engine_addr": self.engine_addr,
+            "tokenizer_addr": self.tokenizer_addr,
+            "gateway_url": self.gateway_url,
+            "architecture": info.architecture,
+            **asdict(info.config),
+        }
 
 
 @contextlib.contextmanager
@@ -76,7 +89,7 @@ def services(args, model_dir: str, endpoints: tuple[str, ...] = ("grpc",)):
         tok_addr = args.tokenizer_addr or _started(stack, TOKENIZER, ["--model", model_dir], pids, "tokenizer")
         eng_addr = args.engine_addr or _started(stack, ENGINE, _engine_flags(args, model_dir), pids, "engine front")
         core = engine_core_pid(pids["engine front"]) if "engine front" in pids else None
-        if core is not None:   # the engine core process
+        if core is not None:  # the engine core process
             pids["engine core"] = core
         url = getattr(args, "gateway_url", None)
         if url is None and any(e in HTTP_ENDPOINTS for e in endpoints):
@@ -92,32 +105,70 @@ def _started(stack: contextlib.ExitStack, script: str, flags: list[str], pids: d
 
 
 def _started_gateway(stack: contextlib.ExitStack, tokenizer: str, engine: str, pids: dict[str, int]) -> str:
-    gateway = stack.enter_context(start_service(GATEWAY, [
-        "--tokenizer", tokenizer, "--engine", engine, "--served-model-name", SERVED_MODEL, "--log-level", "WARNING"]))
+    gateway = stack.enter_context(
+        start_service(
+            GATEWAY,
+            [
+                "--tokenizer",
+                tokenizer,
+                "--engine",
+                engine,
+                "--served-model-name",
+                SERVED_MODEL,
+                "--log-level",
+                "WARNING",
+            ],
+        )
+    )
     gateway.wait_http_ok("/health", _START_TIMEOUT_S)
     pids["gateway"] = gateway.process.pid
     return f"http://{gateway.address}"
 
 
 def _engine_flags(args, model_dir: str) -> list[str]:
-    return ["--model", model_dir, "--device", args.device, "--dtype", args.dtype, "--seed", str(args.seed),
-            "--no-enable-prefix-cache" if args.no_prefix_cache else "--enable-prefix-cache",
-            "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-            "--kv-cache-memory-gb", str(args.kv_cache_memory_gb), "--kv-cache-dtype", args.kv_cache_dtype,
-            "--few-row-gemv" if args.few_row_gemv else "--no-few-row-gemv",
-            "--log-level", "WARNING"]
+    return [
+        "--model",
+        model_dir,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--seed",
+        str(args.seed),
+        "--no-enable-prefix-cache" if args.no_prefix_cache else "--enable-prefix-cache",
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(args.max_num_batched_tokens),
+        "--kv-cache-memory-gb",
+        str(args.kv_cache_memory_gb),
+        "--kv-cache-dtype",
+        args.kv_cache_dtype,
+        "--few-row-gemv" if args.few_row_gemv else "--no-few-row-gemv",
+        "--log-level",
+        "WARNING",
+    ]
 
 
-def run(client: OnlineClient, requests: list[BenchRequest], params: list[SamplingParams], rate: float,
-        concurrency: int | None, seed: int, progress=None, endpoint: str = "grpc",
-        text_from: str = "tokenizer") -> RunRecord:
+def run(
+    client: OnlineClient,
+    requests: list[BenchRequest],
+    params: list[SamplingParams],
+    rate: float,
+    concurrency: int | None,
+    seed: int,
+    progress=None,
+    endpoint: str = "grpc",
+    text_from: str = "tokenizer",
+) -> RunRecord:
     """online (the SDK; text_from="tokenizer": DecodeStream per chunk), online_etext (the SDK taking the
     engine's text), or online_openai / online_sse (the gateway)."""
     return asyncio.run(_run(client, requests, params, rate, concurrency, seed, progress, endpoint, text_from))
 
 
-async def _run(online: OnlineClient, requests, params, rate, concurrency, seed, progress, endpoint,
-               text_from) -> RunRecord:
+async def _run(
+    online: OnlineClient, requests, params, rate, concurrency, seed, progress, endpoint, text_from
+) -> RunRecord:
     offsets = arrival_offsets(len(requests), rate, seed)
     limit = asyncio.Semaphore(concurrency or len(requests))
     meter = CpuMeter(online.pids)
@@ -147,12 +198,26 @@ async def _run(online: OnlineClient, requests, params, rate, concurrency, seed, 
         cpu_s = meter.delta()
         encodes = (await client.model_info()).stats.num_prompt_encodes - encodes
     mode = mode_name(endpoint) if text_from == "tokenizer" else "online_etext"
-    return RunRecord(mode, start, end, list(records), prompt_encodes=encodes, reports_cached_tokens=True,
-                     extra={**_extra(rate, concurrency, cpu_s, records), "endpoint": endpoint})
+    return RunRecord(
+        mode,
+        start,
+        end,
+        list(records),
+        prompt_encodes=encodes,
+        reports_cached_tokens=True,
+        extra={**_extra(rate, concurrency, cpu_s, records), "endpoint": endpoint},
+    )
 
 
-def run_ids(client: OnlineClient, requests: list[BenchRequest], params: list[SamplingParams], rate: float,
-            concurrency: int | None, seed: int, progress=None) -> RunRecord:
+def run_ids(
+    client: OnlineClient,
+    requests: list[BenchRequest],
+    params: list[SamplingParams],
+    rate: float,
+    concurrency: int | None,
+    seed: int,
+    progress=None,
+) -> RunRecord:
     """online_ids: the engine service alone, raw stubs, ids in and out (requests must carry ids)."""
     return asyncio.run(_run_ids(client, requests, params, rate, concurrency, seed, progress))
 
@@ -163,7 +228,7 @@ async def _run_ids(online: OnlineClient, requests, params, rate, concurrency, se
     meter = CpuMeter({k: v for k, v in online.pids.items() if k != "tokenizer"})
     async with grpc.aio.insecure_channel(online.engine_addr) as channel:
         stub = engine_pb2_grpc.EngineServiceStub(channel)
-        await stub.GetModelInfo(engine_pb2.GetModelInfoRequest())   # connected before the timed region
+        await stub.GetModelInfo(engine_pb2.GetModelInfoRequest())  # connected before the timed region
         meter.start()
         start = time.perf_counter()
 
@@ -178,21 +243,38 @@ async def _run_ids(online: OnlineClient, requests, params, rate, concurrency, se
         records = await asyncio.gather(*(one(r, p, o) for r, p, o in zip(requests, params, offsets)))
         end = max([r.finish_time for r in records if r.finish_time is not None], default=time.perf_counter())
         cpu_s = meter.delta()
-    return RunRecord("online_ids", start, end, list(records), reports_cached_tokens=True,
-                     extra=_extra(rate, concurrency, cpu_s, records))
+    return RunRecord(
+        "online_ids",
+        start,
+        end,
+        list(records),
+        reports_cached_tokens=True,
+        extra=_extra(rate, concurrency, cpu_s, records),
+    )
 
 
 def _extra(rate, concurrency, cpu_s: dict[str, float], records: list[RequestRecord]) -> dict:
     tokens = sum(r.completion_tokens for r in records)
-    return {"request_rate": rate, "concurrency": concurrency, "cpu_s": cpu_s,
-            "cpu_s_per_1k_tokens": per_1k_tokens(cpu_s, tokens)}
+    return {
+        "request_rate": rate,
+        "concurrency": concurrency,
+        "cpu_s": cpu_s,
+        "cpu_s_per_1k_tokens": per_1k_tokens(cpu_s, tokens),
+    }
 
 
 def ids_request(req: BenchRequest, p: SamplingParams) -> engine_pb2.GenerateRequest:
     """The engine's GenerateRequest for an id prompt (the raw-stub modes: online_ids, the soak)."""
     sampling = engine_pb2.SamplingParams(
-        max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
-        repetition_penalty=p.repetition_penalty, ignore_eos=p.ignore_eos, **({} if p.seed is None else {"seed": p.seed}))
+        max_new_tokens=p.max_new_tokens,
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty,
+        ignore_eos=p.ignore_eos,
+        **({} if p.seed is None else {"seed": p.seed}),
+    )
     return engine_pb2.GenerateRequest(token_ids=engine_pb2.TokenIds(ids=req.token_ids), sampling=sampling)
 
 
@@ -227,6 +309,13 @@ async def _stream_one(client: AsyncClient, req: BenchRequest, p: SamplingParams)
 
 def sampling_options(p: SamplingParams) -> dict:
     """The engine's parameters as the SDK's keyword arguments (SamplingOptions)."""
-    options = dict(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                   min_p=p.min_p, repetition_penalty=p.repetition_penalty, ignore_eos=p.ignore_eos)
+    options = dict(
+        max_new_tokens=p.max_new_tokens,
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty,
+        ignore_eos=p.ignore_eos,
+    )
     return options if p.seed is None else {**options, "seed": p.seed}

@@ -1,6 +1,7 @@
 """CPU seconds and resident memory per process, read from /proc (Linux): the share of the machine each
 part of the serving path costs. On a 2-core machine the serving layer taking one core shows here, not in
 tok/s alone."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,8 @@ def cpu_seconds(pid: int) -> float | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat.rsplit(")", 1)[1].split()   # after "(comm)", which may hold spaces
-    return (int(fields[11]) + int(fields[12])) * _TICK_S   # utime, stime (fields 14 and 15)
+    fields = stat.rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
+    return (int(fields[11]) + int(fields[12])) * _TICK_S  # utime, stime (fields 14 and 15)
 
 
 def rss_bytes(pid: int) -> int | None:
@@ -27,8 +28,8 @@ def rss_bytes(pid: int) -> int | None:
         return None
     for line in status.splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024   # "VmRSS:  123456 kB"
-    return None   # a zombie has no VmRSS line
+            return int(line.split()[1]) * 1024  # "VmRSS:  123456 kB"
+    return None  # a zombie has no VmRSS line
 
 
 def children(pid: int, cmdline_contains: str = "") -> list[int]:

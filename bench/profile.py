@@ -10,6 +10,7 @@ batch 1) and of a prefill step
 measured with torch's F.linear and with the runner's own GEMMs. No scheduler, no engine loop: the
 difference to `tokenwire bench --workload P1` is what those cost.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,23 +20,39 @@ from collections import defaultdict
 from functools import partial
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from tokenwire.bench.baselines import measure_ceiling, time_linear
 from tokenwire.bench.workloads import p1_prompt_lengths
 from tokenwire.engine.config import CacheConfig, EngineConfig
 from tokenwire.engine.models.linear import Linear
-from tokenwire.engine.worker.model_runner import ModelRunner
 from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.engine.scheduling.sequence import ScheduledChunk, Sequence
+from tokenwire.engine.worker.model_runner import ModelRunner
 from tokenwire.serving.model_resolver import resolve_model
+from torch.profiler import ProfilerActivity, profile
 
 _CATEGORIES = {  # aten op -> bucket of the breakdown
-    "linear": ("aten::addmm", "aten::addmm_", "aten::mm", "aten::linear", "aten::matmul",
-               "mkldnn::_linear_pointwise", "mkldnn::_linear_pointwise.binary", "tokenwire::gemv"),
-    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
-                  "aten::_scaled_dot_product_flash_attention", "aten::index_select", "aten::index_copy_",
-                  "aten::bitwise_and", "aten::lt", "aten::le", "aten::gt", "tokenwire::paged_decode"),
+    "linear": (
+        "aten::addmm",
+        "aten::addmm_",
+        "aten::mm",
+        "aten::linear",
+        "aten::matmul",
+        "mkldnn::_linear_pointwise",
+        "mkldnn::_linear_pointwise.binary",
+        "tokenwire::gemv",
+    ),
+    "attention": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::scaled_dot_product_attention",
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::index_select",
+        "aten::index_copy_",
+        "aten::bitwise_and",
+        "aten::lt",
+        "aten::le",
+        "aten::gt",
+        "tokenwire::paged_decode",
+    ),
 }
 
 
@@ -128,35 +145,51 @@ def time_decode(runner: ModelRunner, sampler, seqs: list[Sequence], reps: int = 
     for _ in range(reps):
         sampler.sample(logits, seqs)
     sample = (time.perf_counter() - start) / reps
-    print(f"decode step, batch {len(seqs)} (unprofiled): forward {forward * 1e3:.1f} ms, "
-          f"sampler {sample * 1e3:.2f} ms")
+    print(f"decode step, batch {len(seqs)} (unprofiled): forward {forward * 1e3:.1f} ms, sampler {sample * 1e3:.2f} ms")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tokenwire.bench.profile",
-                                 description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tokenwire.bench.profile", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--kv-cache-dtype", default="auto", help="bfloat16/float16 under a float32 model (engine flag)")
-    ap.add_argument("--few-row-gemv", action=argparse.BooleanOptionalAction, default=True,
-                    help="GEMMs of 1-4 rows on a plain weight copy (engine flag)")
+    ap.add_argument(
+        "--few-row-gemv",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="GEMMs of 1-4 rows on a plain weight copy (engine flag)",
+    )
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
-                    help="also measure the P1 ceiling (linear layers alone) in this process")
+    ap.add_argument(
+        "--ceiling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the P1 ceiling (linear layers alone) in this process",
+    )
     ap.add_argument("--no-breakdown", action="store_true", help="throughput only, no profiled steps")
     args = ap.parse_args(argv)
     model_dir = resolve_model(args.model)
-    runner = ModelRunner(EngineConfig(model=model_dir, dtype=args.dtype, few_row_gemv=args.few_row_gemv,
-                                      cache=CacheConfig(kv_cache_dtype=args.kv_cache_dtype)))
+    runner = ModelRunner(
+        EngineConfig(
+            model=model_dir,
+            dtype=args.dtype,
+            few_row_gemv=args.few_row_gemv,
+            cache=CacheConfig(kv_cache_dtype=args.kv_cache_dtype),
+        )
+    )
     sampler = runner.sampler
-    print(f"{runner.architecture} {runner.dtype} (KV cache {runner.kv_dtype}) on {runner.device}, "
-          f"{torch.get_num_threads()} threads, "
-          f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"{runner.architecture} {runner.dtype} (KV cache {runner.kv_dtype}) on {runner.device}, "
+        f"{torch.get_num_threads()} threads, "
+        f"cpu capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     run_p1(runner, sampler, 4)  # warm-up: first calls allocate and pick kernels
     prefill_s, total_s, seqs = run_p1(runner, sampler, args.new_tokens)
     completion = len(seqs) * args.new_tokens
-    print(f"P1: {sum(s.num_prompt_tokens for s in seqs)} prompt tokens, {completion} completion tokens in "
-          f"{total_s:.2f} s (prefill {prefill_s:.2f} s) -> {completion / total_s:.1f} completion tok/s")
+    print(
+        f"P1: {sum(s.num_prompt_tokens for s in seqs)} prompt tokens, {completion} completion tokens in "
+        f"{total_s:.2f} s (prefill {prefill_s:.2f} s) -> {completion / total_s:.1f} completion tok/s"
+    )
     if not args.no_breakdown:
         for seq in seqs:  # decode from mid-P1 contexts; each table has room for 64 new tokens
             del seq.output_token_ids[32:]
@@ -166,19 +199,21 @@ def main(argv: list[str] | None = None) -> int:
         first_prefill = prefill_steps(make_sequences(32, runner.block_size, runner.vocab_size), 512)[0]
         breakdown("prefill step, 512 tokens", runner, sampler, lambda: first_prefill, reps=2)
     if args.ceiling and runner.device.type == "cpu":
-        report_ceilings(model_dir, runner.dtype, completion / total_s, [s.num_prompt_tokens for s in seqs],
-                        args.new_tokens)
+        report_ceilings(
+            model_dir, runner.dtype, completion / total_s, [s.num_prompt_tokens for s in seqs], args.new_tokens
+        )
     return 0
 
 
-def report_ceilings(model_dir: str, dtype: torch.dtype, tok_s: float, prompt_lens: list[int],
-                    new_tokens: int) -> None:
+def report_ceilings(model_dir: str, dtype: torch.dtype, tok_s: float, prompt_lens: list[int], new_tokens: int) -> None:
     """p1_ceiling.py's figure (F.linear GEMMs), and the same with the runner's own GEMM backend."""
     for name, timer in (("F.linear", time_linear), ("runner Linear", partial(time_linear, layer=Linear))):
         ceiling = measure_ceiling(model_dir, dtype, prompt_lens, new_tokens, time_linear=timer)
-        print(f"ceiling, linear layers alone with {name}: {ceiling.completion_tok_s:.1f} tok/s "
-              f"(prefill {ceiling.prefill_s:.2f} s, decode {ceiling.decode_s:.2f} s) -> runner at "
-              f"{tok_s / ceiling.completion_tok_s:.0%}")
+        print(
+            f"ceiling, linear layers alone with {name}: {ceiling.completion_tok_s:.1f} tok/s "
+            f"(prefill {ceiling.prefill_s:.2f} s, decode {ceiling.decode_s:.2f} s) -> runner at "
+            f"{tok_s / ceiling.completion_tok_s:.0%}"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ on: the requests each one finished and its prompt / cached prompt tokens are rea
 every timed run, so the per-replica counts are the servers' own, whatever balanced the calls. Each setup
 gets prompts of its own (a different variant), so no setup finds another's prefixes in a cache.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,21 +30,27 @@ SETUPS = ("round_robin", "prefix", "single")
 # Issue 19's targets: affinity keeps >= 0.9x the one-replica hit rate; no replica above 1.5x the mean.
 TARGET_HIT_RATE_VS_SINGLE = 0.9
 TARGET_MAX_OVER_MEAN = 1.5
-_COUNTERS = {"requests": "tokenwire_engine_requests_finished_total",
-             "prompt_tokens": "tokenwire_engine_prompt_tokens_total",
-             "cached_prompt_tokens": "tokenwire_engine_cached_prompt_tokens_total"}
+_COUNTERS = {
+    "requests": "tokenwire_engine_requests_finished_total",
+    "prompt_tokens": "tokenwire_engine_prompt_tokens_total",
+    "cached_prompt_tokens": "tokenwire_engine_cached_prompt_tokens_total",
+}
 
 
 @dataclass(frozen=True)
 class Counters:
     """A replica's cumulative request and prompt-token counters (from its /metrics)."""
+
     requests: int = 0
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
 
     def __sub__(self, other: Counters) -> Counters:
-        return Counters(self.requests - other.requests, self.prompt_tokens - other.prompt_tokens,
-                        self.cached_prompt_tokens - other.cached_prompt_tokens)
+        return Counters(
+            self.requests - other.requests,
+            self.prompt_tokens - other.prompt_tokens,
+            self.cached_prompt_tokens - other.cached_prompt_tokens,
+        )
 
 
 def parse_counters(text: str) -> Counters:
@@ -59,8 +66,8 @@ def parse_counters(text: str) -> Counters:
 
 @dataclass(frozen=True)
 class Replica:
-    address: str                 # host:port of its gRPC server
-    metrics_url: str             # its Prometheus endpoint
+    address: str  # host:port of its gRPC server
+    metrics_url: str  # its Prometheus endpoint
 
     def counters(self) -> Counters:
         with urllib.request.urlopen(self.metrics_url, timeout=30) as response:
@@ -70,12 +77,13 @@ class Replica:
 @dataclass(frozen=True)
 class SetupLoad:
     """How one setup's timed run spread over the replicas it used, from the servers' counters."""
+
     setup: str
     num_replicas: int
-    requests: dict[str, int]               # per replica address
-    hit_rates: dict[str, float | None]     # per replica: cached prompt tokens / prompt tokens
-    hit_rate: float | None                 # all replicas together
-    max_over_mean: float | None            # most requests on one replica / the mean per replica
+    requests: dict[str, int]  # per replica address
+    hit_rates: dict[str, float | None]  # per replica: cached prompt tokens / prompt tokens
+    hit_rate: float | None  # all replicas together
+    max_over_mean: float | None  # most requests on one replica / the mean per replica
 
     @classmethod
     def of(cls, setup: str, deltas: dict[str, Counters]) -> SetupLoad:
@@ -83,8 +91,14 @@ class SetupLoad:
         prompt = sum(d.prompt_tokens for d in deltas.values())
         mean = sum(counts.values()) / len(counts) if counts else 0
         rates = {a: _ratio(d.cached_prompt_tokens, d.prompt_tokens) for a, d in deltas.items()}
-        return cls(setup, len(deltas), counts, rates, _ratio(sum(d.cached_prompt_tokens for d in deltas.values()), prompt),
-                   max(counts.values()) / mean if mean else None)
+        return cls(
+            setup,
+            len(deltas),
+            counts,
+            rates,
+            _ratio(sum(d.cached_prompt_tokens for d in deltas.values()), prompt),
+            max(counts.values()) / mean if mean else None,
+        )
 
 
 def _ratio(part: int, whole: int) -> float | None:
@@ -136,8 +150,16 @@ def cluster(args, model_dir: str, num_replicas: int) -> Iterator[Cluster]:
         yield Cluster(replicas, args.tokenizer_addr or (tokenizer.address if tokenizer else None))
 
 
-def run(cluster_: Cluster, setup: str, requests: list[BenchRequest], params: list[SamplingParams], rate: float,
-        concurrency: int | None, seed: int, progress=None) -> RunRecord:
+def run(
+    cluster_: Cluster,
+    setup: str,
+    requests: list[BenchRequest],
+    params: list[SamplingParams],
+    rate: float,
+    concurrency: int | None,
+    seed: int,
+    progress=None,
+) -> RunRecord:
     """One run of `setup`; its record carries the replicas' load (counter deltas over this run alone)."""
     before = cluster_.snapshot(setup)
     record = bench_online.run(cluster_.client(setup), requests, params, rate, concurrency, seed, progress)
@@ -165,7 +187,11 @@ def targets(comparisons: dict) -> dict[str, bool | None]:
     """Issue 19's targets, met or not (None: not measured in this run)."""
     hit = comparisons.get("prefix_hit_rate_vs_single")
     spread = comparisons.get("prefix_max_over_mean_requests")
-    return {f"prefix_hit_rate_vs_single >= {TARGET_HIT_RATE_VS_SINGLE}":
-            None if hit is None else hit >= TARGET_HIT_RATE_VS_SINGLE,
-            f"prefix_max_over_mean_requests <= {TARGET_MAX_OVER_MEAN}":
-            None if spread is None else spread <= TARGET_MAX_OVER_MEAN}
+    return {
+        f"prefix_hit_rate_vs_single >= {TARGET_HIT_RATE_VS_SINGLE}": None
+        if hit is None
+        else hit >= TARGET_HIT_RATE_VS_SINGLE,
+        f"prefix_max_over_mean_requests <= {TARGET_MAX_OVER_MEAN}": None
+        if spread is None
+        else spread <= TARGET_MAX_OVER_MEAN,
+    }

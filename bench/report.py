@@ -1,6 +1,7 @@
 """How benchmark results leave the process: the environment they were measured in, a terminal table,
 a JSON file with every figure, a PNG with latency CDFs and throughput bars, and a progress bar.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,6 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-
 from tokenwire.bench.metrics import Distribution, ModeSummary
 
 _PACKAGES = ("tokenwire", "torch", "transformers", "tokenizers", "numpy", "grpcio", "protobuf")
@@ -97,8 +97,9 @@ def _cpu_model() -> str:
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -106,17 +107,21 @@ def _git(*args: str) -> str | None:
 
 # ---- terminal ----
 
+
 def format_table(summaries: list[ModeSummary], comparisons: dict) -> str:
-    head = (f"{'mode':<14}{'runs':>5}{'reqs':>6}{'compl tok':>10}{'compl tok/s':>12}{'total tok/s':>12}"
-            f"{'TTFT p50/p90/p99 ms':>24}{'TPOT p50/p90/p99 ms':>22}{'ITL p50/p99 ms':>16}"
-            f"{'E2E p50/p99 ms':>18}{'hit':>6}{'enc':>5}")
+    head = (
+        f"{'mode':<14}{'runs':>5}{'reqs':>6}{'compl tok':>10}{'compl tok/s':>12}{'total tok/s':>12}"
+        f"{'TTFT p50/p90/p99 ms':>24}{'TPOT p50/p90/p99 ms':>22}{'ITL p50/p99 ms':>16}"
+        f"{'E2E p50/p99 ms':>18}{'hit':>6}{'enc':>5}"
+    )
     lines = [head, "-" * len(head)]
     for s in summaries:
         lines.append(
             f"{s.mode:<14}{s.num_runs:>5}{s.num_requests:>6}{s.completion_tokens:>10}"
             f"{s.completion_tok_s:>12.1f}{s.total_tok_s:>12.1f} {_pcts(s.ttft_ms, 3):>23}"
             f" {_pcts(s.tpot_ms, 3):>21} {_pcts(s.itl_ms, 2):>15} {_pcts(s.e2e_ms, 2):>17}"
-            f"{_fmt(s.prefix_cache_hit_rate, '.0%'):>6}{_fmt(s.prompt_encodes, 'd'):>5}")
+            f"{_fmt(s.prefix_cache_hit_rate, '.0%'):>6}{_fmt(s.prompt_encodes, 'd'):>5}"
+        )
         if s.num_errors:
             lines.append(f"  {s.mode}: {s.num_errors} request(s) failed")
     for s in summaries:
@@ -128,16 +133,21 @@ def format_table(summaries: list[ModeSummary], comparisons: dict) -> str:
     return "\n".join(lines)
 
 
-def format_replicas_table(summaries: dict[str, ModeSummary], loads: dict[str, dict],
-                          targets: dict[str, bool | None]) -> str:
+def format_replicas_table(
+    summaries: dict[str, ModeSummary], loads: dict[str, dict], targets: dict[str, bool | None]
+) -> str:
     """The `replicas` mode's setups side by side: hit rate, TTFT p50, requests per replica, max/mean."""
-    head = f"{'setup':<13}{'replicas':>9}{'hit rate':>10}{'TTFT p50 ms':>13}  {'requests per replica':<24}{'max/mean':>9}"
+    head = (
+        f"{'setup':<13}{'replicas':>9}{'hit rate':>10}{'TTFT p50 ms':>13}  {'requests per replica':<24}{'max/mean':>9}"
+    )
     lines = [head, "-" * len(head)]
     for setup, load in loads.items():
         s = summaries[setup]
         counts = " / ".join(str(n) for n in load["requests"].values())
-        lines.append(f"{setup:<13}{load['num_replicas']:>9}{_fmt(s.prefix_cache_hit_rate, '.1%'):>10}"
-                     f"{_fmt(s.ttft_ms.p50, '.1f'):>13}  {counts:<24}{_fmt(load['max_over_mean'], '.2f'):>9}")
+        lines.append(
+            f"{setup:<13}{load['num_replicas']:>9}{_fmt(s.prefix_cache_hit_rate, '.1%'):>10}"
+            f"{_fmt(s.ttft_ms.p50, '.1f'):>13}  {counts:<24}{_fmt(load['max_over_mean'], '.2f'):>9}"
+        )
     for name, met in targets.items():
         lines.append(f"target {name}: {'-' if met is None else 'met' if met else 'MISSED'}")
     return "\n".join(lines)
@@ -150,14 +160,17 @@ def _step_profile_lines(summary: ModeSummary) -> list[str]:
         return []
     lines = []
     if summary.prompt_encodes:
-        lines.append(f"{summary.mode} engine encodes: {summary.prompt_encodes} prompts in "
-                     f"{summary.extra.get('prompt_encode_s', 0.0) * 1e3:.1f} ms (inside the timed region)")
+        lines.append(
+            f"{summary.mode} engine encodes: {summary.prompt_encodes} prompts in "
+            f"{summary.extra.get('prompt_encode_s', 0.0) * 1e3:.1f} ms (inside the timed region)"
+        )
     for kind in ("decode", "prefill"):
         times = profile[kind]
         if times["steps"]:
             total = sum(times["per_step"].values())
-            phases = ", ".join(f"{name.removesuffix('_ms')} {ms:.1f} ms ({ms / total:.0%})"
-                               for name, ms in times["per_step"].items())
+            phases = ", ".join(
+                f"{name.removesuffix('_ms')} {ms:.1f} ms ({ms / total:.0%})" for name, ms in times["per_step"].items()
+            )
             lines.append(f"{summary.mode} {kind} steps: {times['steps']}, {total:.1f} ms each = {phases}")
     return lines
 
@@ -184,6 +197,7 @@ def _fmt(value, spec: str) -> str:
 
 # ---- files ----
 
+
 def write_json(path: str, report: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(_finite(report), indent=2, default=str, allow_nan=False))
@@ -202,11 +216,18 @@ def _finite(value):
     return value
 
 
-def write_plot(path: str, samples: dict[str, dict[str, list[float]]], throughput: dict[str, float],
-               ceiling_tok_s: float | None, comparisons: dict, title: str) -> None:
+def write_plot(
+    path: str,
+    samples: dict[str, dict[str, list[float]]],
+    throughput: dict[str, float],
+    ceiling_tok_s: float | None,
+    comparisons: dict,
+    title: str,
+) -> None:
     """Latency CDFs (TTFT, TPOT, ITL, E2E) per mode, completion tok/s bars against the ceiling, and the
     ratios as text."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -217,8 +238,9 @@ def write_plot(path: str, samples: dict[str, dict[str, list[float]]], throughput
         for mode, values in samples.items():
             data = np.sort(values.get(metric, []))
             if len(data):  # an empirical CDF: a step up of 1/n at every sample, from 0
-                ax.step(np.r_[data[0], data], np.r_[0, np.arange(1, len(data) + 1) / len(data)],
-                        where="post", label=mode)
+                ax.step(
+                    np.r_[data[0], data], np.r_[0, np.arange(1, len(data) + 1) / len(data)], where="post", label=mode
+                )
         ax.set(title=f"{metric.upper()} CDF", xlabel="ms", ylabel="fraction", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -231,8 +253,14 @@ def write_plot(path: str, samples: dict[str, dict[str, list[float]]], throughput
     bars.set(title="completion tok/s", ylabel="tok/s")
     bars.tick_params(axis="x", labelrotation=20)
     axes[5].axis("off")
-    axes[5].text(0, 1, "\n".join(f"{k}: {_fmt(v, '.3f')}" for k, v in comparisons.items()),
-                 va="top", family="monospace", fontsize=9)
+    axes[5].text(
+        0,
+        1,
+        "\n".join(f"{k}: {_fmt(v, '.3f')}" for k, v in comparisons.items()),
+        va="top",
+        family="monospace",
+        fontsize=9,
+    )
     fig.suptitle(title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -243,4 +271,5 @@ def write_plot(path: str, samples: dict[str, dict[str, list[float]]], throughput
 def progress_bar(total: int, desc: str, enabled: bool):
     """A tqdm bar on stderr counting finished requests (a no-op object when disabled)."""
     from tqdm.auto import tqdm
+
     return tqdm(total=total, desc=desc, unit="req", disable=not enabled, leave=False, file=sys.stderr)

@@ -14,6 +14,7 @@ counted. The engine is started here by the shared launcher (exactly as deployed)
 active, every KV block free) and have encoded no prompt; any outcome other than completed, cancelled or
 deadline exceeded, or a failed check, exits 1. Samples and report: soak_report.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,6 @@ from dataclasses import dataclass, field, replace
 from itertools import islice
 
 import grpc
-
 from tokenwire.bench import soak_report
 from tokenwire.bench.online import ids_request
 from tokenwire.bench.proc_cpu import engine_core_pid
@@ -49,13 +49,13 @@ class SoakConfig:
     warmup_requests: int = 200
     concurrency: int = 64
     sample_every: int = 1000
-    prompt_len: tuple[int, int] = (8, 64)          # ids, uniform, inclusive
-    max_new_tokens: tuple[int, int] = (1, 8)       # uniform, inclusive; eos ignored
-    cancel_rate: float = 0.10                      # cancelled by the client mid-stream
-    deadline_rate: float = 0.15                    # given a short random deadline
+    prompt_len: tuple[int, int] = (8, 64)  # ids, uniform, inclusive
+    max_new_tokens: tuple[int, int] = (1, 8)  # uniform, inclusive; eos ignored
+    cancel_rate: float = 0.10  # cancelled by the client mid-stream
+    deadline_rate: float = 0.15  # given a short random deadline
     deadline_s: tuple[float, float] = (0.005, 0.5)
-    request_timeout_s: float = 300.0               # every other request: a hang fails, never stalls the soak
-    idle_timeout_s: float = 30.0                   # for the engine to settle the last cancels
+    request_timeout_s: float = 300.0  # every other request: a hang fails, never stalls the soak
+    idle_timeout_s: float = 30.0  # for the engine to settle the last cancels
     seed: int = 0
 
 
@@ -63,7 +63,7 @@ class SoakConfig:
 class Plan:
     request: BenchRequest
     params: SamplingParams
-    cancel_after: int | None      # cancel once this many tokens arrived (0: right after sending)
+    cancel_after: int | None  # cancel once this many tokens arrived (0: right after sending)
     deadline_s: float | None
 
 
@@ -72,7 +72,7 @@ class Outcomes:
     completed: int = 0
     cancelled: int = 0
     deadline_exceeded: int = 0
-    errors: int = 0                                # anything else: a failure of the soak
+    errors: int = 0  # anything else: a failure of the soak
     error_examples: list[str] = field(default_factory=list)
 
     @property
@@ -91,36 +91,41 @@ class Outcomes:
 @dataclass(frozen=True)
 class EngineEnd:
     """The engine's statistics once the soak settled."""
+
     num_running: int
     num_waiting: int
     num_active_requests: int
     num_free_kv_blocks: int
     num_kv_blocks: int
-    prompt_encodes: int           # during the soak (warm-up included)
+    prompt_encodes: int  # during the soak (warm-up included)
 
     @property
     def idle(self) -> bool:
-        return self.num_running == self.num_waiting == self.num_active_requests == 0 \
+        return (
+            self.num_running == self.num_waiting == self.num_active_requests == 0
             and self.num_free_kv_blocks == self.num_kv_blocks
+        )
 
 
 @dataclass
 class SoakResult:
     config: SoakConfig
-    engine_info: dict             # model, architecture and the engine configuration in force
-    pids: dict[str, int]          # "engine front", "engine core"
+    engine_info: dict  # model, architecture and the engine configuration in force
+    pids: dict[str, int]  # "engine front", "engine core"
     warmup: Outcomes
     outcomes: Outcomes
     samples: list[RssSample]
     engine_end: EngineEnd
     duration_s: float
-    engine_exit_code: int | None = None   # when started here: its exit after the SIGTERM drain
+    engine_exit_code: int | None = None  # when started here: its exit after the SIGTERM drain
 
     def failures(self) -> list[str]:
         out = []
         if self.warmup.errors or self.outcomes.errors:
-            out.append(f"{self.warmup.errors + self.outcomes.errors} requests failed otherwise than by "
-                       f"their planned cancel or deadline: {self.warmup.error_examples + self.outcomes.error_examples}")
+            out.append(
+                f"{self.warmup.errors + self.outcomes.errors} requests failed otherwise than by "
+                f"their planned cancel or deadline: {self.warmup.error_examples + self.outcomes.error_examples}"
+            )
         if not self.engine_end.idle:
             out.append(f"engine not idle at the end: {self.engine_end}")
         if self.engine_end.prompt_encodes:
@@ -137,9 +142,14 @@ def plan_requests(config: SoakConfig, vocab_size: int) -> Iterator[Plan]:
         ids = [rng.randrange(vocab_size) for _ in range(rng.randint(*config.prompt_len))]
         new_tokens = rng.randint(*config.max_new_tokens)
         greedy = rng.random() < 0.5
-        params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0 if greedy else 0.8, top_p=0.95,
-                                ignore_eos=True, seed=None if greedy else config.seed + index)
-        roll = rng.random()   # one roll: a request is cancelled, or has a deadline, or neither
+        params = SamplingParams(
+            max_new_tokens=new_tokens,
+            temperature=0.0 if greedy else 0.8,
+            top_p=0.95,
+            ignore_eos=True,
+            seed=None if greedy else config.seed + index,
+        )
+        roll = rng.random()  # one roll: a request is cancelled, or has a deadline, or neither
         cancel = rng.randint(0, new_tokens - 1) if roll < config.cancel_rate else None
         deadline = rng.uniform(*config.deadline_s) if 0 <= roll - config.cancel_rate < config.deadline_rate else None
         yield Plan(BenchRequest(None, ids, new_tokens), params, cancel, deadline)
@@ -157,7 +167,7 @@ async def run_one(stub, plan: Plan, request_timeout_s: float) -> str:
             if plan.cancel_after is not None and tokens >= plan.cancel_after:
                 call.cancel()
         return COMPLETED
-    except asyncio.CancelledError:   # grpc.aio raises this on reading a call we cancelled ourselves
+    except asyncio.CancelledError:  # grpc.aio raises this on reading a call we cancelled ourselves
         if plan.cancel_after is None:
             raise
         return CANCELLED
@@ -169,13 +179,14 @@ async def run_one(stub, plan: Plan, request_timeout_s: float) -> str:
         return f"{error.code().name}: {error.details()}"
 
 
-async def drive(stub, plans: Iterator[Plan], config: SoakConfig,
-                after_each: Callable[[int], None] = lambda done: None) -> Outcomes:
+async def drive(
+    stub, plans: Iterator[Plan], config: SoakConfig, after_each: Callable[[int], None] = lambda done: None
+) -> Outcomes:
     """Every plan, `concurrency` at a time; `after_each(requests done)` runs as each one ends."""
     outcomes = Outcomes()
 
     async def worker() -> None:
-        for plan in plans:   # one shared iterator: each plan goes to exactly one worker
+        for plan in plans:  # one shared iterator: each plan goes to exactly one worker
             outcomes.add(await run_one(stub, plan, config.request_timeout_s))
             after_each(outcomes.total)
 
@@ -189,15 +200,22 @@ async def wait_idle(stub, encodes_before: int, timeout_s: float) -> EngineEnd:
     give_up = time.monotonic() + timeout_s
     while True:
         s = (await stub.GetModelInfo(engine_pb2.GetModelInfoRequest())).stats
-        end = EngineEnd(s.num_running, s.num_waiting, s.num_active_requests, s.num_free_kv_blocks, s.num_kv_blocks,
-                        s.num_prompt_encodes - encodes_before)
+        end = EngineEnd(
+            s.num_running,
+            s.num_waiting,
+            s.num_active_requests,
+            s.num_free_kv_blocks,
+            s.num_kv_blocks,
+            s.num_prompt_encodes - encodes_before,
+        )
         if end.idle or time.monotonic() > give_up:
             return end
         await asyncio.sleep(_IDLE_POLL_S)
 
 
-async def run_soak(address: str, front_pid: int, config: SoakConfig,
-               show: Callable[[RssSample], None] = lambda sample: None) -> SoakResult:
+async def run_soak(
+    address: str, front_pid: int, config: SoakConfig, show: Callable[[RssSample], None] = lambda sample: None
+) -> SoakResult:
     """The warm-up, the first sample, the soak sampled as it goes, then the idle engine's last sample."""
     core_pid = engine_core_pid(front_pid)
     if core_pid is None:
@@ -214,10 +232,16 @@ async def run_soak(address: str, front_pid: int, config: SoakConfig,
         duration_s = time.perf_counter() - sampler.start
         engine_end = await wait_idle(stub, info.stats.num_prompt_encodes, config.idle_timeout_s)
         sampler.take(config.num_requests)
-    engine_info = {"model": info.model, "architecture": info.architecture, "device": info.config.device,
-                   "dtype": info.config.dtype, "max_num_seqs": info.config.max_num_seqs,
-                   "max_num_batched_tokens": info.config.max_num_batched_tokens,
-                   "num_kv_blocks": info.config.num_kv_blocks, "block_size": info.config.block_size}
+    engine_info = {
+        "model": info.model,
+        "architecture": info.architecture,
+        "device": info.config.device,
+        "dtype": info.config.dtype,
+        "max_num_seqs": info.config.max_num_seqs,
+        "max_num_batched_tokens": info.config.max_num_batched_tokens,
+        "num_kv_blocks": info.config.num_kv_blocks,
+        "block_size": info.config.block_size,
+    }
     return SoakResult(config, engine_info, pids, warmup, outcomes, sampler.samples, engine_end, duration_s)
 
 
@@ -225,8 +249,18 @@ def soak_engine(args: argparse.Namespace, config: SoakConfig, show: Callable[[Rs
     """The soak against `--engine`, or against an engine service started here and drained after."""
     if args.engine:
         return asyncio.run(run_soak(args.engine, args.engine_pid, config, show))
-    flags = ["--model", args.model, "--dtype", args.dtype, "--device", args.device, "--seed", str(config.seed),
-             "--log-level", "WARNING"]
+    flags = [
+        "--model",
+        args.model,
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--seed",
+        str(config.seed),
+        "--log-level",
+        "WARNING",
+    ]
     with start_service(ENGINE, flags) as engine:
         try:
             engine.wait_serving()
@@ -239,21 +273,40 @@ def soak_engine(args: argparse.Namespace, config: SoakConfig, show: Callable[[Rs
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = SoakConfig()
-    p = argparse.ArgumentParser(prog="tokenwire-bench soak", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="tokenwire-bench soak",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help="the engine's --model (a resolver name or a folder)")
     p.add_argument("--dtype", default="auto", help="the engine's --dtype")
     p.add_argument("--device", default="auto", help="the engine's --device")
     p.add_argument("--engine", help="host:port of a running engine service (default: start one)")
-    p.add_argument("--engine-pid", type=int, help="with --engine: its front process, whose RSS (and its core's) is sampled")
-    p.add_argument("--num-requests", type=int, default=defaults.num_requests, help="requests soaked (after the warm-up)")
-    p.add_argument("--warmup-requests", type=int, default=defaults.warmup_requests,
-                   help="requests before the first sample, not counted")
+    p.add_argument(
+        "--engine-pid", type=int, help="with --engine: its front process, whose RSS (and its core's) is sampled"
+    )
+    p.add_argument(
+        "--num-requests", type=int, default=defaults.num_requests, help="requests soaked (after the warm-up)"
+    )
+    p.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=defaults.warmup_requests,
+        help="requests before the first sample, not counted",
+    )
     p.add_argument("--concurrency", type=int, default=defaults.concurrency, help="requests in flight")
     p.add_argument("--sample-every", type=int, default=defaults.sample_every, help="requests between RSS samples")
-    p.add_argument("--deadline-s", type=float, nargs=2, metavar=("LO", "HI"), default=list(defaults.deadline_s),
-                   help="the short deadlines, uniform")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="seeds prompts, shapes, cancels, deadlines, sampling")
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        default=list(defaults.deadline_s),
+        help="the short deadlines, uniform",
+    )
+    p.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seeds prompts, shapes, cancels, deadlines, sampling"
+    )
     p.add_argument("--json", dest="json_out", help="write the samples, the summary and the checks here")
     return p
 
@@ -263,15 +316,20 @@ def config_from(args: argparse.Namespace) -> SoakConfig:
         raise SystemExit("--engine needs --engine-pid: the soak samples that process's RSS and its core's")
     if min(args.num_requests, args.concurrency, args.sample_every) < 1 or args.warmup_requests < 0:
         raise SystemExit("--num-requests, --concurrency and --sample-every must be >= 1, --warmup-requests >= 0")
-    return SoakConfig(num_requests=args.num_requests, warmup_requests=args.warmup_requests,
-                      concurrency=args.concurrency, sample_every=args.sample_every,
-                      deadline_s=tuple(args.deadline_s), seed=args.seed)
+    return SoakConfig(
+        num_requests=args.num_requests,
+        warmup_requests=args.warmup_requests,
+        concurrency=args.concurrency,
+        sample_every=args.sample_every,
+        deadline_s=tuple(args.deadline_s),
+        seed=args.seed,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from(args)
-    busy_before = cpu_busy_cores()   # other processes' load distorts the figures: recorded
+    busy_before = cpu_busy_cores()  # other processes' load distorts the figures: recorded
     print(soak_report.table_header(), flush=True)
     result = soak_engine(args, config, show=lambda sample: print(soak_report.table_row(sample), flush=True))
     print(soak_report.summary_text(result))

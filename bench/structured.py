@@ -5,6 +5,7 @@ Reports each mode's throughput (`offline_json` against `offline`) and, per disti
 time cold and cached. The schemas keep every output longer than P1's 64 tokens, so every constrained
 token is masked by a live grammar (ignore_eos would otherwise pad finished outputs with free eos).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,24 +19,59 @@ from tokenwire.engine.request.sampling_params import Constraint, SamplingParams
 
 _TEXT = {"type": "string", "maxLength": 24}
 SCHEMAS = {
-    "person": {"type": "object", "properties": {
-        "name": _TEXT, "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "role": {"enum": ["admin", "editor", "viewer"]},
-        "address": {"type": "object", "properties": {"street": _TEXT, "city": _TEXT, "zip": _TEXT},
-                    "required": ["street", "city", "zip"]},
-        "tags": {"type": "array", "items": _TEXT, "minItems": 3}},
-        "required": ["name", "age", "role", "address", "tags"]},
-    "order": {"type": "object", "properties": {
-        "id": {"type": "integer"}, "status": {"enum": ["new", "paid", "shipped"]},
-        "items": {"type": "array", "minItems": 3, "items": {"type": "object", "properties": {
-            "sku": _TEXT, "quantity": {"type": "integer", "minimum": 1}, "price": {"type": "number"}},
-            "required": ["sku", "quantity", "price"]}}},
-        "required": ["id", "status", "items"]},
-    "event": {"type": "object", "properties": {
-        "title": _TEXT, "date": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
-        "attendees": {"type": "array", "minItems": 4, "items": {"type": "object", "properties": {
-            "name": _TEXT, "email": _TEXT}, "required": ["name", "email"]}}},
-        "required": ["title", "date", "attendees"]},
+    "person": {
+        "type": "object",
+        "properties": {
+            "name": _TEXT,
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "role": {"enum": ["admin", "editor", "viewer"]},
+            "address": {
+                "type": "object",
+                "properties": {"street": _TEXT, "city": _TEXT, "zip": _TEXT},
+                "required": ["street", "city", "zip"],
+            },
+            "tags": {"type": "array", "items": _TEXT, "minItems": 3},
+        },
+        "required": ["name", "age", "role", "address", "tags"],
+    },
+    "order": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "status": {"enum": ["new", "paid", "shipped"]},
+            "items": {
+                "type": "array",
+                "minItems": 3,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "sku": _TEXT,
+                        "quantity": {"type": "integer", "minimum": 1},
+                        "price": {"type": "number"},
+                    },
+                    "required": ["sku", "quantity", "price"],
+                },
+            },
+        },
+        "required": ["id", "status", "items"],
+    },
+    "event": {
+        "type": "object",
+        "properties": {
+            "title": _TEXT,
+            "date": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+            "attendees": {
+                "type": "array",
+                "minItems": 4,
+                "items": {
+                    "type": "object",
+                    "properties": {"name": _TEXT, "email": _TEXT},
+                    "required": ["name", "email"],
+                },
+            },
+        },
+        "required": ["title", "date", "attendees"],
+    },
 }
 CONSTRAINTS = [Constraint("json_schema", json.dumps(schema)) for schema in SCHEMAS.values()]
 
@@ -47,7 +83,7 @@ def constrained(params: list[SamplingParams]) -> list[SamplingParams]:
 
 def compile_times(engine) -> dict[str, dict[str, float]]:
     """Per schema: seconds to compile it cold (on a fresh cache) and again from the cache."""
-    engine.grammars.compiled(Constraint("regex", "warm-up"))   # builds the tokenizer's grammar view
+    engine.grammars.compiled(Constraint("regex", "warm-up"))  # builds the tokenizer's grammar view
     out = {}
     for name, constraint in zip(SCHEMAS, CONSTRAINTS):
         times = []
@@ -80,8 +116,12 @@ def run_json(bench) -> None:
                 continue
             bench.runs.setdefault(mode, []).append(run)
             tokens = sum(r.completion_tokens for r in run.requests)
-            print(f"{mode} run {i - args.warmup_runs + 1}/{args.repeat_runs}: {tokens} completion tokens in "
-                  f"{run.duration:.2f} s = {tokens / run.duration:.1f} tok/s", file=sys.stderr, flush=True)
+            print(
+                f"{mode} run {i - args.warmup_runs + 1}/{args.repeat_runs}: {tokens} completion tokens in "
+                f"{run.duration:.2f} s = {tokens / run.duration:.1f} tok/s",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def compare_json(summaries: dict) -> dict:

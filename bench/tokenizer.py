@@ -9,6 +9,7 @@ offsets), so it is compared both with `tokenizer(batch)` and with that same Rust
 ratio is what the RPC costs (serialisation, transport, copies).
 Also prints single-text Encode latency against an in-process call.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,14 +18,15 @@ import statistics
 import time
 
 import grpc
-
 from tokenwire.serving.launcher import TOKENIZER, start_service
 from tokenwire.tokenizer.tokenizer import load_tokenizer
 from tokenwire.v1 import tokenizer_pb2 as pb
 from tokenwire.v1 import tokenizer_pb2_grpc
 
-_WORDS = ("the model streams tokens while the scheduler batches requests; "
-          "café naïve 東京 ☕ 🤗 def f(x): return x**2  \n\t KV-cache blocks are reused").split(" ")
+_WORDS = (
+    "the model streams tokens while the scheduler batches requests; "
+    "café naïve 東京 ☕ 🤗 def f(x): return x**2  \n\t KV-cache blocks are reused"
+).split(" ")
 
 
 def make_texts(n: int, seed: int = 0) -> list[str]:
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = load_tokenizer(args.model)
     texts = make_texts(args.texts)
-    batches = [texts[i:i + args.batch] for i in range(0, len(texts), args.batch)]
+    batches = [texts[i : i + args.batch] for i in range(0, len(texts), args.batch)]
     with start_service(TOKENIZER, ["--model", args.model]) as service:
         service.wait_serving()
         with grpc.insecure_channel(service.address, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
@@ -74,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
 
             local_rate = best_rate(lambda: [tokenizer(b)["input_ids"] for b in batches], len(texts), args.repeats)
             backend = tokenizer.backend_tokenizer  # the Rust call the service itself makes (no offsets)
-            rust_rate = best_rate(lambda: [[e.ids for e in backend.encode_batch_fast(b)] for b in batches],
-                                  len(texts), args.repeats)
-            remote_rate = best_rate(lambda: [stub.BatchEncode(pb.BatchEncodeRequest(texts=b)) for b in batches],
-                                    len(texts), args.repeats)
+            rust_rate = best_rate(
+                lambda: [[e.ids for e in backend.encode_batch_fast(b)] for b in batches], len(texts), args.repeats
+            )
+            remote_rate = best_rate(
+                lambda: [stub.BatchEncode(pb.BatchEncodeRequest(texts=b)) for b in batches], len(texts), args.repeats
+            )
             local_us = latency_us(lambda: tokenizer(texts[0])["input_ids"], args.latency_calls)
             remote_us = latency_us(lambda: stub.Encode(pb.EncodeRequest(text=texts[0])), args.latency_calls)
 
@@ -86,10 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"BatchEncode, texts/s: in-process transformers tokenizer(batch) {local_rate:8.0f}")
     print(f"                      in-process Rust encode_batch_fast        {rust_rate:8.0f}")
     print(f"                      service over gRPC                        {remote_rate:8.0f}")
-    print(f"service / in-process transformers: {remote_rate / local_rate:.2f}   "
-          f"service / in-process Rust: {remote_rate / rust_rate:.2f}")
-    print(f"Encode (1 text, {len(texts[0])} chars) median latency: in-process {local_us:.0f} us, "
-          f"service {remote_us:.0f} us")
+    print(
+        f"service / in-process transformers: {remote_rate / local_rate:.2f}   "
+        f"service / in-process Rust: {remote_rate / rust_rate:.2f}"
+    )
+    print(
+        f"Encode (1 text, {len(texts[0])} chars) median latency: in-process {local_us:.0f} us, "
+        f"service {remote_us:.0f} us"
+    )
     return 0
 
 

@@ -10,6 +10,7 @@ Synthetic text is made of random lowercase words taken from the model's own voca
 token with its leading space), so N words are about N tokens and every prompt starts differently:
 no accidental prefix sharing.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,40 +28,46 @@ STANDARD: dict[str, dict] = {
     # Tokenization and prefill in isolation: 64 prompts of ~2,000 words, one new token each.
     "longprompt": dict(num_requests=64, max_new_tokens=1, ignore_eos=True, words=2000),
     # Prefix-cache benefit: one 512-token system prompt shared by all, short unique questions after it.
-    "sharedprefix": dict(num_requests=32, max_new_tokens=16, ignore_eos=True, shared_prefix_len=512,
-                         input_len_range=(16, 48)),
+    "sharedprefix": dict(
+        num_requests=32, max_new_tokens=16, ignore_eos=True, shared_prefix_len=512, input_len_range=(16, 48)
+    ),
     # Replicas: 8 distinct 512-token system prompts, 16 requests each (interleaved), short completions; run
     # by the `replicas` mode under round robin, prefix affinity and one replica (bench/replicas.py).
-    "multiprefix": dict(num_requests=128, max_new_tokens=16, ignore_eos=True, shared_prefix_len=512,
-                        num_prefixes=8, input_len_range=(16, 48)),
+    "multiprefix": dict(
+        num_requests=128,
+        max_new_tokens=16,
+        ignore_eos=True,
+        shared_prefix_len=512,
+        num_prefixes=8,
+        input_len_range=(16, 48),
+    ),
     # Serving: 200 requests arriving faster than the engine completes them on a 2-core CPU.
-    "online": dict(num_requests=200, max_new_tokens=64, ignore_eos=True, input_len_range=(32, 255),
-                   request_rate=4.0),
+    "online": dict(num_requests=200, max_new_tokens=64, ignore_eos=True, input_len_range=(32, 255), request_rate=4.0),
 }
 
 
 @dataclass(frozen=True)
 class BenchRequest:
-    text: str | None                     # the prompt as text (None for id-defined prompts)
-    token_ids: list[int] | None          # the prompt as ids (id-defined, or tokenized by --pretok)
+    text: str | None  # the prompt as text (None for id-defined prompts)
+    token_ids: list[int] | None  # the prompt as ids (id-defined, or tokenized by --pretok)
     max_new_tokens: int
 
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    name: str                            # a key of STANDARD, or "custom"
+    name: str  # a key of STANDARD, or "custom"
     num_requests: int = 32
     max_new_tokens: int = 64
     ignore_eos: bool = False
-    input_len: int | None = None         # fixed synthetic prompt length, tokens
+    input_len: int | None = None  # fixed synthetic prompt length, tokens
     input_len_range: tuple[int, int] | None = None  # synthetic lengths drawn uniformly, inclusive
-    shared_prefix_len: int = 0           # tokens of a system prompt shared by every request
-    num_prefixes: int = 1                # distinct system prompts; request i gets prefix i % num_prefixes
-    words: int | None = None             # synthetic prompts of this many words (longprompt)
-    as_ids: bool = False                 # synthetic prompts as random token ids instead of text
-    prompt: str | None = None            # one prompt, repeated num_requests times
-    prompts_file: str | None = None      # one prompt per line, or JSONL with a "prompt" field
-    request_rate: float = math.inf       # online mode: Poisson arrivals per second (inf: all at once)
+    shared_prefix_len: int = 0  # tokens of a system prompt shared by every request
+    num_prefixes: int = 1  # distinct system prompts; request i gets prefix i % num_prefixes
+    words: int | None = None  # synthetic prompts of this many words (longprompt)
+    as_ids: bool = False  # synthetic prompts as random token ids instead of text
+    prompt: str | None = None  # one prompt, repeated num_requests times
+    prompts_file: str | None = None  # one prompt per line, or JSONL with a "prompt" field
+    request_rate: float = math.inf  # online mode: Poisson arrivals per second (inf: all at once)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -98,8 +105,12 @@ def build_requests(spec: WorkloadSpec, tokenizer, variant: int = 0) -> list[Benc
     if spec.as_ids:
         pool = usable_ids(tokenizer)
         prefixes = [[rng.choice(pool) for _ in range(spec.shared_prefix_len)] for _ in range(spec.num_prefixes)]
-        return [BenchRequest(None, prefixes[i % spec.num_prefixes] + [rng.choice(pool) for _ in range(n)],
-                             spec.max_new_tokens) for i, n in enumerate(lengths)]
+        return [
+            BenchRequest(
+                None, prefixes[i % spec.num_prefixes] + [rng.choice(pool) for _ in range(n)], spec.max_new_tokens
+            )
+            for i, n in enumerate(lengths)
+        ]
     words = word_pool(tokenizer)
     prefixes = [shared_prefix_text(spec.shared_prefix_len, tokenizer, words, rng) for _ in range(spec.num_prefixes)]
     texts = []
@@ -136,12 +147,19 @@ def usable_ids(tokenizer) -> list[int]:
 
 def word_pool(tokenizer) -> list[str]:
     """Lowercase words that are single tokens with a leading space (byte-level BPE or SentencePiece)."""
-    words = sorted({tok[1:] for tok in tokenizer.get_vocab()
-                    if tok[:1] in ("Ġ", "▁") and tok[1:].isalpha() and tok[1:].islower()
-                    and 3 <= len(tok) - 1 <= 10})
+    words = sorted(
+        {
+            tok[1:]
+            for tok in tokenizer.get_vocab()
+            if tok[:1] in ("Ġ", "▁") and tok[1:].isalpha() and tok[1:].islower() and 3 <= len(tok) - 1 <= 10
+        }
+    )
     if len(words) < 100:  # an odd vocabulary: fall back to plain words (a few tokens each)
-        words = [f"{a}{b}" for a in ("data", "model", "token", "cache", "batch") for b in
-                 ("set", "run", "way", "list", "map", "line", "time", "work", "base", "flow")] * 2
+        words = [
+            f"{a}{b}"
+            for a in ("data", "model", "token", "cache", "batch")
+            for b in ("set", "run", "way", "list", "map", "line", "time", "work", "base", "flow")
+        ] * 2
     return words
 
 
@@ -169,14 +187,20 @@ def pretokenize(requests: list[BenchRequest], tokenizer) -> list[BenchRequest]:
     return [r if r.token_ids is not None else replace(r, token_ids=tokenizer.encode(r.text)) for r in requests]
 
 
-def warmup_requests(requests: list[BenchRequest], max_requests: int, max_prompt_tokens: int,
-                    max_new_tokens: int) -> list[BenchRequest]:
+def warmup_requests(
+    requests: list[BenchRequest], max_requests: int, max_prompt_tokens: int, max_new_tokens: int
+) -> list[BenchRequest]:
     """A smaller copy of a run for warm-up: enough to allocate and pick every kernel shape the timed
     runs meet (prefill chunks, the decode batch), without repeating a long workload in full."""
+
     def trim(r: BenchRequest) -> BenchRequest:
-        return replace(r, text=None if r.text is None else " ".join(r.text.split(" ")[:max_prompt_tokens]),
-                       token_ids=None if r.token_ids is None else r.token_ids[:max_prompt_tokens],
-                       max_new_tokens=min(r.max_new_tokens, max_new_tokens))
+        return replace(
+            r,
+            text=None if r.text is None else " ".join(r.text.split(" ")[:max_prompt_tokens]),
+            token_ids=None if r.token_ids is None else r.token_ids[:max_prompt_tokens],
+            max_new_tokens=min(r.max_new_tokens, max_new_tokens),
+        )
+
     return [trim(r) for r in requests[:max_requests]]
 
 

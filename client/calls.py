@@ -1,6 +1,7 @@
 """Call mechanics shared by the SDK's methods: one deadline and request id per SDK call, retries where
 safe, typed errors, and the tokenizer service's DecodeStream as an incremental detokenizer.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,6 @@ from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from tokenwire.client.errors import DeadlineExceededError, Endpoint, ServerError, from_rpc_error
 from tokenwire.serving.errors import REQUEST_ID_METADATA
 from tokenwire.v1 import tokenizer_pb2, tokenizer_pb2_grpc
@@ -29,21 +29,23 @@ class RetryPolicy:
     """Retries of calls that failed UNAVAILABLE before any token arrived (nothing was generated, so a
     retry cannot duplicate output). Backoff is exponential with full jitter, and never outlives the
     call's deadline."""
+
     max_attempts: int = 4
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
     multiplier: float = 2.0
 
     def backoff_s(self, attempt: int) -> float:
-        return random.uniform(0, min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** attempt))
+        return random.uniform(0, min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**attempt))
 
 
 class CallScope:
     """One SDK call, however many RPCs (and retries) it takes: one deadline, and one request id sent as
     `x-request-id` metadata on each RPC, so the log lines of both services for this call share it."""
 
-    def __init__(self, timeout_s: float | None, request_id: str | None = None,
-                 metadata: tuple[tuple[str, str], ...] = ()):
+    def __init__(
+        self, timeout_s: float | None, request_id: str | None = None, metadata: tuple[tuple[str, str], ...] = ()
+    ):
         """`metadata`: sent on every RPC of the call too (e.g. the client's authorization header)."""
         self.request_id = request_id or uuid.uuid4().hex
         self.metadata = ((REQUEST_ID_METADATA, self.request_id), *metadata)
@@ -59,8 +61,9 @@ class CallScope:
         return left
 
 
-async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy, scope: CallScope,
-                       service: Endpoint | str) -> T:
+async def with_retries(
+    attempt: Callable[[], Awaitable[T]], policy: RetryPolicy, scope: CallScope, service: Endpoint | str
+) -> T:
     """Run `attempt` (one RPC), retrying on UNAVAILABLE; every failure leaves as a typed exception."""
     n = 0
     while True:
@@ -73,8 +76,9 @@ async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy,
         n += 1
 
 
-async def stream_with_retries(start: Callable[[], grpc.aio.UnaryStreamCall], policy: RetryPolicy,
-                              scope: CallScope, service: Endpoint | str) -> AsyncIterator:
+async def stream_with_retries(
+    start: Callable[[], grpc.aio.UnaryStreamCall], policy: RetryPolicy, scope: CallScope, service: Endpoint | str
+) -> AsyncIterator:
     """Iterate a server stream, restarting it on UNAVAILABLE only while no message has arrived.
     Leaving the iteration early (break, cancel, error) cancels the RPC, so the server stops work."""
     for n in range(policy.max_attempts):
@@ -103,12 +107,19 @@ class TextStream:
     """Generated ids -> text deltas through the tokenizer service's DecodeStream (the client holds no
     tokenizer files). Opened lazily on the first push; one write and one read per push."""
 
-    def __init__(self, stub: tokenizer_pb2_grpc.TokenizerServiceStub, endpoint: Endpoint, prompt_ids: Sequence[int],
-                 skip_special_tokens: bool, scope: CallScope):
+    def __init__(
+        self,
+        stub: tokenizer_pb2_grpc.TokenizerServiceStub,
+        endpoint: Endpoint,
+        prompt_ids: Sequence[int],
+        skip_special_tokens: bool,
+        scope: CallScope,
+    ):
         self._stub = stub
         self._endpoint = endpoint
         self._first = tokenizer_pb2.DecodeStreamRequest(
-            skip_special_tokens=skip_special_tokens, prompt_ids=list(prompt_ids[-DECODE_CONTEXT_IDS:]))
+            skip_special_tokens=skip_special_tokens, prompt_ids=list(prompt_ids[-DECODE_CONTEXT_IDS:])
+        )
         self._scope = scope
         self._call: grpc.aio.StreamStreamCall | None = None
 

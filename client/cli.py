@@ -8,6 +8,7 @@
 Service addresses come from --tokenizer / --engine, else $TOKENWIRE_TOKENIZER / $TOKENWIRE_ENGINE; a bearer
 token for services started with auth comes from $TOKENWIRE_AUTH_TOKEN.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer service (default: %(default)s)")
     parser.add_argument("--engine", default=DEFAULT_ENGINE, help="engine service (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=None, help="deadline per request, seconds")
-    parser.add_argument("--tls-root-cert", default=None,
-                        help="PEM file of the CA that signed the services' TLS certificates (turns TLS on)")
+    parser.add_argument(
+        "--tls-root-cert",
+        default=None,
+        help="PEM file of the CA that signed the services' TLS certificates (turns TLS on)",
+    )
     # No --auth-token flag: a command line is visible to every user of the machine.
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="stream a completion of a prompt")
@@ -53,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
         sub.add_argument("--ignore-eos", action="store_true", default=None, help="keep going past eos")
     commands.add_parser("info", help="show the served model and live engine stats")
-    commands.add_parser("bench", add_help=False, help="benchmark the engine and its baselines "
-                        "(tokenwire bench --help lists its flags)")
+    commands.add_parser(
+        "bench", add_help=False, help="benchmark the engine and its baselines (tokenwire bench --help lists its flags)"
+    )
     return parser
 
 
@@ -127,24 +132,29 @@ def _print_stream(chunks: Iterable[GenerationChunk], show_ids: bool) -> str:
         print()
     if last is not None and last.usage is not None:
         ttft = last.timings.time_to_first_token_s if last.timings else None
-        print(f"[{last.finish_reason.value}: {last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} "
-              f"completion tokens" + (f", first token after {ttft * 1000:.0f} ms]" if ttft is not None else "]"),
-              file=sys.stderr)
+        print(
+            f"[{last.finish_reason.value}: {last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} "
+            f"completion tokens" + (f", first token after {ttft * 1000:.0f} ms]" if ttft is not None else "]"),
+            file=sys.stderr,
+        )
     return "".join(text)
 
 
 def _info(client: Client, args: argparse.Namespace) -> int:
     model, tokenizer = client.model_info(), client.tokenizer_info()
-    print(f"model        {model.model} ({model.architecture}), context {model.max_model_len}, "
-          f"vocab {model.vocab_size}")
-    print(f"engine       {model.config.device}/{model.config.dtype}, {model.config.num_kv_blocks} KV blocks "
-          f"of {model.config.block_size} tokens, up to {model.config.max_num_seqs} running")
+    print(f"model        {model.model} ({model.architecture}), context {model.max_model_len}, vocab {model.vocab_size}")
+    print(
+        f"engine       {model.config.device}/{model.config.dtype}, {model.config.num_kv_blocks} KV blocks "
+        f"of {model.config.block_size} tokens, up to {model.config.max_num_seqs} running"
+    )
     match = "matches" if tokenizer.fingerprint == model.tokenizer_fingerprint else "DOES NOT MATCH"
     print(f"tokenizer    {tokenizer.model}, fingerprint {tokenizer.fingerprint[:16]}... ({match} the engine)")
     stats = model.stats
-    print(f"live         {stats.num_running} running, {stats.num_waiting} waiting, "
-          f"{stats.num_free_kv_blocks}/{stats.num_kv_blocks} blocks free, "
-          f"{stats.num_prompt_encodes} engine-side encodes, prefix hit rate {stats.prefix_cache_hit_rate:.0%}")
+    print(
+        f"live         {stats.num_running} running, {stats.num_waiting} waiting, "
+        f"{stats.num_free_kv_blocks}/{stats.num_kv_blocks} blocks free, "
+        f"{stats.num_prompt_encodes} engine-side encodes, prefix hit rate {stats.prefix_cache_hit_rate:.0%}"
+    )
     return 0
 
 

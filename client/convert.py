@@ -1,4 +1,5 @@
 """Protobuf <-> SDK dataclasses: the only client module besides the two clients that touches `*_pb2`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,16 +7,35 @@ import json
 from collections.abc import Iterable, Mapping
 
 from tokenwire.client.errors import InvalidRequestError
-from tokenwire.client.types import (ChatMessage, Completion, EngineConfigInfo, EngineStats, FinishReason,
-                                    GenerationChunk, ModelInfo, StopDetail, StopKind, Timings, TokenizerInfo,
-                                    TokenLogprob, Usage)
+from tokenwire.client.types import (
+    ChatMessage,
+    Completion,
+    EngineConfigInfo,
+    EngineStats,
+    FinishReason,
+    GenerationChunk,
+    ModelInfo,
+    StopDetail,
+    StopKind,
+    Timings,
+    TokenizerInfo,
+    TokenLogprob,
+    Usage,
+)
 from tokenwire.v1 import common_pb2, engine_pb2, tokenizer_pb2
 
 _FINISH = {engine_pb2.FINISH_REASON_STOP: FinishReason.STOP, engine_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH}
-_STOP_KINDS = {engine_pb2.STOP_KIND_EOS: StopKind.EOS, engine_pb2.STOP_KIND_TOKEN_ID: StopKind.TOKEN_ID,
-               engine_pb2.STOP_KIND_STRING: StopKind.STRING}
-_ROLES = {"system": common_pb2.CHAT_ROLE_SYSTEM, "user": common_pb2.CHAT_ROLE_USER,
-          "assistant": common_pb2.CHAT_ROLE_ASSISTANT, "tool": common_pb2.CHAT_ROLE_TOOL}
+_STOP_KINDS = {
+    engine_pb2.STOP_KIND_EOS: StopKind.EOS,
+    engine_pb2.STOP_KIND_TOKEN_ID: StopKind.TOKEN_ID,
+    engine_pb2.STOP_KIND_STRING: StopKind.STRING,
+}
+_ROLES = {
+    "system": common_pb2.CHAT_ROLE_SYSTEM,
+    "user": common_pb2.CHAT_ROLE_USER,
+    "assistant": common_pb2.CHAT_ROLE_ASSISTANT,
+    "tool": common_pb2.CHAT_ROLE_TOOL,
+}
 _SAMPLING_FIELDS = frozenset(engine_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
 _CONSTRAINTS = tuple(f.name for f in engine_pb2.SamplingParams.DESCRIPTOR.oneofs_by_name["constraint"].fields)
 
@@ -28,9 +48,11 @@ def sampling_params(options: Mapping[str, object]) -> engine_pb2.SamplingParams:
     given = {k: _wire_value(k, v) for k, v in options.items() if v is not None}
     constraints = [k for k in _CONSTRAINTS if k in given]
     if len(constraints) > 1:
-        raise InvalidRequestError(f"give at most one of {', '.join(_CONSTRAINTS)}; got {', '.join(constraints)}",
-                                  field=f"sampling.{constraints[1]}")
-    if not isinstance(given.get("json_schema", ""), str):   # a schema as a dict (or true / false)
+        raise InvalidRequestError(
+            f"give at most one of {', '.join(_CONSTRAINTS)}; got {', '.join(constraints)}",
+            field=f"sampling.{constraints[1]}",
+        )
+    if not isinstance(given.get("json_schema", ""), str):  # a schema as a dict (or true / false)
         given["json_schema"] = json.dumps(given["json_schema"])
     if "choice" in given:
         given["choice"] = engine_pb2.Choice(values=list(given["choice"]))
@@ -38,7 +60,7 @@ def sampling_params(options: Mapping[str, object]) -> engine_pb2.SamplingParams:
 
 
 def _wire_value(name: str, value):
-    if name == "logit_bias":   # ids as ints (OpenAI-style string keys too), values as floats
+    if name == "logit_bias":  # ids as ints (OpenAI-style string keys too), values as floats
         try:
             return {int(k): float(v) for k, v in dict(value).items()}
         except (TypeError, ValueError) as error:
@@ -46,10 +68,13 @@ def _wire_value(name: str, value):
     return value
 
 
-def ids_request(ids, sampling: Mapping[str, object], fingerprint: str, return_text: bool
-                ) -> engine_pb2.GenerateRequest:
-    return engine_pb2.GenerateRequest(token_ids=engine_pb2.TokenIds(ids=ids), tokenizer_fingerprint=fingerprint,
-                                      sampling=sampling_params(sampling), return_text=return_text)
+def ids_request(ids, sampling: Mapping[str, object], fingerprint: str, return_text: bool) -> engine_pb2.GenerateRequest:
+    return engine_pb2.GenerateRequest(
+        token_ids=engine_pb2.TokenIds(ids=ids),
+        tokenizer_fingerprint=fingerprint,
+        sampling=sampling_params(sampling),
+        return_text=return_text,
+    )
 
 
 def text_request(text: str, sampling: Mapping[str, object]) -> engine_pb2.GenerateRequest:
@@ -68,8 +93,9 @@ def chat_messages(messages: Iterable[ChatMessage | Mapping[str, str]]) -> list[c
         message = ChatMessage.of(message)
         role = _ROLES.get(message.role)
         if role is None:
-            raise InvalidRequestError(f"messages[{i}].role: {message.role!r} is not one of {sorted(_ROLES)}",
-                                      field=f"messages[{i}].role")
+            raise InvalidRequestError(
+                f"messages[{i}].role: {message.role!r} is not one of {sorted(_ROLES)}", field=f"messages[{i}].role"
+            )
         out.append(common_pb2.ChatMessage(role=role, content=message.content))
     return out
 
@@ -77,31 +103,43 @@ def chat_messages(messages: Iterable[ChatMessage | Mapping[str, str]]) -> list[c
 def chunk(msg: engine_pb2.GenerateResponse, text: str) -> GenerationChunk:
     finished = msg.finish_reason != engine_pb2.FINISH_REASON_UNSPECIFIED
     return GenerationChunk(
-        text=text, token_ids=tuple(msg.token_ids), logprobs=logprobs(msg.logprobs),
+        text=text,
+        token_ids=tuple(msg.token_ids),
+        logprobs=logprobs(msg.logprobs),
         finish_reason=_FINISH[msg.finish_reason] if finished else None,
         usage=usage(msg.usage) if finished else None,
         timings=timings(msg.timings) if finished and msg.HasField("timings") else None,
-        stop=stop_detail(msg) if finished else None, index=msg.index)
+        stop=stop_detail(msg) if finished else None,
+        index=msg.index,
+    )
 
 
 def completion(msg: engine_pb2.GenerateResponse, text: str) -> Completion:
-    return Completion(text=text, token_ids=tuple(msg.token_ids), finish_reason=_FINISH[msg.finish_reason],
-                      usage=usage(msg.usage), logprobs=logprobs(msg.logprobs),
-                      timings=timings(msg.timings) if msg.HasField("timings") else None,
-                      stop=stop_detail(msg), index=msg.index)
+    return Completion(
+        text=text,
+        token_ids=tuple(msg.token_ids),
+        finish_reason=_FINISH[msg.finish_reason],
+        usage=usage(msg.usage),
+        logprobs=logprobs(msg.logprobs),
+        timings=timings(msg.timings) if msg.HasField("timings") else None,
+        stop=stop_detail(msg),
+        index=msg.index,
+    )
 
 
 def stop_detail(msg: engine_pb2.GenerateResponse) -> StopDetail | None:
     if not msg.HasField("stop_detail") or msg.stop_detail.kind not in _STOP_KINDS:
         return None
     kind = _STOP_KINDS[msg.stop_detail.kind]
-    return StopDetail(kind, token_id=msg.stop_detail.token_id if kind is not StopKind.STRING else None,
-                      stop_string=msg.stop_detail.stop_string if kind is StopKind.STRING else None)
+    return StopDetail(
+        kind,
+        token_id=msg.stop_detail.token_id if kind is not StopKind.STRING else None,
+        stop_string=msg.stop_detail.stop_string if kind is StopKind.STRING else None,
+    )
 
 
 def logprobs(msgs: Iterable[engine_pb2.TokenLogprob]) -> tuple[TokenLogprob, ...]:
-    return tuple(TokenLogprob(m.token_id, m.logprob, tuple((t.token_id, t.logprob) for t in m.top))
-                 for m in msgs)
+    return tuple(TokenLogprob(m.token_id, m.logprob, tuple((t.token_id, t.logprob) for t in m.top)) for m in msgs)
 
 
 def usage(msg: engine_pb2.Usage) -> Usage:
@@ -109,25 +147,36 @@ def usage(msg: engine_pb2.Usage) -> Usage:
 
 
 def timings(msg: engine_pb2.Timings) -> Timings:
-    return Timings(queue_wait_s=msg.queue_wait_s if msg.HasField("queue_wait_s") else None,
-                   time_to_first_token_s=(msg.time_to_first_token_s
-                                          if msg.HasField("time_to_first_token_s") else None),
-                   total_s=msg.total_s)
+    return Timings(
+        queue_wait_s=msg.queue_wait_s if msg.HasField("queue_wait_s") else None,
+        time_to_first_token_s=(msg.time_to_first_token_s if msg.HasField("time_to_first_token_s") else None),
+        total_s=msg.total_s,
+    )
 
 
 def model_info(msg: engine_pb2.GetModelInfoResponse) -> ModelInfo:
-    return ModelInfo(model=msg.model, architecture=msg.architecture, max_model_len=msg.max_model_len,
-                     vocab_size=msg.vocab_size, tokenizer_fingerprint=msg.tokenizer_fingerprint,
-                     eos_token_ids=tuple(msg.eos_token_ids),
-                     config=_same_fields(EngineConfigInfo, msg.config), stats=_same_fields(EngineStats, msg.stats))
+    return ModelInfo(
+        model=msg.model,
+        architecture=msg.architecture,
+        max_model_len=msg.max_model_len,
+        vocab_size=msg.vocab_size,
+        tokenizer_fingerprint=msg.tokenizer_fingerprint,
+        eos_token_ids=tuple(msg.eos_token_ids),
+        config=_same_fields(EngineConfigInfo, msg.config),
+        stats=_same_fields(EngineStats, msg.stats),
+    )
 
 
 def tokenizer_info(msg: tokenizer_pb2.GetInfoResponse) -> TokenizerInfo:
     return TokenizerInfo(
-        model=msg.model, vocab_size=msg.vocab_size, fingerprint=msg.fingerprint,
+        model=msg.model,
+        vocab_size=msg.vocab_size,
+        fingerprint=msg.fingerprint,
         bos_token_id=msg.bos_token_id if msg.HasField("bos_token_id") else None,
         eos_token_id=msg.eos_token_id if msg.HasField("eos_token_id") else None,
-        has_chat_template=msg.has_chat_template, max_model_length=msg.max_model_length)
+        has_chat_template=msg.has_chat_template,
+        max_model_length=msg.max_model_length,
+    )
 
 
 def _same_fields(cls, msg):

@@ -1,4 +1,5 @@
 """How the SDK proves who it talks to and who it is: TLS channel credentials and the bearer token."""
+
 from __future__ import annotations
 
 import os
@@ -6,12 +7,13 @@ from pathlib import Path
 
 import grpc
 
-AUTH_TOKEN_ENV = "TOKENWIRE_AUTH_TOKEN"   # the same variable the services read their token from
+AUTH_TOKEN_ENV = "TOKENWIRE_AUTH_TOKEN"  # the same variable the services read their token from
 AUTH_METADATA_KEY = "authorization"
 
 
-def channel_credentials(tls_root_cert: str | bytes | None = None,
-                        credentials: grpc.ChannelCredentials | None = None) -> grpc.ChannelCredentials | None:
+def channel_credentials(
+    tls_root_cert: str | bytes | None = None, credentials: grpc.ChannelCredentials | None = None
+) -> grpc.ChannelCredentials | None:
     """`credentials` as given, else TLS trusting `tls_root_cert` (PEM bytes, or a PEM file's path);
     None for plaintext."""
     if credentials is not None or tls_root_cert is None:

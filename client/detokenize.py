@@ -1,6 +1,7 @@
 """Generated ids back to text through the tokenizer service's DecodeStream (one TextStream per sample), for
 a stream of engine messages or one merged result: the client needs no model files, and complete().text is
 the concatenation of generate()'s deltas."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,18 +14,24 @@ from tokenwire.client.types import Completion, GenerationChunk
 from tokenwire.v1 import engine_pb2, tokenizer_pb2_grpc
 
 
-async def chunks(messages: AsyncIterator[engine_pb2.GenerateResponse], request: engine_pb2.GenerateRequest,
-                 prompt_ids: Sequence[int], tokenizer: tokenizer_pb2_grpc.TokenizerServiceStub | None,
-                 endpoint: Endpoint, scope: CallScope) -> AsyncIterator[GenerationChunk]:
+async def chunks(
+    messages: AsyncIterator[engine_pb2.GenerateResponse],
+    request: engine_pb2.GenerateRequest,
+    prompt_ids: Sequence[int],
+    tokenizer: tokenizer_pb2_grpc.TokenizerServiceStub | None,
+    endpoint: Endpoint,
+    scope: CallScope,
+) -> AsyncIterator[GenerationChunk]:
     """The engine's messages as chunks with their text delta (the engine's own text when it sent one)."""
-    texts: dict[int, TextStream] = {}   # one detokenizer per sample (index)
+    texts: dict[int, TextStream] = {}  # one detokenizer per sample (index)
     try:
         async for message in messages:
             delta = message.text
             if not request.return_text:
                 if message.index not in texts:
-                    texts[message.index] = TextStream(tokenizer, endpoint, prompt_ids,
-                                                      convert.skip_special_tokens(request), scope)
+                    texts[message.index] = TextStream(
+                        tokenizer, endpoint, prompt_ids, convert.skip_special_tokens(request), scope
+                    )
                 text = texts[message.index]
                 delta = await text.push(message.token_ids)
                 if message.finish_reason:
@@ -35,9 +42,14 @@ async def chunks(messages: AsyncIterator[engine_pb2.GenerateResponse], request: 
             text.cancel()
 
 
-async def completion(result: engine_pb2.GenerateResponse, request: engine_pb2.GenerateRequest,
-                     prompt_ids: Sequence[int], tokenizer: tokenizer_pb2_grpc.TokenizerServiceStub | None,
-                     endpoint: Endpoint, scope: CallScope) -> Completion:
+async def completion(
+    result: engine_pb2.GenerateResponse,
+    request: engine_pb2.GenerateRequest,
+    prompt_ids: Sequence[int],
+    tokenizer: tokenizer_pb2_grpc.TokenizerServiceStub | None,
+    endpoint: Endpoint,
+    scope: CallScope,
+) -> Completion:
     """One sample's merged result as a Completion, decoded by the same DecodeStream as chunks()."""
     if request.return_text:
         return convert.completion(result, result.text)
@@ -49,9 +61,15 @@ async def completion(result: engine_pb2.GenerateResponse, request: engine_pb2.Ge
         text.cancel()
 
 
-async def completions(results: Sequence[engine_pb2.GenerateResponse], request: engine_pb2.GenerateRequest,
-                      prompt_ids: Sequence[int], tokenizer: tokenizer_pb2_grpc.TokenizerServiceStub | None,
-                      endpoint: Endpoint, scope: CallScope) -> Completion:
+async def completions(
+    results: Sequence[engine_pb2.GenerateResponse],
+    request: engine_pb2.GenerateRequest,
+    prompt_ids: Sequence[int],
+    tokenizer: tokenizer_pb2_grpc.TokenizerServiceStub | None,
+    endpoint: Endpoint,
+    scope: CallScope,
+) -> Completion:
     """One request's merged results (one per sample, index order) as one Completion."""
-    return Completion.of_samples(await asyncio.gather(
-        *(completion(r, request, prompt_ids, tokenizer, endpoint, scope) for r in results)))
+    return Completion.of_samples(
+        await asyncio.gather(*(completion(r, request, prompt_ids, tokenizer, endpoint, scope) for r in results))
+    )

@@ -1,13 +1,18 @@
 """Typed exceptions: every gRPC failure reaches SDK users as one of these, never as a raw RpcError."""
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
 import grpc
-
-from tokenwire.serving.errors import (FIELD_METADATA_KEY, NO_CHAT_TEMPLATE_MESSAGE, REASON_METADATA_KEY,
-                                      REASON_NO_CHAT_TEMPLATE, REASON_TOKENIZER_MISMATCH)
+from tokenwire.serving.errors import (
+    FIELD_METADATA_KEY,
+    NO_CHAT_TEMPLATE_MESSAGE,
+    REASON_METADATA_KEY,
+    REASON_NO_CHAT_TEMPLATE,
+    REASON_TOKENIZER_MISMATCH,
+)
 
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 
@@ -79,22 +84,24 @@ _BY_REASON: dict[str, type[TokenwireError]] = {
     REASON_NO_CHAT_TEMPLATE: NoChatTemplateError,
 }
 # What gRPC says when nothing listens at the address (refused, unresolvable, unroutable).
-_UNREACHABLE = ("failed to connect", "connection refused", "dns resolution failed", "name resolution",
-                "no address")
+_UNREACHABLE = ("failed to connect", "connection refused", "dns resolution failed", "name resolution", "no address")
 
 
 @dataclass(frozen=True)
 class Endpoint:
     """A service the SDK talks to, as error messages name it."""
-    name: str       # "tokenizer" or "engine"
+
+    name: str  # "tokenizer" or "engine"
     address: str
 
     def __str__(self) -> str:
         return self.name
 
     def unreachable(self) -> str:
-        return (f"cannot reach the {self.name} service at {self.address}: is it running? "
-                f"(`tokenwire-{self.name}` starts it)")
+        return (
+            f"cannot reach the {self.name} service at {self.address}: is it running? "
+            f"(`tokenwire-{self.name}` starts it)"
+        )
 
 
 # gRPC's own RESOURCE_EXHAUSTED for a message over the size limit: the request is too big, not the

@@ -14,6 +14,7 @@ Adding or removing a replica moves only the prefixes that replica wins or held.
 - Prompts shorter than one block carry no prefix worth a cache: round robin.
 - The name is re-resolved every `resolve_interval_s` (30 s, gRPC's minimum between DNS resolutions).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,7 +28,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
-
 from tokenwire.client.calls import CallScope, RetryPolicy, backoff
 from tokenwire.client.errors import Endpoint, UnavailableError, from_rpc_error
 from tokenwire.serving.block_hash import prefix_hash
@@ -41,10 +41,11 @@ Resolver = Callable[[str], Awaitable[list[str]]]
 @dataclass(frozen=True)
 class PrefixRouting:
     """Settings of `routing="prefix"`."""
-    load_factor: float = 1.5           # no replica above this x the mean of requests in flight
-    prefix_blocks: int = 4             # the first full blocks that name a prompt's prefix
-    resolve_interval_s: float = 30.0   # re-resolve the replica set this often (gRPC's DNS minimum)
-    down_s: float = 5.0                # a replica that answered UNAVAILABLE is tried last this long
+
+    load_factor: float = 1.5  # no replica above this x the mean of requests in flight
+    prefix_blocks: int = 4  # the first full blocks that name a prompt's prefix
+    resolve_interval_s: float = 30.0  # re-resolve the replica set this often (gRPC's DNS minimum)
+    down_s: float = 5.0  # a replica that answered UNAVAILABLE is tried last this long
 
     def __post_init__(self) -> None:
         if self.load_factor < 1.0:
@@ -58,11 +59,12 @@ class PrefixRouting:
 @dataclass
 class Replica:
     """One engine replica: its own channel, and what the router knows of it."""
+
     address: str
     channel: grpc.aio.Channel
     stub: engine_pb2_grpc.EngineServiceStub
-    in_flight: int = 0            # Generate streams open to it from this client
-    down_until: float = 0.0       # monotonic time until which it is ranked last
+    in_flight: int = 0  # Generate streams open to it from this client
+    down_until: float = 0.0  # monotonic time until which it is ranked last
 
 
 async def resolve(target: str) -> list[str]:
@@ -85,7 +87,7 @@ def target_host(target: str) -> str:
 
 def _dns_name(target: str) -> str:
     """`dns:///engine:50052`, `dns://8.8.8.8/engine:50052` or `dns:engine:50052` -> `engine:50052`."""
-    rest = target[len("dns:"):]
+    rest = target[len("dns:") :]
     return rest[2:].partition("/")[2] if rest.startswith("//") else rest
 
 
@@ -109,11 +111,16 @@ def rendezvous(key: bytes, addresses: Sequence[str]) -> list[str]:
 class PrefixRouter:
     """The replica set of one engine target and the choice of replica per request."""
 
-    def __init__(self, target: str, open_channel: Callable[[str], grpc.aio.Channel],
-                 policy: PrefixRouting = PrefixRouting(), resolver: Resolver = resolve):
+    def __init__(
+        self,
+        target: str,
+        open_channel: Callable[[str], grpc.aio.Channel],
+        policy: PrefixRouting = PrefixRouting(),
+        resolver: Resolver = resolve,
+    ):
         self.target = target
         self.policy = policy
-        self.routed: Counter[str] = Counter()       # requests sent to each address (attempts included)
+        self.routed: Counter[str] = Counter()  # requests sent to each address (attempts included)
         self._open = open_channel
         self._resolver = resolver
         self._replicas: dict[str, Replica] = {}
@@ -172,8 +179,9 @@ class PrefixRouter:
         self._replicas.clear()
 
 
-async def routed_stream(router: PrefixRouter, request: engine_pb2.GenerateRequest, block_size: int,
-                        retry: RetryPolicy, scope: CallScope) -> AsyncIterator[engine_pb2.GenerateResponse]:
+async def routed_stream(
+    router: PrefixRouter, request: engine_pb2.GenerateRequest, block_size: int, retry: RetryPolicy, scope: CallScope
+) -> AsyncIterator[engine_pb2.GenerateResponse]:
     """A Generate stream on the replica `router` picks, falling back along its order when a replica
     refuses before the first message (after that, a retry could generate twice: the error is raised)."""
     await router.refresh()

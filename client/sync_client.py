@@ -5,6 +5,7 @@ All Clients of a process share that one loop thread, which lives as long as the 
 layer delivers late completions (of calls cancelled at close) to the loop that made them, and a loop
 that outlives every channel never sees one after it has closed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +15,6 @@ from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequen
 from typing import Any, TypeVar, Unpack
 
 import grpc
-
 from tokenwire.client.async_client import DEFAULT_ENGINE, DEFAULT_TOKENIZER, AsyncClient, Message
 from tokenwire.client.calls import RetryPolicy
 from tokenwire.client.routing import PrefixRouting
@@ -27,20 +27,39 @@ _END = object()
 class Client:
     """`timeout` is the default deadline (seconds) of every call; each method also takes `timeout=`."""
 
-    def __init__(self, tokenizer: str | None = DEFAULT_TOKENIZER, engine: str = DEFAULT_ENGINE, *,
-                 timeout: float | None = None, retry: RetryPolicy = RetryPolicy(),
-                 interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
-                 tls_root_cert: str | bytes | None = None, credentials: grpc.ChannelCredentials | None = None,
-                 auth_token: str | None = None, routing: str = "round_robin",
-                 prefix_routing: PrefixRouting = PrefixRouting(), text_from: str = "engine"):
+    def __init__(
+        self,
+        tokenizer: str | None = DEFAULT_TOKENIZER,
+        engine: str = DEFAULT_ENGINE,
+        *,
+        timeout: float | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        tls_root_cert: str | bytes | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        auth_token: str | None = None,
+        routing: str = "round_robin",
+        prefix_routing: PrefixRouting = PrefixRouting(),
+        text_from: str = "engine",
+    ):
         """See AsyncClient: the same options, TLS, auth, routing and text source included."""
         self._loop = _shared_loop()
         self._closed = False
-        self._client: AsyncClient = self._run(_make(tokenizer, engine, timeout=timeout, retry=retry,
-                                                     interceptors=interceptors, tls_root_cert=tls_root_cert,
-                                                     credentials=credentials, auth_token=auth_token,
-                                                     routing=routing, prefix_routing=prefix_routing,
-                                                     text_from=text_from))
+        self._client: AsyncClient = self._run(
+            _make(
+                tokenizer,
+                engine,
+                timeout=timeout,
+                retry=retry,
+                interceptors=interceptors,
+                tls_root_cert=tls_root_cert,
+                credentials=credentials,
+                auth_token=auth_token,
+                routing=routing,
+                prefix_routing=prefix_routing,
+                text_from=text_from,
+            )
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -60,28 +79,60 @@ class Client:
 
     # ---- generation ----
 
-    def generate(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
-                 timeout: float | None = None, request_id: str | None = None,
-                 **sampling: Unpack[SamplingOptions]) -> Iterator[GenerationChunk]:
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        token_ids: Sequence[int] | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        **sampling: Unpack[SamplingOptions],
+    ) -> Iterator[GenerationChunk]:
         """Stream a generation; see AsyncClient.generate. Closing the iterator early cancels the request."""
-        return self._iterate(self._client.generate(prompt, token_ids=token_ids, timeout=timeout,
-                                                   request_id=request_id, **sampling))
+        return self._iterate(
+            self._client.generate(prompt, token_ids=token_ids, timeout=timeout, request_id=request_id, **sampling)
+        )
 
-    def chat(self, messages: Iterable[Message], *, timeout: float | None = None, request_id: str | None = None,
-             **sampling: Unpack[SamplingOptions]) -> Iterator[GenerationChunk]:
+    def chat(
+        self,
+        messages: Iterable[Message],
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        **sampling: Unpack[SamplingOptions],
+    ) -> Iterator[GenerationChunk]:
         return self._iterate(self._client.chat(messages, timeout=timeout, request_id=request_id, **sampling))
 
-    def complete(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
-                 messages: Iterable[Message] | None = None, timeout: float | None = None,
-                 request_id: str | None = None, **sampling: Unpack[SamplingOptions]) -> Completion:
-        return self._run(self._client.complete(prompt, token_ids=token_ids, messages=messages, timeout=timeout,
-                                               request_id=request_id, **sampling))
+    def complete(
+        self,
+        prompt: str | None = None,
+        *,
+        token_ids: Sequence[int] | None = None,
+        messages: Iterable[Message] | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        **sampling: Unpack[SamplingOptions],
+    ) -> Completion:
+        return self._run(
+            self._client.complete(
+                prompt, token_ids=token_ids, messages=messages, timeout=timeout, request_id=request_id, **sampling
+            )
+        )
 
-    def complete_batch(self, prompts: Sequence[str] | None = None, *,
-                       token_ids: Sequence[Sequence[int]] | None = None, timeout: float | None = None,
-                       request_id: str | None = None, **sampling: Unpack[SamplingOptions]) -> list[Completion]:
-        return self._run(self._client.complete_batch(prompts, token_ids=token_ids, timeout=timeout,
-                                                     request_id=request_id, **sampling))
+    def complete_batch(
+        self,
+        prompts: Sequence[str] | None = None,
+        *,
+        token_ids: Sequence[Sequence[int]] | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        **sampling: Unpack[SamplingOptions],
+    ) -> list[Completion]:
+        return self._run(
+            self._client.complete_batch(
+                prompts, token_ids=token_ids, timeout=timeout, request_id=request_id, **sampling
+            )
+        )
 
     # ---- tokenizer and engine services ----
 
@@ -91,8 +142,9 @@ class Client:
     def encode_batch(self, texts: Sequence[str], *, timeout: float | None = None) -> list[list[int]]:
         return self._run(self._client.encode_batch(texts, timeout=timeout))
 
-    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True,
-               timeout: float | None = None) -> str:
+    def decode(
+        self, token_ids: Sequence[int], *, skip_special_tokens: bool = True, timeout: float | None = None
+    ) -> str:
         return self._run(self._client.decode(token_ids, skip_special_tokens=skip_special_tokens, timeout=timeout))
 
     def apply_chat_template(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[int]:

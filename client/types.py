@@ -1,4 +1,5 @@
 """What the SDK hands out: typed, frozen dataclasses (never protobuf), and the sampling options."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,47 +12,49 @@ from typing import TypedDict
 
 class SamplingOptions(TypedDict, total=False):
     """Keyword arguments of generate()/chat()/complete(); anything left out takes the engine's default."""
-    max_new_tokens: int          # default 16
-    temperature: float           # 0 is greedy; default 1
-    top_k: int                   # 0 disables
-    top_p: float                 # in (0, 1]; 1 disables
-    min_p: float                 # in [0, 1]; 0 disables
-    repetition_penalty: float    # 1 disables
-    presence_penalty: float      # in [-2, 2]
-    frequency_penalty: float     # in [-2, 2]
-    seed: int                    # same seed, same tokens (sample i of n: a seed derived from it)
-    n: int                       # parallel samples of the prompt, 1 to 16; its prefill is computed once
-    stop_token_ids: list[int]    # extra ids that end generation
-    stop: list[str]              # stop strings (the text is cut before them)
-    ignore_eos: bool             # keep going past eos
-    logprobs: int                # 0: the chosen token's logprob; n: plus the top-n alternatives
-    skip_special_tokens: bool    # leave special tokens out of the text; default True
-    logit_bias: Mapping[int, float]   # token id -> added to its logit; <= 300 entries, values in [-100, 100]
+
+    max_new_tokens: int  # default 16
+    temperature: float  # 0 is greedy; default 1
+    top_k: int  # 0 disables
+    top_p: float  # in (0, 1]; 1 disables
+    min_p: float  # in [0, 1]; 0 disables
+    repetition_penalty: float  # 1 disables
+    presence_penalty: float  # in [-2, 2]
+    frequency_penalty: float  # in [-2, 2]
+    seed: int  # same seed, same tokens (sample i of n: a seed derived from it)
+    n: int  # parallel samples of the prompt, 1 to 16; its prefill is computed once
+    stop_token_ids: list[int]  # extra ids that end generation
+    stop: list[str]  # stop strings (the text is cut before them)
+    ignore_eos: bool  # keep going past eos
+    logprobs: int  # 0: the chosen token's logprob; n: plus the top-n alternatives
+    skip_special_tokens: bool  # leave special tokens out of the text; default True
+    logit_bias: Mapping[int, float]  # token id -> added to its logit; <= 300 entries, values in [-100, 100]
     # Structured output, at most one (README "Structured output"):
-    json_schema: Mapping | str   # the output is JSON valid against this schema (a dict or its JSON text)
-    json_object: bool            # the output is a JSON object
-    regex: str                   # the whole output matches this regular expression
-    choice: list[str]            # the output is exactly one of these strings
-    grammar: str                 # the output follows this Lark-style EBNF or GBNF grammar
+    json_schema: Mapping | str  # the output is JSON valid against this schema (a dict or its JSON text)
+    json_object: bool  # the output is a JSON object
+    regex: str  # the whole output matches this regular expression
+    choice: list[str]  # the output is exactly one of these strings
+    grammar: str  # the output follows this Lark-style EBNF or GBNF grammar
 
 
 class FinishReason(str, enum.Enum):
-    STOP = "stop"                # eos, a stop token id or a stop string
-    LENGTH = "length"            # max_new_tokens, or the model's context is full
+    STOP = "stop"  # eos, a stop token id or a stop string
+    LENGTH = "length"  # max_new_tokens, or the model's context is full
 
 
 class StopKind(str, enum.Enum):
-    EOS = "eos"                  # one of the model's eos ids
-    TOKEN_ID = "stop_token_id"   # an id of the `stop_token_ids` option
-    STRING = "stop_string"       # a string of the `stop` option
+    EOS = "eos"  # one of the model's eos ids
+    TOKEN_ID = "stop_token_id"  # an id of the `stop_token_ids` option
+    STRING = "stop_string"  # a string of the `stop` option
 
 
 @dataclass(frozen=True)
 class StopDetail:
     """What ended a generation whose finish_reason is STOP."""
+
     kind: StopKind
     token_id: int | None = None  # EOS, TOKEN_ID: the id
-    stop_string: str | None = None   # STRING: the stop string, as given
+    stop_string: str | None = None  # STRING: the stop string, as given
 
     @property
     def matched(self) -> int | str | None:
@@ -63,19 +66,20 @@ class StopDetail:
 class TokenLogprob:
     token_id: int
     logprob: float
-    top: tuple[tuple[int, float], ...] = ()    # (token id, logprob) alternatives, most likely first
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) alternatives, most likely first
 
 
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
-    cached_prompt_tokens: int    # prompt tokens served by the engine's prefix cache
+    cached_prompt_tokens: int  # prompt tokens served by the engine's prefix cache
 
 
 @dataclass(frozen=True)
 class Timings:
     """Server-side latencies in seconds, from the request's arrival at the engine."""
+
     queue_wait_s: float | None
     time_to_first_token_s: float | None
     total_s: float
@@ -84,15 +88,16 @@ class Timings:
 @dataclass(frozen=True)
 class GenerationChunk:
     """One piece of a streamed generation. The last chunk has `finish_reason`, `usage` and `timings`."""
-    text: str                                   # text delta (may be "" while a character is incomplete)
-    token_ids: tuple[int, ...]                  # newly generated ids
-    logprobs: tuple[TokenLogprob, ...] = ()     # one per id, when logprobs were asked for
+
+    text: str  # text delta (may be "" while a character is incomplete)
+    token_ids: tuple[int, ...]  # newly generated ids
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per id, when logprobs were asked for
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     timings: Timings | None = None
-    stop: StopDetail | None = None              # the last chunk of a STOP generation: which stop ended it
-    index: int = 0                              # which of the n samples (n > 1: chunks interleave; each
-                                                # sample has its own last chunk)
+    stop: StopDetail | None = None  # the last chunk of a STOP generation: which stop ended it
+    index: int = 0  # which of the n samples (n > 1: chunks interleave; each
+    # sample has its own last chunk)
 
     @property
     def finished(self) -> bool:
@@ -102,14 +107,15 @@ class GenerationChunk:
 @dataclass(frozen=True)
 class Completion:
     """A whole generation."""
+
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
     usage: Usage
     timings: Timings | None
     logprobs: tuple[TokenLogprob, ...] = ()
-    stop: StopDetail | None = None              # when finish_reason is STOP: which stop ended it
-    index: int = 0                              # which of the n samples this is
+    stop: StopDetail | None = None  # when finish_reason is STOP: which stop ended it
+    index: int = 0  # which of the n samples this is
     # n > 1: every sample, in index order; this completion's own fields are sample 0's, except `usage`,
     # which is the request's: the prompt once, the samples' completion tokens summed.
     samples: tuple[Completion, ...] = ()
@@ -125,8 +131,9 @@ class Completion:
         if len(samples) == 1:
             return samples[0]
         first = samples[0]
-        usage = Usage(first.usage.prompt_tokens, sum(s.usage.completion_tokens for s in samples),
-                      first.usage.cached_prompt_tokens)
+        usage = Usage(
+            first.usage.prompt_tokens, sum(s.usage.completion_tokens for s in samples), first.usage.cached_prompt_tokens
+        )
         return dataclasses.replace(first, usage=usage, samples=tuple(samples))
 
     def json(self):
@@ -136,7 +143,7 @@ class Completion:
 
 @dataclass(frozen=True)
 class ChatMessage:
-    role: str                    # "system", "user", "assistant" or "tool"
+    role: str  # "system", "user", "assistant" or "tool"
     content: str
 
     @classmethod
@@ -151,11 +158,11 @@ class ChatMessage:
 class TokenizerInfo:
     model: str
     vocab_size: int
-    fingerprint: str             # the engine refuses ids from a tokenizer with another fingerprint
+    fingerprint: str  # the engine refuses ids from a tokenizer with another fingerprint
     bos_token_id: int | None
     eos_token_id: int | None
     has_chat_template: bool
-    max_model_length: int        # 0 when unknown
+    max_model_length: int  # 0 when unknown
 
 
 @dataclass(frozen=True)
@@ -178,7 +185,7 @@ class EngineStats:
     num_waiting: int
     num_kv_blocks: int
     num_free_kv_blocks: int
-    num_prompt_encodes: int      # prompts the engine tokenized itself: 0 while everything sends ids
+    num_prompt_encodes: int  # prompts the engine tokenized itself: 0 while everything sends ids
     prefix_cache_hit_rate: float
     num_preemptions: int
     num_active_requests: int

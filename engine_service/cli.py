@@ -4,6 +4,7 @@ Every flag is generated from a field of the config dataclasses (ServerConfig, En
 SchedulerConfig; see tokenwire.serving.cli_env), and, as on the tokenizer service, each flag can also be
 set through the environment as TOKENWIRE_<FLAG>.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,19 +16,25 @@ from collections.abc import MutableMapping
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
 from tokenwire.engine.edge.server import serve
 from tokenwire.serving.cli_env import add_config_flags, apply_env_defaults, config_values
-from tokenwire.serving.server import ServiceFailed
 from tokenwire.serving.logging_setup import add_logging_arguments, configure_logging
+from tokenwire.serving.server import ServiceFailed
 
 _NESTED = {"cache": CacheConfig, "scheduler": SchedulerConfig}
 log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenwire-engine",
-                                     description="Serve a causal LM over gRPC with continuous batching.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for title, cls in (("server", ServerConfig), ("engine", EngineConfig), ("KV cache", CacheConfig),
-                       ("scheduler", SchedulerConfig)):
+    parser = argparse.ArgumentParser(
+        prog="tokenwire-engine",
+        description="Serve a causal LM over gRPC with continuous batching.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for title, cls in (
+        ("server", ServerConfig),
+        ("engine", EngineConfig),
+        ("KV cache", CacheConfig),
+        ("scheduler", SchedulerConfig),
+    ):
         add_config_flags(parser.add_argument_group(title), cls, skip=_NESTED)
     add_logging_arguments(parser)
     apply_env_defaults(parser)  # TOKENWIRE_MAX_NUM_SEQS=8 == --max-num-seqs 8 (a flag wins)
@@ -36,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     nested = {name: cls(**config_values(args, cls)) for name, cls in _NESTED.items()}
-    return (EngineConfig(**config_values(args, EngineConfig, skip=_NESTED), **nested),
-            ServerConfig(**config_values(args, ServerConfig)))
+    return (
+        EngineConfig(**config_values(args, EngineConfig, skip=_NESTED), **nested),
+        ServerConfig(**config_values(args, ServerConfig)),
+    )
 
 
 def prefer_sleeping_omp_waits(environ: MutableMapping[str, str] = os.environ) -> str:

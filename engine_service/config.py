@@ -1,5 +1,6 @@
 """The engine service's single source of defaults: the CLI generates its flags and environment variables from
 these dataclasses (the server's, the engine's, the KV cache's and the scheduler's)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,6 +9,8 @@ from tokenwire.serving.config import GrpcServerConfig
 from tokenwire.serving.model_resolver import DEFAULT_MODEL
 
 
+# The fields' trailing comments are their flags' help texts (serving/cli_env.py): kept on one line each.
+# fmt: off
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16                 # tokens per KV block
@@ -47,3 +50,4 @@ class ServerConfig(GrpcServerConfig):
     drain_grace_s: float = 30.0          # after SIGTERM, how long in-flight requests may still finish
     max_pending_requests: int = 1024     # requests in flight before new ones get RESOURCE_EXHAUSTED
     max_waiting_requests: int = 512      # accepted requests not yet generating before new ones get RESOURCE_EXHAUSTED
+# fmt: on

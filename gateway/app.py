@@ -1,5 +1,6 @@
 """The FastAPI application: routes, OpenAI-shaped errors, auth and metrics middleware, and the SDK client
 whose lifetime is the app's (opened on the server's event loop, closed at shutdown)."""
+
 from __future__ import annotations
 
 import logging
@@ -8,7 +9,6 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from tokenwire.client import AsyncClient
 from tokenwire.gateway.auth import BearerAuth
 from tokenwire.gateway.backend import Backend
@@ -18,15 +18,20 @@ from tokenwire.gateway.metrics import HttpMetrics, metrics_response
 from tokenwire.gateway.routes import router
 
 log = logging.getLogger(__name__)
-ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
-                    "/metrics"})
+ROUTES = frozenset(
+    {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health", "/metrics"}
+)
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        client = AsyncClient(config.tokenizer, config.engine, tls_root_cert=config.upstream_tls_ca or None,
-                             auth_token=config.upstream_auth_token)
+        client = AsyncClient(
+            config.tokenizer,
+            config.engine,
+            tls_root_cert=config.upstream_tls_ca or None,
+            auth_token=config.upstream_auth_token,
+        )
         app.state.backend = Backend(config, client)
         log.info("gateway over tokenizer %s and engine %s", config.tokenizer, config.engine)
         try:

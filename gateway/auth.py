@@ -1,5 +1,6 @@
 """Bearer-token auth of the HTTP side, as the services do it on gRPC: with `--auth-token` set, every route
 but /health and /metrics needs `Authorization: Bearer <token>`, else 401 in OpenAI's error shape."""
+
 from __future__ import annotations
 
 import hmac
@@ -20,8 +21,12 @@ class BearerAuth:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
-            refusal = ApiError(401, "missing or invalid credentials: send 'Authorization: Bearer <token>'",
-                               "authentication_error", code="invalid_api_key").response()
+            refusal = ApiError(
+                401,
+                "missing or invalid credentials: send 'Authorization: Bearer <token>'",
+                "authentication_error",
+                code="invalid_api_key",
+            ).response()
             return await refusal(scope, receive, send)
         await self.app(scope, receive, send)
 

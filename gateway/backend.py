@@ -1,5 +1,6 @@
 """The gateway's view of the two services, all through the SDK's AsyncClient: the served model, prompt
 encoding (once, by the tokenizer service), generation streams, and token strings for logprobs."""
+
 from __future__ import annotations
 
 import asyncio
@@ -36,8 +37,13 @@ class Backend:
         """The served model's name; a request naming another one is a 404."""
         name = await self.model_name()
         if model is not None and model != name:
-            raise ApiError(404, f"The model `{model}` does not exist; this gateway serves `{name}`",
-                           "invalid_request_error", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"The model `{model}` does not exist; this gateway serves `{name}`",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
         return name
 
     async def default_max_tokens(self, prompt_len: int) -> int:
@@ -57,8 +63,9 @@ class Backend:
         return await self.client.apply_chat_template(chat_messages(messages), timeout=self.config.request_timeout_s)
 
     async def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return await self.client.decode(ids, skip_special_tokens=skip_special_tokens,
-                                        timeout=self.config.request_timeout_s)
+        return await self.client.decode(
+            ids, skip_special_tokens=skip_special_tokens, timeout=self.config.request_timeout_s
+        )
 
     async def token_names(self, ids: set[int], as_ids: bool) -> dict[int, str]:
         """Each id's own text (for logprobs), or "token_id:<id>" (vLLM's return_tokens_as_token_ids)."""
@@ -74,8 +81,9 @@ class Backend:
     # ---- generation ----
 
     def generate(self, ids: Sequence[int], options: dict, request_id: str) -> AsyncIterator[GenerationChunk]:
-        return self.client.generate(token_ids=ids, request_id=request_id, timeout=self.config.request_timeout_s,
-                                    **options)
+        return self.client.generate(
+            token_ids=ids, request_id=request_id, timeout=self.config.request_timeout_s, **options
+        )
 
 
 def request_id(user: str | None) -> str:

@@ -1,4 +1,5 @@
 """POST /v1/chat/completions: messages -> the tokenizer service's chat template -> jobs."""
+
 from __future__ import annotations
 
 from tokenwire.gateway import convert

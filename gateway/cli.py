@@ -1,5 +1,6 @@
 """`tokenwire-gateway`: the OpenAI-compatible HTTP gateway. Flag defaults come from GatewayConfig; each
 flag can also be set through the environment as TOKENWIRE_<FLAG> (tokenwire.serving.cli_env)."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,6 @@ import socket
 import threading
 
 import uvicorn
-
 from tokenwire.gateway.app import create_app
 from tokenwire.gateway.config import GatewayConfig
 from tokenwire.serving.cli_env import config_values, service_parser
@@ -48,9 +48,15 @@ def server(config: GatewayConfig) -> tuple[uvicorn.Server, socket.socket]:
     sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((config.host, config.port))
-    uv = uvicorn.Config(create_app(config), log_config=None, access_log=False, lifespan="on",
-                        timeout_graceful_shutdown=config.drain_grace_s,
-                        ssl_certfile=config.tls_cert or None, ssl_keyfile=config.tls_key or None)
+    uv = uvicorn.Config(
+        create_app(config),
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=config.drain_grace_s,
+        ssl_certfile=config.tls_cert or None,
+        ssl_keyfile=config.tls_key or None,
+    )
     return _Server(uv), sock
 
 
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     srv, sock = server(config)
     scheme = "https" if config.tls else "http"
     log.info("gateway listening on %s://%s:%d", scheme, config.host, sock.getsockname()[1])
-    srv.run(sockets=[sock])   # SIGTERM: stop accepting, let requests finish for drain_grace_s, exit 0
+    srv.run(sockets=[sock])  # SIGTERM: stop accepting, let requests finish for drain_grace_s, exit 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """POST /v1/completions: prompts (a string, strings, ids, or lists of ids) -> jobs."""
+
 from __future__ import annotations
 
 from tokenwire.gateway import convert
@@ -20,8 +21,9 @@ async def answer(backend: Backend, req: CompletionRequest) -> Answer:
     default = {len(ids): await backend.default_max_tokens(len(ids)) for ids in prompts}
 
     def options(ids: list[int]) -> dict:
-        return convert.sampling_options(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
-                                        default_max_tokens=default[len(ids)])
+        return convert.sampling_options(
+            req, max_tokens=req.max_tokens, logprobs=req.logprobs, default_max_tokens=default[len(ids)]
+        )
 
     jobs = jobs_for(prompts, req.n, options, echoes)
     return Answer(backend, CompletionShape(), jobs, request_id(req.user), model, req.return_tokens_as_token_ids)

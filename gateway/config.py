@@ -1,9 +1,12 @@
 """The gateway's config: the single source of its defaults, flags and environment variables."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 
+# The fields' trailing comments are their flags' help texts (serving/cli_env.py): kept on one line each.
+# fmt: off
 @dataclass(frozen=True)
 class GatewayConfig:
     host: str = "127.0.0.1"              # interface to bind; "0.0.0.0" accepts other machines (containers)
@@ -23,3 +26,4 @@ class GatewayConfig:
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert or self.tls_key)
+# fmt: on

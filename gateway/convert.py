@@ -1,24 +1,34 @@
 """OpenAI parameters -> the SDK's sampling options, and SDK results -> OpenAI response pieces."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 from tokenwire.client.types import GenerationChunk, TokenLogprob, Usage
 from tokenwire.gateway.errors import bad_request
-from tokenwire.gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from tokenwire.gateway.protocol import ChatCompletionRequest, SamplingFields
 
-_SAME_NAME = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
-              "ignore_eos", "skip_special_tokens")
+_SAME_NAME = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "ignore_eos",
+    "skip_special_tokens",
+)
 
 
-def sampling_options(req: SamplingFields, *, max_tokens: int | None, logprobs: int | None,
-                     default_max_tokens: int) -> dict:
+def sampling_options(
+    req: SamplingFields, *, max_tokens: int | None, logprobs: int | None, default_max_tokens: int
+) -> dict:
     """The SDK's keyword options of `req`; unset fields stay unset, so the engine's defaults apply.
     `n` is the engine's: its samples share the prompt's prefill, each seeded from `seed` (engine.proto)."""
     options: dict = {k: getattr(req, k) for k in _SAME_NAME if getattr(req, k) is not None}
     options["max_new_tokens"] = max_tokens if max_tokens is not None else default_max_tokens
     if req.top_k is not None:
-        options["top_k"] = max(req.top_k, 0)          # vLLM's -1 and 0 both mean "off"
+        options["top_k"] = max(req.top_k, 0)  # vLLM's -1 and 0 both mean "off"
     if req.seed is not None:
         options["seed"] = req.seed
     if req.n > 1:
@@ -48,8 +58,10 @@ def constraint(req: SamplingFields) -> dict:
         if getattr(req, param) is not None:
             given[param] = {option: getattr(req, param)}
     if len(given) > 1:
-        raise bad_request(list(given)[1], f"give at most one of response_format, guided_regex, guided_choice, "
-                                          f"guided_grammar; got {', '.join(given)}")
+        raise bad_request(
+            list(given)[1],
+            f"give at most one of response_format, guided_regex, guided_choice, guided_grammar; got {', '.join(given)}",
+        )
     return next(iter(given.values()), {})
 
 
@@ -75,8 +87,11 @@ def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
-    body = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    body = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
     if cached:
         body["prompt_tokens_details"] = {"cached_tokens": cached}
     return body
@@ -84,8 +99,11 @@ def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
 
 def sum_usage(prompt_usages: Sequence[Usage], completion_usages: Sequence[Usage]) -> dict:
     """Prompts counted once each (n samples share one prompt), completions all counted."""
-    return usage(sum(u.prompt_tokens for u in prompt_usages), sum(u.completion_tokens for u in completion_usages),
-                 sum(u.cached_prompt_tokens for u in prompt_usages))
+    return usage(
+        sum(u.prompt_tokens for u in prompt_usages),
+        sum(u.completion_tokens for u in completion_usages),
+        sum(u.cached_prompt_tokens for u in prompt_usages),
+    )
 
 
 def finish_reason(chunk: GenerationChunk) -> str | None:
@@ -104,17 +122,24 @@ def completion_logprob_block(lps: Sequence[TokenLogprob], names: Mapping[int, st
     for token in tokens:
         offsets.append(at)
         at += len(token)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{names[t]: v for t, v in lp.top} for lp in lps], "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": [{names[t]: v for t, v in lp.top} for lp in lps],
+        "text_offset": offsets,
+    }
 
 
 def chat_logprob_block(lps: Sequence[TokenLogprob], names: Mapping[int, str]) -> dict:
     """The chat API's `logprobs.content`: token, logprob, bytes, top_logprobs."""
+
     def entry(token_id: int, logprob: float) -> dict:
         name = names[token_id]
         return {"token": name, "logprob": logprob, "bytes": list(name.encode())}
-    return {"content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]}
-                        for lp in lps]}
+
+    return {
+        "content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps]
+    }
 
 
 def logprob_ids(lps: Sequence[TokenLogprob]) -> set[int]:

@@ -1,5 +1,6 @@
 """Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the HTTP status
 mapped from the gRPC status the SDK reports. Nothing internal (no stack trace) reaches the body."""
+
 from __future__ import annotations
 
 import json
@@ -8,15 +9,21 @@ import logging
 import grpc
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-
 from tokenwire.client import errors as sdk
 
 log = logging.getLogger(__name__)
 
 # The engine's SamplingParams field -> the OpenAI parameter a caller set it with.
-_PARAM_NAMES = {"max_new_tokens": "max_tokens", "token_ids.ids": "prompt", "text": "prompt",
-                "json_schema": "response_format", "json_object": "response_format", "regex": "guided_regex",
-                "choice": "guided_choice", "grammar": "guided_grammar"}
+_PARAM_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "token_ids.ids": "prompt",
+    "text": "prompt",
+    "json_schema": "response_format",
+    "json_object": "response_format",
+    "regex": "guided_regex",
+    "choice": "guided_choice",
+    "grammar": "guided_grammar",
+}
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
     grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
@@ -33,8 +40,14 @@ _BY_CODE = {
 class ApiError(Exception):
     """An error the gateway answers with: HTTP status, OpenAI error type, the offending parameter."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
@@ -81,8 +94,11 @@ def from_validation(error: ValidationError) -> ApiError:
 
 
 def from_json_error(error: json.JSONDecodeError) -> ApiError:
-    return ApiError(400, f"malformed JSON at line {error.lineno} column {error.colno} (char {error.pos}): "
-                         f"{error.msg}", code="json_invalid")
+    return ApiError(
+        400,
+        f"malformed JSON at line {error.lineno} column {error.colno} (char {error.pos}): {error.msg}",
+        code="json_invalid",
+    )
 
 
 def _path(loc: tuple) -> str:
@@ -95,5 +111,8 @@ def _path(loc: tuple) -> str:
 
 
 def _is_type_tag(part: str) -> bool:
-    return "[" in part or part in {"str", "int", "float", "bool", "dict", "list", "none", "function-after"} \
+    return (
+        "[" in part
+        or part in {"str", "int", "float", "bool", "dict", "list", "none", "function-after"}
         or part.startswith(("list[", "dict[", "function-", "literal["))
+    )

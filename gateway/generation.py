@@ -3,6 +3,7 @@ samples n times off one prefill and tags each chunk with its sample `index`), th
 arrival order, and usage that counts each prompt once however many samples share it. A job is one
 choice: `index` = prompt * n + sample, as OpenAI numbers them.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,11 +19,11 @@ _DONE = object()
 
 @dataclass
 class Job:
-    index: int                   # the choice's index in the response
-    prompt: int                  # which prompt it samples (usage counts each prompt once)
-    ids: list[int]               # the prompt's token ids, made once by the tokenizer service
-    options: dict                # SDK sampling options (the prompt's: `n` included, shared by its samples)
-    echo: str = ""               # text to put before the generated text (completions' `echo`)
+    index: int  # the choice's index in the response
+    prompt: int  # which prompt it samples (usage counts each prompt once)
+    ids: list[int]  # the prompt's token ids, made once by the tokenizer service
+    options: dict  # SDK sampling options (the prompt's: `n` included, shared by its samples)
+    echo: str = ""  # text to put before the generated text (completions' `echo`)
 
 
 @dataclass
@@ -56,8 +57,7 @@ def _by_prompt(jobs: Sequence[Job]) -> list[list[Job]]:
     return list(groups.values())
 
 
-async def run(backend: Backend, jobs: Sequence[Job], request_id: str
-              ) -> AsyncIterator[tuple[Job, GenerationChunk]]:
+async def run(backend: Backend, jobs: Sequence[Job], request_id: str) -> AsyncIterator[tuple[Job, GenerationChunk]]:
     """Every job's chunks, as they arrive. Closing this early (a client gone) cancels every engine
     request still running; the first failure ends it and cancels the rest."""
     groups = _by_prompt(jobs)

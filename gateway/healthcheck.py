@@ -1,5 +1,6 @@
 """`python -m tokenwire.gateway.healthcheck [HOST:PORT] [--timeout S] [--quiet]`: exit 0 when the gateway's
 GET /health is 200 (both services SERVING), else 1. The compose healthcheck; needs no curl in the image."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,10 @@ def check(address: str, timeout_s: float = 3.0) -> tuple[bool, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tokenwire.gateway.healthcheck",
-                                     description="GET /health on the gateway: exit 0 when 200, else 1")
+    parser = argparse.ArgumentParser(
+        prog="python -m tokenwire.gateway.healthcheck",
+        description="GET /health on the gateway: exit 0 when 200, else 1",
+    )
     parser.add_argument("address", nargs="?", default="127.0.0.1:8000", help="host:port (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="print nothing")

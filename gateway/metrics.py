@@ -1,5 +1,6 @@
 """Prometheus metrics of the gateway, served at GET /metrics from its own registry: requests by route and
 HTTP status, latency to the end of the response, requests in flight."""
+
 from __future__ import annotations
 
 import time
@@ -7,7 +8,6 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.responses import Response
-
 from tokenwire.serving.metrics import RPC_LATENCY_BUCKETS
 
 
@@ -16,13 +16,21 @@ class HttpMetrics:
 
     def __init__(self, app, registry: CollectorRegistry, routes: set[str]):
         self.app = app
-        self.routes = routes       # known paths; others are counted as "other" (no label explosion)
-        self.requests = Counter("tokenwire_http_requests", "Finished HTTP requests by route and status",
-                                ("route", "status"), registry=registry)
-        self.duration = Histogram("tokenwire_http_duration_seconds", "HTTP request latency, start to last byte",
-                                  ("route",), buckets=RPC_LATENCY_BUCKETS, registry=registry)
-        self.in_flight = Gauge("tokenwire_http_in_flight", "HTTP requests being served", ("route",),
-                               registry=registry)
+        self.routes = routes  # known paths; others are counted as "other" (no label explosion)
+        self.requests = Counter(
+            "tokenwire_http_requests",
+            "Finished HTTP requests by route and status",
+            ("route", "status"),
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "tokenwire_http_duration_seconds",
+            "HTTP request latency, start to last byte",
+            ("route",),
+            buckets=RPC_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge("tokenwire_http_in_flight", "HTTP requests being served", ("route",), registry=registry)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":

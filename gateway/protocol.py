@@ -1,5 +1,6 @@
 """OpenAI request bodies (pydantic), as the gateway accepts them. Unknown fields are ignored; a known field
 with a bad value fails validation and becomes a 400 naming it. Extensions are named as vLLM names them."""
+
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -12,18 +13,19 @@ MAX_TOP_LOGPROBS = 20
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: StrictBool = False      # one last chunk with usage and no choices
+    include_usage: StrictBool = False  # one last chunk with usage and no choices
 
 
 class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     name: str | None = None
-    json_schema: dict = Field(alias="schema")   # the JSON schema the output validates against
-    strict: StrictBool | None = None              # the output always follows the schema here
+    json_schema: dict = Field(alias="schema")  # the JSON schema the output validates against
+    strict: StrictBool | None = None  # the output always follows the schema here
 
 
 class ResponseFormat(BaseModel):
     """OpenAI's response_format: text (no constraint), any JSON object, or JSON valid against a schema."""
+
     model_config = ConfigDict(extra="ignore")
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
@@ -31,6 +33,7 @@ class ResponseFormat(BaseModel):
 
 class SamplingFields(BaseModel):
     """What both endpoints share, mapped onto the engine's SamplingParams by convert.sampling_options."""
+
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -43,7 +46,7 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None    # {"<token id>": bias}; the engine checks ids and range
+    logit_bias: dict[str, float] | None = None  # {"<token id>": bias}; the engine checks ids and range
     user: str | None = None
     # vLLM's extensions
     top_k: int | None = Field(default=None, ge=-1)
@@ -52,7 +55,7 @@ class SamplingFields(BaseModel):
     ignore_eos: StrictBool | None = None
     stop_token_ids: Ids | None = None
     skip_special_tokens: StrictBool | None = None
-    return_tokens_as_token_ids: StrictBool = False   # logprob tokens as "token_id:<id>"
+    return_tokens_as_token_ids: StrictBool = False  # logprob tokens as "token_id:<id>"
     # Structured output (README "Structured output"): OpenAI's response_format, or one of vLLM's guided_*
     response_format: ResponseFormat | None = None
     guided_regex: str | None = None
@@ -88,6 +91,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: a prompt, or chat messages (with the template applied)."""
+
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     prompt: str | None = None

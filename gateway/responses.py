@@ -4,13 +4,13 @@ A stream's first engine message is awaited before the HTTP status is sent, so a 
 is a proper HTTP error rather than an error event inside a 200 stream; a failure after that ends the
 stream with one `data: {"error": ...}` event, then `data: [DONE]`.
 """
+
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
 
 from fastapi.responses import JSONResponse
-
 from tokenwire.client.errors import TokenwireError
 from tokenwire.gateway import convert
 from tokenwire.gateway.backend import Backend
@@ -22,8 +22,15 @@ from tokenwire.gateway.sse import SseResponse
 class Answer:
     """One request's answer; `shape` is a CompletionShape or ChatShape."""
 
-    def __init__(self, backend: Backend, shape, jobs: Sequence[Job], request_id: str, model: str,
-                 token_ids_as_names: bool = False):
+    def __init__(
+        self,
+        backend: Backend,
+        shape,
+        jobs: Sequence[Job],
+        request_id: str,
+        model: str,
+        token_ids_as_names: bool = False,
+    ):
         self.backend, self.shape, self.jobs = backend, shape, jobs
         self.model, self.as_ids = model, token_ids_as_names
         self.id = ("chatcmpl-" if shape.chunk_object.startswith("chat") else "cmpl-") + request_id
@@ -48,10 +55,21 @@ class Answer:
         choices = []
         for job in self.jobs:
             block = await self._logprobs(job, lps[job.index], len(job.echo))
-            choices.append(self.shape.choice(job, "".join(texts[job.index]), block, finish.get(job.index), True,
-                                             stops.get(job.index)))
-        return JSONResponse({"id": self.id, "object": self.shape.whole_object, "created": self.created,
-                             "model": self.model, "choices": choices, "usage": self.usage.body()})
+            choices.append(
+                self.shape.choice(
+                    job, "".join(texts[job.index]), block, finish.get(job.index), True, stops.get(job.index)
+                )
+            )
+        return JSONResponse(
+            {
+                "id": self.id,
+                "object": self.shape.whole_object,
+                "created": self.created,
+                "model": self.model,
+                "choices": choices,
+                "usage": self.usage.body(),
+            }
+        )
 
     async def stream(self, include_usage: bool) -> SseResponse:
         chunks = run(self.backend, self.jobs, self.request_id)
@@ -63,7 +81,7 @@ class Answer:
         return SseResponse(self._events(first, chunks, include_usage), close=chunks.aclose)
 
     async def _events(self, first, chunks: AsyncIterator, include_usage: bool) -> AsyncIterator[dict]:
-        offsets = {job.index: 0 for job in self.jobs}   # characters sent so far, per choice
+        offsets = {job.index: 0 for job in self.jobs}  # characters sent so far, per choice
         started: set[int] = set()
         for job in self.jobs:
             opening = self.shape.opening(job)
@@ -77,25 +95,37 @@ class Answer:
                 if job.index not in started:
                     started.add(job.index)
                     text = job.echo + text
-                at = offsets[job.index] + len(text) - len(chunk.text)   # where this chunk's tokens start
+                at = offsets[job.index] + len(text) - len(chunk.text)  # where this chunk's tokens start
                 block = await self._logprobs(job, chunk.logprobs, at) if chunk.logprobs else None
                 offsets[job.index] += len(text)
                 self.usage.add(job, chunk)
                 finish = convert.finish_reason(chunk)
                 if text or block or finish:
-                    yield self._chunk([self.shape.choice(job, text, block, finish, False, convert.stop_reason(chunk))],
-                                      include_usage)
+                    yield self._chunk(
+                        [self.shape.choice(job, text, block, finish, False, convert.stop_reason(chunk))], include_usage
+                    )
                 item = await anext(chunks, None)
         except TokenwireError as error:
             yield from_sdk(error).body()
             return
         if include_usage:
-            yield {"id": self.id, "object": self.shape.chunk_object, "created": self.created, "model": self.model,
-                   "choices": [], "usage": self.usage.body()}
+            yield {
+                "id": self.id,
+                "object": self.shape.chunk_object,
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": self.usage.body(),
+            }
 
     def _chunk(self, choices: list[dict], include_usage: bool) -> dict:
-        body = {"id": self.id, "object": self.shape.chunk_object, "created": self.created, "model": self.model,
-                "choices": choices}
+        body = {
+            "id": self.id,
+            "object": self.shape.chunk_object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if include_usage:
             body["usage"] = None
         return body
@@ -105,4 +135,3 @@ class Answer:
             return None
         names = await self.backend.token_names(convert.logprob_ids(lps), self.as_ids)
         return self.shape.logprobs(lps, names, offset)
-

@@ -1,5 +1,6 @@
 """The HTTP routes. Bodies are parsed here (so malformed JSON can be reported with its position) and
 validated with the pydantic models of protocol.py; the work is done by completions.py and chat.py."""
+
 from __future__ import annotations
 
 import json
@@ -8,13 +9,11 @@ import time
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
-
 from tokenwire.client.errors import TokenwireError
 from tokenwire.gateway import chat, completions
 from tokenwire.gateway.backend import Backend
 from tokenwire.gateway.errors import ApiError, bad_request, from_json_error, from_sdk, from_validation
-from tokenwire.gateway.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                        TokenizeRequest)
+from tokenwire.gateway.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 router = APIRouter()
 
@@ -69,8 +68,14 @@ async def list_models(request: Request) -> JSONResponse:
         name, info = await backend.model_name(), await backend.model_info()
     except TokenwireError as error:
         raise from_sdk(error) from None
-    card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "tokenwire",
-            "root": info.model, "max_model_len": info.max_model_len}
+    card = {
+        "id": name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "tokenwire",
+        "root": info.model,
+        "max_model_len": info.max_model_len,
+    }
     return JSONResponse({"object": "list", "data": [card]})
 
 
@@ -86,8 +91,9 @@ async def tokenize(request: Request) -> JSONResponse:
         if req.messages is not None:
             ids = await backend.chat_ids(req.messages)
         else:
-            ids = await backend.client.encode(req.prompt, add_special_tokens=req.add_special_tokens,
-                                              timeout=backend.config.request_timeout_s)
+            ids = await backend.client.encode(
+                req.prompt, add_special_tokens=req.add_special_tokens, timeout=backend.config.request_timeout_s
+            )
         info = await backend.model_info()
     except TokenwireError as error:
         raise from_sdk(error) from None
@@ -111,5 +117,6 @@ async def health(request: Request) -> Response:
     """200 only when both services report SERVING; 503 naming each one's state otherwise."""
     states = await backend_of(request).client.health()
     ok = all(states.values())
-    return JSONResponse({name: "SERVING" if up else "NOT_SERVING" for name, up in states.items()},
-                        status_code=200 if ok else 503)
+    return JSONResponse(
+        {name: "SERVING" if up else "NOT_SERVING" for name, up in states.items()}, status_code=200 if ok else 503
+    )

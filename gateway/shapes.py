@@ -1,6 +1,7 @@
 """The two response shapes: `text_completion` (/v1/completions) and `chat.completion` (/v1/chat/completions).
 Each turns a job's text, logprobs and finish reason into one choice of a chunk or of a whole response.
 A choice with a finish_reason also carries vLLM's `stop_reason` (the stop id or string, else null)."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -17,10 +18,18 @@ class CompletionShape:
     def opening(self, job: Job) -> dict | None:
         return None
 
-    def choice(self, job: Job, text: str, logprobs: dict | None, finish: str | None, whole: bool,
-               stop_reason: int | str | None = None) -> dict:
-        return _with_stop_reason({"index": job.index, "text": text, "logprobs": logprobs, "finish_reason": finish},
-                                 stop_reason)
+    def choice(
+        self,
+        job: Job,
+        text: str,
+        logprobs: dict | None,
+        finish: str | None,
+        whole: bool,
+        stop_reason: int | str | None = None,
+    ) -> dict:
+        return _with_stop_reason(
+            {"index": job.index, "text": text, "logprobs": logprobs, "finish_reason": finish}, stop_reason
+        )
 
     def logprobs(self, lps: Sequence[TokenLogprob], names: Mapping[int, str], offset: int) -> dict:
         return convert.completion_logprob_block(lps, names, offset)
@@ -32,17 +41,36 @@ class ChatShape:
 
     def opening(self, job: Job) -> dict | None:
         """The first chunk of each choice carries the role, as OpenAI's do."""
-        return {"index": job.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                "finish_reason": None}
+        return {
+            "index": job.index,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
 
-    def choice(self, job: Job, text: str, logprobs: dict | None, finish: str | None, whole: bool,
-               stop_reason: int | str | None = None) -> dict:
+    def choice(
+        self,
+        job: Job,
+        text: str,
+        logprobs: dict | None,
+        finish: str | None,
+        whole: bool,
+        stop_reason: int | str | None = None,
+    ) -> dict:
         if whole:
-            body = {"index": job.index, "message": {"role": "assistant", "content": text},
-                    "logprobs": logprobs, "finish_reason": finish}
+            body = {
+                "index": job.index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
         else:
-            body = {"index": job.index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
-                    "finish_reason": finish}
+            body = {
+                "index": job.index,
+                "delta": {"content": text} if text else {},
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
         return _with_stop_reason(body, stop_reason)
 
     def logprobs(self, lps: Sequence[TokenLogprob], names: Mapping[int, str], offset: int) -> dict:

@@ -5,6 +5,7 @@ It streams `data: <json>` events, then `data: [DONE]`, while a second task waits
 so a client that hangs up mid-stream cancels its engine requests at once (the engine aborts them at its
 next step and frees their KV blocks), not only when the next chunk fails to send.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,8 +17,11 @@ from starlette.responses import Response
 
 log = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
-HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-           (b"x-accel-buffering", b"no")]   # proxies (nginx) must not buffer a stream
+HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]  # proxies (nginx) must not buffer a stream
 
 
 def event(body: dict) -> bytes:
@@ -28,7 +32,7 @@ class SseResponse(Response):
     def __init__(self, events: AsyncIterator[dict], close: Callable[[], Awaitable[None]]):
         super().__init__(status_code=200)
         self._events = events
-        self._close = close       # closes what feeds `events` (the engine streams)
+        self._close = close  # closes what feeds `events` (the engine streams)
 
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
@@ -48,7 +52,7 @@ class SseResponse(Response):
             async for body in self._events:
                 await send({"type": "http.response.body", "body": event(body), "more_body": True})
             await send({"type": "http.response.body", "body": DONE, "more_body": False})
-        except OSError:   # the connection broke while sending: the same as a disconnect
+        except OSError:  # the connection broke while sending: the same as a disconnect
             pass
         except Exception:  # a bug: the headers are gone, so the client sees the stream end early
             log.exception("stream failed")

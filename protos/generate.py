@@ -7,6 +7,7 @@ mypy-protobuf `.pyi` stubs under DIR (default `protos/`, so they land next to th
 import as `tokenwire.v1.*_pb2`). The stubs are committed; `tests/test_protos.py` regenerates them
 into a temporary folder and fails when the committed ones differ.
 """
+
 from __future__ import annotations
 
 import argparse

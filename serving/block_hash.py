@@ -5,6 +5,7 @@ agree on what "the same prefix" is. Plain Python: no torch, no gRPC.
 A block is named by hash(parent block's hash, this block's token ids): the same tokens after a different
 prefix get a different name. Digests are 128-bit BLAKE2b over the ids as signed 64-bit integers.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,7 @@ from array import array
 from collections.abc import Sequence
 
 BlockHash = bytes
-ROOT_HASH: BlockHash = bytes(16)   # the parent of every sequence's first block
+ROOT_HASH: BlockHash = bytes(16)  # the parent of every sequence's first block
 
 
 def block_hash(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
@@ -32,5 +33,5 @@ def prefix_hash(token_ids: Sequence[int], block_size: int, max_blocks: int) -> B
         return None
     parent = ROOT_HASH
     for start in range(0, blocks * block_size, block_size):
-        parent = block_hash(parent, token_ids[start:start + block_size])
+        parent = block_hash(parent, token_ids[start : start + block_size])
     return parent

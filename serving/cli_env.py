@@ -9,6 +9,7 @@ Containers are configured with environment variables and command flags only; a f
 command line wins over its variable, and a variable wins over the built-in default. A malformed value is
 reported like a malformed flag, naming the variable.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,11 @@ def add_config_flags(group, cls, skip: Collection[str] = ()) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = _scalar_type(hints[f.name])
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=helps.get(f.name, ""))
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name, "")
+            )
         else:
-            group.add_argument(flag, type=kind, default=f.default, metavar=f.name.upper(),
-                               help=helps.get(f.name, ""))
+            group.add_argument(flag, type=kind, default=f.default, metavar=f.name.upper(), help=helps.get(f.name, ""))
 
 
 def service_parser(prog: str, description: str, cls) -> argparse.ArgumentParser:
@@ -49,8 +50,9 @@ def service_parser(prog: str, description: str, cls) -> argparse.ArgumentParser:
     TOKENWIRE_<FLAG> environment defaults for every one of them."""
     from tokenwire.serving.logging_setup import add_logging_arguments
 
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_config_flags(parser, cls)
     add_logging_arguments(parser)
     apply_env_defaults(parser)

@@ -1,10 +1,13 @@
 """The settings every tokenwire gRPC server shares; each service's config dataclass extends it, and the CLIs
 generate their flags from the fields (tokenwire.serving.cli_env), taking each flag's help from the field's comment."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 
+# The fields' trailing comments are their flags' help texts (serving/cli_env.py): kept on one line each.
+# fmt: off
 @dataclass(frozen=True)
 class GrpcServerConfig:
     """What every tokenwire gRPC server shares: where it listens, message limit, drain, metrics, TLS, auth."""
@@ -27,3 +30,4 @@ class GrpcServerConfig:
     def grpc_options(self) -> list[tuple[str, int]]:
         return [("grpc.max_send_message_length", self.max_message_bytes),
                 ("grpc.max_receive_message_length", self.max_message_bytes)]
+# fmt: on

@@ -3,6 +3,7 @@
 Light on purpose (no grpc, no torch): the SDK imports the wire names from here too, so a service and its
 clients can never disagree on them.
 """
+
 from __future__ import annotations
 
 # Trailing metadata of an INVALID_ARGUMENT error: the path of the offending request field.

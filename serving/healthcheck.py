@@ -6,6 +6,7 @@ grpc-health-probe and Kubernetes' gRPC probes speak), without shipping another b
 Health needs no auth token; a service serving TLS is probed with `--tls-ca` (plus `--tls-cert`/`--tls-key`
 under mutual TLS, and `--server-name` when the certificate does not name the probed address).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,10 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 @dataclass(frozen=True)
 class Tls:
-    ca: str                  # PEM file that signed the server's certificate
-    cert: str = ""           # client certificate and key, for servers that require mutual TLS
+    ca: str  # PEM file that signed the server's certificate
+    cert: str = ""  # client certificate and key, for servers that require mutual TLS
     key: str = ""
-    server_name: str = ""    # the name in the server's certificate, when not the probed host
+    server_name: str = ""  # the name in the server's certificate, when not the probed host
 
 
 def check(address: str, service: str = "", timeout_s: float = 3.0, tls: Tls | None = None) -> tuple[bool, str]:
@@ -51,8 +52,9 @@ def _channel(address: str, tls: Tls | None) -> grpc.Channel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tokenwire.serving.healthcheck",
-                                     description="grpc.health.v1 Check: exit 0 when SERVING, else 1")
+    parser = argparse.ArgumentParser(
+        prog="python -m tokenwire.serving.healthcheck", description="grpc.health.v1 Check: exit 0 when SERVING, else 1"
+    )
     parser.add_argument("address", nargs="?", default="127.0.0.1:50051", help="host:port (default: %(default)s)")
     parser.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds (default: %(default)s)")

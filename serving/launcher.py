@@ -7,6 +7,7 @@ benchmark and the end-to-end tests.
     with start_service("tokenwire-tokenizer", ["--model", m]) as tokenizer:   # one of them
         tokenizer.wait_serving()
 """
+
 from __future__ import annotations
 
 import shutil
@@ -26,18 +27,19 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 TOKENIZER, ENGINE, GATEWAY = "tokenwire-tokenizer", "tokenwire-engine", "tokenwire-gateway"
-_READY_TIMEOUT_S = 600.0    # model conversion, load and warm-up on a busy 2-core machine
+_READY_TIMEOUT_S = 600.0  # model conversion, load and warm-up on a busy 2-core machine
 
 
 @dataclass
 class Service:
     """One service process; a context manager that stops it (SIGTERM, a graceful drain) on exit."""
-    name: str                    # the console script, e.g. "tokenwire-engine"
-    address: str                 # host:port it serves on
+
+    name: str  # the console script, e.g. "tokenwire-engine"
+    address: str  # host:port it serves on
     process: subprocess.Popen
-    log_path: Path               # its stdout and stderr
-    terminated: bool = False     # SIGTERM sent: never twice (a second one, landing after the service's
-                                 # event loop closed, would kill it mid-exit with -15)
+    log_path: Path  # its stdout and stderr
+    terminated: bool = False  # SIGTERM sent: never twice (a second one, landing after the service's
+    # event loop closed, would kill it mid-exit with -15)
 
     def __enter__(self) -> Service:
         return self
@@ -61,14 +63,14 @@ class Service:
                 self.check_running()
                 try:  # bounded, so the loop head sees a process that died before binding its port
                     grpc.channel_ready_future(channel).result(timeout=1.0)
-                    for reply in stub.Watch(health_pb2.HealthCheckRequest(),
-                                            timeout=max(min(deadline - time.monotonic(), 5.0), 0.1)):
+                    for reply in stub.Watch(
+                        health_pb2.HealthCheckRequest(), timeout=max(min(deadline - time.monotonic(), 5.0), 0.1)
+                    ):
                         if reply.status == health_pb2.HealthCheckResponse.SERVING:
                             return
                 except (grpc.FutureTimeoutError, grpc.RpcError):
                     continue  # not up yet, or went away, or the watch's slice ended: the loop head decides
-        raise TimeoutError(f"{self.name} at {self.address} not SERVING after {timeout_s:.0f}s; "
-                           f"log: {self.log_path}")
+        raise TimeoutError(f"{self.name} at {self.address} not SERVING after {timeout_s:.0f}s; log: {self.log_path}")
 
     def wait_http_ok(self, path: str = "/health", timeout_s: float = _READY_TIMEOUT_S) -> None:
         """Block until `GET path` answers 200 (the gateway's /health: both services SERVING); fail fast if
@@ -83,11 +85,12 @@ class Service:
                         return
             except urllib.error.HTTPError as error:
                 seen = f"HTTP {error.code}"
-            except OSError as error:   # not listening yet
+            except OSError as error:  # not listening yet
                 seen = str(error)
             time.sleep(0.05)
-        raise TimeoutError(f"{self.name} at {self.address}: GET {path} not 200 after {timeout_s:.0f}s ({seen}); "
-                           f"log: {self.log_path}")
+        raise TimeoutError(
+            f"{self.name} at {self.address}: GET {path} not 200 after {timeout_s:.0f}s ({seen}); log: {self.log_path}"
+        )
 
     def terminate(self) -> None:
         """SIGTERM (a graceful drain), once."""
@@ -105,8 +108,14 @@ class Service:
             return self.process.wait()
 
 
-def start_service(script: str, args: Sequence[str], *, host: str = "127.0.0.1", port: int | None = None,
-                  log_dir: str | Path | None = None) -> Service:
+def start_service(
+    script: str,
+    args: Sequence[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    log_dir: str | Path | None = None,
+) -> Service:
     """Spawns `script args --host HOST --port PORT` (a free port unless given); does not wait for it."""
     port = free_port(host) if port is None else port
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="tokenwire-"))
@@ -114,8 +123,12 @@ def start_service(script: str, args: Sequence[str], *, host: str = "127.0.0.1", 
     if log_path.exists():  # a restart on the same address keeps the first run's log
         log_path = log_dir / f"{script}.{time.monotonic_ns()}.log"
     with open(log_path, "wb") as log:  # the child keeps its own descriptor
-        process = subprocess.Popen(command(script) + list(args) + ["--host", host, "--port", str(port)],
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command(script) + list(args) + ["--host", host, "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     return Service(script, f"{host}:{port}", process, log_path)
 
 
@@ -123,9 +136,16 @@ class LocalServices:
     """`with LocalServices(model) as services:` starts both services and waits until both are SERVING;
     leaving the block sends SIGTERM (a graceful drain) and waits for both to exit."""
 
-    def __init__(self, model: str, *, host: str = "127.0.0.1", engine_args: Sequence[str] = (),
-                 tokenizer_args: Sequence[str] = (), log_dir: str | Path | None = None,
-                 ready_timeout_s: float = 300.0):
+    def __init__(
+        self,
+        model: str,
+        *,
+        host: str = "127.0.0.1",
+        engine_args: Sequence[str] = (),
+        tokenizer_args: Sequence[str] = (),
+        log_dir: str | Path | None = None,
+        ready_timeout_s: float = 300.0,
+    ):
         self.model = model
         self.host = host
         self.engine_args = list(engine_args)
@@ -134,7 +154,7 @@ class LocalServices:
         self.ready_timeout_s = ready_timeout_s
         self.tokenizer: Service | None = None
         self.engine: Service | None = None
-        self.exit_codes: dict[str, int] = {}   # filled by stop()
+        self.exit_codes: dict[str, int] = {}  # filled by stop()
 
     @property
     def tokenizer_address(self) -> str:

@@ -5,6 +5,7 @@ Every record carries the id of the request being served, if any. The id travels 
 engine's lines of one generation share it); `RpcObserver` binds it to `request_id_var` for the RPC's task,
 and `asyncio.to_thread` copies it into worker threads.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,12 @@ class JsonFormatter(logging.Formatter):
     """`{"ts", "level", "logger", "message", "request_id"?, ...extra, "exc_info"?}` on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": _iso_time(record.created), "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage()}
+        entry = {
+            "ts": _iso_time(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         if getattr(record, "request_id", None):
             entry["request_id"] = record.request_id
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS})
@@ -76,10 +81,19 @@ def configure_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | N
 
 def add_logging_arguments(parser) -> None:
     """`--log-level` and `--log-format`, the same on both services."""
-    parser.add_argument("--log-level", default="INFO", type=str.upper,
-                        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level (default: %(default)s)")
-    parser.add_argument("--log-format", default="text", choices=LOG_FORMATS,
-                        help="text, or json: one JSON object per line (default: %(default)s)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="logging level (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text, or json: one JSON object per line (default: %(default)s)",
+    )
 
 
 def _iso_time(created: float) -> str:

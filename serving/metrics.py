@@ -5,6 +5,7 @@ in one process and every endpoint shows only its own server. `RpcObserver` (rpc_
 `RpcMetrics` for every RPC and hands each response message to a service's hook, e.g.
 the tokenizer's `TokenizerMetrics.on_response`, so the servicers themselves stay free of metrics code.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,26 @@ from prometheus_client.exposition import start_http_server
 log = logging.getLogger(__name__)
 
 # Seconds: from sub-millisecond tokenizer calls up to multi-minute generations.
-RPC_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                       10.0, 30.0, 60.0, 120.0, 300.0)
+RPC_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
 
 
 class MetricsEndpoint:
@@ -46,12 +65,20 @@ class RpcMetrics:
     """Requests by RPC and status code, RPC latency, and RPCs in flight."""
 
     def __init__(self, registry: CollectorRegistry):
-        self.requests = Counter("tokenwire_rpc_requests", "Finished RPCs by service, method and status code",
-                                ("service", "rpc", "code"), registry=registry)
-        self.duration = Histogram("tokenwire_rpc_duration_seconds", "RPC latency, start to status",
-                                  ("service", "rpc"), buckets=RPC_LATENCY_BUCKETS, registry=registry)
-        self.in_flight = Gauge("tokenwire_rpc_in_flight", "RPCs being served", ("service", "rpc"),
-                               registry=registry)
+        self.requests = Counter(
+            "tokenwire_rpc_requests",
+            "Finished RPCs by service, method and status code",
+            ("service", "rpc", "code"),
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "tokenwire_rpc_duration_seconds",
+            "RPC latency, start to status",
+            ("service", "rpc"),
+            buckets=RPC_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge("tokenwire_rpc_in_flight", "RPCs being served", ("service", "rpc"), registry=registry)
         self._children: dict[tuple[str, ...], Any] = {}  # `labels()` costs ~10 us a call: resolve each once
 
     def started(self, service: str, rpc: str) -> None:

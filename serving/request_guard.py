@@ -7,6 +7,7 @@ request deserializer for a tolerant one that hands the handler a `MalformedReque
 and answers it with INVALID_ARGUMENT: `text: not valid UTF-8`, `messages[1].content: ...`, or
 `request: not a valid EncodeRequest message` when the bytes are not protobuf at all.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,14 +20,14 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, FileDescriptor
 from google.protobuf.message import DecodeError, Message
-
 from tokenwire.serving.errors import FIELD_METADATA_KEY
 
 
 @dataclass(frozen=True)
 class MalformedRequest:
     """Stands in for a request message that failed to parse."""
-    field: str      # path of the offending field, or "request" when the bytes are not the message at all
+
+    field: str  # path of the offending field, or "request" when the bytes are not the message at all
     problem: str
 
 
@@ -83,8 +84,10 @@ def locate_problem(descriptor: Descriptor, raw: bytes) -> MalformedRequest:
 
 
 def _guard(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    serde = dict(request_deserializer=tolerant_deserializer(handler.request_deserializer),
-                 response_serializer=handler.response_serializer)
+    serde = dict(
+        request_deserializer=tolerant_deserializer(handler.request_deserializer),
+        response_serializer=handler.response_serializer,
+    )
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary), **serde)
     if handler.unary_stream:
@@ -97,8 +100,11 @@ def _guard(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 async def _refuse(context: grpc.aio.ServicerContext, bad: MalformedRequest) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{bad.field}: {bad.problem}",
-                        trailing_metadata=((FIELD_METADATA_KEY, bad.field),))
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"{bad.field}: {bad.problem}",
+        trailing_metadata=((FIELD_METADATA_KEY, bad.field),),
+    )
 
 
 def _unary(behaviour):
@@ -107,6 +113,7 @@ def _unary(behaviour):
         if isinstance(request, MalformedRequest):
             await _refuse(context, request)
         return await behaviour(request, context)
+
     return guarded
 
 
@@ -117,6 +124,7 @@ def _unary_stream(behaviour):
             await _refuse(context, request)
         async for response in behaviour(request, context):
             yield response
+
     return guarded
 
 
@@ -134,6 +142,7 @@ def _stream_unary(behaviour):
             return await behaviour(_checked(requests), context)
         except _Malformed as bad:
             await _refuse(context, bad.request)
+
     return guarded
 
 
@@ -148,10 +157,12 @@ def _stream_stream(behaviour):
                 await behaviour(_checked(requests), context)
         except _Malformed as bad:
             await _refuse(context, bad.request)
+
     return guarded
 
 
 # ---- naming the field with bad UTF-8 ----
+
 
 @functools.cache
 def _bytes_shadow(descriptor: Descriptor) -> type[Message]:

@@ -4,6 +4,7 @@ per call, and a per-message hook for service metrics, all without touching the s
 The request id is the caller's `x-request-id` metadata (one is made up when absent), bound to
 `request_id_var` for the RPC's task so every log line written while serving it carries it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +16,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-
 from tokenwire.serving.errors import REQUEST_ID_METADATA
 from tokenwire.serving.logging_setup import request_id_var
 from tokenwire.serving.metrics import RpcMetrics
@@ -70,15 +70,19 @@ class _Call:
         code = _status_code(context, error)
         self.observer.metrics.finished(self.short_service, self.rpc, code, seconds)
         level = logging.DEBUG if self.service in _QUIET_SERVICES else logging.INFO
-        log.log(level, "%s %s %.1f ms", self.rpc, code, seconds * 1e3,
-                extra={"rpc": self.rpc, "code": code, "duration_ms": round(seconds * 1e3, 3),
-                       "messages": self.messages})
+        log.log(
+            level,
+            "%s %s %.1f ms",
+            self.rpc,
+            code,
+            seconds * 1e3,
+            extra={"rpc": self.rpc, "code": code, "duration_ms": round(seconds * 1e3, 3), "messages": self.messages},
+        )
 
 
 def _wrap(handler: grpc.RpcMethodHandler, new_call: Callable[[], _Call]) -> grpc.RpcMethodHandler:
     """The same handler kind, with the behaviour wrapped; (de)serializers are kept as they are."""
-    serde = dict(request_deserializer=handler.request_deserializer,
-                 response_serializer=handler.response_serializer)
+    serde = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary, new_call), **serde)
     if handler.stream_unary:

@@ -9,6 +9,7 @@ stays open so orchestrators can probe without the secret; reflection requires th
 other RPC (it lists the whole API). A bearer token travels in clear over plaintext: pair it with TLS
 outside a trusted network.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -36,8 +37,7 @@ def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerC
     pair = [(Path(key).read_bytes(), Path(cert).read_bytes())]
     if not client_ca:
         return grpc.ssl_server_credentials(pair)
-    return grpc.ssl_server_credentials(pair, root_certificates=Path(client_ca).read_bytes(),
-                                       require_client_auth=True)
+    return grpc.ssl_server_credentials(pair, root_certificates=Path(client_ca).read_bytes(), require_client_auth=True)
 
 
 def add_port(server: grpc.aio.Server, address: str, cert: str = "", key: str = "", client_ca: str = "") -> int:
@@ -77,12 +77,14 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
 
 def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of the same kind that answers UNAUTHENTICATED without running the method."""
-    async def refuse(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                            "missing or invalid credentials: send 'authorization: Bearer <token>' metadata")
 
-    serde = dict(request_deserializer=handler.request_deserializer,
-                 response_serializer=handler.response_serializer)
+    async def refuse(request, context):
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or invalid credentials: send 'authorization: Bearer <token>' metadata",
+        )
+
+    serde = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(refuse, **serde)
     if handler.unary_stream:

@@ -8,6 +8,7 @@ Order matters for orchestration:
   the grace period, then closes the server.
 `serve_until_signal()` strings these together for a CLI: load, serve until SIGINT/SIGTERM, stop.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,7 +21,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
-
 from tokenwire.serving import security
 from tokenwire.serving.config import GrpcServerConfig
 from tokenwire.serving.metrics import MetricsEndpoint, RpcMetrics
@@ -36,8 +36,8 @@ class GrpcServer:
     """One gRPC server: a service, grpc.health.v1, reflection and /metrics, with TLS, auth and the request
     guard. Subclasses register their servicer in `add_servicer`, load in `load`, and may drain in `drain`."""
 
-    service_name: str = ""      # full proto name of the service, e.g. "tokenwire.v1.EngineService"
-    display_name: str = ""      # how logs name this server, e.g. "tokenwire-engine"
+    service_name: str = ""  # full proto name of the service, e.g. "tokenwire.v1.EngineService"
+    display_name: str = ""  # how logs name this server, e.g. "tokenwire-engine"
 
     def __init__(self, config: GrpcServerConfig, *, max_concurrent_rpcs: int | None = None):
         self.config = config
@@ -49,7 +49,7 @@ class GrpcServer:
         self._observer = RpcObserver(RpcMetrics(self.registry))
         self._max_concurrent_rpcs = max_concurrent_rpcs
         self._server: grpc.aio.Server | None = None
-        self.failure: str | None = None     # why the service cannot go on (see `fail`)
+        self.failure: str | None = None  # why the service cannot go on (see `fail`)
         self._failed = asyncio.Event()
 
     def observe_responses(self, hook: ResponseHook) -> None:
@@ -76,16 +76,19 @@ class GrpcServer:
         # Outermost first: observe every call, then authenticate, then turn unparsable requests into
         # INVALID_ARGUMENT.
         interceptors = [self._observer, *security.server_interceptors(self.config.auth_token), RequestGuard()]
-        server = grpc.aio.server(options=_NO_PORT_SHARING + self.config.grpc_options, interceptors=interceptors,
-                                 maximum_concurrent_rpcs=self._max_concurrent_rpcs)
+        server = grpc.aio.server(
+            options=_NO_PORT_SHARING + self.config.grpc_options,
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=self._max_concurrent_rpcs,
+        )
         self.add_servicer(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((self.service_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                                            server)
+        reflection.enable_server_reflection((self.service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         # TLS when a certificate is configured; raises if the address is taken.
-        self.port = security.add_port(server, self.config.address, self.config.tls_cert, self.config.tls_key,
-                                      self.config.tls_client_ca)
+        self.port = security.add_port(
+            server, self.config.address, self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca
+        )
         await server.start()
         self._server = server
         if self.config.metrics_port >= 0:

@@ -5,6 +5,7 @@ in for the operator's shell). `ComposeProcess` starts one service's `command` wi
 free local ports: the container ports in the command (`--port`, `--metrics-port`) and in the
 healthcheck's address are swapped for free ones; everything else is run exactly as written.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-
 from tokenwire.serving.launcher import command, free_port
 
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
@@ -56,20 +56,25 @@ def load_compose(env: Mapping[str, str] | None = None, path: Path = COMPOSE_FILE
 @dataclass
 class ComposeProcess:
     """One replica of a compose service, started as a local process on free ports."""
+
     name: str
-    spec: dict                                     # the service's interpolated compose definition
+    spec: dict  # the service's interpolated compose definition
     log_path: Path
-    ports: dict[int, int] = field(default_factory=dict)   # container port -> local port
+    ports: dict[int, int] = field(default_factory=dict)  # container port -> local port
     process: subprocess.Popen | None = None
 
     def start(self, home: Path) -> ComposeProcess:
         argv = self._swap_ports(list(self.spec["command"]))
-        argv[:1] = command(argv[0])                # the console script, as installed in the image
-        env = {**os.environ, **{k: str(v) for k, v in self.spec.get("environment", {}).items()},
-               "TOKENWIRE_HOME": str(home)}
+        argv[:1] = command(argv[0])  # the console script, as installed in the image
+        env = {
+            **os.environ,
+            **{k: str(v) for k, v in self.spec.get("environment", {}).items()},
+            "TOKENWIRE_HOME": str(home),
+        }
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(
+                argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         return self
 
     def address(self, container_port: int) -> str:

@@ -1,10 +1,11 @@
 """Session-wide fixtures: the real SmolLM2 tokenizer/model folder and tiny test models built from it."""
+
 from __future__ import annotations
 
 import pytest
+from tokenwire.serving.model_resolver import resolve_model
 
 from tests.tiny_models import build_tiny_gpt2, build_tiny_llama
-from tokenwire.serving.model_resolver import resolve_model
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """The gateway in-process for tests: uvicorn on its own thread and event loop, on a port bound before it
 starts (port 0), over services given by address."""
+
 from __future__ import annotations
 
 import threading
@@ -17,7 +18,7 @@ class GatewayThread:
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         end = time.monotonic() + timeout_s
-        while not self.server.started:   # uvicorn sets it once the app's lifespan has started
+        while not self.server.started:  # uvicorn sets it once the app's lifespan has started
             if not self.thread.is_alive() or time.monotonic() > end:
                 raise RuntimeError("the gateway did not start")
             time.sleep(0.01)

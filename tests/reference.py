@@ -8,6 +8,7 @@ float32), so that the bf16 paths are exercised for correctness on any machine, A
   order round differently, so ids may part at a near-tie. The check is then by logprob: fed the engine's
   own ids, the reference must rank each generated token within `BF16_LOGPROB_TOL` of its best one.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,7 @@ ENGINE_DTYPE = os.environ.get("TOKENWIRE_TEST_DTYPE", "float32")
 if ENGINE_DTYPE not in _DTYPES:
     raise ValueError(f"TOKENWIRE_TEST_DTYPE: expected one of {sorted(_DTYPES)}, got {ENGINE_DTYPE!r}")
 TORCH_DTYPE = _DTYPES[ENGINE_DTYPE]
-EXACT = ENGINE_DTYPE == "float32"   # token-exact comparisons hold only in fp32
+EXACT = ENGINE_DTYPE == "float32"  # token-exact comparisons hold only in fp32
 # bf16 keeps 8 bits of mantissa: logits of a few units carry errors of a few hundredths, which compound
 # over layers; a token within this many nats of the reference's best is a tie the dtype cannot resolve.
 BF16_LOGPROB_TOL = 0.25
@@ -36,10 +37,15 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], new_tokens: int) -> list
     outs = []
     for ids in prompts:
         with torch.no_grad():
-            gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=0)
-        outs.append(gen[0, len(ids):].tolist())
+            gen = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        outs.append(gen[0, len(ids) :].tolist())
     return outs
 
 
@@ -53,7 +59,7 @@ def assert_greedy_matches_reference(model_dir: str, prompts: list[list[int]], ou
     for prompt, output in zip(prompts, outputs):
         ids = torch.tensor([prompt + output[:-1]])
         with torch.no_grad():
-            logprobs = model(ids).logits[0, len(prompt) - 1:].float().log_softmax(-1)
+            logprobs = model(ids).logits[0, len(prompt) - 1 :].float().log_softmax(-1)
         chosen = logprobs.gather(1, torch.tensor(output)[:, None])[:, 0]
         gap = logprobs.max(-1).values - chosen
         assert float(gap.max()) <= BF16_LOGPROB_TOL, (prompt, output, gap.tolist())

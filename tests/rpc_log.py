@@ -1,4 +1,5 @@
 """A client-side record of the RPCs the SDK makes, through real gRPC interceptors."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,9 +9,9 @@ import grpc
 
 @dataclass(frozen=True)
 class Call:
-    method: str          # e.g. "Generate"
-    request: object      # the request message; None for client-streaming calls
-    metadata: dict       # the call's metadata (x-request-id, ...)
+    method: str  # e.g. "Generate"
+    request: object  # the request message; None for client-streaming calls
+    metadata: dict  # the call's metadata (x-request-id, ...)
 
 
 class CallLog:
@@ -31,8 +32,13 @@ class _Recorder:
 
     async def _record(self, continuation, details, request):
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        self.calls.append(Call(method.rsplit("/", 1)[-1], request if hasattr(request, "ByteSize") else None,
-                               dict(details.metadata or ())))
+        self.calls.append(
+            Call(
+                method.rsplit("/", 1)[-1],
+                request if hasattr(request, "ByteSize") else None,
+                dict(details.metadata or ()),
+            )
+        )
         return await continuation(details, request)
 
 

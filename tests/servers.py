@@ -1,5 +1,6 @@
 """In-process servers for the reliability and security tests: each runs on its own event-loop thread,
 bound to port 0, so tests drive it with ordinary blocking or asyncio stubs and any server config."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +8,6 @@ import threading
 import time
 
 import grpc
-
 from tokenwire.engine.config import EngineConfig, ServerConfig
 from tokenwire.engine.edge.server import EngineServer
 from tokenwire.tokenizer.config import TokenizerServiceConfig

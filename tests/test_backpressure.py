@@ -2,6 +2,7 @@
 new request gets RESOURCE_EXHAUSTED at once (the SDK raises OverloadedError) and the engine keeps
 serving what it accepted; a flood ends with every request either served correctly or refused. An abort
 lands inside the engine before its next step."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,9 +12,6 @@ import time
 
 import grpc
 import pytest
-
-from tests.reference import ENGINE_DTYPE
-from tests.servers import EngineThread, TokenizerThread, rpc_error, wait_until_idle
 from tokenwire.client import Client, OverloadedError
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
 from tokenwire.engine.core.messages import AbortRequest, AddRequest, QueryStats, Ready, StatsReply, StepOutputs, Stop
@@ -23,6 +21,9 @@ from tokenwire.engine.scheduling.sequence import FinishReason, Sequence
 from tokenwire.tokenizer.config import TokenizerServiceConfig
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+
+from tests.reference import ENGINE_DTYPE
+from tests.servers import EngineThread, TokenizerThread, rpc_error, wait_until_idle
 
 MAX_RUNNING = 2
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -38,8 +39,12 @@ def endless(i: int) -> pb.GenerateRequest:
 
 @pytest.fixture(scope="module")
 def config(tiny_llama_dir) -> EngineConfig:
-    return EngineConfig(model=tiny_llama_dir, dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=128),
-                        scheduler=SchedulerConfig(max_num_seqs=MAX_RUNNING))
+    return EngineConfig(
+        model=tiny_llama_dir,
+        dtype=ENGINE_DTYPE,
+        cache=CacheConfig(num_blocks=128),
+        scheduler=SchedulerConfig(max_num_seqs=MAX_RUNNING),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +64,7 @@ def test_full_server_refuses_at_once_and_keeps_serving(server, stub):
     servicer = server.server.servicer
     running = [stub.Generate(endless(i), timeout=60) for i in range(MAX_RUNNING)]
     for stream in running:
-        assert next(stream).token_ids           # both are generating: max_num_seqs is reached
+        assert next(stream).token_ids  # both are generating: max_num_seqs is reached
     queued = stub.Generate(endless(2), timeout=60)  # waits for a free running slot
     _wait_for(lambda: servicer.num_active_requests == 3)
 
@@ -70,7 +75,7 @@ def test_full_server_refuses_at_once_and_keeps_serving(server, stub):
     with Client(tokenizer=None, engine=server.address, timeout=30) as client:
         with pytest.raises(OverloadedError):
             client.complete(token_ids=[1, 2], max_new_tokens=2)
-    assert time.monotonic() - start < 2.0      # refused at once, not queued
+    assert time.monotonic() - start < 2.0  # refused at once, not queued
 
     # Bound 2: requests waiting to start (2), with room left in flight.
     servicer.max_pending_requests = 10
@@ -95,13 +100,17 @@ def test_full_server_refuses_at_once_and_keeps_serving(server, stub):
 def test_a_flood_is_served_or_refused_never_hung(server, stub):
     """200 concurrent requests against 3 slots: each either completes with the right tokens or is
     refused with RESOURCE_EXHAUSTED, quickly; nothing leaks."""
-    expected = [t for r in stub.Generate(ids_request([7, 8, 9], max_new_tokens=4, temperature=0.0,
-                                                     ignore_eos=True)) for t in r.token_ids]
+    expected = [
+        t
+        for r in stub.Generate(ids_request([7, 8, 9], max_new_tokens=4, temperature=0.0, ignore_eos=True))
+        for t in r.token_ids
+    ]
 
     async def one(aio_stub) -> grpc.StatusCode | list[int]:
         try:
-            call = aio_stub.Generate(ids_request([7, 8, 9], max_new_tokens=4, temperature=0.0, ignore_eos=True),
-                                     timeout=60)
+            call = aio_stub.Generate(
+                ids_request([7, 8, 9], max_new_tokens=4, temperature=0.0, ignore_eos=True), timeout=60
+            )
             return [t async for r in call for t in r.token_ids]
         except grpc.aio.AioRpcError as error:
             return error.code()
@@ -173,11 +182,11 @@ def test_tokenizer_service_bounds_rpcs_in_flight(smollm2_dir):
                 release.wait(30)  # keep the stream open until the refused call is checked
 
             stream = stub.DecodeStream(requests(), timeout=30)
-            next(stream)                                    # the stream is in flight on the server
+            next(stream)  # the stream is in flight on the server
             assert rpc_error(lambda: stub.Encode(encode, timeout=10)).code() == EXHAUSTED
             release.set()
-            assert list(stream)[-1].final                   # half-closed: the stream ends normally
-            _wait_for(lambda: _encodes(stub, encode))       # its slot comes back
+            assert list(stream)[-1].final  # half-closed: the stream ends normally
+            _wait_for(lambda: _encodes(stub, encode))  # its slot comes back
     finally:
         server.close()
 

@@ -2,27 +2,28 @@
 starts with the offending field (also sent as `tokenwire-field` trailing metadata), and the service
 serves a good request correctly right after. Hand-serialized bytes reach the parts a typed client
 cannot: invalid UTF-8 in `string` fields and corrupt protobuf. In-process servers on port 0."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import grpc
 import pytest
-from transformers import AutoTokenizer
-
-from tests.reference import ENGINE_DTYPE
-from tests.servers import EngineThread, TokenizerThread, rpc_error, wait_until_idle
 from tokenwire.client import Client, InvalidRequestError
 from tokenwire.engine.config import CacheConfig, EngineConfig, ServerConfig
 from tokenwire.tokenizer.config import TokenizerServiceConfig
 from tokenwire.v1 import common_pb2, engine_pb2_grpc, tokenizer_pb2_grpc
 from tokenwire.v1 import engine_pb2 as epb
 from tokenwire.v1 import tokenizer_pb2 as tpb
+from transformers import AutoTokenizer
+
+from tests.reference import ENGINE_DTYPE
+from tests.servers import EngineThread, TokenizerThread, rpc_error, wait_until_idle
 
 VOCAB = 49152
-CONTEXT = 1024                 # the tiny Llama's max_position_embeddings
+CONTEXT = 1024  # the tiny Llama's max_position_embeddings
 NEW_TOKENS_CAP = 64
-MAX_MESSAGE = 1 << 20          # both servers refuse bigger messages (RESOURCE_EXHAUSTED)
+MAX_MESSAGE = 1 << 20  # both servers refuse bigger messages (RESOURCE_EXHAUSTED)
 MAX_BATCH_TEXTS = 8
 FIELD_KEY = "tokenwire-field"
 GOOD_PROMPT = "The capital of France is"
@@ -35,6 +36,7 @@ INVALID, TOO_BIG = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EX
 class Bad:
     """One bad input: the method, the request (a message, raw bytes, or a list of either for a client
     stream), the status it must get, and the field its message must start with (None: gRPC's own)."""
+
     name: str
     method: str
     request: object
@@ -74,8 +76,9 @@ ENGINE_CASES = [
     # sampling
     Bad("max_new_tokens 0", "Generate", ids(OK_ID, max_new_tokens=0), "sampling.max_new_tokens"),
     Bad("max_new_tokens -1", "Generate", ids(OK_ID, max_new_tokens=-1), "sampling.max_new_tokens"),
-    Bad("max_new_tokens above cap", "Generate", ids(OK_ID, max_new_tokens=NEW_TOKENS_CAP + 1),
-        "sampling.max_new_tokens"),
+    Bad(
+        "max_new_tokens above cap", "Generate", ids(OK_ID, max_new_tokens=NEW_TOKENS_CAP + 1), "sampling.max_new_tokens"
+    ),
     Bad("temperature NaN", "Generate", ids(OK_ID, temperature=float("nan")), "sampling.temperature"),
     Bad("temperature inf", "Generate", ids(OK_ID, temperature=float("inf")), "sampling.temperature"),
     Bad("temperature negative", "Generate", ids(OK_ID, temperature=-0.5), "sampling.temperature"),
@@ -86,14 +89,16 @@ ENGINE_CASES = [
     Bad("min_p above 1", "Generate", ids(OK_ID, min_p=1.5), "sampling.min_p"),
     Bad("repetition_penalty 0", "Generate", ids(OK_ID, repetition_penalty=0.0), "sampling.repetition_penalty"),
     Bad("presence_penalty 3", "Generate", ids(OK_ID, presence_penalty=3.0), "sampling.presence_penalty"),
-    Bad("frequency_penalty -inf", "Generate", ids(OK_ID, frequency_penalty=float("-inf")),
-        "sampling.frequency_penalty"),
+    Bad(
+        "frequency_penalty -inf", "Generate", ids(OK_ID, frequency_penalty=float("-inf")), "sampling.frequency_penalty"
+    ),
     Bad("seed negative", "Generate", ids(OK_ID, seed=-1), "sampling.seed"),
     Bad("17 stop strings", "Generate", ids(OK_ID, stop=[f"s{i}" for i in range(17)]), "sampling.stop"),
     Bad("257-char stop string", "Generate", ids(OK_ID, stop=["x" * 257]), "sampling.stop"),
     Bad("empty stop string", "Generate", ids(OK_ID, stop=[""]), "sampling.stop"),
-    Bad("stop string with bad UTF-8", "Generate", bad_utf8(ids(OK_ID, stop=["ok", "WXYZ"]), "WXYZ"),
-        "sampling.stop[1]"),
+    Bad(
+        "stop string with bad UTF-8", "Generate", bad_utf8(ids(OK_ID, stop=["ok", "WXYZ"]), "WXYZ"), "sampling.stop[1]"
+    ),
     Bad("stop_token_ids out of vocab", "Generate", ids(OK_ID, stop_token_ids=[VOCAB]), "sampling.stop_token_ids"),
     Bad("257 stop_token_ids", "Generate", ids(OK_ID, stop_token_ids=list(range(257))), "sampling.stop_token_ids"),
     Bad("logprobs above cap", "Generate", ids(OK_ID, logprobs=21), "sampling.logprobs"),
@@ -101,79 +106,136 @@ ENGINE_CASES = [
     # structured output (the constraint oneof)
     Bad("json_schema not JSON", "Generate", ids(OK_ID, json_schema="{oops"), "sampling.json_schema"),
     Bad("json_schema not a schema", "Generate", ids(OK_ID, json_schema='{"type": 3}'), "sampling.json_schema"),
-    Bad("json_schema over 64 KiB", "Generate", ids(OK_ID, json_schema='{"title": "%s"}' % ("x" * 65536)),
-        "sampling.json_schema"),
+    Bad(
+        "json_schema over 64 KiB",
+        "Generate",
+        ids(OK_ID, json_schema='{"title": "%s"}' % ("x" * 65536)),
+        "sampling.json_schema",
+    ),
     Bad("regex that does not compile", "Generate", ids(OK_ID, regex="[a-"), "sampling.regex"),
     Bad("empty choice list", "Generate", ids(OK_ID, choice=epb.Choice()), "sampling.choice"),
-    Bad("1,025 choices", "Generate", ids(OK_ID, choice=epb.Choice(values=[str(i) for i in range(1025)])),
-        "sampling.choice"),
+    Bad(
+        "1,025 choices",
+        "Generate",
+        ids(OK_ID, choice=epb.Choice(values=[str(i) for i in range(1025)])),
+        "sampling.choice",
+    ),
     Bad("grammar syntax error", "Generate", ids(OK_ID, grammar='root ::= "a" | ('), "sampling.grammar"),
     # identity and framing
     Bad("request_id with a newline", "Generate", with_request_id(ids(OK_ID), "a\nforged log line"), "request_id"),
     Bad("request_id of 300 chars", "Generate", with_request_id(ids(OK_ID), "r" * 300), "request_id"),
-    Bad("malformed fingerprint", "Generate", epb.GenerateRequest(
-        token_ids=epb.TokenIds(ids=OK_ID), tokenizer_fingerprint="abc"), "tokenizer_fingerprint"),
-    Bad("another tokenizer's fingerprint", "Generate", epb.GenerateRequest(
-        token_ids=epb.TokenIds(ids=OK_ID), tokenizer_fingerprint="0" * 64), "tokenizer_fingerprint",
-        grpc.StatusCode.FAILED_PRECONDITION),
+    Bad(
+        "malformed fingerprint",
+        "Generate",
+        epb.GenerateRequest(token_ids=epb.TokenIds(ids=OK_ID), tokenizer_fingerprint="abc"),
+        "tokenizer_fingerprint",
+    ),
+    Bad(
+        "another tokenizer's fingerprint",
+        "Generate",
+        epb.GenerateRequest(token_ids=epb.TokenIds(ids=OK_ID), tokenizer_fingerprint="0" * 64),
+        "tokenizer_fingerprint",
+        grpc.StatusCode.FAILED_PRECONDITION,
+    ),
     Bad("not protobuf", "Generate", b"\xff\xff\xff\xff", "request"),
     Bad("message over the size limit", "Generate", epb.GenerateRequest(text="x" * (MAX_MESSAGE + 1)), None, TOO_BIG),
     # GenerateBatch
     Bad("empty batch", "GenerateBatch", epb.GenerateBatchRequest(), "requests"),
-    Bad("bad request inside a batch", "GenerateBatch", epb.GenerateBatchRequest(
-        requests=[ids(OK_ID), ids(OK_ID, top_p=2.0)]), "requests[1].sampling.top_p"),
-    Bad("duplicate ids inside a batch", "GenerateBatch", epb.GenerateBatchRequest(
-        requests=[with_request_id(ids(OK_ID), "dup"), with_request_id(ids(OK_ID), "dup")]),
-        "requests[1].request_id", grpc.StatusCode.ALREADY_EXISTS),
-    Bad("batch over the admission bound", "GenerateBatch", epb.GenerateBatchRequest(
-        requests=[ids(OK_ID)] * 65), "requests"),
-    Bad("bad UTF-8 text inside a batch", "GenerateBatch", bad_utf8(epb.GenerateBatchRequest(
-        requests=[ids(OK_ID), epb.GenerateRequest(text="WXYZ")]), "WXYZ"), "requests[1].text"),
+    Bad(
+        "bad request inside a batch",
+        "GenerateBatch",
+        epb.GenerateBatchRequest(requests=[ids(OK_ID), ids(OK_ID, top_p=2.0)]),
+        "requests[1].sampling.top_p",
+    ),
+    Bad(
+        "duplicate ids inside a batch",
+        "GenerateBatch",
+        epb.GenerateBatchRequest(requests=[with_request_id(ids(OK_ID), "dup"), with_request_id(ids(OK_ID), "dup")]),
+        "requests[1].request_id",
+        grpc.StatusCode.ALREADY_EXISTS,
+    ),
+    Bad(
+        "batch over the admission bound",
+        "GenerateBatch",
+        epb.GenerateBatchRequest(requests=[ids(OK_ID)] * 65),
+        "requests",
+    ),
+    Bad(
+        "bad UTF-8 text inside a batch",
+        "GenerateBatch",
+        bad_utf8(epb.GenerateBatchRequest(requests=[ids(OK_ID), epb.GenerateRequest(text="WXYZ")]), "WXYZ"),
+        "requests[1].text",
+    ),
 ]
 
 
 def chat(*messages) -> tpb.ApplyChatTemplateRequest:
     return tpb.ApplyChatTemplateRequest(
-        messages=[common_pb2.ChatMessage(role=role, content=content) for role, content in messages])
+        messages=[common_pb2.ChatMessage(role=role, content=content) for role, content in messages]
+    )
 
 
 USER, ASSISTANT = common_pb2.CHAT_ROLE_USER, common_pb2.CHAT_ROLE_ASSISTANT
 TOKENIZER_CASES = [
     Bad("Encode max_length 0", "Encode", tpb.EncodeRequest(text="hi", max_length=0), "max_length"),
     Bad("Encode max_length negative", "Encode", tpb.EncodeRequest(text="hi", max_length=-5), "max_length"),
-    Bad("Encode unknown truncation side", "Encode", tpb.EncodeRequest(text="hi", truncation_side=7),
-        "truncation_side"),
+    Bad("Encode unknown truncation side", "Encode", tpb.EncodeRequest(text="hi", truncation_side=7), "truncation_side"),
     Bad("Encode bad UTF-8", "Encode", bad_utf8(tpb.EncodeRequest(text="WXYZ"), "WXYZ"), "text"),
     Bad("Encode over the size limit", "Encode", tpb.EncodeRequest(text="x" * (MAX_MESSAGE + 1)), None, TOO_BIG),
-    Bad("BatchEncode too many texts", "BatchEncode", tpb.BatchEncodeRequest(texts=["a"] * (MAX_BATCH_TEXTS + 1)),
-        "texts"),
-    Bad("BatchEncode bad UTF-8", "BatchEncode", bad_utf8(tpb.BatchEncodeRequest(texts=["a", "b", "WXYZ"]), "WXYZ"),
-        "texts[2]"),
+    Bad(
+        "BatchEncode too many texts",
+        "BatchEncode",
+        tpb.BatchEncodeRequest(texts=["a"] * (MAX_BATCH_TEXTS + 1)),
+        "texts",
+    ),
+    Bad(
+        "BatchEncode bad UTF-8",
+        "BatchEncode",
+        bad_utf8(tpb.BatchEncodeRequest(texts=["a", "b", "WXYZ"]), "WXYZ"),
+        "texts[2]",
+    ),
     Bad("BatchEncode max_length 0", "BatchEncode", tpb.BatchEncodeRequest(texts=["a"], max_length=0), "max_length"),
     Bad("Decode id out of vocab", "Decode", tpb.DecodeRequest(ids=[1, VOCAB]), "ids"),
     Bad("Decode not protobuf", "Decode", b"\x0a\xff\xff\xff\x0f", "request"),
-    Bad("DecodeStream id out of vocab", "DecodeStream",
-        [tpb.DecodeStreamRequest(ids=[1]), tpb.DecodeStreamRequest(ids=[VOCAB + 5])], "ids"),
-    Bad("DecodeStream prompt_ids after the first message", "DecodeStream",
-        [tpb.DecodeStreamRequest(ids=[1]), tpb.DecodeStreamRequest(ids=[2], prompt_ids=[3])], "prompt_ids"),
-    Bad("DecodeStream prompt_ids out of vocab", "DecodeStream",
-        [tpb.DecodeStreamRequest(prompt_ids=[VOCAB])], "prompt_ids"),
-    Bad("DecodeStream corrupt message", "DecodeStream",
-        [tpb.DecodeStreamRequest(ids=[1]), b"\xff\xff"], "request"),
+    Bad(
+        "DecodeStream id out of vocab",
+        "DecodeStream",
+        [tpb.DecodeStreamRequest(ids=[1]), tpb.DecodeStreamRequest(ids=[VOCAB + 5])],
+        "ids",
+    ),
+    Bad(
+        "DecodeStream prompt_ids after the first message",
+        "DecodeStream",
+        [tpb.DecodeStreamRequest(ids=[1]), tpb.DecodeStreamRequest(ids=[2], prompt_ids=[3])],
+        "prompt_ids",
+    ),
+    Bad(
+        "DecodeStream prompt_ids out of vocab",
+        "DecodeStream",
+        [tpb.DecodeStreamRequest(prompt_ids=[VOCAB])],
+        "prompt_ids",
+    ),
+    Bad("DecodeStream corrupt message", "DecodeStream", [tpb.DecodeStreamRequest(ids=[1]), b"\xff\xff"], "request"),
     Bad("chat without messages", "ApplyChatTemplate", chat(), "messages"),
     Bad("chat role unset", "ApplyChatTemplate", chat((common_pb2.CHAT_ROLE_UNSPECIFIED, "hi")), "messages[0].role"),
     Bad("chat role unknown", "ApplyChatTemplate", chat((USER, "hi"), (99, "beep")), "messages[1].role"),
-    Bad("chat content bad UTF-8", "ApplyChatTemplate", bad_utf8(chat((USER, "hi"), (ASSISTANT, "WXYZ")), "WXYZ"),
-        "messages[1].content"),
+    Bad(
+        "chat content bad UTF-8",
+        "ApplyChatTemplate",
+        bad_utf8(chat((USER, "hi"), (ASSISTANT, "WXYZ")), "WXYZ"),
+        "messages[1].content",
+    ),
 ]
 
 
 # ---- servers ----
 
+
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
-    config = EngineConfig(model=tiny_llama_dir, dtype=ENGINE_DTYPE, max_new_tokens_cap=NEW_TOKENS_CAP,
-                          cache=CacheConfig(num_blocks=256))
+    config = EngineConfig(
+        model=tiny_llama_dir, dtype=ENGINE_DTYPE, max_new_tokens_cap=NEW_TOKENS_CAP, cache=CacheConfig(num_blocks=256)
+    )
     server = EngineThread(config, ServerConfig(port=0, max_message_bytes=MAX_MESSAGE, max_pending_requests=64))
     yield server
     server.close()
@@ -181,8 +243,9 @@ def engine(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_dir):
-    server = TokenizerThread(TokenizerServiceConfig(model=smollm2_dir, port=0, max_message_bytes=MAX_MESSAGE,
-                                                    max_batch_size=MAX_BATCH_TEXTS))
+    server = TokenizerThread(
+        TokenizerServiceConfig(model=smollm2_dir, port=0, max_message_bytes=MAX_MESSAGE, max_batch_size=MAX_BATCH_TEXTS)
+    )
     yield server
     server.close()
 
@@ -213,6 +276,7 @@ def good_generation(engine_channel, reference):
 
 
 # ---- the cases ----
+
 
 def test_at_least_40_distinct_bad_inputs():
     names = [case.name for case in ENGINE_CASES + TOKENIZER_CASES]
@@ -249,8 +313,12 @@ def test_sdk_reports_an_oversized_request_as_invalid_not_overloaded(engine):
 def test_sdk_sends_constraints_and_parses_json(engine):
     """A schema given as a dict reaches the engine as JSON text; even random weights then emit valid JSON.
     Two constraints at once are refused by the SDK, before sending (the oneof would keep only one)."""
-    schema = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"],
-              "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"a": {"enum": ["x", "y"]}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
     with Client(tokenizer=None, engine=engine.address, timeout=30) as client:
         assert client.complete("Hi", json_schema=schema, max_new_tokens=16).json() in ({"a": "x"}, {"a": "y"})
         assert client.complete("Hi", choice=["left", "right"], max_new_tokens=8).text in ("left", "right")
@@ -269,6 +337,7 @@ def test_both_text_and_ids_cannot_reach_the_engine(engine_channel, good_generati
 
 
 # ---- helpers ----
+
 
 def _call(channel: grpc.Channel, method: str, request) -> grpc.RpcError:
     """Send `request` as raw bytes through a generic stub, so hand-made bytes go out unchanged."""

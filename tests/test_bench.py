@@ -1,6 +1,7 @@
 """The benchmark end to end on the tiny model: every mode runs, the JSON holds every figure with sane
 values, --pretok keeps the engine from encoding, the prefix cache shows up in the hit rate.
 No timing thresholds: timings on a shared 2-core machine are not test material."""
+
 from __future__ import annotations
 
 import json
@@ -9,22 +10,46 @@ import subprocess
 
 import pytest
 import torch
-from transformers import AutoTokenizer
-
 from tokenwire.bench import cli as bench_cli
 from tokenwire.bench import profile as bench_profile
-from tokenwire.engine.worker.device import choose_dtype
-from tokenwire.serving.launcher import command
 from tokenwire.bench.replicas import Counters, parse_counters
 from tokenwire.bench.workloads import build_requests, make_spec, p1_prompt_lengths, usable_ids
+from tokenwire.engine.worker.device import choose_dtype
+from tokenwire.serving.launcher import command
+from transformers import AutoTokenizer
 
 N, NEW = 4, 4
-MODE_FIELDS = ("num_runs", "num_requests", "num_errors", "prompt_tokens", "completion_tokens", "duration_s",
-               "completion_tok_s", "total_tok_s", "request_s", "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms",
-               "prefix_cache_hit_rate", "prompt_encodes", "runs")
-ENV_FIELDS = ("python", "packages", "cpu_model", "cpu_capability", "avx512_bf16", "torch_threads", "dtype",
-              "device", "git_revision",
-              "busy_cores_before", "loadavg_after")
+MODE_FIELDS = (
+    "num_runs",
+    "num_requests",
+    "num_errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "duration_s",
+    "completion_tok_s",
+    "total_tok_s",
+    "request_s",
+    "ttft_ms",
+    "tpot_ms",
+    "itl_ms",
+    "e2e_ms",
+    "prefix_cache_hit_rate",
+    "prompt_encodes",
+    "runs",
+)
+ENV_FIELDS = (
+    "python",
+    "packages",
+    "cpu_model",
+    "cpu_capability",
+    "avx512_bf16",
+    "torch_threads",
+    "dtype",
+    "device",
+    "git_revision",
+    "busy_cores_before",
+    "loadavg_after",
+)
 
 
 def auto_dtype() -> str:
@@ -34,8 +59,24 @@ def auto_dtype() -> str:
 
 def run_bench(tmp_path, model: str, *flags: str) -> dict:
     out = tmp_path / "bench.json"
-    argv = ["--model", model, "--workload", "custom", "--input-len-range", "8", "24", "--num-requests", str(N),
-            "--max-new-tokens", str(NEW), "--ignore-eos", "--no-progress", "--json", str(out), *flags]
+    argv = [
+        "--model",
+        model,
+        "--workload",
+        "custom",
+        "--input-len-range",
+        "8",
+        "24",
+        "--num-requests",
+        str(N),
+        "--max-new-tokens",
+        str(NEW),
+        "--ignore-eos",
+        "--no-progress",
+        "--json",
+        str(out),
+        *flags,
+    ]
     assert bench_cli.main(argv) == 0
     return json.loads(out.read_text())
 
@@ -44,7 +85,7 @@ def check_mode(report: dict, mode: str, runs: int = 1) -> dict:
     m = report["modes"][mode]
     assert all(f in m for f in MODE_FIELDS), set(MODE_FIELDS) - set(m)
     assert (m["num_runs"], m["num_requests"], m["num_errors"]) == (runs, N, 0)
-    assert m["completion_tokens"] == N * NEW       # ignore_eos: every request runs to max_new_tokens
+    assert m["completion_tokens"] == N * NEW  # ignore_eos: every request runs to max_new_tokens
     assert m["prompt_tokens"] >= N * 8
     assert m["completion_tok_s"] > 0 and m["total_tok_s"] > m["completion_tok_s"]
     for name in ("ttft_ms", "tpot_ms", "e2e_ms"):
@@ -72,21 +113,30 @@ def test_p1_workload_has_the_ceiling_scripts_prompt_lengths(smollm2_dir):
 
 def test_offline_naive_and_hf_baselines_report_every_figure(tmp_path, tiny_llama_dir):
     plot = tmp_path / "bench.png"
-    report = run_bench(tmp_path, tiny_llama_dir, "--mode", "offline,naive,hf", "--repeat-runs", "2",
-                       "--ceiling", "--plot", str(plot))
+    report = run_bench(
+        tmp_path, tiny_llama_dir, "--mode", "offline,naive,hf", "--repeat-runs", "2", "--ceiling", "--plot", str(plot)
+    )
     for mode in ("offline", "naive", "hf_static", "hf_batch"):
         check_mode(report, mode, runs=2)
-    assert report["modes"]["offline"]["prompt_encodes"] == N   # text prompts: the engine encodes each once
+    assert report["modes"]["offline"]["prompt_encodes"] == N  # text prompts: the engine encodes each once
     assert report["modes"]["offline"]["extra"]["prompt_encode_s"] > 0
     assert report["modes"]["hf_static"]["prompt_encodes"] is None
     env = report["environment"]
-    assert all(f in env for f in ENV_FIELDS) and env["dtype"] == auto_dtype()   # what `auto` picks here
+    assert all(f in env for f in ENV_FIELDS) and env["dtype"] == auto_dtype()  # what `auto` picks here
     assert report["ceiling"]["completion_tok_s"] > 0
     assert report["ceiling"]["memory_floor_s"] > 0 and report["ceiling"]["bandwidth_gbs"] > 0
     comparisons = report["comparisons"]
-    for key in ("offline_vs_hf_static", "offline_vs_hf_batch", "offline_fraction_of_ceiling", "naive_vs_offline",
-                "naive_fraction_of_ceiling", "naive_tpot_vs_floor", "single_stream_floor_tpot_ms",
-                "offline_fraction_of_engine_gemm_ceiling", "engine_gemm_ceiling_completion_tok_s"):
+    for key in (
+        "offline_vs_hf_static",
+        "offline_vs_hf_batch",
+        "offline_fraction_of_ceiling",
+        "naive_vs_offline",
+        "naive_fraction_of_ceiling",
+        "naive_tpot_vs_floor",
+        "single_stream_floor_tpot_ms",
+        "offline_fraction_of_engine_gemm_ceiling",
+        "engine_gemm_ceiling_completion_tok_s",
+    ):
         assert comparisons[key] > 0
     assert 0 <= comparisons["offline_same_ids_as_hf_static"] <= 1
     assert plot.stat().st_size > 10_000
@@ -109,33 +159,53 @@ def test_shared_prefix_shows_in_the_hit_rate(tmp_path, tiny_llama_dir, cache):
     flags = ["--mode", "naive", "--shared-prefix-len", "48", "--warmup-runs", "0"]
     report = run_bench(tmp_path, tiny_llama_dir, *flags, *([] if cache else ["--no-prefix-cache"]))
     rate = check_mode(report, "naive")["prefix_cache_hit_rate"]
-    assert (rate > 0.3) if cache else rate == 0   # requests 2..N reuse the 48-token prefix's 3 blocks
+    assert (rate > 0.3) if cache else rate == 0  # requests 2..N reuse the 48-token prefix's 3 blocks
 
 
 def test_online_mode_streams_through_both_grpc_services(tmp_path, tiny_llama_dir):
-    report = run_bench(tmp_path, tiny_llama_dir, "--mode", "online,online_ids", "--request-rate", "50",
-                       "--concurrency", "2", "--warmup-runs", "0")
+    report = run_bench(
+        tmp_path,
+        tiny_llama_dir,
+        "--mode",
+        "online,online_ids",
+        "--request-rate",
+        "50",
+        "--concurrency",
+        "2",
+        "--warmup-runs",
+        "0",
+    )
     m = check_mode(report, "online")
-    assert m["prompt_encodes"] == 0    # text went through the tokenizer service, ids to the engine
+    assert m["prompt_encodes"] == 0  # text went through the tokenizer service, ids to the engine
     assert report["extra"]["online"]["dtype"] == auto_dtype()
     assert set(m["extra"]["cpu_s_per_1k_tokens"]) == {"engine core", "engine front", "tokenizer", "bench client"}
-    ids = check_mode(report, "online_ids")   # the engine service alone: no tokenizer in its CPU split
+    ids = check_mode(report, "online_ids")  # the engine service alone: no tokenizer in its CPU split
     assert set(ids["extra"]["cpu_s_per_1k_tokens"]) == {"engine core", "engine front", "bench client"}
 
 
 def test_online_mode_through_the_gateway_beside_the_sdk_in_one_run(tmp_path, tiny_llama_dir):
     """--endpoint grpc,openai,sse: the bench starts the gateway over the services it started, and the
     same requests go through the SDK, the openai client and raw SSE, one run each, compared."""
-    report = run_bench(tmp_path, tiny_llama_dir, "--mode", "online", "--endpoint", "grpc,openai,sse",
-                       "--concurrency", "2", "--warmup-runs", "0")
+    report = run_bench(
+        tmp_path,
+        tiny_llama_dir,
+        "--mode",
+        "online",
+        "--endpoint",
+        "grpc,openai,sse",
+        "--concurrency",
+        "2",
+        "--warmup-runs",
+        "0",
+    )
     check_mode(report, "online")
     assert report["extra"]["online"]["gateway_url"].startswith("http://127.0.0.1:")
     for mode in ("online_openai", "online_sse"):
         m = report["modes"][mode]
         assert (m["num_runs"], m["num_requests"], m["num_errors"]) == (1, N, 0)
-        assert m["completion_tokens"] == N * NEW          # the engine's count, from the usage chunk
+        assert m["completion_tokens"] == N * NEW  # the engine's count, from the usage chunk
         assert m["prompt_tokens"] >= N * 8
-        assert m["prompt_encodes"] == 0                   # the gateway encoded through the tokenizer service
+        assert m["prompt_encodes"] == 0  # the gateway encoded through the tokenizer service
         assert m["ttft_ms"]["count"] == N and 0 < m["ttft_ms"]["p50"] <= m["e2e_ms"]["max"]
         assert m["extra"]["endpoint"] == mode.removeprefix("online_")
         assert report["comparisons"][f"{mode}_vs_online"] > 0
@@ -152,8 +222,8 @@ def test_step_profile_breaks_a_decode_step_down(tiny_llama_dir, capsys):
     out = capsys.readouterr().out
     assert re.search(r"P1: \d+ prompt tokens, 96 completion tokens in [\d.]+ s", out)
     for batch in (32, 1):
-        decode = out[out.index(f"decode step, batch {batch}:"):]
-        decode = decode[:decode.index("Self CPU time total")]
+        decode = out[out.index(f"decode step, batch {batch}:") :]
+        decode = decode[: decode.index("Self CPU time total")]
         for bucket in ("linear", "attention", "other ops", "python"):
             assert re.search(rf"  {bucket} +[\d.]+ ms +[\d.]+%", decode), (batch, bucket)
     assert re.search(r"ceiling, linear layers alone with F.linear: [\d.]+ tok/s", out)
@@ -175,10 +245,12 @@ def test_multiprefix_workload_interleaves_distinct_system_prompts(smollm2_dir):
 
 
 def test_replica_counters_are_read_from_prometheus_text():
-    text = ('tokenwire_engine_requests_finished_total{finish_reason="length"} 5.0\n'
-            'tokenwire_engine_requests_finished_total{finish_reason="stop"} 2.0\n'
-            "tokenwire_engine_prompt_tokens_total 700.0\ntokenwire_engine_cached_prompt_tokens_total 512.0\n"
-            "tokenwire_engine_prompt_tokens_created 1.7e+09\n")
+    text = (
+        'tokenwire_engine_requests_finished_total{finish_reason="length"} 5.0\n'
+        'tokenwire_engine_requests_finished_total{finish_reason="stop"} 2.0\n'
+        "tokenwire_engine_prompt_tokens_total 700.0\ntokenwire_engine_cached_prompt_tokens_total 512.0\n"
+        "tokenwire_engine_prompt_tokens_created 1.7e+09\n"
+    )
     assert parse_counters(text) == Counters(7, 700, 512)
 
 
@@ -186,9 +258,31 @@ def test_multiprefix_compares_round_robin_prefix_affinity_and_one_replica(tmp_pa
     """Real engine replicas; one request at a time, so round robin visits every replica with each prefix
     while affinity keeps each prefix on one (bounded load never has to step in)."""
     out = tmp_path / "multiprefix.json"
-    argv = ["--model", tiny_llama_dir, "--workload", "multiprefix", "--num-prefixes", "2", "--num-requests", "8",
-            "--shared-prefix-len", "64", "--input-len-range", "4", "8", "--max-new-tokens", "2", "--concurrency", "1",
-            "--pretok", "--warmup-runs", "0", "--no-progress", "--json", str(out)]
+    argv = [
+        "--model",
+        tiny_llama_dir,
+        "--workload",
+        "multiprefix",
+        "--num-prefixes",
+        "2",
+        "--num-requests",
+        "8",
+        "--shared-prefix-len",
+        "64",
+        "--input-len-range",
+        "4",
+        "8",
+        "--max-new-tokens",
+        "2",
+        "--concurrency",
+        "1",
+        "--pretok",
+        "--warmup-runs",
+        "0",
+        "--no-progress",
+        "--json",
+        str(out),
+    ]
     assert bench_cli.main(argv) == 0
     report = json.loads(out.read_text())
     setups = report["replicas"]["setups"]
@@ -197,12 +291,18 @@ def test_multiprefix_compares_round_robin_prefix_affinity_and_one_replica(tmp_pa
         assert report["modes"][name]["num_errors"] == 0 and setup["ttft_p50_ms"] > 0
         assert sum(setup["requests"].values()) == 8 and setup["max_over_mean"] >= 1
         assert 0 <= setup["prefix_cache_hit_rate"] <= 1 and setup["hit_rate"] == pytest.approx(
-            setup["prefix_cache_hit_rate"])   # the servers' counters agree with the usage the client saw
-    assert (setups["round_robin"]["num_replicas"], setups["prefix"]["num_replicas"], setups["single"]["num_replicas"]) \
-        == (3, 3, 1)
+            setup["prefix_cache_hit_rate"]
+        )  # the servers' counters agree with the usage the client saw
+    assert (
+        setups["round_robin"]["num_replicas"],
+        setups["prefix"]["num_replicas"],
+        setups["single"]["num_replicas"],
+    ) == (3, 3, 1)
     assert setups["prefix"]["prefix_cache_hit_rate"] >= setups["round_robin"]["prefix_cache_hit_rate"]
-    assert setups["single"]["prefix_cache_hit_rate"] > 0.5   # 6 of 8 requests find their prefix's 4 blocks
+    assert setups["single"]["prefix_cache_hit_rate"] > 0.5  # 6 of 8 requests find their prefix's 4 blocks
     comparisons = report["comparisons"]
     assert comparisons["prefix_hit_rate_vs_single"] > 0 and comparisons["prefix_max_over_mean_requests"] >= 1
-    assert set(report["replicas"]["targets"]) == {"prefix_hit_rate_vs_single >= 0.9",
-                                                  "prefix_max_over_mean_requests <= 1.5"}
+    assert set(report["replicas"]["targets"]) == {
+        "prefix_hit_rate_vs_single >= 0.9",
+        "prefix_max_over_mean_requests <= 1.5",
+    }

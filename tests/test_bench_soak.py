@@ -2,12 +2,12 @@
 shared launcher on the tiny model, 300 requests with cancels and deadlines, RSS sampled from both engine
 processes. It checks the tool's accounting and end-state checks, not memory figures (those are
 measured on the default model: `make bench-soak`)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-
 from tokenwire.bench import cli as bench_cli
 
 N, EVERY = 300, 100
@@ -15,9 +15,24 @@ N, EVERY = 300, 100
 
 def test_soak_counts_every_outcome_and_samples_both_engine_processes(tmp_path, tiny_llama_dir, capsys):
     out = tmp_path / "soak.json"
-    argv = ["soak", "--model", tiny_llama_dir, "--num-requests", str(N), "--concurrency", "16",
-            "--sample-every", str(EVERY), "--warmup-requests", "32", "--deadline-s", "0.001", "0.02",
-            "--json", str(out)]
+    argv = [
+        "soak",
+        "--model",
+        tiny_llama_dir,
+        "--num-requests",
+        str(N),
+        "--concurrency",
+        "16",
+        "--sample-every",
+        str(EVERY),
+        "--warmup-requests",
+        "32",
+        "--deadline-s",
+        "0.001",
+        "0.02",
+        "--json",
+        str(out),
+    ]
     assert bench_cli.main(argv) == 0
     report = json.loads(out.read_text())
 
@@ -42,12 +57,13 @@ def test_soak_counts_every_outcome_and_samples_both_engine_processes(tmp_path, t
     assert summary["half_at_requests"] == 100 and summary["end_at_requests"] == N
     core = summary["core"]
     assert core["steady_state_mib"] == core["at_end_mib"] == samples[-1]["core_bytes"] / 2**20
-    assert core["growth_first_half_mib"] + core["growth_second_half_mib"] == \
-        pytest.approx(core["at_end_mib"] - core["after_warmup_mib"])
+    assert core["growth_first_half_mib"] + core["growth_second_half_mib"] == pytest.approx(
+        core["at_end_mib"] - core["after_warmup_mib"]
+    )
     printed = capsys.readouterr().out
     assert "core+front MiB" in printed and "steady state" in printed
 
 
 def test_soak_against_a_given_engine_needs_its_pid():
-    with pytest.raises(SystemExit, match="--engine-pid"):   # the RSS it samples is that process's
+    with pytest.raises(SystemExit, match="--engine-pid"):  # the RSS it samples is that process's
         bench_cli.main(["soak", "--engine", "127.0.0.1:1"])

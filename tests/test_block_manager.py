@@ -1,13 +1,13 @@
 """BlockManager on plain objects: allocation, prefix hits, copy-on-write, eviction, and a random
 workload checked against a simulated KV store (every slot a sequence reads holds its own prefix)."""
+
 from __future__ import annotations
 
 import random
 
 import pytest
-
-from tokenwire.engine.scheduling.block_manager import BlockManager
 from tokenwire.engine.request.sampling_params import SamplingParams
+from tokenwire.engine.scheduling.block_manager import BlockManager
 from tokenwire.engine.scheduling.sequence import Sequence
 
 BS = 4
@@ -45,13 +45,13 @@ def test_allocate_grow_and_free_returns_every_block():
     assert len(seq.block_table) == 3 and len(set(seq.block_table)) == 3
     assert bm.num_used_blocks == 3
     seq.output_token_ids.append(1)
-    assert bm.blocks_needed(seq, 1) == 0        # position 10 still fits block 2
+    assert bm.blocks_needed(seq, 1) == 0  # position 10 still fits block 2
     compute(bm, seq, 1)
     seq.output_token_ids.append(2)
     assert bm.blocks_needed(seq, 1) == 0
     compute(bm, seq, 1)
     seq.output_token_ids.append(3)
-    assert bm.blocks_needed(seq, 1) == 1        # position 12 opens block 3
+    assert bm.blocks_needed(seq, 1) == 1  # position 12 opens block 3
     compute(bm, seq, 1)
     bm.free(seq)
     assert seq.block_table == []
@@ -72,7 +72,7 @@ def test_full_and_partial_prefix_hits_after_free():
     first = admit(bm, range(10))
     compute(bm, first)
     first_table = list(first.block_table)
-    bm.free(first)                               # its 2 full blocks stay cached, evictable
+    bm.free(first)  # its 2 full blocks stay cached, evictable
     assert bm.num_free_blocks == 16
     hit = admit(bm, list(range(8)) + [50, 51, 52], "hit")
     assert hit.num_computed_tokens == 8 and hit.block_table == first_table[:2]
@@ -102,14 +102,14 @@ def test_copy_on_write_when_writing_into_a_shared_block():
     bm = BlockManager(8, BS, enable_prefix_cache=True)
     owner = admit(bm, range(8), "owner")
     compute(bm, owner)
-    owner.output_token_ids.append(42)            # owner keeps running, holding both blocks
+    owner.output_token_ids.append(42)  # owner keeps running, holding both blocks
     twin = admit(bm, range(8), "twin")
     assert twin.num_computed_tokens == 7 and twin.block_table == owner.block_table
     shared = owner.block_table[1]
     assert bm.ref_count(shared) == 2
     assert bm.can_allocate(twin, 1) and bm.blocks_needed(twin, 1) == 1
     compute(bm, twin, 1)
-    (src, dst), = bm.pop_block_copies()
+    ((src, dst),) = bm.pop_block_copies()
     assert src == shared and dst not in owner.block_table
     assert twin.block_table == [owner.block_table[0], dst]
     assert bm.ref_count(shared) == 1 and bm.ref_count(dst) == 1
@@ -122,15 +122,15 @@ def test_copy_on_write_when_writing_into_a_shared_block():
 def test_can_allocate_counts_revived_evictable_blocks_and_the_copy():
     bm = BlockManager(3, BS, enable_prefix_cache=True)
     compute(bm, first := admit(bm, range(8)))
-    bm.free(first)                               # 1 free + 2 evictable
+    bm.free(first)  # 1 free + 2 evictable
     seq = make_seq(list(range(8)) + [9] * 5)
     match = bm.match_prefix(seq)
     assert match.num_cached_tokens == 8
-    assert bm.can_allocate(seq, 4, match)        # pins the 2 cached blocks, takes the free one
-    assert not bm.can_allocate(seq, 5, match)    # a 2nd new block would have to evict a pinned one
-    holder = admit(bm, range(8), "holder")       # the cached blocks are referenced now
+    assert bm.can_allocate(seq, 4, match)  # pins the 2 cached blocks, takes the free one
+    assert not bm.can_allocate(seq, 5, match)  # a 2nd new block would have to evict a pinned one
+    holder = admit(bm, range(8), "holder")  # the cached blocks are referenced now
     twin = make_seq(range(8), "twin")
-    assert bm.can_allocate(twin, 1, bm.match_prefix(twin))       # its copy takes the free block
+    assert bm.can_allocate(twin, 1, bm.match_prefix(twin))  # its copy takes the free block
     filler = make_seq([7] * 4, "filler")
     assert bm.ensure_slots(filler, 4)
     assert not bm.can_allocate(twin, 1, bm.match_prefix(twin))
@@ -143,12 +143,12 @@ def test_generated_tokens_are_cached_too():
     bm = BlockManager(8, BS, enable_prefix_cache=True)
     seq = admit(bm, range(6))
     compute(bm, seq)
-    seq.output_token_ids.append(100)              # sampled, then fed at position 6
+    seq.output_token_ids.append(100)  # sampled, then fed at position 6
     compute(bm, seq, 1)
-    seq.output_token_ids.append(101)              # sampled, not fed yet: block 1 is not full
+    seq.output_token_ids.append(101)  # sampled, not fed yet: block 1 is not full
     follow_up = make_seq(list(range(6)) + [100, 101, 5])
     assert bm.match_prefix(follow_up).num_cached_tokens == 4
-    compute(bm, seq, 1)                           # block 1 = [4, 5, 100, 101] is now indexed
+    compute(bm, seq, 1)  # block 1 = [4, 5, 100, 101] is now indexed
     assert bm.match_prefix(follow_up).num_cached_tokens == 8
 
 
@@ -160,7 +160,7 @@ def test_eviction_only_when_free_list_is_empty_and_tail_blocks_first():
     a_blocks, b_blocks = list(a.block_table), list(b.block_table)
     bm.free(a)
     bm.free(b)
-    c = admit(bm, range(200, 216), "c")           # 4 blocks: 2 free, then evicts a's tail, a's head
+    c = admit(bm, range(200, 216), "c")  # 4 blocks: 2 free, then evicts a's tail, a's head
     compute(bm, c)
     assert c.block_table[2:] == [a_blocks[1], a_blocks[0]]
     assert bm.match_prefix(make_seq(range(8))).block_ids == ()
@@ -177,7 +177,7 @@ def test_reset_prefix_cache_forgets_everything_but_keeps_running_blocks():
     assert bm.match_prefix(make_seq(range(8))).block_ids == ()
     assert bm.match_prefix(make_seq(range(100, 108))).block_ids == ()
     held.output_token_ids.append(1)
-    compute(bm, held, 1)                          # its existing hashes still chain new blocks
+    compute(bm, held, 1)  # its existing hashes still chain new blocks
     bm.free(held)
     assert_all_free(bm)
 
@@ -197,7 +197,7 @@ def test_free_drops_a_pending_copy_into_its_blocks():
     compute(bm, owner := admit(bm, range(8), "owner"))
     twin = admit(bm, range(8), "twin")
     assert bm.ensure_slots(twin, 1)
-    bm.free(twin)                                 # preempted before the step ran
+    bm.free(twin)  # preempted before the step ran
     assert bm.pop_block_copies() == []
     bm.free(owner)
     assert_all_free(bm)
@@ -208,12 +208,12 @@ def test_free_drops_a_pending_copy_into_its_blocks():
 def test_random_workload_never_leaks_and_reads_back_its_own_prefix(seed, prefix):
     rng = random.Random(seed)
     bm = BlockManager(24, BS, enable_prefix_cache=prefix)
-    kv: dict[int, tuple[int, ...]] = {}           # slot -> the token ids whose KV it holds
+    kv: dict[int, tuple[int, ...]] = {}  # slot -> the token ids whose KV it holds
     live: list[Sequence] = []
     for step in range(400):
         op = rng.random()
         if op < 0.3 or not live:
-            tokens = [rng.randrange(3) for _ in range(rng.randint(1, 14))]   # tiny alphabet: many hits
+            tokens = [rng.randrange(3) for _ in range(rng.randint(1, 14))]  # tiny alphabet: many hits
             seq = admit(bm, tokens, f"s{step}")
             live.append(seq)
         elif op < 0.45:
@@ -244,7 +244,7 @@ def run_step(bm, seq, num_tokens, kv):
                 kv[dst * BS + i] = kv[src * BS + i]
     tokens = seq.all_token_ids
     for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + num_tokens):
-        kv[slot(seq, pos)] = tuple(tokens[:pos + 1])
+        kv[slot(seq, pos)] = tuple(tokens[: pos + 1])
     seq.num_computed_tokens += num_tokens
     bm.commit(seq)
 
@@ -257,4 +257,4 @@ def assert_readable(bm, seq, kv):
     tokens = seq.all_token_ids
     assert len(set(seq.block_table)) == len(seq.block_table)
     for pos in range(seq.num_computed_tokens):
-        assert kv.get(slot(seq, pos)) == tuple(tokens[:pos + 1])
+        assert kv.get(slot(seq, pos)) == tuple(tokens[: pos + 1])

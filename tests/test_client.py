@@ -1,5 +1,6 @@
 """The SDK on its own: a light import, one surface for both clients, typed errors, and retries only where
 they cannot duplicate output. Real gRPC servers on port 0; no model is loaded."""
+
 from __future__ import annotations
 
 import asyncio
@@ -10,10 +11,7 @@ import sys
 
 import grpc
 import pytest
-
-from tests.rpc_log import CallLog
-from tokenwire.client import AsyncClient, Client, InvalidRequestError, RetryPolicy, UnavailableError
-from tokenwire.client import cli
+from tokenwire.client import AsyncClient, Client, InvalidRequestError, RetryPolicy, UnavailableError, cli
 from tokenwire.client.convert import chat_messages, sampling_params
 from tokenwire.client.types import Completion, FinishReason, Usage
 from tokenwire.engine.config import EngineConfig, ServerConfig
@@ -21,6 +19,8 @@ from tokenwire.engine.edge.server import EngineServer
 from tokenwire.serving.launcher import free_port
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
+
+from tests.rpc_log import CallLog
 
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.002)
 
@@ -33,8 +33,12 @@ def test_import_pulls_no_model_code():
 
 def test_sync_and_async_clients_have_the_same_surface():
     def surface(cls):
-        return {name: list(inspect.signature(fn).parameters) for name, fn in vars(cls).items()
-                if inspect.isfunction(fn) and not name.startswith("_")}
+        return {
+            name: list(inspect.signature(fn).parameters)
+            for name, fn in vars(cls).items()
+            if inspect.isfunction(fn) and not name.startswith("_")
+        }
+
     assert surface(Client) == surface(AsyncClient)
 
 
@@ -89,7 +93,7 @@ def test_retries_only_before_the_first_token():
 
     received = asyncio.run(main())
     assert [c.token_ids for c in received] == [(7,)]
-    assert log.methods() == ["Generate"] * 3   # two refusals retried; the failure after a token was not
+    assert log.methods() == ["Generate"] * 3  # two refusals retried; the failure after a token was not
 
 
 def test_gives_up_after_max_attempts():
@@ -111,7 +115,7 @@ def test_gives_up_after_max_attempts():
 def test_engine_still_loading_is_unavailable_to_the_sdk():
     async def main():
         server = EngineServer(EngineConfig(model="never-loaded"), ServerConfig(port=0))
-        port = await server.start()                 # bound and answering, model not loaded
+        port = await server.start()  # bound and answering, model not loaded
         try:
             async with AsyncClient(None, f"127.0.0.1:{port}", retry=RetryPolicy(max_attempts=1)) as client:
                 with pytest.raises(UnavailableError, match="loading"):
@@ -127,10 +131,15 @@ def test_unreachable_services_are_named_with_how_to_start_them(capsys):
     with Client(tokenizer=address, engine=address, timeout=10, retry=RetryPolicy(max_attempts=1)) as client:
         with pytest.raises(UnavailableError) as err:
             client.encode("hi")
-        assert str(err.value) == (f"cannot reach the tokenizer service at {address}: is it running? "
-                                  "(`tokenwire-tokenizer` starts it)")
-        with pytest.raises(UnavailableError, match=re.escape(f"cannot reach the engine service at {address}: is it "
-                                                             "running? (`tokenwire-engine` starts it)")):
+        assert str(err.value) == (
+            f"cannot reach the tokenizer service at {address}: is it running? (`tokenwire-tokenizer` starts it)"
+        )
+        with pytest.raises(
+            UnavailableError,
+            match=re.escape(
+                f"cannot reach the engine service at {address}: is it running? (`tokenwire-engine` starts it)"
+            ),
+        ):
             client.model_info()
     assert cli.main(["--tokenizer", address, "--engine", address, "info"]) == 1
     assert "cannot reach the engine service at" in capsys.readouterr().err
@@ -144,20 +153,37 @@ class TwoSampleEngine(engine_pb2_grpc.EngineServiceServicer):
         rid = request.request_id
         yield pb.GenerateResponse(request_id=rid, index=1, token_ids=[21], text="b")
         yield pb.GenerateResponse(request_id=rid, index=0, token_ids=[11], text="a")
-        yield pb.GenerateResponse(request_id=rid, index=1, token_ids=[22], text="B",
-                                  finish_reason=pb.FINISH_REASON_LENGTH,
-                                  usage=pb.Usage(prompt_tokens=3, completion_tokens=2, cached_prompt_tokens=1))
-        yield pb.GenerateResponse(request_id=rid, index=0, token_ids=[12, 13], text="AA",
-                                  finish_reason=pb.FINISH_REASON_LENGTH,
-                                  usage=pb.Usage(prompt_tokens=3, completion_tokens=3, cached_prompt_tokens=1))
+        yield pb.GenerateResponse(
+            request_id=rid,
+            index=1,
+            token_ids=[22],
+            text="B",
+            finish_reason=pb.FINISH_REASON_LENGTH,
+            usage=pb.Usage(prompt_tokens=3, completion_tokens=2, cached_prompt_tokens=1),
+        )
+        yield pb.GenerateResponse(
+            request_id=rid,
+            index=0,
+            token_ids=[12, 13],
+            text="AA",
+            finish_reason=pb.FINISH_REASON_LENGTH,
+            usage=pb.Usage(prompt_tokens=3, completion_tokens=3, cached_prompt_tokens=1),
+        )
 
     async def GenerateBatch(self, request, context):
         results = []
         for r in request.requests:
-            results += [pb.GenerateResponse(request_id=r.request_id, index=i, token_ids=[i], text=str(i),
-                                            finish_reason=pb.FINISH_REASON_STOP,
-                                            usage=pb.Usage(prompt_tokens=2, completion_tokens=1))
-                        for i in range(r.sampling.n)]
+            results += [
+                pb.GenerateResponse(
+                    request_id=r.request_id,
+                    index=i,
+                    token_ids=[i],
+                    text=str(i),
+                    finish_reason=pb.FINISH_REASON_STOP,
+                    usage=pb.Usage(prompt_tokens=2, completion_tokens=1),
+                )
+                for i in range(r.sampling.n)
+            ]
         return pb.GenerateBatchResponse(results=results)
 
 
@@ -174,16 +200,21 @@ def test_n_samples_chunks_carry_index_and_complete_gives_choices():
         return chunks, whole, batch
 
     chunks, whole, batch = asyncio.run(main())
-    assert [(c.index, c.token_ids, c.finished) for c in chunks] == \
-        [(1, (21,), False), (0, (11,), False), (1, (22,), True), (0, (12, 13), True)]
+    assert [(c.index, c.token_ids, c.finished) for c in chunks] == [
+        (1, (21,), False),
+        (0, (11,), False),
+        (1, (22,), True),
+        (0, (12, 13), True),
+    ]
     assert [(c.index, c.text, c.token_ids) for c in whole.choices] == [(0, "aAA", (11, 12, 13)), (1, "bB", (21, 22))]
-    assert (whole.text, whole.index) == ("aAA", 0)   # the completion itself is sample 0
-    assert whole.usage == Usage(prompt_tokens=3, completion_tokens=5, cached_prompt_tokens=1)   # prompt once
+    assert (whole.text, whole.index) == ("aAA", 0)  # the completion itself is sample 0
+    assert whole.usage == Usage(prompt_tokens=3, completion_tokens=5, cached_prompt_tokens=1)  # prompt once
     assert [[c.text for c in result.choices] for result in batch] == [["0", "1"], ["0", "1"]]
     assert [result.usage.completion_tokens for result in batch] == [2, 2]
 
 
 def test_n1_completion_is_its_own_only_choice():
-    completion = Completion(text="x", token_ids=(1,), finish_reason=FinishReason.STOP, usage=Usage(1, 1, 0),
-                            timings=None)
+    completion = Completion(
+        text="x", token_ids=(1,), finish_reason=FinishReason.STOP, usage=Usage(1, 1, 0), timings=None
+    )
     assert completion.choices == (completion,) and Completion.of_samples([completion]) is completion

@@ -9,6 +9,7 @@
    a generation through the SDK, round robin over both replicas, and the JSON logs of both services
    carrying the request id the SDK set.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,11 +26,11 @@ import openai
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-
-from tests.compose_file import COMPOSE_FILE, ComposeProcess, interpolate, load_compose
 from tokenwire.client import Client
 from tokenwire.serving.healthcheck import main as healthcheck_main
 from tokenwire.serving.launcher import command
+
+from tests.compose_file import COMPOSE_FILE, ComposeProcess, interpolate, load_compose
 
 ROOT = COMPOSE_FILE.parent
 SCHEMA = json.loads((Path(__file__).parent / "data" / "compose-spec.json").read_text())
@@ -41,8 +42,14 @@ TOKENIZER_PORT, ENGINE_PORT, METRICS_PORT, GATEWAY_PORT = 50051, 50052, 9090, 80
 # The schema names two formats of its own; compose's grammar for them (checked once values are interpolated).
 FORMATS = jsonschema.FormatChecker()
 FORMATS.checks("duration")(lambda v: re.fullmatch(r"(\d+(\.\d+)?(h|m|s|ms|us|ns))+", str(v)) is not None)
-FORMATS.checks("ports")(lambda v: re.fullmatch(
-    r"((\d{1,3}(\.\d{1,3}){3}:|\[[0-9a-fA-F:]+\]:)?(\d+(-\d+)?)?:)?\d+(-\d+)?(/(tcp|udp|sctp))?", str(v)) is not None)
+FORMATS.checks("ports")(
+    lambda v: (
+        re.fullmatch(
+            r"((\d{1,3}(\.\d{1,3}){3}:|\[[0-9a-fA-F:]+\]:)?(\d+(-\d+)?)?:)?\d+(-\d+)?(/(tcp|udp|sctp))?", str(v)
+        )
+        is not None
+    )
+)
 
 
 def _schema_errors(document: dict, check_formats: bool = True) -> list[str]:
@@ -52,6 +59,7 @@ def _schema_errors(document: dict, check_formats: bool = True) -> list[str]:
 
 
 # ---- the file itself ----
+
 
 @pytest.mark.parametrize("path", [COMPOSE_FILE, GPU_FILE], ids=lambda p: p.name)
 def test_compose_files_follow_the_compose_specification(path):
@@ -81,7 +89,13 @@ def test_services_are_wired_for_operations():
         port = TOKENIZER_PORT if name == "tokenizer" else ENGINE_PORT
         assert service["command"][0] == f"tokenwire-{name}"
         assert service["healthcheck"]["test"] == [
-            "CMD", "python", "-m", "tokenwire.serving.healthcheck", "--quiet", f"127.0.0.1:{port}"]
+            "CMD",
+            "python",
+            "-m",
+            "tokenwire.serving.healthcheck",
+            "--quiet",
+            f"127.0.0.1:{port}",
+        ]
         assert service["restart"] == "unless-stopped"
         assert "models:/data/tokenwire" in service["volumes"]  # the shared model cache, a named volume
         assert set(service["deploy"]["resources"]["limits"]) == {"cpus", "memory"}
@@ -98,7 +112,13 @@ def test_services_are_wired_for_operations():
     assert gateway["command"] == ["tokenwire-gateway", "--port", str(GATEWAY_PORT)]
     assert gateway["ports"] == [f"{GATEWAY_PORT}:{GATEWAY_PORT}"]
     assert gateway["healthcheck"]["test"] == [
-        "CMD", "python", "-m", "tokenwire.gateway.healthcheck", "--quiet", f"127.0.0.1:{GATEWAY_PORT}"]
+        "CMD",
+        "python",
+        "-m",
+        "tokenwire.gateway.healthcheck",
+        "--quiet",
+        f"127.0.0.1:{GATEWAY_PORT}",
+    ]
     assert gateway["depends_on"] == {name: {"condition": "service_healthy"} for name in SERVICES}
     assert gateway["environment"]["TOKENWIRE_ENGINE"] == f"dns:///engine:{ENGINE_PORT}"
     assert float(gateway["stop_grace_period"].rstrip("s")) > float(gateway["environment"]["TOKENWIRE_DRAIN_GRACE_S"])
@@ -115,14 +135,17 @@ def test_healthcheck_fails_without_a_serving_server(capsys):
 
 # ---- the services, run as compose would run them ----
 
+
 @pytest.fixture(scope="module")
 def deployment(tiny_llama_dir, tmp_path_factory):
     """tokenizer + 2 engine replicas from docker-compose.yml, the operator's shell choosing the model."""
     shell = {"TOKENWIRE_MODEL": tiny_llama_dir, "TOKENWIRE_DEVICE": "cpu", "TOKENWIRE_KV_CACHE_MEMORY_GB": "0.05"}
     services = load_compose(shell)["services"]
     logs, home = tmp_path_factory.mktemp("compose-logs"), tmp_path_factory.mktemp("tokenwire-home")
-    processes = [ComposeProcess("tokenizer", services["tokenizer"], logs / "tokenizer.log"),
-                 *(ComposeProcess(f"engine-{i}", services["engine"], logs / f"engine-{i}.log") for i in (1, 2))]
+    processes = [
+        ComposeProcess("tokenizer", services["tokenizer"], logs / "tokenizer.log"),
+        *(ComposeProcess(f"engine-{i}", services["engine"], logs / f"engine-{i}.log") for i in (1, 2)),
+    ]
     for process in processes:
         process.start(home)
     try:
@@ -175,9 +198,13 @@ def test_the_client_service_generates_through_a_dns_target(deployment):
     """The compose `client` service's command and environment, `engine` resolved through dns:///."""
     tokenizer, engines, _, services = deployment
     spec = services["client"]
-    env = {**spec["environment"], "TOKENWIRE_TOKENIZER": tokenizer.address(TOKENIZER_PORT),
-           "TOKENWIRE_ENGINE": spec["environment"]["TOKENWIRE_ENGINE"].replace(
-               f"engine:{ENGINE_PORT}", engines[0].address(ENGINE_PORT))}
+    env = {
+        **spec["environment"],
+        "TOKENWIRE_TOKENIZER": tokenizer.address(TOKENIZER_PORT),
+        "TOKENWIRE_ENGINE": spec["environment"]["TOKENWIRE_ENGINE"].replace(
+            f"engine:{ENGINE_PORT}", engines[0].address(ENGINE_PORT)
+        ),
+    }
     argv = command(spec["command"][0]) + spec["command"][1:]
     result = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -191,7 +218,7 @@ def test_both_services_log_the_sdk_request_id_as_json(deployment):
     # TOKENWIRE_LOG_FORMAT=json: every line of both services' output is one JSON object.
     lines = {p.name: [json.loads(line) for line in p.log_lines()] for p in (tokenizer, *engines)}
     tagged = {name: [r for r in records if r.get("request_id") == request_id] for name, records in lines.items()}
-    assert {r["rpc"] for r in tagged["tokenizer"] if "rpc" in r} >= {"Encode"}   # text comes from the engine
+    assert {r["rpc"] for r in tagged["tokenizer"] if "rpc" in r} >= {"Encode"}  # text comes from the engine
     engine_rpcs = [r["rpc"] for name, records in tagged.items() if name != "tokenizer" for r in records if "rpc" in r]
     assert engine_rpcs == ["Generate"]
     assert all(r["code"] == "OK" for records in tagged.values() for r in records if "code" in r)
@@ -202,9 +229,13 @@ def test_the_gateway_service_serves_openai_clients(deployment, tmp_path):
     healthcheck passes, the openai client gets a chat completion, and SIGTERM ends it with 0."""
     tokenizer, engines, _, services = deployment
     spec = dict(services["gateway"])
-    spec["environment"] = {**spec["environment"], "TOKENWIRE_TOKENIZER": tokenizer.address(TOKENIZER_PORT),
-                           "TOKENWIRE_ENGINE": spec["environment"]["TOKENWIRE_ENGINE"].replace(
-                               f"engine:{ENGINE_PORT}", engines[0].address(ENGINE_PORT))}
+    spec["environment"] = {
+        **spec["environment"],
+        "TOKENWIRE_TOKENIZER": tokenizer.address(TOKENIZER_PORT),
+        "TOKENWIRE_ENGINE": spec["environment"]["TOKENWIRE_ENGINE"].replace(
+            f"engine:{ENGINE_PORT}", engines[0].address(ENGINE_PORT)
+        ),
+    }
     gateway = ComposeProcess("gateway", spec, tmp_path / "gateway.log").start(tmp_path)
     try:
         deadline = time.monotonic() + 60
@@ -212,10 +243,13 @@ def test_the_gateway_service_serves_openai_clients(deployment, tmp_path):
             assert gateway.process.poll() is None and time.monotonic() < deadline, gateway.log_lines()[-20:]
             time.sleep(0.2)
         with openai.OpenAI(base_url=f"http://{gateway.address(GATEWAY_PORT)}/v1", api_key="x", max_retries=0) as oai:
-            reply = oai.chat.completions.create(model=spec["environment"]["TOKENWIRE_SERVED_MODEL_NAME"],
-                                                messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+            reply = oai.chat.completions.create(
+                model=spec["environment"]["TOKENWIRE_SERVED_MODEL_NAME"],
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=4,
+            )
         assert reply.usage.completion_tokens == 4
-        assert all(json.loads(line) for line in gateway.log_lines())   # JSON logs, one object a line
+        assert all(json.loads(line) for line in gateway.log_lines())  # JSON logs, one object a line
     finally:
         gateway.process.terminate()
     assert gateway.process.wait(60) == 0

@@ -1,6 +1,7 @@
 """`docker compose up` on a small host: Docker refuses a container whose CPU limit exceeds the host's CPU
 count ("Range of CPUs is from 0.01 to 2.00"), so every default limit, in every compose file, must fit a
 2-core, 24 GiB machine; larger hosts raise them through the variables."""
+
 from __future__ import annotations
 
 import re
@@ -56,8 +57,12 @@ def test_one_replica_of_each_service_fits_the_host_memory_together():
 
 
 def test_limits_come_from_variables():
-    shell = {"TOKENWIRE_ENGINE_CPUS": "8", "TOKENWIRE_ENGINE_MEMORY": "32g",
-             "TOKENWIRE_TOKENIZER_CPUS": "3", "TOKENWIRE_TOKENIZER_MEMORY": "4g"}
+    shell = {
+        "TOKENWIRE_ENGINE_CPUS": "8",
+        "TOKENWIRE_ENGINE_MEMORY": "32g",
+        "TOKENWIRE_TOKENIZER_CPUS": "3",
+        "TOKENWIRE_TOKENIZER_MEMORY": "4g",
+    }
     services = load_compose(shell)["services"]
     assert services["engine"]["deploy"]["resources"]["limits"] == {"cpus": "8", "memory": "32g"}
     assert services["tokenizer"]["deploy"]["resources"]["limits"] == {"cpus": "3", "memory": "4g"}

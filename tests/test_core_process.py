@@ -5,6 +5,7 @@
 - The front killed (SIGKILL) or stopped (SIGTERM): the core goes with it; no process is left behind.
 Process exits are awaited through pidfds (poll), never by sleeping.
 """
+
 from __future__ import annotations
 
 import gc
@@ -18,13 +19,13 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from tests.reference import ENGINE_DTYPE
 from tokenwire.bench.proc_cpu import children, engine_core_pid
 from tokenwire.engine.core.process import freeze_startup_heap
 from tokenwire.serving.launcher import command, free_port
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
+
+from tests.reference import ENGINE_DTYPE
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs Linux pidfds")
@@ -33,8 +34,18 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs Lin
 @pytest.fixture
 def engine(tiny_llama_dir, tmp_path):
     port = free_port()
-    argv = command("tokenwire-engine") + ["--model", tiny_llama_dir, "--port", str(port), "--dtype", ENGINE_DTYPE,
-                                          "--num-blocks", "128", "--drain-grace-s", "5"]
+    argv = command("tokenwire-engine") + [
+        "--model",
+        tiny_llama_dir,
+        "--port",
+        str(port),
+        "--dtype",
+        ENGINE_DTYPE,
+        "--num-blocks",
+        "128",
+        "--drain-grace-s",
+        "5",
+    ]
     with open(tmp_path / "engine.log", "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -77,7 +88,7 @@ def test_core_killed_ends_streams_unavailable_at_once_and_the_service_exits_nonz
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
 def test_the_core_never_outlives_its_front(engine, how):
     process, channel, core_pid, _ = engine
-    helpers = children(process.pid)   # the core, and multiprocessing's resource tracker
+    helpers = children(process.pid)  # the core, and multiprocessing's resource tracker
     assert core_pid in helpers
     fds = [os.pidfd_open(pid) for pid in helpers]
     try:
@@ -103,7 +114,7 @@ def test_the_core_freezes_its_startup_heap_before_it_serves(engine):
 
 def test_freeze_startup_heap_takes_live_objects_out_of_full_collections():
     gc.collect()
-    startup = [[i] for i in range(20_000)]   # tracked containers, alive across the freeze
+    startup = [[i] for i in range(20_000)]  # tracked containers, alive across the freeze
     try:
         walked_before = len(gc.get_objects())
         # Not >= walked_before: the freeze collects garbage first, and other tests' threads may have left some.
@@ -117,8 +128,10 @@ def test_freeze_startup_heap_takes_live_objects_out_of_full_collections():
 
 
 def _long_request(i: int) -> pb.GenerateRequest:
-    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3, 4 + i]), sampling=pb.SamplingParams(
-        max_new_tokens=900, temperature=0.0, ignore_eos=True))
+    return pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=[1, 2, 3, 4 + i]),
+        sampling=pb.SamplingParams(max_new_tokens=900, temperature=0.0, ignore_eos=True),
+    )
 
 
 def _until_closed(watch):

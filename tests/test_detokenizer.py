@@ -1,4 +1,5 @@
 """IncrementalDetokenizer: streamed deltas concatenate to the one-shot decode, however ids are split."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
 from tokenwire.tokenizer.detokenizer import MAX_HELD_TOKENS, IncrementalDetokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 CORPUS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
@@ -24,8 +24,12 @@ CORPUS = [
     "Mixed 中文 and English with émojis 🎉 <|endoftext|> a literal \ufffd in the middle.",
 ]
 SKIP = pytest.mark.parametrize("skip", [True, False], ids=["skip_special", "keep_special"])
-_TINY_CORPUS = ["Hello world, this is a small corpus for a tiny tokenizer.", "The quick brown fox jumps.",
-                "def main():\n    return 42\n", "café naïve résumé"] * 10
+_TINY_CORPUS = [
+    "Hello world, this is a small corpus for a tiny tokenizer.",
+    "The quick brown fox jumps.",
+    "def main():\n    return 42\n",
+    "café naïve résumé",
+] * 10
 
 
 def build_byte_fallback_tokenizer() -> PreTrainedTokenizerFast:
@@ -33,16 +37,18 @@ def build_byte_fallback_tokenizer() -> PreTrainedTokenizerFast:
     the first leading space. CJK and emoji are not in its vocabulary, so they become byte tokens."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                           decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     trainer = trainers.BpeTrainer(vocab_size=150, special_tokens=["<unk>", "<s>", "</s>"])
     tokenizer.train_from_iterator(_TINY_CORPUS, trainer)
     spec = json.loads(tokenizer.to_str())
     for byte in range(256):
         spec["model"]["vocab"].setdefault(f"<0x{byte:02X}>", len(spec["model"]["vocab"]))
     spec["model"]["byte_fallback"] = True
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-                                   bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +74,8 @@ def stream(tokenizer, chunks, skip, prompt_ids=()) -> str:
 def corpus_ids(tokenizer) -> list[list[int]]:
     texts = CORPUS + ["<s>Hi</s> there <s> again"]  # the byte-fallback tokenizer's own special tokens
     return [tokenizer.encode(text, add_special_tokens=False) for text in texts] + [
-        tokenizer.encode(" ".join(texts), add_special_tokens=False)]
+        tokenizer.encode(" ".join(texts), add_special_tokens=False)
+    ]
 
 
 def test_corpus_exercises_byte_fallback(byte_fallback):
@@ -127,7 +134,7 @@ def test_skipped_special_token_between_words_keeps_the_space(byte_fallback):
 
 def test_prompt_context_keeps_the_leading_space(byte_fallback):
     prompt = byte_fallback.encode("Hello", add_special_tokens=False)
-    generated = byte_fallback.encode("Hello world", add_special_tokens=False)[len(prompt):]
+    generated = byte_fallback.encode("Hello world", add_special_tokens=False)[len(prompt) :]
     assert stream(byte_fallback, [generated], skip=True) == "world"  # alone, the decoder strips it
     assert stream(byte_fallback, [generated], skip=True, prompt_ids=prompt) == " world"
 
@@ -138,8 +145,10 @@ def text_after_prompt(tokenizer, ids, k, skip) -> str:
     fallback an incomplete character turns its whole run of byte tokens into U+FFFD, so the prompt's
     text is its best whole-character prefix among the last few cuts."""
     full_text = tokenizer.decode(ids, skip_special_tokens=skip)
-    common = max(len(os.path.commonprefix([tokenizer.decode(ids[:j], skip_special_tokens=skip), full_text]))
-                 for j in range(max(k - 3, 0), k + 1))
+    common = max(
+        len(os.path.commonprefix([tokenizer.decode(ids[:j], skip_special_tokens=skip), full_text]))
+        for j in range(max(k - 3, 0), k + 1)
+    )
     return full_text[common:]
 
 
@@ -180,8 +189,9 @@ def test_a_character_after_invalid_bytes_survives_a_forced_emission(smollm2):
     # bytes (U+FFFD three times). A push of more than MAX_HELD_TOKENS ids ending mid-character right
     # after them forces an emission: it must stop before that character's first bytes (found by
     # hypothesis: the character came out as two U+FFFD).
-    ids = smollm2.encode("00000000\x80\x80\u00c0\u0a40\u0a40\u21c0\U000c0000\U00040000\U000c0000",
-                         add_special_tokens=False)
+    ids = smollm2.encode(
+        "00000000\x80\x80\u00c0\u0a40\u0a40\u21c0\U000c0000\U00040000\U000c0000", add_special_tokens=False
+    )
     assert "\ufffd\ufffd\ufffd\U000c0000" in smollm2.decode(ids) and len(ids) > MAX_HELD_TOKENS + 1
     for cut in range(MAX_HELD_TOKENS, len(ids)):
         assert stream(smollm2, [ids[:cut], ids[cut:]], skip=False) == smollm2.decode(ids), cut

@@ -1,6 +1,7 @@
 """The docs hold together. docs/configuration.md is the CLIs' own flags: every flag, variable, default and
 help text, in order (a new config field without its row, or a stale row, fails here). README.md stays the
 newcomer's page (at most 300 lines), and every relative link in README.md and docs/ leads to a file."""
+
 from __future__ import annotations
 
 import os
@@ -8,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from tokenwire.engine.cli import build_parser as engine_parser
 from tokenwire.gateway.cli import build_parser as gateway_parser
 from tokenwire.serving.cli_env import SECRET_FLAGS, env_name
@@ -29,8 +29,9 @@ def flag_table(parser) -> list[str]:
             continue
         flags = " / ".join(f"`{s}`" for s in action.option_strings if s.startswith("--"))
         default = action.default
-        shown = "empty" if action.dest in SECRET_FLAGS or default == "" else \
-            "none" if default is None else f"`{default}`"
+        shown = (
+            "empty" if action.dest in SECRET_FLAGS or default == "" else "none" if default is None else f"`{default}`"
+        )
         meaning = re.sub(r"\s*\[env: .*", "", action.help or "")
         meaning = meaning.replace("(default: %(default)s)", "").replace("%%", "%").strip()
         rows.append(f"| {flags} | `{name}` | {shown} | {meaning} |")
@@ -40,12 +41,17 @@ def flag_table(parser) -> list[str]:
 def docs_table(heading: str) -> list[str]:
     text = CONFIGURATION.read_text()
     start = text.index("| flag |", text.index(heading))
-    return text[start:text.index("\n\n", start)].splitlines()
+    return text[start : text.index("\n\n", start)].splitlines()
 
 
-@pytest.mark.parametrize("heading, parser", [("### `tokenwire-tokenizer`", tokenizer_parser),
-                                             ("### `tokenwire-engine`", engine_parser),
-                                             ("### `tokenwire-gateway`", gateway_parser)])
+@pytest.mark.parametrize(
+    "heading, parser",
+    [
+        ("### `tokenwire-tokenizer`", tokenizer_parser),
+        ("### `tokenwire-engine`", engine_parser),
+        ("### `tokenwire-gateway`", gateway_parser),
+    ],
+)
 def test_configuration_reference_matches_the_cli(heading, parser, monkeypatch):
     for variable in [v for v in os.environ if v.startswith("TOKENWIRE_")]:
         monkeypatch.delenv(variable)  # the table shows built-in defaults

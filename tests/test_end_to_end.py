@@ -1,6 +1,7 @@
 """The whole system: both services as subprocesses, started with the same commands docker-compose uses
 (`tokenwire-tokenizer ...`, `tokenwire-engine ...`) on free ports, driven through the SDK and the CLI.
 One pair of services for the module keeps this file fast."""
+
 from __future__ import annotations
 
 import asyncio
@@ -10,13 +11,13 @@ import time
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from tests.rpc_log import CallLog
 from tokenwire.client import AsyncClient, Client, DeadlineExceededError, InvalidRequestError, StopDetail, StopKind
 from tokenwire.serving.launcher import LocalServices, command
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.rpc_log import CallLog
 
 NUM_BLOCKS = 256
 PROMPT = "The capital of France is"
@@ -26,8 +27,12 @@ PROMPT = "The capital of France is"
 def services(tiny_llama_dir, tmp_path_factory):
     # float32 pinned: "auto" may pick bf16 on some CPUs, and greedy output is compared with transformers fp32.
     # fp32 pinned: the streamed ids are held token-exact against transformers.
-    local = LocalServices(tiny_llama_dir, engine_args=["--dtype", "float32", "--num-blocks", str(NUM_BLOCKS)],
-                          log_dir=tmp_path_factory.mktemp("service-logs"), ready_timeout_s=180)
+    local = LocalServices(
+        tiny_llama_dir,
+        engine_args=["--dtype", "float32", "--num-blocks", str(NUM_BLOCKS)],
+        log_dir=tmp_path_factory.mktemp("service-logs"),
+        ready_timeout_s=180,
+    )
     with local:
         yield local
     assert local.exit_codes == {"tokenwire-engine": 0, "tokenwire-tokenizer": 0}  # a clean SIGTERM drain
@@ -67,7 +72,7 @@ def test_sdk_text_is_encoded_once_by_the_tokenizer_and_never_by_the_engine(servi
     assert log.methods().count("Encode") == 1 and log.methods().count("Generate") == 1
     (generate,) = [call.request for call in log.calls if call.method == "Generate"]
     assert generate.WhichOneof("prompt") == "token_ids" and generate.tokenizer_fingerprint
-    assert generate.return_text and "DecodeStream" not in log.methods()   # the default: the engine's text
+    assert generate.return_text and "DecodeStream" not in log.methods()  # the default: the engine's text
     assert engine_encodes(client) == before
     # One id for the whole call, on every RPC it made (so both services' logs of it line up).
     call_ids = {call.metadata.get("x-request-id") for call in log.calls}
@@ -87,13 +92,14 @@ def test_text_through_decode_stream_is_the_same_text(services, client):
     engine's text (the default): the same text either way, and still encoded once."""
     before = engine_encodes(client)
     log = CallLog()
-    with Client(services.tokenizer_address, services.engine_address, interceptors=log.interceptors,
-                text_from="tokenizer") as via_tokenizer:
+    with Client(
+        services.tokenizer_address, services.engine_address, interceptors=log.interceptors, text_from="tokenizer"
+    ) as via_tokenizer:
         chunks = list(via_tokenizer.generate(PROMPT, max_new_tokens=12, temperature=0.0))
     assert "DecodeStream" in log.methods() and log.methods().count("Encode") == 1
     (generate,) = [call.request for call in log.calls if call.method == "Generate"]
     assert not generate.return_text
-    assert engine_encodes(client) == before   # text is still encoded once, by the tokenizer service
+    assert engine_encodes(client) == before  # text is still encoded once, by the tokenizer service
     expected = "".join(c.text for c in client.generate(PROMPT, max_new_tokens=12, temperature=0.0))
     assert "".join(c.text for c in chunks) == expected
     with pytest.raises(ValueError, match="text_from"):
@@ -104,7 +110,7 @@ def test_greedy_text_equals_transformers_generate(client, hf):
     model, tokenizer = hf
     prompt_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
-        expected_ids = model.generate(prompt_ids, max_new_tokens=16, do_sample=False)[0, prompt_ids.shape[1]:]
+        expected_ids = model.generate(prompt_ids, max_new_tokens=16, do_sample=False)[0, prompt_ids.shape[1] :]
     expected = tokenizer.decode(expected_ids, skip_special_tokens=True)
 
     chunks = list(client.generate(PROMPT, max_new_tokens=16, temperature=0.0))
@@ -117,9 +123,9 @@ def test_greedy_text_equals_transformers_generate(client, hf):
 
 def test_stop_strings_cut_the_text(client):
     full = client.complete(PROMPT, max_new_tokens=16, temperature=0.0).text
-    stop = full[len(full) // 2:len(full) // 2 + 3]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     chunks = list(client.generate(PROMPT, max_new_tokens=16, temperature=0.0, stop=[stop]))
-    assert "".join(c.text for c in chunks) == full[:full.index(stop)]
+    assert "".join(c.text for c in chunks) == full[: full.index(stop)]
     assert chunks[-1].finish_reason.value == "stop"
 
 
@@ -127,12 +133,12 @@ def test_the_final_chunk_says_which_stop_ended_it(client):
     """The stop detail, through the gRPC contract and the SDK: a stop string, a stop token id, eos
     (forced by a logit_bias on the eos id), and none for a length finish."""
     full = client.complete(PROMPT, max_new_tokens=16, temperature=0.0)
-    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 3]
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
     by_string = list(client.generate(PROMPT, max_new_tokens=16, temperature=0.0, stop=["\x00never", stop]))[-1]
     assert by_string.stop == StopDetail(StopKind.STRING, stop_string=stop) and by_string.stop.matched == stop
     third = full.token_ids[2]
     by_id = client.complete(PROMPT, max_new_tokens=16, temperature=0.0, stop_token_ids=[third])
-    assert by_id.token_ids == full.token_ids[:full.token_ids.index(third) + 1]
+    assert by_id.token_ids == full.token_ids[: full.token_ids.index(third) + 1]
     assert by_id.stop == StopDetail(StopKind.TOKEN_ID, token_id=third) and by_id.stop.matched == third
     eos = client.model_info().eos_token_ids[0]
     by_eos = list(client.generate(PROMPT, max_new_tokens=16, temperature=0.0, logit_bias={eos: 100.0}))[-1]
@@ -149,11 +155,14 @@ def test_logit_bias_reaches_the_batched_sampler(client):
     assert client.complete(PROMPT, **seeded).token_ids == client.complete(PROMPT, **seeded).token_ids
 
 
-@pytest.mark.parametrize("bias, message", [
-    ({i: 1.0 for i in range(301)}, "at most 300"),
-    ({5: 100.5}, "values must be in"),
-    ({10**7: 1.0}, "outside the vocabulary"),
-])
+@pytest.mark.parametrize(
+    "bias, message",
+    [
+        ({i: 1.0 for i in range(301)}, "at most 300"),
+        ({5: 100.5}, "values must be in"),
+        ({10**7: 1.0}, "outside the vocabulary"),
+    ],
+)
 def test_a_bad_logit_bias_is_invalid_argument_naming_the_field(client, bias, message):
     with pytest.raises(InvalidRequestError, match=message) as err:
         client.complete(PROMPT, max_new_tokens=2, logit_bias=bias)
@@ -183,7 +192,7 @@ def test_cancelling_a_stream_frees_its_blocks(client):
     received = [next(chunks) for _ in range(3)]
     assert all(c.token_ids for c in received)
     assert client.model_info().stats.num_free_kv_blocks < NUM_BLOCKS
-    chunks.close()                                     # leaving the stream cancels the RPC
+    chunks.close()  # leaving the stream cancels the RPC
     stats = wait_until_idle(client)
     assert (stats.num_running, stats.num_free_kv_blocks) == (0, NUM_BLOCKS)
 
@@ -203,8 +212,10 @@ def test_32_concurrent_streams_all_finish_correctly(services, client):
 
     async def stream_all():
         async with AsyncClient(services.tokenizer_address, services.engine_address, timeout=120) as aclient:
+
             async def one(prompt):
                 return [c async for c in aclient.generate(prompt, max_new_tokens=12, temperature=0.0)]
+
             return await asyncio.gather(*(one(p) for p in prompts))
 
     for chunks, want in zip(asyncio.run(stream_all()), expected):
@@ -218,18 +229,28 @@ def test_cli_generate_and_chat(services, client):
     addresses = ["--tokenizer", services.tokenizer_address, "--engine", services.engine_address]
     sampling = ["--max-new-tokens", "8", "--temperature", "0"]
     expected = client.complete(PROMPT, max_new_tokens=8, temperature=0.0).text
-    run = subprocess.run(command("tokenwire") + addresses + ["generate", PROMPT] + sampling,
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        command("tokenwire") + addresses + ["generate", PROMPT] + sampling, capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout == expected + "\n"
     assert "completion tokens" in run.stderr
 
-    run = subprocess.run(command("tokenwire") + addresses + ["generate", PROMPT, "--ids"] + sampling,
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        command("tokenwire") + addresses + ["generate", PROMPT, "--ids"] + sampling,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0 and "prompt ids: [" in run.stderr and run.stdout.startswith("[")
 
     reply = client.complete(messages=[{"role": "user", "content": "Hello"}], max_new_tokens=8, temperature=0.0)
-    run = subprocess.run(command("tokenwire") + addresses + ["chat"] + sampling, input="Hello\n",
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        command("tokenwire") + addresses + ["chat"] + sampling,
+        input="Hello\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout == f"assistant> {reply.text}\n"

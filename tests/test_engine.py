@@ -1,28 +1,34 @@
 """The in-process engine end to end on tiny models: exactness vs transformers, batching invariance,
 prefix cache, chunked prefill, preemption, block accounting and the encode-once counter."""
+
 from __future__ import annotations
 
 import random
 
 import pytest
-
-from tests.reference import ENGINE_DTYPE, EXACT, assert_greedy_matches_reference, assert_runs_agree
-
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenwire.engine.core.engine import LLMEngine
 from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.engine.scheduling.sequence import FinishReason
 from tokenwire.serving.errors import InvalidRequestError
 
+from tests.reference import ENGINE_DTYPE, EXACT, assert_greedy_matches_reference, assert_runs_agree
+
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
 
 
 def make_engine(model_dir, num_blocks=256, block_size=4, budget=64, max_seqs=16, prefix=True, chunked=True):
-    return LLMEngine(EngineConfig(
-        model=model_dir, device="cpu", dtype=ENGINE_DTYPE,
-        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_cache=prefix),
-        scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
-                                  enable_chunked_prefill=chunked)))
+    return LLMEngine(
+        EngineConfig(
+            model=model_dir,
+            device="cpu",
+            dtype=ENGINE_DTYPE,
+            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_cache=prefix),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_seqs, max_num_batched_tokens=budget, enable_chunked_prefill=chunked
+            ),
+        )
+    )
 
 
 def random_prompts(n, lo=1, hi=40, seed=0, vocab=49152):
@@ -52,10 +58,13 @@ def test_greedy_matches_transformers(model_fixture, request):
 
 def test_batch_equals_one_at_a_time(tiny_llama_dir, llama):
     prompts = random_prompts(8, seed=2)
-    seeded = [SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.95, seed=100 + i, ignore_eos=True)
-              for i in range(8)]
-    alone = lambda params: [llama.generate(prompt_token_ids=[p], params=[sp])[0]  # noqa: E731
-                            for p, sp in zip(prompts, params)]
+    seeded = [
+        SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.95, seed=100 + i, ignore_eos=True) for i in range(8)
+    ]
+
+    def alone(params):
+        return [llama.generate(prompt_token_ids=[p], params=[sp])[0] for p, sp in zip(prompts, params)]
+
     batched = llama.generate(prompt_token_ids=prompts, params=GREEDY)
     assert_runs_agree(tiny_llama_dir, prompts, batched, alone([GREEDY] * 8))
     if EXACT:  # seeded draws are batch-invariant given the same logits, which bf16 does not promise
@@ -67,21 +76,21 @@ def test_prefix_cache_on_equals_off_and_hits(tiny_llama_dir, llama):
     system = random_prompts(1, lo=24, hi=24, seed=3)[0]
     prompts = [system + tail for tail in random_prompts(6, lo=1, hi=9, seed=4)]
     off = make_engine(tiny_llama_dir, prefix=False).generate(prompt_token_ids=prompts, params=GREEDY)
-    llama.generate(prompt_token_ids=prompts[:1], params=GREEDY)   # warm the cache with the shared prefix
+    llama.generate(prompt_token_ids=prompts[:1], params=GREEDY)  # warm the cache with the shared prefix
     rid = llama.add_request(prompt_token_ids=prompts[1], params=GREEDY)
     cached = None
     while llama.has_unfinished():
         for out in llama.step():
             if out.finished and out.request_id == rid:
                 cached = out.num_cached_prompt_tokens
-    assert cached == 24   # 6 full blocks of 4 tokens
+    assert cached == 24  # 6 full blocks of 4 tokens
     assert_runs_agree(tiny_llama_dir, prompts, llama.generate(prompt_token_ids=prompts, params=GREEDY), off)
     assert llama.stats().prefix_cache_hit_rate > 0
     assert_all_blocks_free(llama)
 
 
 def test_fully_cached_prompt_is_recomputed_copy_on_write(llama):
-    prompt = random_prompts(1, lo=16, hi=16, seed=5)[0]   # exactly 4 full blocks
+    prompt = random_prompts(1, lo=16, hi=16, seed=5)[0]  # exactly 4 full blocks
     first = llama.generate(prompt_token_ids=[prompt], params=GREEDY)
     assert llama.generate(prompt_token_ids=[prompt, prompt], params=GREEDY) == first * 2
     assert_all_blocks_free(llama)
@@ -91,16 +100,18 @@ def test_chunked_prefill_equals_unchunked(tiny_llama_dir):
     prompts = random_prompts(5, lo=30, hi=60, seed=6)
     chunked = make_engine(tiny_llama_dir, budget=16, chunked=True)
     whole = make_engine(tiny_llama_dir, budget=512, chunked=False)
-    assert chunked.generate(prompt_token_ids=prompts, params=GREEDY) == \
-        whole.generate(prompt_token_ids=prompts, params=GREEDY)
+    assert chunked.generate(prompt_token_ids=prompts, params=GREEDY) == whole.generate(
+        prompt_token_ids=prompts, params=GREEDY
+    )
 
 
 def test_preemption_keeps_outputs_identical(tiny_llama_dir, llama):
     prompts = random_prompts(8, lo=10, hi=20, seed=7)
     params = [SamplingParams(max_new_tokens=24, temperature=0.8, seed=i, ignore_eos=True) for i in range(8)]
-    tight = make_engine(tiny_llama_dir, num_blocks=24, prefix=False)   # 96 token slots for ~8 x 40
-    assert tight.generate(prompt_token_ids=prompts, params=params) == \
-        llama.generate(prompt_token_ids=prompts, params=params)
+    tight = make_engine(tiny_llama_dir, num_blocks=24, prefix=False)  # 96 token slots for ~8 x 40
+    assert tight.generate(prompt_token_ids=prompts, params=params) == llama.generate(
+        prompt_token_ids=prompts, params=params
+    )
     assert tight.stats().num_preemptions > 0
     assert_all_blocks_free(tight)
 
@@ -117,12 +128,14 @@ def test_encode_counter_ids_cost_zero_text_costs_one(llama):
 
 
 def test_abort_frees_blocks_and_ends_with_abort(llama):
-    rids = [llama.add_request(prompt_token_ids=p, params=SamplingParams(max_new_tokens=50, ignore_eos=True))
-            for p in random_prompts(4, seed=8)]
+    rids = [
+        llama.add_request(prompt_token_ids=p, params=SamplingParams(max_new_tokens=50, ignore_eos=True))
+        for p in random_prompts(4, seed=8)
+    ]
     llama.step()
     ends = [llama.abort(rid) for rid in rids[:2]]
     assert all(e.finished and e.finish_reason is FinishReason.ABORT for e in ends)
-    assert llama.abort(rids[0]) is None   # exactly one terminal output
+    assert llama.abort(rids[0]) is None  # exactly one terminal output
     finished = set()
     while llama.has_unfinished():
         finished |= {o.request_id for o in llama.step() if o.finished}
@@ -133,35 +146,43 @@ def test_abort_frees_blocks_and_ends_with_abort(llama):
 def test_stop_conditions(llama):
     ids = llama.generate(prompt_token_ids=[[10, 11, 12]], params=GREEDY)[0]
     stop_id = ids[3]
-    out = llama.generate(prompt_token_ids=[[10, 11, 12]],
-                         params=SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=(stop_id,)))[0]
-    assert out == ids[:ids.index(stop_id) + 1]
+    out = llama.generate(
+        prompt_token_ids=[[10, 11, 12]],
+        params=SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=(stop_id,)),
+    )[0]
+    assert out == ids[: ids.index(stop_id) + 1]
     text = llama.tokenizer.decode(ids)
-    stop = text[len(text) // 2: len(text) // 2 + 3]
-    rid = llama.add_request(prompt_token_ids=[10, 11, 12], want_text=True,
-                            params=SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True, stop=(stop,)))
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    llama.add_request(
+        prompt_token_ids=[10, 11, 12],
+        want_text=True,
+        params=SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True, stop=(stop,)),
+    )
     pieces, reason = [], None
     while llama.has_unfinished():
         for o in llama.step():
             pieces.append(o.text_delta)
             reason = o.finish_reason if o.finished else reason
     assert reason is FinishReason.STOP
-    assert "".join(pieces) == text[:text.find(stop)]
+    assert "".join(pieces) == text[: text.find(stop)]
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(prompt_token_ids=[]), "prompt_token_ids"),
-    (dict(prompt_token_ids=[1, 10**9]), "prompt_token_ids"),
-    (dict(prompt=""), "prompt"),
-    (dict(), "prompt"),
-    (dict(prompt="x", prompt_token_ids=[1]), "prompt"),
-    (dict(prompt_token_ids=[1] * 5000), "prompt"),
-    (dict(prompt_token_ids=[1], params=SamplingParams(max_new_tokens=0)), "max_new_tokens"),
-    (dict(prompt_token_ids=[1], params=SamplingParams(temperature=float("nan"))), "temperature"),
-    (dict(prompt_token_ids=[1], params=SamplingParams(top_p=0.0)), "top_p"),
-    (dict(prompt_token_ids=[1], params=SamplingParams(top_k=-1)), "top_k"),
-    (dict(prompt_token_ids=[1], params=SamplingParams(logprobs=1000)), "logprobs"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(prompt_token_ids=[]), "prompt_token_ids"),
+        (dict(prompt_token_ids=[1, 10**9]), "prompt_token_ids"),
+        (dict(prompt=""), "prompt"),
+        (dict(), "prompt"),
+        (dict(prompt="x", prompt_token_ids=[1]), "prompt"),
+        (dict(prompt_token_ids=[1] * 5000), "prompt"),
+        (dict(prompt_token_ids=[1], params=SamplingParams(max_new_tokens=0)), "max_new_tokens"),
+        (dict(prompt_token_ids=[1], params=SamplingParams(temperature=float("nan"))), "temperature"),
+        (dict(prompt_token_ids=[1], params=SamplingParams(top_p=0.0)), "top_p"),
+        (dict(prompt_token_ids=[1], params=SamplingParams(top_k=-1)), "top_k"),
+        (dict(prompt_token_ids=[1], params=SamplingParams(logprobs=1000)), "logprobs"),
+    ],
+)
 def test_bad_requests_rejected_at_submission(llama, kwargs, field):
     with pytest.raises(InvalidRequestError) as info:
         llama.add_request(**kwargs)
@@ -170,15 +191,19 @@ def test_bad_requests_rejected_at_submission(llama, kwargs, field):
 
 
 def test_smollm2_greedy_matches_transformers(smollm2_dir):
-    engine = LLMEngine(EngineConfig(model=smollm2_dir, device="cpu", dtype=ENGINE_DTYPE,
-                                    cache=CacheConfig(num_blocks=128)))
-    prompts = [engine.tokenizer.encode(t) for t in
-               ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]]
+    engine = LLMEngine(
+        EngineConfig(model=smollm2_dir, device="cpu", dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=128))
+    )
+    prompts = [
+        engine.tokenizer.encode(t)
+        for t in ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+    ]
     params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
     assert_greedy_matches_reference(smollm2_dir, prompts, engine.generate(prompt_token_ids=prompts, params=params))
 
 
 # ---- parallel samples (SamplingParams.n) ----
+
 
 def _samples(engine, prompt, params):
     """Generate one request's samples by hand: (ids per sample, final outputs by sample index)."""
@@ -194,7 +219,7 @@ def _samples(engine, prompt, params):
 
 
 @pytest.mark.parametrize("prefix", [True, False])
-@pytest.mark.parametrize("length", [17, 16])   # a partial last block (copy-on-write) and a full one
+@pytest.mark.parametrize("length", [17, 16])  # a partial last block (copy-on-write) and a full one
 def test_n_samples_prefill_once(tiny_llama_dir, prefix, length):
     engine = make_engine(tiny_llama_dir, prefix=prefix)
     prompt = random_prompts(1, lo=length, hi=length, seed=20)[0]
@@ -204,7 +229,7 @@ def test_n_samples_prefill_once(tiny_llama_dir, prefix, length):
     assert engine.scheduler.num_computed_prompt_tokens == length + 3
     assert sorted(finals) == [0, 1, 2, 3]
     assert all(f.num_prompt_tokens == length and f.num_output_tokens == 8 for f in finals.values())
-    assert len({tuple(o) for o in outs}) > 1   # distinct seeds, distinct samples
+    assert len({tuple(o) for o in outs}) > 1  # distinct seeds, distinct samples
     assert_all_blocks_free(engine)
 
 
@@ -212,7 +237,7 @@ def test_n_samples_seeded_reproducible_and_sample0_is_n1(tiny_llama_dir, llama):
     prompt = random_prompts(1, lo=13, hi=13, seed=21)[0]
     params = SamplingParams(max_new_tokens=10, temperature=0.9, seed=42, ignore_eos=True, n=3)
     first, _ = _samples(llama, prompt, params)
-    tight = make_engine(tiny_llama_dir, budget=8, max_seqs=4)   # chunked prefill of sample 0, then the fork
+    tight = make_engine(tiny_llama_dir, budget=8, max_seqs=4)  # chunked prefill of sample 0, then the fork
     assert _samples(tight, prompt, params)[0] == first
     single = SamplingParams(max_new_tokens=10, temperature=0.9, seed=42, ignore_eos=True)
     assert llama.generate(prompt_token_ids=[prompt], params=single)[0] == first[0]
@@ -231,9 +256,8 @@ def test_n_greedy_samples_equal_the_single_answer(llama):
 
 def test_n_samples_abort_frees_all_blocks(llama):
     prompt = random_prompts(1, lo=30, hi=30, seed=23)[0]
-    rids = llama.add_samples(prompt_token_ids=prompt,
-                             params=SamplingParams(max_new_tokens=40, ignore_eos=True, n=4))
-    llama.step()   # sample 0's prefill; the others fork off it
+    rids = llama.add_samples(prompt_token_ids=prompt, params=SamplingParams(max_new_tokens=40, ignore_eos=True, n=4))
+    llama.step()  # sample 0's prefill; the others fork off it
     llama.step()
     ends = [llama.abort(rid) for rid in rids]
     assert all(e.finished and e.finish_reason is FinishReason.ABORT for e in ends)
@@ -261,7 +285,8 @@ def test_n_samples_under_kv_pressure_finish_and_free(tiny_llama_dir, llama):
     preempted and recomputed, and every sample still matches the roomy engine's."""
     prompt = random_prompts(1, lo=30, hi=30, seed=25)[0]
     params = SamplingParams(max_new_tokens=12, temperature=0.8, seed=9, ignore_eos=True, n=4)
-    tight = make_engine(tiny_llama_dir, num_blocks=12, prefix=False)   # 48 slots for ~4 x 42 tokens
-    assert tight.generate(prompt_token_ids=[prompt], params=params) == \
-        llama.generate(prompt_token_ids=[prompt], params=params)
+    tight = make_engine(tiny_llama_dir, num_blocks=12, prefix=False)  # 48 slots for ~4 x 42 tokens
+    assert tight.generate(prompt_token_ids=[prompt], params=params) == llama.generate(
+        prompt_token_ids=[prompt], params=params
+    )
     assert_all_blocks_free(tight)

@@ -1,5 +1,6 @@
 """The engine's gRPC service, in-process on port 0 with the tiny Llama: the wire contract of Generate,
 GenerateBatch and GetModelInfo, cancellation, concurrency, health and reflection."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,13 +14,12 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from tokenwire.engine.config import CacheConfig, EngineConfig, ServerConfig
 from tokenwire.engine.edge.server import SERVICE_NAME, EngineServer
 from tokenwire.engine.edge.servicer import FIELD_METADATA_KEY
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 NUM_BLOCKS = 256
 GREEDY = dict(temperature=0.0)
@@ -88,7 +88,7 @@ def tokenizer(tiny_llama_dir):
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, len(prompt_ids):].tolist()
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def ids_request(ids, **sampling) -> pb.GenerateRequest:
@@ -112,6 +112,7 @@ def wait_until_idle(stub, timeout: float = 10.0) -> pb.EngineStats:
 
 # ---- prompts: ids are never encoded, text exactly once ----
 
+
 def test_ids_are_never_encoded_text_once(stub, tokenizer):
     before = stats(stub).num_prompt_encodes
     ids = tokenizer.encode("The capital of France is")
@@ -119,16 +120,26 @@ def test_ids_are_never_encoded_text_once(stub, tokenizer):
     assert stats(stub).num_prompt_encodes == before
     assert responses[-1].usage.prompt_tokens == len(ids)
 
-    text_responses = list(stub.Generate(pb.GenerateRequest(
-        text="The capital of France is", sampling=pb.SamplingParams(max_new_tokens=4, **GREEDY))))
+    text_responses = list(
+        stub.Generate(
+            pb.GenerateRequest(text="The capital of France is", sampling=pb.SamplingParams(max_new_tokens=4, **GREEDY))
+        )
+    )
     assert stats(stub).num_prompt_encodes == before + 1
     assert _ids(text_responses) == _ids(responses)
 
 
 def test_stream_matches_transformers_and_ends_once(stub, tokenizer, hf_model):
     ids = tokenizer.encode("Once upon a time")
-    responses = list(stub.Generate(pb.GenerateRequest(
-        token_ids=pb.TokenIds(ids=ids), return_text=True, sampling=pb.SamplingParams(max_new_tokens=12, **GREEDY))))
+    responses = list(
+        stub.Generate(
+            pb.GenerateRequest(
+                token_ids=pb.TokenIds(ids=ids),
+                return_text=True,
+                sampling=pb.SamplingParams(max_new_tokens=12, **GREEDY),
+            )
+        )
+    )
     expected = hf_greedy(hf_model, ids, 12)
     assert _ids(responses) == expected
     assert "".join(r.text for r in responses) == tokenizer.decode(expected, skip_special_tokens=True)
@@ -153,6 +164,7 @@ def test_logprobs_when_asked(stub, tokenizer):
 
 # ---- refusals: a precise status before any work ----
 
+
 def test_fingerprint_mismatch_is_failed_precondition(stub, tokenizer):
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
     before = info.stats.num_prompt_encodes
@@ -169,18 +181,21 @@ def test_fingerprint_mismatch_is_failed_precondition(stub, tokenizer):
     assert stats(stub).num_prompt_encodes == before  # refused before the text was encoded
 
 
-@pytest.mark.parametrize("request_, field", [
-    (ids_request([1, 2], temperature=-1.0), "sampling.temperature"),
-    (ids_request([1, 2], top_p=0.0), "sampling.top_p"),
-    (ids_request([1, 2], max_new_tokens=0), "sampling.max_new_tokens"),
-    (ids_request([1, 2], logprobs=999), "sampling.logprobs"),
-    (ids_request([1, 2], stop_token_ids=[10**9]), "sampling.stop_token_ids"),
-    (ids_request([1, 10**9]), "token_ids.ids"),
-    (ids_request([]), "token_ids.ids"),
-    (ids_request([1] * 5000), "token_ids.ids"),          # longer than the context
-    (pb.GenerateRequest(text=""), "text"),
-    (pb.GenerateRequest(), "prompt"),
-])
+@pytest.mark.parametrize(
+    "request_, field",
+    [
+        (ids_request([1, 2], temperature=-1.0), "sampling.temperature"),
+        (ids_request([1, 2], top_p=0.0), "sampling.top_p"),
+        (ids_request([1, 2], max_new_tokens=0), "sampling.max_new_tokens"),
+        (ids_request([1, 2], logprobs=999), "sampling.logprobs"),
+        (ids_request([1, 2], stop_token_ids=[10**9]), "sampling.stop_token_ids"),
+        (ids_request([1, 10**9]), "token_ids.ids"),
+        (ids_request([]), "token_ids.ids"),
+        (ids_request([1] * 5000), "token_ids.ids"),  # longer than the context
+        (pb.GenerateRequest(text=""), "text"),
+        (pb.GenerateRequest(), "prompt"),
+    ],
+)
 def test_bad_fields_are_invalid_argument_naming_the_field(stub, request_, field):
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(request_))
@@ -202,6 +217,7 @@ def test_duplicate_request_id_in_flight_is_refused(stub):
 
 
 # ---- cancellation and deadlines free the request's blocks ----
+
 
 def test_cancel_mid_stream_frees_blocks(stub):
     stream = stub.Generate(ids_request(list(range(10, 60)), max_new_tokens=1000, ignore_eos=True))
@@ -225,6 +241,7 @@ def test_deadline_aborts_the_request(stub):
 
 
 # ---- concurrency and the batch form ----
+
 
 def test_32_concurrent_streams_all_finish_correctly(server, hf_model):
     rng = random.Random(0)
@@ -250,8 +267,7 @@ def test_32_concurrent_streams_all_finish_correctly(server, hf_model):
 
 def test_generate_batch_returns_results_in_order(stub):
     lengths = [7, 1, 12, 3, 9]
-    requests = [ids_request([5 + i, 6, 7], max_new_tokens=n, ignore_eos=True, **GREEDY)
-                for i, n in enumerate(lengths)]
+    requests = [ids_request([5 + i, 6, 7], max_new_tokens=n, ignore_eos=True, **GREEDY) for i, n in enumerate(lengths)]
     requests[1].return_text = True
     results = stub.GenerateBatch(pb.GenerateBatchRequest(requests=requests)).results
     assert [len(r.token_ids) for r in results] == lengths
@@ -268,10 +284,11 @@ def test_generate_batch_names_the_bad_request(stub):
         stub.GenerateBatch(pb.GenerateBatchRequest(requests=requests))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("requests[2].sampling.temperature: ")
-    assert wait_until_idle(stub).num_active_requests == 0   # nothing of the batch was started
+    assert wait_until_idle(stub).num_active_requests == 0  # nothing of the batch was started
 
 
 # ---- model info, health, reflection, lifecycle ----
+
 
 def test_model_info(stub, config):
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
@@ -333,8 +350,8 @@ def test_not_serving_while_loading_and_draining(config):
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Generate(ids_request([1, 2])))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.value.details()
-        assert next(running).token_ids    # the in-flight request keeps going while draining
-        running.cancel()                  # ...and once it is gone the drain completes
+        assert next(running).token_ids  # the in-flight request keeps going while draining
+        running.cancel()  # ...and once it is gone the drain completes
         stopping.result(timeout=30)
     thread.loop.call_soon_threadsafe(thread.loop.stop)
     thread.thread.join()
@@ -345,6 +362,7 @@ def _ids(responses) -> list[int]:
 
 
 # ---- parallel samples: n and index ----
+
 
 def _by_index(responses) -> dict[int, list]:
     samples: dict[int, list] = {}
@@ -367,9 +385,9 @@ def test_n_samples_stream_with_index_and_usage(stub):
     ids = {i: _ids(m) for i, m in samples.items()}
     assert len({tuple(v) for v in ids.values()}) > 1
     request.request_id = ""
-    assert {i: _ids(m) for i, m in _by_index(stub.Generate(request)).items()} == ids   # seeded: reproducible
+    assert {i: _ids(m) for i, m in _by_index(stub.Generate(request)).items()} == ids  # seeded: reproducible
     one = ids_request(list(range(20, 37)), max_new_tokens=6, temperature=1.0, seed=11, ignore_eos=True)
-    assert _ids(list(stub.Generate(one))) == ids[0]   # sample 0 is the n = 1 answer
+    assert _ids(list(stub.Generate(one))) == ids[0]  # sample 0 is the n = 1 answer
     assert all(r.index == 0 for r in stub.Generate(one))
 
 
@@ -393,8 +411,10 @@ def test_n_samples_cancel_frees_every_sample(stub):
 
 
 def test_generate_batch_gives_one_result_per_sample(stub):
-    requests = [ids_request([5, 6, 7], max_new_tokens=4, ignore_eos=True, seed=1, n=2),
-                ids_request([8, 9], max_new_tokens=3, ignore_eos=True, **GREEDY)]
+    requests = [
+        ids_request([5, 6, 7], max_new_tokens=4, ignore_eos=True, seed=1, n=2),
+        ids_request([8, 9], max_new_tokens=3, ignore_eos=True, **GREEDY),
+    ]
     results = stub.GenerateBatch(pb.GenerateBatchRequest(requests=requests)).results
     assert [(len(r.token_ids), r.index) for r in results] == [(4, 0), (4, 1), (3, 0)]
     assert len({r.request_id for r in results}) == 2

@@ -1,5 +1,6 @@
 """The OpenAI-compatible gateway, driven by the official `openai` client (and raw HTTP where the client
 hides the wire), over the real tokenizer and engine services on loopback (tiny Llama, port 0)."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,6 @@ import grpc
 import httpx
 import openai
 import pytest
-
-from tests.gateway_servers import GatewayThread
-from tests.reference import ENGINE_DTYPE
-from tests.servers import EngineThread, TokenizerThread, wait_until_idle
 from tokenwire.client import Client
 from tokenwire.engine.config import CacheConfig, EngineConfig, ServerConfig
 from tokenwire.gateway.config import GatewayConfig
@@ -20,14 +17,19 @@ from tokenwire.tokenizer.config import TokenizerServiceConfig
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
 
+from tests.gateway_servers import GatewayThread
+from tests.reference import ENGINE_DTYPE
+from tests.servers import EngineThread, TokenizerThread, wait_until_idle
+
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
 def services(tiny_llama_dir):
     tokenizer = TokenizerThread(TokenizerServiceConfig(model=tiny_llama_dir, port=0))
-    engine = EngineThread(EngineConfig(model=tiny_llama_dir, dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=256)),
-                          ServerConfig(port=0))
+    engine = EngineThread(
+        EngineConfig(model=tiny_llama_dir, dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=256)), ServerConfig(port=0)
+    )
     yield tokenizer, engine
     engine.close()
     tokenizer.close()
@@ -71,8 +73,9 @@ def test_completion_takes_every_prompt_form(oai, model):
     by_ids = oai.completions.create(model=model, prompt=ids["tokens"], max_tokens=6, temperature=0)
     assert by_text.choices[0].text == by_ids.choices[0].text and by_text.choices[0].finish_reason == "length"
     assert by_text.usage.prompt_tokens == ids["count"] and by_text.usage.completion_tokens == 6
-    many = oai.completions.create(model=model, prompt=["The capital of France is", "Hello"], max_tokens=6,
-                                  temperature=0)
+    many = oai.completions.create(
+        model=model, prompt=["The capital of France is", "Hello"], max_tokens=6, temperature=0
+    )
     lists = oai.completions.create(model=model, prompt=[ids["tokens"], [19556]], max_tokens=6, temperature=0)
     assert [c.index for c in many.choices] == [0, 1]
     assert many.choices[0].text == lists.choices[0].text == by_text.choices[0].text
@@ -81,8 +84,11 @@ def test_completion_takes_every_prompt_form(oai, model):
 
 def test_chat_streams_what_it_answers_whole(oai, model):
     whole = oai.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0)
-    stream = list(oai.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0, stream=True,
-                                              stream_options={"include_usage": True}))
+    stream = list(
+        oai.chat.completions.create(
+            model=model, messages=CHAT, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert stream[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == whole.choices[0].message.content
@@ -110,7 +116,7 @@ def test_n_samples_carry_their_index_and_count_the_prompt_once(oai, model):
     one = oai.chat.completions.create(model=model, messages=CHAT, max_tokens=6, seed=3)
     two = oai.chat.completions.create(model=model, messages=CHAT, max_tokens=6, seed=3, n=2)
     assert sorted(c.index for c in two.choices) == [0, 1]
-    assert two.choices[0].message.content == one.choices[0].message.content   # sample 0 uses the seed itself
+    assert two.choices[0].message.content == one.choices[0].message.content  # sample 0 uses the seed itself
     assert two.usage.prompt_tokens == one.usage.prompt_tokens and two.usage.completion_tokens == 12
     chunks = list(oai.chat.completions.create(model=model, messages=CHAT, max_tokens=6, seed=3, n=2, stream=True))
     by_index = {0: "", 1: ""}
@@ -124,21 +130,37 @@ def test_stop_string_ends_the_text_before_it(oai, model):
     free = oai.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0).choices[0].text
     stop = free[4:7]
     stopped = oai.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0, stop=[stop])
-    assert stopped.choices[0].text == free[:free.index(stop)]
+    assert stopped.choices[0].text == free[: free.index(stop)]
     assert stopped.choices[0].finish_reason == "stop"
-    assert stopped.choices[0].model_extra["stop_reason"] == stop      # vLLM's field: which stop string
+    assert stopped.choices[0].model_extra["stop_reason"] == stop  # vLLM's field: which stop string
 
 
 def test_logit_bias_and_the_stop_reason_of_a_stop_token(oai, model, gateway):
-    forced = oai.completions.create(model=model, prompt="Hello", max_tokens=3, temperature=0, logit_bias={"42": 100},
-                                    logprobs=0, extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True})
+    forced = oai.completions.create(
+        model=model,
+        prompt="Hello",
+        max_tokens=3,
+        temperature=0,
+        logit_bias={"42": 100},
+        logprobs=0,
+        extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
+    )
     assert forced.choices[0].logprobs.tokens == ["token_id:42"] * 3
     assert forced.choices[0].finish_reason == "length" and forced.choices[0].model_extra["stop_reason"] is None
-    body = {"model": model, "prompt": "Hello", "max_tokens": 8, "temperature": 0, "logit_bias": {"42": 100},
-            "stop_token_ids": [42], "stream": True}
-    events = [json.loads(line[len("data: "):]) for line in
-              httpx.post(gateway.url + "/v1/completions", json=body).text.split("\n\n")
-              if line.startswith("data: {")]
+    body = {
+        "model": model,
+        "prompt": "Hello",
+        "max_tokens": 8,
+        "temperature": 0,
+        "logit_bias": {"42": 100},
+        "stop_token_ids": [42],
+        "stream": True,
+    }
+    events = [
+        json.loads(line[len("data: ") :])
+        for line in httpx.post(gateway.url + "/v1/completions", json=body).text.split("\n\n")
+        if line.startswith("data: {")
+    ]
     final = [c for e in events for c in e["choices"] if c["finish_reason"]]
     assert [(c["finish_reason"], c["stop_reason"]) for c in final] == [("stop", 42)]
     assert all("stop_reason" not in c for e in events for c in e["choices"] if not c["finish_reason"])
@@ -146,36 +168,62 @@ def test_logit_bias_and_the_stop_reason_of_a_stop_token(oai, model, gateway):
 
 def test_structured_output_through_response_format_and_guided_params(oai, model):
     """The tiny model's text is random; the constraint alone makes it valid (README "Structured output")."""
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
-              "required": ["n"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
     chat = oai.chat.completions.create(
-        model=model, messages=CHAT, max_tokens=24, temperature=1.0, seed=3,
-        response_format={"type": "json_schema", "json_schema": {"name": "digit", "schema": schema}})
+        model=model,
+        messages=CHAT,
+        max_tokens=24,
+        temperature=1.0,
+        seed=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "digit", "schema": schema}},
+    )
     value = json.loads(chat.choices[0].message.content)
     assert set(value) == {"n"} and 0 <= value["n"] <= 9
-    choice = oai.completions.create(model=model, prompt="Pick:", max_tokens=8, temperature=1.0, seed=1,
-                                    extra_body={"guided_choice": ["red", "green", "blue"]})
+    choice = oai.completions.create(
+        model=model,
+        prompt="Pick:",
+        max_tokens=8,
+        temperature=1.0,
+        seed=1,
+        extra_body={"guided_choice": ["red", "green", "blue"]},
+    )
     assert choice.choices[0].text in {"red", "green", "blue"}
-    regex = oai.completions.create(model=model, prompt="Date:", max_tokens=16, temperature=1.0, seed=2,
-                                   extra_body={"guided_regex": r"20[0-9]{2}-(0[1-9]|1[0-2])"})
+    regex = oai.completions.create(
+        model=model,
+        prompt="Date:",
+        max_tokens=16,
+        temperature=1.0,
+        seed=2,
+        extra_body={"guided_regex": r"20[0-9]{2}-(0[1-9]|1[0-2])"},
+    )
     assert re.fullmatch(r"20[0-9]{2}-(0[1-9]|1[0-2])", regex.choices[0].text)
 
 
 def test_seed_reproduces_a_sample(oai, model):
     def sample(seed):
-        return oai.completions.create(model=model, prompt="Hello", max_tokens=10, temperature=1.0, seed=seed
-                                      ).choices[0].text
+        return (
+            oai.completions.create(model=model, prompt="Hello", max_tokens=10, temperature=1.0, seed=seed)
+            .choices[0]
+            .text
+        )
+
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
 
 
 def test_logprobs_in_both_shapes(oai, model):
-    chat = oai.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0, logprobs=True,
-                                       top_logprobs=2)
+    chat = oai.chat.completions.create(
+        model=model, messages=CHAT, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == 4 and all(len(t.top_logprobs) == 2 for t in content)
     assert "".join(t.token for t in content) == chat.choices[0].message.content
-    assert all(t.logprob == t.top_logprobs[0].logprob for t in content)   # greedy picks the top token
+    assert all(t.logprob == t.top_logprobs[0].logprob for t in content)  # greedy picks the top token
     text = oai.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0, logprobs=3)
     block = text.choices[0].logprobs
     assert len(block.tokens) == 4 and all(len(top) == 3 for top in block.top_logprobs)
@@ -190,8 +238,14 @@ def test_echo_puts_the_prompt_first(oai, model):
 
 def test_greedy_chat_through_the_gateway_has_the_sdks_ids(oai, model, services):
     tokenizer, engine = services
-    via_gateway = oai.chat.completions.create(model=model, messages=CHAT, max_tokens=10, temperature=0,
-                                              logprobs=True, extra_body={"return_tokens_as_token_ids": True})
+    via_gateway = oai.chat.completions.create(
+        model=model,
+        messages=CHAT,
+        max_tokens=10,
+        temperature=0,
+        logprobs=True,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
     ids = [int(t.token.removeprefix("token_id:")) for t in via_gateway.choices[0].logprobs.content]
     with Client(tokenizer.address, engine.address) as sdk:
         direct = sdk.complete(messages=CHAT, max_new_tokens=10, temperature=0)
@@ -199,22 +253,27 @@ def test_greedy_chat_through_the_gateway_has_the_sdks_ids(oai, model, services):
     assert via_gateway.choices[0].message.content == direct.text
 
 
-@pytest.mark.parametrize("params, param", [
-    ({"temperature": 7}, "temperature"),
-    ({"top_p": 0}, "top_p"),
-    ({"max_tokens": 10**6}, "max_tokens"),               # refused by the engine, named as OpenAI names it
-    ({"n": 5}, "n"),                                      # above the gateway's --max-n
-    ({"stop_token_ids": [10**7]}, "stop_token_ids"),
-    ({"logprobs": 99}, "logprobs"),
-    ({"stream": "yes"}, "stream"),
-    ({"logit_bias": {"5": 101}}, "logit_bias"),          # refused by the engine: sampling.logit_bias
-    ({"logit_bias": {"five": 1}}, "logit_bias"),         # not a token id
-    ({"guided_regex": "(unclosed"}, "guided_regex"),     # refused by the engine: sampling.regex
-    ({"guided_choice": []}, "guided_choice"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
-     "response_format"),
-    ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice"),   # two constraints
-])
+@pytest.mark.parametrize(
+    "params, param",
+    [
+        ({"temperature": 7}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 10**6}, "max_tokens"),  # refused by the engine, named as OpenAI names it
+        ({"n": 5}, "n"),  # above the gateway's --max-n
+        ({"stop_token_ids": [10**7]}, "stop_token_ids"),
+        ({"logprobs": 99}, "logprobs"),
+        ({"stream": "yes"}, "stream"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),  # refused by the engine: sampling.logit_bias
+        ({"logit_bias": {"five": 1}}, "logit_bias"),  # not a token id
+        ({"guided_regex": "(unclosed"}, "guided_regex"),  # refused by the engine: sampling.regex
+        ({"guided_choice": []}, "guided_choice"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
+            "response_format",
+        ),
+        ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice"),  # two constraints
+    ],
+)
 def test_a_bad_value_is_a_400_naming_its_param(oai, model, params, param):
     with pytest.raises(openai.BadRequestError) as err:
         oai.completions.create(model=model, prompt="Hello", extra_body=params)
@@ -244,7 +303,7 @@ def test_client_disconnect_cancels_the_engine_request(gateway, model, engine_stu
             lines = response.iter_lines()
             assert next(lines).startswith("data: {")
             assert engine_stub.GetModelInfo(pb.GetModelInfoRequest()).stats.num_running == 1
-    stats = wait_until_idle(engine_stub)   # the abort lands before the engine's next step
+    stats = wait_until_idle(engine_stub)  # the abort lands before the engine's next step
     assert stats.num_running == 0 and stats.num_free_kv_blocks == stats.num_kv_blocks
 
 
@@ -254,7 +313,9 @@ def test_side_routes(gateway, model):
     models = httpx.get(gateway.url + "/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == model
     tokens = httpx.post(gateway.url + "/tokenize", json={"prompt": "Hello world"}).json()
-    assert httpx.post(gateway.url + "/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": "Hello world"}
+    assert httpx.post(gateway.url + "/detokenize", json={"tokens": tokens["tokens"]}).json() == {
+        "prompt": "Hello world"
+    }
     chat = httpx.post(gateway.url + "/tokenize", json={"messages": CHAT}).json()
     assert chat["count"] > tokens["count"]
     metrics = httpx.get(gateway.url + "/metrics").text
@@ -277,30 +338,34 @@ def test_health_is_503_while_a_service_is_down(services):
 
 def test_bearer_token(services, model):
     tokenizer, engine = services
-    thread = GatewayThread(GatewayConfig(port=0, tokenizer=tokenizer.address, engine=engine.address,
-                                         auth_token="s3cret"))
+    thread = GatewayThread(
+        GatewayConfig(port=0, tokenizer=tokenizer.address, engine=engine.address, auth_token="s3cret")
+    )
     try:
         with openai.OpenAI(base_url=thread.url + "/v1", api_key="wrong", max_retries=0) as client:
             with pytest.raises(openai.AuthenticationError):
                 client.models.list()
         with openai.OpenAI(base_url=thread.url + "/v1", api_key="s3cret", max_retries=0) as client:
             assert client.completions.create(model=model, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
-        assert httpx.get(thread.url + "/health").status_code == 200   # probes need no token
+        assert httpx.get(thread.url + "/health").status_code == 200  # probes need no token
     finally:
         thread.close()
 
 
 def test_429_under_a_bound_of_one(tiny_llama_dir, services):
     tokenizer, _ = services
-    engine = EngineThread(EngineConfig(model=tiny_llama_dir, dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=64)),
-                          ServerConfig(port=0, max_pending_requests=1))
+    engine = EngineThread(
+        EngineConfig(model=tiny_llama_dir, dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=64)),
+        ServerConfig(port=0, max_pending_requests=1),
+    )
     thread = GatewayThread(GatewayConfig(port=0, tokenizer=tokenizer.address, engine=engine.address))
     try:
         with openai.OpenAI(base_url=thread.url + "/v1", api_key="x", max_retries=0) as client:
             model_name = client.models.list().data[0].id
-            busy = client.completions.create(model=model_name, prompt="Hi", max_tokens=4000, stream=True,
-                                             extra_body={"ignore_eos": True})
-            next(iter(busy))          # the one slot is taken
+            busy = client.completions.create(
+                model=model_name, prompt="Hi", max_tokens=4000, stream=True, extra_body={"ignore_eos": True}
+            )
+            next(iter(busy))  # the one slot is taken
             with pytest.raises(openai.RateLimitError) as err:
                 client.completions.create(model=model_name, prompt="Hi", max_tokens=2)
             assert err.value.status_code == 429 and err.value.body["type"] == "rate_limit_error"

@@ -1,12 +1,12 @@
 """The native CPU kernels against their pure-torch equivalents (models/kernels.py), in fp32 and bf16,
 and the torch fallback selected when the build is unavailable or switched off."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-from tokenwire.engine.models.llama import apply_rope
 from tokenwire.engine.models import kernels
+from tokenwire.engine.models.llama import apply_rope
 
 native = kernels.native()
 needs_native = pytest.mark.skipif(native is None, reason="native CPU kernels unavailable on this machine")
@@ -44,9 +44,9 @@ def test_paged_decode_matches_gather_and_sdpa(dtype, windowed, case):
     tables = torch.zeros(len(lens), width, dtype=torch.long)
     for i, n in enumerate(lens.tolist()):
         used = -(-n // block_size)
-        tables[i, :used] = perm[i * width:i * width + used]
+        tables[i, :used] = perm[i * width : i * width + used]
     qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * d).to(dtype)
-    q = qkv[:, :heads * d].view(len(lens), heads, d)  # strided rows, as the model passes them
+    q = qkv[:, : heads * d].view(len(lens), heads, d)  # strided rows, as the model passes them
     got = native.paged_decode(q, k_cache, v_cache, tables, lens, 0.125, window or 0)
     want = kernels.paged_decode(q, k_cache, v_cache, tables, lens, 0.125, window)
     torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
@@ -83,12 +83,14 @@ def test_rope_and_cache_rounds_into_a_narrower_cache(cache_dtype):
     slots = torch.tensor([7, 0, 3, 12, 9])
     k_cache = torch.zeros(4, 4, kv_heads, d, dtype=cache_dtype)
     v_cache = torch.zeros_like(k_cache)
-    rotated = apply_rope(qkv[:, :(heads + kv_heads) * d].view(T, -1, d), cos[:, None], sin[:, None])
-    values = qkv[:, (heads + kv_heads) * d:].view(T, kv_heads, d).clone()
+    rotated = apply_rope(qkv[:, : (heads + kv_heads) * d].view(T, -1, d), cos[:, None], sin[:, None])
+    values = qkv[:, (heads + kv_heads) * d :].view(T, kv_heads, d).clone()
     native.rope_and_cache(qkv, cos, sin, slots, k_cache, v_cache, heads, kv_heads)
-    torch.testing.assert_close(qkv[:, :(heads + kv_heads) * d].view(T, -1, d), rotated, **TOL[torch.float32])
-    assert torch.equal(k_cache.view(-1, kv_heads, d)[slots].float(),
-                       qkv[:, heads * d:(heads + kv_heads) * d].view(T, kv_heads, d).to(cache_dtype).float())
+    torch.testing.assert_close(qkv[:, : (heads + kv_heads) * d].view(T, -1, d), rotated, **TOL[torch.float32])
+    assert torch.equal(
+        k_cache.view(-1, kv_heads, d)[slots].float(),
+        qkv[:, heads * d : (heads + kv_heads) * d].view(T, kv_heads, d).to(cache_dtype).float(),
+    )
     assert torch.equal(v_cache.view(-1, kv_heads, d)[slots], values.to(cache_dtype))
 
 
@@ -127,13 +129,13 @@ def test_rope_and_cache_matches_torch(dtype):
     slot_mapping = torch.randperm(slots)[:T]
     k_cache = torch.zeros(slots // 4, 4, kv_heads, d, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
-    want_qk = apply_rope(qkv[:, :(heads + kv_heads) * d].view(T, -1, d), cos[:, None], sin[:, None])
+    want_qk = apply_rope(qkv[:, : (heads + kv_heads) * d].view(T, -1, d), cos[:, None], sin[:, None])
     want_k = torch.zeros_like(k_cache).view(-1, kv_heads, d)
     want_k[slot_mapping] = want_qk[:, heads:]
     want_v = torch.zeros_like(v_cache).view(-1, kv_heads, d)
-    want_v[slot_mapping] = qkv[:, (heads + kv_heads) * d:].view(T, kv_heads, d)
+    want_v[slot_mapping] = qkv[:, (heads + kv_heads) * d :].view(T, kv_heads, d)
     native.rope_and_cache(qkv, cos, sin, slot_mapping, k_cache, v_cache, heads, kv_heads)
-    torch.testing.assert_close(qkv[:, :(heads + kv_heads) * d].view(T, -1, d).float(), want_qk.float(), **TOL[dtype])
+    torch.testing.assert_close(qkv[:, : (heads + kv_heads) * d].view(T, -1, d).float(), want_qk.float(), **TOL[dtype])
     torch.testing.assert_close(k_cache.view(-1, kv_heads, d).float(), want_k.float(), **TOL[dtype])
     torch.testing.assert_close(v_cache.view(-1, kv_heads, d), want_v, rtol=0, atol=0)
 
@@ -143,8 +145,7 @@ def test_rope_and_cache_matches_torch(dtype):
 def test_rms_norm_matches_torch(dtype):
     torch.manual_seed(2)
     x, w = torch.randn(7, 96).to(dtype), torch.randn(96).to(dtype)
-    torch.testing.assert_close(native.rms_norm(x, w, 1e-5).float(), kernels.rms_norm(x, w, 1e-5).float(),
-                               **TOL[dtype])
+    torch.testing.assert_close(native.rms_norm(x, w, 1e-5).float(), kernels.rms_norm(x, w, 1e-5).float(), **TOL[dtype])
 
 
 @needs_native
@@ -162,13 +163,13 @@ def test_argmax_matches_torch():
     torch.manual_seed(6)
     for width in (1, 7, 16, 50, 49152):
         x = torch.randn(9, width)
-        x[1] = 0.5                                       # all tied: index 0
+        x[1] = 0.5  # all tied: index 0
         x[2] = float("-inf")
-        x[3, width // 2] = float("nan")                  # NaN in the vector part, or alone
-        x[4, -1] = float("nan")                          # NaN in the tail
+        x[3, width // 2] = float("nan")  # NaN in the vector part, or alone
+        x[4, -1] = float("nan")  # NaN in the tail
         x[5, :] = -1.0
-        x[5, [width - 1, width // 3]] = 3.0              # tied maxima in different lanes: the first
-        x[6, width - 1] = 1e9                            # the maximum in the tail
+        x[5, [width - 1, width // 3]] = 3.0  # tied maxima in different lanes: the first
+        x[6, width - 1] = 1e9  # the maximum in the tail
         assert torch.equal(native.argmax(x), kernels.argmax(x)), width
     assert native.argmax(torch.randn(0, 10)).shape == (0,)
 
@@ -247,25 +248,43 @@ def test_linear_runs_few_rows_on_the_gemv(dtype):
     for rows in (1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1):
         x, residual = torch.randn(rows, 64).to(dtype), torch.randn(rows, 48).to(dtype)
         torch.testing.assert_close(fast(x).float(), plain(x).float(), **TOL[torch.bfloat16])
-        torch.testing.assert_close(fast.add(x, residual.clone()).float(), plain.add(x, residual.clone()).float(),
-                                   **TOL[torch.bfloat16])
+        torch.testing.assert_close(
+            fast.add(x, residual.clone()).float(), plain.add(x, residual.clone()).float(), **TOL[torch.bfloat16]
+        )
     assert calls == [1, 1, GEMV_MAX_ROWS, GEMV_MAX_ROWS]
 
 
-def _runner_logits(model_dir, dtype: str, step: str, native_kernels: bool = True, fused_decode: bool = True,
-                   kv_cache_dtype: str = "auto", few_row_gemv: bool = True):
+def _runner_logits(
+    model_dir,
+    dtype: str,
+    step: str,
+    native_kernels: bool = True,
+    fused_decode: bool = True,
+    kv_cache_dtype: str = "auto",
+    few_row_gemv: bool = True,
+):
     """Prefill a few prompts, then one step: decodes with a prefill chunk over cached context ("mixed",
     the Python layer loop over the kernels), or decodes alone (every layer in one native call)."""
-    from tests.test_model_runner import BLOCK_SIZE, contiguous_tables, make_seqs
     from tokenwire.engine.config import CacheConfig, EngineConfig
-    from tokenwire.engine.worker.model_runner import ModelRunner
     from tokenwire.engine.scheduling.sequence import ScheduledChunk
+    from tokenwire.engine.worker.model_runner import ModelRunner
 
-    runner = ModelRunner(EngineConfig(model=model_dir, dtype=dtype, native_kernels=native_kernels,
-                                      few_row_gemv=few_row_gemv, cache=CacheConfig(
-                                          block_size=BLOCK_SIZE, num_blocks=256, kv_cache_dtype=kv_cache_dtype)))
-    assert runner.kv_cache.k.dtype == runner.kv_cache.v.dtype == getattr(
-        torch, dtype if kv_cache_dtype == "auto" else kv_cache_dtype)
+    from tests.test_model_runner import BLOCK_SIZE, contiguous_tables, make_seqs
+
+    runner = ModelRunner(
+        EngineConfig(
+            model=model_dir,
+            dtype=dtype,
+            native_kernels=native_kernels,
+            few_row_gemv=few_row_gemv,
+            cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=256, kv_cache_dtype=kv_cache_dtype),
+        )
+    )
+    assert (
+        runner.kv_cache.k.dtype
+        == runner.kv_cache.v.dtype
+        == getattr(torch, dtype if kv_cache_dtype == "auto" else kv_cache_dtype)
+    )
     if native_kernels:
         assert runner.model._decode_weights is not None
     if not fused_decode:

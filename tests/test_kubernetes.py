@@ -10,6 +10,7 @@
 3. The gateway's probe paths are asked of the real app: readiness (/health) fails while the services
    are unreachable, liveness answers regardless; and the Dockerfile copies every package the image installs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,25 +23,28 @@ import kubernetes_validate
 import pytest
 import yaml
 from fastapi.testclient import TestClient
-
-from tests.compose_file import load_compose
 from tokenwire.engine.cli import build_parser as engine_parser
 from tokenwire.gateway.app import create_app
 from tokenwire.gateway.cli import build_parser as gateway_parser
 from tokenwire.gateway.cli import config_from_args as gateway_config
-from tokenwire.serving.launcher import free_port
 from tokenwire.serving.cli_env import apply_env_defaults, env_name
+from tokenwire.serving.launcher import free_port
 from tokenwire.tokenizer.cli import build_parser as tokenizer_parser
+
+from tests.compose_file import load_compose
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
 VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
 PARSERS = {"tokenizer": tokenizer_parser, "engine": engine_parser, "gateway": gateway_parser}
-GRPC = ("tokenizer", "engine")          # the gRPC services: model cache, native gRPC probes, a metrics port
+GRPC = ("tokenizer", "engine")  # the gRPC services: model cache, native gRPC probes, a metrics port
 PORTS = {"tokenizer": 50051, "engine": 50052, "gateway": 8000}
 # Variables each container shares with its compose service, at least.
-SHARED = {"tokenizer": {"TOKENWIRE_MODEL"}, "engine": {"TOKENWIRE_MODEL"},
-          "gateway": {"TOKENWIRE_TOKENIZER", "TOKENWIRE_ENGINE", "TOKENWIRE_SERVED_MODEL_NAME"}}
+SHARED = {
+    "tokenizer": {"TOKENWIRE_MODEL"},
+    "engine": {"TOKENWIRE_MODEL"},
+    "gateway": {"TOKENWIRE_TOKENIZER", "TOKENWIRE_ENGINE", "TOKENWIRE_SERVED_MODEL_NAME"},
+}
 # Variables the services read that are not flags (README, "Other variables").
 NON_FLAG_VARIABLES = {"TOKENWIRE_HOME", "HF_HOME"}
 LABELS = {"app.kubernetes.io/name": "tokenwire"}
@@ -78,6 +82,7 @@ def parsed(component: str) -> argparse.Namespace:
 
 # ---- the files ----
 
+
 def test_the_kustomization_lists_every_manifest():
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kustomization()["resources"]) == on_disk
@@ -102,6 +107,7 @@ def test_validation_is_strict_enough_to_catch_mistakes():
 
 
 # ---- the containers against the CLIs ----
+
 
 @pytest.mark.parametrize("component", PARSERS)
 def test_every_variable_is_a_flag_of_the_service(component):
@@ -176,7 +182,7 @@ def test_services_select_their_deployments():
         assert LABELS.items() <= labels.items()
         ports = {p["name"]: p["port"] for p in services[name]["spec"]["ports"]}
         if name == "gateway":
-            assert ports == {"http": PORTS[name]}   # /metrics is served on the HTTP port
+            assert ports == {"http": PORTS[name]}  # /metrics is served on the HTTP port
         else:
             assert ports == {"grpc": PORTS[name], "metrics": parsed(name).metrics_port}
 
@@ -195,11 +201,12 @@ def test_the_engine_scales_and_survives_disruptions():
 
 # ---- the gateway ----
 
+
 def test_the_gateway_reaches_the_services_through_their_services():
     args = parsed("gateway")
     assert args.port == PORTS["gateway"] and args.host == "0.0.0.0"
-    assert args.tokenizer == f"tokenizer:{PORTS['tokenizer']}"          # the tokenizer's ClusterIP
-    assert args.engine == f"dns:///engine:{PORTS['engine']}"            # every pod of the headless Service
+    assert args.tokenizer == f"tokenizer:{PORTS['tokenizer']}"  # the tokenizer's ClusterIP
+    assert args.engine == f"dns:///engine:{PORTS['engine']}"  # every pod of the headless Service
     services = objects("Service")
     assert services["engine"]["spec"]["clusterIP"] == "None" and "tokenizer" in services
     assert args.served_model_name == env(container("engine"))["TOKENWIRE_MODEL"]
@@ -216,7 +223,7 @@ def test_gateway_probes_and_grace_cover_its_drain():
     assert probe["periodSeconds"] * probe["failureThreshold"] > args.drain_grace_s
     pod = objects("Deployment")["gateway"]["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > args.drain_grace_s
-    assert "initContainers" not in pod    # no model in the gateway
+    assert "initContainers" not in pod  # no model in the gateway
     assert {m["mountPath"] for m in spec["volumeMounts"]} == {"/tmp"}
 
 
@@ -232,7 +239,9 @@ def test_gateway_liveness_answers_while_readiness_waits_for_the_services():
 
 def test_the_image_holds_every_installed_package():
     """`pip install .` in the Dockerfile fails on a package folder it was not given."""
-    folders = {d.split("/")[0] for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-               ["package-dir"].values()}
+    folders = {
+        d.split("/")[0]
+        for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    }
     copied = set(re.findall(r"^COPY (\S+) \1$", (ROOT / "Dockerfile").read_text(), re.MULTILINE))
     assert folders <= copied, folders - copied

@@ -9,6 +9,7 @@ Inside the engine (tokenwire.engine), by process:
     core process:  core -> scheduling (plain Python) + worker (torch) -> models; request for grammars
 The scheduling package is plain Python, unit-testable with no torch or gRPC.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,23 @@ import sys
 
 import pytest
 
-_NO_TORCH_NOR_WIRE = ["torch", "grpc", "tokenwire.tokenizer", "tokenwire.v1", "tokenwire.engine.worker",
-                      "tokenwire.engine.models", "tokenwire.engine.edge"]
-_THE_EDGE_NEVER_LOADS = ["torch", "tokenwire.engine.worker", "tokenwire.engine.models", "tokenwire.engine.core.engine",
-                         "tokenwire.client", "tokenwire.bench"]
+_NO_TORCH_NOR_WIRE = [
+    "torch",
+    "grpc",
+    "tokenwire.tokenizer",
+    "tokenwire.v1",
+    "tokenwire.engine.worker",
+    "tokenwire.engine.models",
+    "tokenwire.engine.edge",
+]
+_THE_EDGE_NEVER_LOADS = [
+    "torch",
+    "tokenwire.engine.worker",
+    "tokenwire.engine.models",
+    "tokenwire.engine.core.engine",
+    "tokenwire.client",
+    "tokenwire.bench",
+]
 FORBIDDEN = {
     # module: prefixes of modules it must not load
     "tokenwire.engine.scheduling.scheduler": _NO_TORCH_NOR_WIRE + ["tokenwire.engine.core"],
@@ -67,10 +81,13 @@ def test_serving_loads_no_service():
     import pkgutil
 
     import tokenwire.serving
+
     names = [f"tokenwire.serving.{m.name}" for m in pkgutil.iter_modules(tokenwire.serving.__path__)]
-    code = ("import sys, json, importlib\n"
-            f"for name in {names!r}: importlib.import_module(name)\n"
-            "print(json.dumps(sorted(sys.modules)))")
+    code = (
+        "import sys, json, importlib\n"
+        f"for name in {names!r}: importlib.import_module(name)\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     loaded = json.loads(out.stdout)
     assert offending(loaded, ["tokenwire.engine", "tokenwire.tokenizer", "tokenwire.client", "tokenwire.bench"]) == []

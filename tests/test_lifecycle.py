@@ -4,6 +4,7 @@ Health turns NOT_SERVING at once, a new request is refused with UNAVAILABLE, the
 its last token, and the process exits 0. The stream is long (600 tokens) and read only after the checks,
 so it is still in flight while they run.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,20 +14,32 @@ import subprocess
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from tests.reference import ENGINE_DTYPE
 from tokenwire.serving.launcher import command, free_port
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
 
-MAX_NEW_TOKENS = 600   # long enough to still be streaming while the checks run (context: 1024)
+from tests.reference import ENGINE_DTYPE
+
+MAX_NEW_TOKENS = 600  # long enough to still be streaming while the checks run (context: 1024)
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir, tmp_path_factory):
     port, log_path = free_port(), tmp_path_factory.mktemp("lifecycle") / "engine.log"
-    argv = command("tokenwire-engine") + ["--model", tiny_llama_dir, "--port", str(port), "--dtype", ENGINE_DTYPE,
-                                          "--num-blocks", "128", "--drain-grace-s", "60", "--log-format", "json"]
+    argv = command("tokenwire-engine") + [
+        "--model",
+        tiny_llama_dir,
+        "--port",
+        str(port),
+        "--dtype",
+        ENGINE_DTYPE,
+        "--num-blocks",
+        "128",
+        "--drain-grace-s",
+        "60",
+        "--log-format",
+        "json",
+    ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -43,8 +56,10 @@ def engine(tiny_llama_dir, tmp_path_factory):
 def test_sigterm_drains_the_stream_in_flight_then_exits_zero(engine):
     process, channel, log_path = engine
     stub = engine_pb2_grpc.EngineServiceStub(channel)
-    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3, 4]), sampling=pb.SamplingParams(
-        max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    request = pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=[1, 2, 3, 4]),
+        sampling=pb.SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, ignore_eos=True),
+    )
     stream = stub.Generate(request, timeout=120)
     first = next(stream)
     assert len(first.token_ids) >= 1
@@ -69,7 +84,8 @@ def _wait_for(channel: grpc.Channel, status: int, process: subprocess.Popen, tim
     """Watch grpc.health.v1 until it reports `status` (the server pushes every change: no polling)."""
     try:
         for response in health_pb2_grpc.HealthStub(channel).Watch(
-                health_pb2.HealthCheckRequest(), timeout=timeout_s, wait_for_ready=True):
+            health_pb2.HealthCheckRequest(), timeout=timeout_s, wait_for_ready=True
+        ):
             if response.status == status:
                 return
     except grpc.RpcError as error:

@@ -4,6 +4,7 @@ Both servers run in this process on one event-loop thread, ports 0 (gRPC and met
 Prometheus registry. Requests go through the SDK: text via the tokenizer service (encoded there, never by
 the engine), text straight to the engine (encoded by the engine), and token ids (encoded by no one).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -12,16 +13,16 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-from tests.reference import ENGINE_DTYPE
 from tokenwire.client import Client, InvalidRequestError
 from tokenwire.engine.config import CacheConfig, EngineConfig, ServerConfig
 from tokenwire.engine.edge.server import EngineServer
 from tokenwire.tokenizer.config import TokenizerServiceConfig
 from tokenwire.tokenizer.server import TokenizerServer
 
+from tests.reference import ENGINE_DTYPE
+
 NUM_BLOCKS = 128
-LONG_PROMPT_IDS = list(range(100, 140))   # 40 ids: two full 16-token blocks the prefix cache can share
+LONG_PROMPT_IDS = list(range(100, 140))  # 40 ids: two full 16-token blocks the prefix cache can share
 GREEDY = dict(temperature=0.0, max_new_tokens=5)
 
 
@@ -36,8 +37,10 @@ class Servers:
 
     async def _start(self, model: str) -> tuple[TokenizerServer, EngineServer]:
         tokenizer = TokenizerServer(TokenizerServiceConfig(model=model, port=0, metrics_port=0))
-        engine = EngineServer(EngineConfig(model=model, dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=NUM_BLOCKS)),
-                              ServerConfig(port=0, metrics_port=0))
+        engine = EngineServer(
+            EngineConfig(model=model, dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=NUM_BLOCKS)),
+            ServerConfig(port=0, metrics_port=0),
+        )
         await tokenizer.start()
         await engine.start()
         await tokenizer.load()  # one after the other: transformers' lazy imports are not thread-safe
@@ -66,8 +69,11 @@ def servers(tiny_llama_dir):
 def scrape(port: int) -> dict[tuple[str, frozenset], float]:
     """{(sample name, labels): value} from one /metrics endpoint."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
@@ -81,8 +87,10 @@ def traffic(servers):
     before = scrape(t_port), scrape(e_port)
     engine_address, tokenizer_address = f"127.0.0.1:{servers.engine.port}", f"127.0.0.1:{servers.tokenizer.port}"
     completions = []
-    with Client(tokenizer_address, engine_address, timeout=60) as sdk, \
-            Client(None, engine_address, timeout=60) as direct:
+    with (
+        Client(tokenizer_address, engine_address, timeout=60) as sdk,
+        Client(None, engine_address, timeout=60) as direct,
+    ):
         completions += [sdk.complete(f"Tell me about {topic}", **GREEDY) for topic in ("cats", "dogs", "owls")]
         completions += [direct.complete(f"Straight to the engine {i}", **GREEDY) for i in range(2)]
         completions += [sdk.complete(token_ids=LONG_PROMPT_IDS, **GREEDY) for _ in range(2)]  # 2nd hits the cache
@@ -120,8 +128,9 @@ def test_token_counters_match_the_usage_the_clients_saw(traffic):
     assert delta(e0, e1, "tokenwire_engine_generation_tokens_total") == sum(u.completion_tokens for u in usages)
     assert delta(e0, e1, "tokenwire_engine_cached_prompt_tokens_total") == sum(u.cached_prompt_tokens for u in usages)
     assert usages[-1].cached_prompt_tokens >= 32  # the repeated 40-id prompt reused two blocks
-    finished = value(e1, "tokenwire_engine_requests_finished_total", finish_reason="length") + \
-        value(e1, "tokenwire_engine_requests_finished_total", finish_reason="stop")
+    finished = value(e1, "tokenwire_engine_requests_finished_total", finish_reason="length") + value(
+        e1, "tokenwire_engine_requests_finished_total", finish_reason="stop"
+    )
     assert finished == 7
 
 

@@ -1,9 +1,9 @@
 """The model resolver: the default name becomes a converted local folder; anything else passes through."""
+
 from pathlib import Path
 
-from transformers import AutoConfig, AutoTokenizer
-
 from tokenwire.serving.model_resolver import DEFAULT_MODEL, resolve_model
+from transformers import AutoConfig, AutoTokenizer
 
 
 def test_other_names_pass_through_unchanged():
@@ -13,7 +13,7 @@ def test_other_names_pass_through_unchanged():
 
 def test_default_model_is_a_complete_plain_transformers_folder(smollm2_dir):
     folder = Path(smollm2_dir)
-    assert resolve_model(DEFAULT_MODEL) == smollm2_dir   # second call reuses the cache
+    assert resolve_model(DEFAULT_MODEL) == smollm2_dir  # second call reuses the cache
     config = AutoConfig.from_pretrained(folder)
     assert config.architectures == ["LlamaForCausalLM"] and config.vocab_size == 49152
     assert not hasattr(config, "quantization_config")

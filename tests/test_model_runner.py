@@ -4,6 +4,7 @@ Sequences, chunks and block tables are built by hand here (no scheduler), so eac
 behaviour: batched mixed-length prefill, chunked prefill mixed with decodes, shuffled block tables,
 prefix-cache-style context, copy-on-write block copies.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,17 +12,23 @@ import random
 
 import pytest
 import torch
-from transformers import (AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
-
-from tests.reference import ENGINE_DTYPE, EXACT, TORCH_DTYPE, assert_greedy_matches_reference
-
 from tokenwire.engine.config import CacheConfig, EngineConfig
 from tokenwire.engine.models.linear import Linear
-from tokenwire.engine.worker.device import choose_device, choose_dtype, choose_kv_cache_dtype, cpu_auto_dtype
-from tokenwire.engine.worker.model_runner import ModelRunner
 from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.engine.scheduling.sequence import ScheduledChunk, Sequence
+from tokenwire.engine.worker.device import choose_device, choose_dtype, choose_kv_cache_dtype, cpu_auto_dtype
+from tokenwire.engine.worker.model_runner import ModelRunner
+from transformers import (
+    AutoTokenizer,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from tests.reference import ENGINE_DTYPE, EXACT, TORCH_DTYPE, assert_greedy_matches_reference
 
 PROMPT_LENGTHS = (1, 5, 17, 40)
 NEW_TOKENS = 8
@@ -46,8 +53,6 @@ def prompts() -> list[list[int]]:
     return [[rng.randrange(3, 49152) for _ in range(n)] for n in PROMPT_LENGTHS]
 
 
-
-
 def make_seqs(prompts: list[list[int]], tables: list[list[int]]) -> list[Sequence]:
     seqs = [Sequence(f"r{i}", list(p), SamplingParams(temperature=0)) for i, p in enumerate(prompts)]
     for seq, table in zip(seqs, tables):
@@ -69,8 +74,11 @@ def run_greedy(runner: ModelRunner, seqs: list[Sequence], new_tokens: int, budge
     while any(len(s.output_token_ids) < new_tokens for s in seqs):
         chunks, room = [], budget or 10**9
         for seq in seqs:  # decodes
-            if seq.num_computed_tokens == seq.num_tokens - 1 and seq.output_token_ids \
-                    and len(seq.output_token_ids) < new_tokens:
+            if (
+                seq.num_computed_tokens == seq.num_tokens - 1
+                and seq.output_token_ids
+                and len(seq.output_token_ids) < new_tokens
+            ):
                 chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, 1, True))
                 room -= 1
         for seq in seqs:  # prefill chunks
@@ -104,7 +112,7 @@ def test_shuffled_block_tables_match_hf(runner, model_dir, prompts):
     pool = random.Random(3).sample(range(NUM_BLOCKS), sum(needed))
     tables, at = [], 0
     for n in needed:
-        tables.append(pool[at:at + n])
+        tables.append(pool[at : at + n])
         at += n
     seqs = make_seqs(prompts, tables)
     run_greedy(runner, seqs, NEW_TOKENS, budget=11)
@@ -217,9 +225,19 @@ _VARIANTS = {  # tiny Llama-family relatives: what each adds over Llama
 @pytest.mark.parametrize("variant", list(_VARIANTS))
 def test_llama_family_variants_match_hf(variant, tmp_path):
     model_cls, config_cls, extra = _VARIANTS[variant]
-    config = config_cls(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                        initializer_range=0.2, tie_word_embeddings=False, eos_token_id=2, **extra)
+    config = config_cls(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        eos_token_id=2,
+        **extra,
+    )
     torch.manual_seed(0)
     model_cls(config).eval().save_pretrained(tmp_path)
     rng = random.Random(5)
@@ -232,13 +250,16 @@ def test_llama_family_variants_match_hf(variant, tmp_path):
     assert_greedy_matches_reference(str(tmp_path), prompts, [s.output_token_ids for s in seqs])
 
 
-@pytest.mark.parametrize("capability, flags, expected", [
-    ("AVX512", {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, torch.bfloat16),   # Xeon with AMX
-    ("AVX512", {"avx512f", "avx512_bf16"}, torch.bfloat16),                           # EPYC Zen 4, Xeon Cooper Lake
-    ("AVX512", {"avx512f", "avx512_vnni"}, torch.float32),                            # Xeon Ice Lake: no bf16
-    ("AVX2", {"avx2", "avx512_bf16"}, torch.float32),                                 # torch's AVX2 kernels
-    ("DEFAULT", set(), torch.float32),
-])
+@pytest.mark.parametrize(
+    "capability, flags, expected",
+    [
+        ("AVX512", {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, torch.bfloat16),  # Xeon with AMX
+        ("AVX512", {"avx512f", "avx512_bf16"}, torch.bfloat16),  # EPYC Zen 4, Xeon Cooper Lake
+        ("AVX512", {"avx512f", "avx512_vnni"}, torch.float32),  # Xeon Ice Lake: no bf16
+        ("AVX2", {"avx2", "avx512_bf16"}, torch.float32),  # torch's AVX2 kernels
+        ("DEFAULT", set(), torch.float32),
+    ],
+)
 def test_cpu_auto_dtype_follows_the_cpu_features(capability, flags, expected):
     dtype, why = cpu_auto_dtype(capability, flags)
     assert dtype == expected and capability in why
@@ -251,7 +272,7 @@ def test_dtype_and_device_choice():
     assert choose_dtype("bfloat16", cpu) == torch.bfloat16
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         assert choose_dtype("auto", cpu) == torch.float32  # bf16 is emulated, 4-5x slower, on AVX2
-    assert len({choose_dtype("auto", cpu) for _ in range(5)}) == 1   # a rule, not a timing race
+    assert len({choose_dtype("auto", cpu) for _ in range(5)}) == 1  # a rule, not a timing race
     with pytest.raises(ValueError, match="dtype"):
         choose_dtype("fp8", cpu)
     if not torch.cuda.is_available():
@@ -273,8 +294,9 @@ def test_kv_cache_dtype_choice(tiny_llama_dir):
     # The budget buys twice the blocks with half the bytes per block.
     budget = dict(block_size=16, kv_cache_memory_gb=0.001)
     wide = ModelRunner(EngineConfig(model=tiny_llama_dir, dtype="float32", cache=CacheConfig(**budget)))
-    narrow = ModelRunner(EngineConfig(model=tiny_llama_dir, dtype="float32",
-                                      cache=CacheConfig(**budget, kv_cache_dtype="bfloat16")))
+    narrow = ModelRunner(
+        EngineConfig(model=tiny_llama_dir, dtype="float32", cache=CacheConfig(**budget, kv_cache_dtype="bfloat16"))
+    )
     assert narrow.kv_cache.k.dtype == torch.bfloat16 and narrow.num_blocks == 2 * wide.num_blocks
 
 
@@ -294,7 +316,7 @@ def test_gemm_rows_are_a_bounded_set_of_shapes():
 
     rows = [gemm_rows(m) for m in range(1, 1025)]
     assert rows[:16] == list(range(1, 17)) and len(set(rows)) <= 48
-    assert all(0 <= r - m < max(16, m / 8) for m, r in zip(range(1, 1025), rows))   # under 16 rows or 1/8
+    assert all(0 <= r - m < max(16, m / 8) for m, r in zip(range(1, 1025), rows))  # under 16 rows or 1/8
 
 
 @pytest.mark.parametrize("m", [5, 17, 200])
@@ -307,4 +329,3 @@ def test_a_padded_gemm_gives_the_rows_it_was_asked_for(m):
     torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
     want = residual + torch.nn.functional.linear(x, weight, bias)
     torch.testing.assert_close(linear.add(x, residual.clone()), want, rtol=1e-5, atol=1e-5)
-

@@ -1,6 +1,7 @@
 """Unit tests of the operations plumbing both services share: flags from the environment, JSON logs with
 request ids, the RPC observer's status codes, request ids and metrics (on a real in-process server), and
 the container healthcheck over TLS."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +15,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
-
 from tokenwire.engine.cli import build_parser as engine_parser
 from tokenwire.serving.cli_env import apply_env_defaults
 from tokenwire.serving.healthcheck import main as healthcheck_main
@@ -25,6 +25,7 @@ from tokenwire.tokenizer.cli import build_parser as tokenizer_parser
 
 # ---- flags from the environment ----
 
+
 def _parse(build, environ: dict, argv: list[str] = ()):
     parser = build()
     apply_env_defaults(parser, environ)  # again, with a known environment instead of os.environ
@@ -33,11 +34,23 @@ def _parse(build, environ: dict, argv: list[str] = ()):
 
 @pytest.mark.parametrize("build", [tokenizer_parser, engine_parser], ids=["tokenizer", "engine"])
 def test_every_flag_can_come_from_the_environment(build):
-    env = {"TOKENWIRE_PORT": "6000", "TOKENWIRE_MODEL": "/models/x", "TOKENWIRE_LOG_FORMAT": "json",
-           "TOKENWIRE_TRUST_REMOTE_CODE": "true", "TOKENWIRE_DRAIN_GRACE_S": "2.5", "TOKENWIRE_METRICS_PORT": "9090"}
+    env = {
+        "TOKENWIRE_PORT": "6000",
+        "TOKENWIRE_MODEL": "/models/x",
+        "TOKENWIRE_LOG_FORMAT": "json",
+        "TOKENWIRE_TRUST_REMOTE_CODE": "true",
+        "TOKENWIRE_DRAIN_GRACE_S": "2.5",
+        "TOKENWIRE_METRICS_PORT": "9090",
+    }
     args = _parse(build, env)
-    assert (args.port, args.model, args.log_format, args.trust_remote_code, args.drain_grace_s, args.metrics_port) \
-        == (6000, "/models/x", "json", True, 2.5, 9090)
+    assert (args.port, args.model, args.log_format, args.trust_remote_code, args.drain_grace_s, args.metrics_port) == (
+        6000,
+        "/models/x",
+        "json",
+        True,
+        2.5,
+        9090,
+    )
     assert _parse(build, env, ["--port", "7000", "--no-trust-remote-code"]).port == 7000  # a flag wins
     assert "[env: TOKENWIRE_PORT]" in build().format_help()
 
@@ -55,8 +68,9 @@ def test_engine_specific_flags_come_from_the_environment():
     assert (args.num_blocks, args.enable_prefix_cache) == (64, False)
 
 
-@pytest.mark.parametrize("env", [{"TOKENWIRE_PORT": "fifty"}, {"TOKENWIRE_LOG_FORMAT": "xml"},
-                                 {"TOKENWIRE_TRUST_REMOTE_CODE": "maybe"}])
+@pytest.mark.parametrize(
+    "env", [{"TOKENWIRE_PORT": "fifty"}, {"TOKENWIRE_LOG_FORMAT": "xml"}, {"TOKENWIRE_TRUST_REMOTE_CODE": "maybe"}]
+)
 def test_a_bad_environment_value_is_reported_by_name(env, capsys):
     with pytest.raises(SystemExit):
         _parse(tokenizer_parser, env)
@@ -64,6 +78,7 @@ def test_a_bad_environment_value_is_reported_by_name(env, capsys):
 
 
 # ---- logs ----
+
 
 def test_json_logs_are_one_object_per_line_with_the_request_id():
     stream = io.StringIO()
@@ -78,11 +93,18 @@ def test_json_logs_are_one_object_per_line_with_the_request_id():
         configure_logging("WARNING", "text")
     first, second = map(json.loads, stream.getvalue().splitlines())
     assert first["message"] == "outside" and "request_id" not in first
-    assert second == {**second, "message": "inside 7", "level": "WARNING", "request_id": "rid-42", "rpc": "Encode",
-                      "logger": "tokenwire.test"}
+    assert second == {
+        **second,
+        "message": "inside 7",
+        "level": "WARNING",
+        "request_id": "rid-42",
+        "rpc": "Encode",
+        "logger": "tokenwire.test",
+    }
 
 
 # ---- the RPC observer, on a real server ----
+
 
 class _Health(health.aio.HealthServicer):
     async def Check(self, request, context):
@@ -115,21 +137,46 @@ def test_the_observer_counts_status_codes_and_binds_the_callers_request_id():
 
     asyncio.run(scenario())
     sample = lambda code: registry.get_sample_value(  # noqa: E731
-        "tokenwire_rpc_requests_total", {"service": "Health", "rpc": "Check", "code": code})
+        "tokenwire_rpc_requests_total", {"service": "Health", "rpc": "Check", "code": code}
+    )
     assert (sample("OK"), sample("INVALID_ARGUMENT")) == (1.0, 1.0)
-    assert registry.get_sample_value("tokenwire_rpc_requests_total",
-                                     {"service": "Health", "rpc": "Watch", "code": "CANCELLED"}) == 1.0
+    assert (
+        registry.get_sample_value(
+            "tokenwire_rpc_requests_total", {"service": "Health", "rpc": "Watch", "code": "CANCELLED"}
+        )
+        == 1.0
+    )
     assert seen == [("Check", "abc")]  # one successful response; Watch sends through context.write, unobserved
 
 
 # ---- the container healthcheck ----
 
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
 def test_healthcheck_probes_a_tls_server(tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-                    "-days", "1", "-subj", "/CN=tokenwire.test", "-addext", "subjectAltName=DNS:tokenwire.test"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-days",
+            "1",
+            "-subj",
+            "/CN=tokenwire.test",
+            "-addext",
+            "subjectAltName=DNS:tokenwire.test",
+        ],
+        check=True,
+        capture_output=True,
+    )
 
     async def scenario() -> list[int]:
         server, servicer = grpc.aio.server(), health.aio.HealthServicer()
@@ -140,10 +187,14 @@ def test_healthcheck_probes_a_tls_server(tmp_path):
         await server.start()
         address = f"127.0.0.1:{port}"
         try:
-            return [await asyncio.to_thread(healthcheck_main, argv) for argv in (
-                [address, "--quiet", "--tls-ca", str(cert), "--server-name", "tokenwire.test"],
-                [address, "--quiet", "--timeout", "1"],                       # plaintext to a TLS port
-                [address, "--quiet", "--tls-ca", str(tmp_path / "missing.pem")])]
+            return [
+                await asyncio.to_thread(healthcheck_main, argv)
+                for argv in (
+                    [address, "--quiet", "--tls-ca", str(cert), "--server-name", "tokenwire.test"],
+                    [address, "--quiet", "--timeout", "1"],  # plaintext to a TLS port
+                    [address, "--quiet", "--tls-ca", str(tmp_path / "missing.pem")],
+                )
+            ]
         finally:
             await server.stop(None)
 

@@ -2,6 +2,7 @@
 house rules: every field, enum value and rpc documented; enum zero values `<ENUM_NAME>_UNSPECIFIED`.
 Picks up every `protos/tokenwire/v1/*.proto` automatically. Comments are read from protoc's own
 parse (SourceCodeInfo), not with regexes over the text."""
+
 from __future__ import annotations
 
 import importlib
@@ -19,9 +20,9 @@ PROTOS = sorted(PROTO_DIR.glob("*.proto"))
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 # FileDescriptorProto field numbers, for SourceCodeInfo location paths.
-_MESSAGE, _ENUM, _SERVICE = 4, 5, 6          # in a file
-_FIELD, _NESTED, _NESTED_ENUM = 2, 3, 4      # in a message
-_VALUE, _METHOD = 2, 2                       # in an enum, in a service
+_MESSAGE, _ENUM, _SERVICE = 4, 5, 6  # in a file
+_FIELD, _NESTED, _NESTED_ENUM = 2, 3, 4  # in a message
+_VALUE, _METHOD = 2, 2  # in an enum, in a service
 
 
 def generated_files(folder: Path) -> dict[str, bytes]:
@@ -31,8 +32,12 @@ def generated_files(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def regenerated(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stubs")
-    subprocess.run([sys.executable, str(ROOT / "protos" / "generate.py"), "--out", str(out)],
-                   check=True, capture_output=True, cwd=tmp_path_factory.getbasetemp())
+    subprocess.run(
+        [sys.executable, str(ROOT / "protos" / "generate.py"), "--out", str(out)],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path_factory.getbasetemp(),
+    )
     return out / "tokenwire" / "v1"
 
 
@@ -69,6 +74,7 @@ def test_stubs_import_under_the_package_name(proto):
 
 def _elements(file: descriptor_pb2.FileDescriptorProto):
     """(kind, location path, name) of every message, field, enum, enum value, service and rpc."""
+
     def enum(path, e, scope):
         yield "enum", path, f"{scope}{e.name}"
         for i, value in enumerate(e.value):
@@ -103,10 +109,15 @@ FULLY_DOCUMENTED = {"tokenwire/v1/common.proto", "tokenwire/v1/tokenizer.proto"}
 def test_everything_is_documented(descriptors):
     undocumented = []
     for file in descriptors:
-        comments = {tuple(loc.path): (loc.leading_comments + loc.trailing_comments).strip()
-                    for loc in file.source_code_info.location}
-        undocumented += [f"{file.name}: {kind} {name}" for kind, path, name in _elements(file)
-                         if (kind in REQUIRED_DOCS or file.name in FULLY_DOCUMENTED) and not comments.get(path)]
+        comments = {
+            tuple(loc.path): (loc.leading_comments + loc.trailing_comments).strip()
+            for loc in file.source_code_info.location
+        }
+        undocumented += [
+            f"{file.name}: {kind} {name}"
+            for kind, path, name in _elements(file)
+            if (kind in REQUIRED_DOCS or file.name in FULLY_DOCUMENTED) and not comments.get(path)
+        ]
     assert not undocumented, "add a comment to: " + ", ".join(undocumented)
 
 

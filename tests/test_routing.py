@@ -1,5 +1,6 @@
 """Prefix-affinity routing in the SDK: the hash it shares with the engine, rendezvous order, and real engine
 replicas (tiny model, port 0) receiving requests by prefix, with fallback and bounded load."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,17 +8,17 @@ import math
 
 import grpc
 import pytest
-
-from tests.servers import EngineThread
 from tokenwire.client import AsyncClient, Client, PrefixRouting, RetryPolicy, UnavailableError
-from tokenwire.client.routing import PrefixRouter, rendezvous, resolve, routed_stream, target_host
 from tokenwire.client.calls import CallScope
 from tokenwire.client.credentials import open_channel
+from tokenwire.client.routing import PrefixRouter, rendezvous, resolve, routed_stream, target_host
 from tokenwire.engine.config import CacheConfig, EngineConfig, ServerConfig
 from tokenwire.engine.scheduling.prefix_cache import PrefixCache
 from tokenwire.serving.block_hash import ROOT_HASH, block_hash, prefix_hash
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
+
+from tests.servers import EngineThread
 
 BLOCK = 16
 
@@ -29,16 +30,17 @@ def prompt(seed: int, length: int = 3 * BLOCK) -> list[int]:
 
 # ---- the hash the SDK and the engine share ----
 
+
 def test_the_engine_finds_the_blocks_the_sdk_names():
     ids = prompt(1, 2 * BLOCK + 5)
     first = block_hash(ROOT_HASH, ids[:BLOCK])
-    second = block_hash(first, ids[BLOCK:2 * BLOCK])
+    second = block_hash(first, ids[BLOCK : 2 * BLOCK])
     cache = PrefixCache()
     cache.register(7, first)
     cache.register(8, second)
     assert cache.match(ids, BLOCK) == ([7, 8], [first, second])  # the engine's lookup uses the same chain
     assert prefix_hash(ids, BLOCK, 4) == second and prefix_hash(ids, BLOCK, 1) == first
-    assert prefix_hash(ids[:BLOCK - 1], BLOCK, 4) is None
+    assert prefix_hash(ids[: BLOCK - 1], BLOCK, 4) is None
 
 
 def test_the_block_hash_is_pinned():
@@ -80,6 +82,7 @@ def test_targets_resolve_to_replica_addresses():
 
 
 # ---- real replicas ----
+
 
 def _config(model: str) -> EngineConfig:
     return EngineConfig(model=model, dtype="float32", cache=CacheConfig(block_size=BLOCK, num_blocks=256))
@@ -146,8 +149,9 @@ def test_an_unreachable_replica_falls_back_to_the_next_in_rendezvous_order(repli
     addresses = sorted([spare.address, *(e.address for e in replicas[:1])])
     seed = next(s for s in range(100) if rendezvous(prefix_hash(prompt(s), BLOCK, 4), addresses)[0] == spare.address)
     spare.close()  # the prefix's preferred replica is gone: connection refused, UNAVAILABLE
-    with Client(None, "ipv4:" + ",".join(addresses), routing="prefix", timeout=60,
-                retry=RetryPolicy(initial_backoff_s=0.01)) as client:
+    with Client(
+        None, "ipv4:" + ",".join(addresses), routing="prefix", timeout=60, retry=RetryPolicy(initial_backoff_s=0.01)
+    ) as client:
         completion = client.complete(token_ids=prompt(seed), max_new_tokens=2, temperature=0)
         assert completion.usage.completion_tokens == 2
         assert client.routed == {spare.address: 1, replicas[0].address: 1}
@@ -163,8 +167,11 @@ def test_a_full_replica_passes_the_request_to_the_next(replicas, tiny_llama_dir)
         seed = next(s for s in range(100) if rendezvous(prefix_hash(prompt(s), BLOCK, 4), addresses)[0] == full.address)
         with grpc.insecure_channel(full.address) as channel:  # another client fills its one slot
             stub = engine_pb2_grpc.EngineServiceStub(channel)
-            hog = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]), sampling=pb.SamplingParams(
-                max_new_tokens=2000, ignore_eos=True)))
+            hog = stub.Generate(
+                pb.GenerateRequest(
+                    token_ids=pb.TokenIds(ids=[5, 6]), sampling=pb.SamplingParams(max_new_tokens=2000, ignore_eos=True)
+                )
+            )
             next(hog)
             with Client(None, "ipv4:" + ",".join(addresses), routing="prefix", timeout=60) as client:
                 completion = client.complete(token_ids=prompt(seed), max_new_tokens=2, temperature=0)
@@ -178,8 +185,10 @@ def test_a_full_replica_passes_the_request_to_the_next(replicas, tiny_llama_dir)
 def test_load_stays_within_the_bound_of_the_mean(replicas):
     async def scenario() -> list[int]:
         async with AsyncClient(None, _target(replicas), routing="prefix", timeout=60) as client:
-            streams = [client.generate(token_ids=prompt(7) + [i + 1], max_new_tokens=50, ignore_eos=True,
-                                       temperature=0) for i in range(9)]
+            streams = [
+                client.generate(token_ids=prompt(7) + [i + 1], max_new_tokens=50, ignore_eos=True, temperature=0)
+                for i in range(9)
+            ]
             for stream in streams:  # each one in flight before the next is placed
                 await anext(stream)
             counts = sorted(client.routed.values())
@@ -199,14 +208,18 @@ def test_the_replica_set_is_re_resolved(replicas):
         return list(answer)
 
     async def scenario() -> tuple[list[str], list[str], dict[str, int]]:
-        router = PrefixRouter("dns:///engine:50052", lambda a: open_channel(a, None, options=[], interceptors=[]),
-                              PrefixRouting(resolve_interval_s=0), resolver=dns)
+        router = PrefixRouter(
+            "dns:///engine:50052",
+            lambda a: open_channel(a, None, options=[], interceptors=[]),
+            PrefixRouting(resolve_interval_s=0),
+            resolver=dns,
+        )
         try:
             seeds = range(30)
             for seed in seeds:
                 await _one(router, prompt(seed))
             first = router.addresses
-            answer[:] = [replicas[1].address, replicas[2].address]   # scaled: one replica gone, one new
+            answer[:] = [replicas[1].address, replicas[2].address]  # scaled: one replica gone, one new
             router.routed.clear()
             for seed in seeds:
                 await _one(router, prompt(seed))

@@ -1,4 +1,5 @@
 """The batched sampler on plain tensors: greedy, filters, penalties, seeded reproducibility, logprobs."""
+
 from __future__ import annotations
 
 import math
@@ -6,11 +7,10 @@ from collections import Counter
 
 import pytest
 import torch
-
-from tokenwire.engine.worker import sampler as sampler_module
-from tokenwire.engine.worker.sampler import Sampler, apply_penalties
 from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.engine.scheduling.sequence import Sequence
+from tokenwire.engine.worker import sampler as sampler_module
+from tokenwire.engine.worker.sampler import Sampler, apply_penalties
 from tokenwire.serving.errors import InvalidRequestError
 
 VOCAB = 64
@@ -25,7 +25,7 @@ def seq(seed: int = 0, prompt: list[int] | None = None, output: list[int] | None
 def probs_logits(probs: list[float], vocab: int = VOCAB) -> torch.Tensor:
     """One row whose softmax puts `probs` on the first ids and nothing on the rest."""
     row = torch.full((vocab,), float("-inf"))
-    row[:len(probs)] = torch.tensor(probs).log()
+    row[: len(probs)] = torch.tensor(probs).log()
     return row
 
 
@@ -115,7 +115,9 @@ def test_presence_and_frequency_penalties_over_output_only():
 def test_penalties_change_a_greedy_choice():
     logits = torch.tensor([[3.0, 2.0, 0.0, 0.0]])
     assert Sampler().sample(logits, [seq(temperature=0, output=[0])]).token_ids == [0]
-    assert Sampler().sample(logits, [seq(temperature=0, prompt=[3], output=[0], repetition_penalty=2.0)]).token_ids == [1]
+    assert Sampler().sample(logits, [seq(temperature=0, prompt=[3], output=[0], repetition_penalty=2.0)]).token_ids == [
+        1
+    ]
 
 
 def test_logprobs_match_log_softmax(logits):
@@ -167,6 +169,7 @@ def test_wide_nucleus_beyond_the_topk_shortcut():
 
 def test_noise_is_the_documented_hash():
     """The int32 tensor arithmetic wraps exactly like the reference integer hash (no platform drift)."""
+
     def lowbias32(x: int) -> int:
         x ^= x >> 16
         x = (x * 0x7FEB352D) & 0xFFFFFFFF
@@ -187,14 +190,20 @@ def test_noise_is_the_documented_hash():
 def test_logit_bias_is_added_per_row_before_sampling(logits):
     """+100 forces a token, -100 bans the argmax; rows without a bias keep their own choice."""
     argmax = logits.argmax(-1).tolist()
-    seqs = [seq(temperature=0, logit_bias=((7, 100.0),)), seq(temperature=0, logit_bias=((argmax[1], -100.0),)),
-            seq(temperature=0), seq(seed=3, temperature=1.0, top_k=5, logit_bias=((11, 100.0),))]
+    seqs = [
+        seq(temperature=0, logit_bias=((7, 100.0),)),
+        seq(temperature=0, logit_bias=((argmax[1], -100.0),)),
+        seq(temperature=0),
+        seq(seed=3, temperature=1.0, top_k=5, logit_bias=((11, 100.0),)),
+    ]
     out = Sampler().sample(logits[:4], seqs).token_ids
     assert out[0] == 7
-    assert out[1] != argmax[1] and out[1] == logits[1].clone().index_fill_(0, torch.tensor([argmax[1]]),
-                                                                           float("-inf")).argmax().item()
+    assert (
+        out[1] != argmax[1]
+        and out[1] == logits[1].clone().index_fill_(0, torch.tensor([argmax[1]]), float("-inf")).argmax().item()
+    )
     assert out[2] == argmax[2]
-    assert out[3] == 11                                   # the bias lands before top_k picks candidates
+    assert out[3] == 11  # the bias lands before top_k picks candidates
 
 
 def test_logit_bias_leaves_logprobs_the_models_own(logits):
@@ -211,15 +220,18 @@ def test_seeded_biased_row_is_the_same_alone_or_in_a_batch(logits):
     assert Sampler().sample(batch, [*others, target]).token_ids[-1] == alone
 
 
-@pytest.mark.parametrize("bias, message", [
-    (tuple((i, 1.0) for i in range(301)), "at most 300 entries"),
-    (((VOCAB, 1.0),), "outside the vocabulary"),
-    (((1, 100.5),), "values must be in \\[-100, 100\\]"),
-    (((1, float("nan")),), "values must be in"),
-    (((1, 1.0), (1, 2.0)), "at most once"),
-])
+@pytest.mark.parametrize(
+    "bias, message",
+    [
+        (tuple((i, 1.0) for i in range(301)), "at most 300 entries"),
+        (((VOCAB, 1.0),), "outside the vocabulary"),
+        (((1, 100.5),), "values must be in \\[-100, 100\\]"),
+        (((1, float("nan")),), "values must be in"),
+        (((1, 1.0), (1, 2.0)), "at most once"),
+    ],
+)
 def test_logit_bias_is_validated_naming_the_field(bias, message):
     with pytest.raises(InvalidRequestError, match=message) as err:
         SamplingParams(logit_bias=bias).validate(max_new_tokens_cap=16, max_logprobs=5, vocab_size=VOCAB)
     assert err.value.field == "logit_bias"
-    SamplingParams(logit_bias=((0, -100.0), (VOCAB - 1, 100.0))).validate(16, 5, VOCAB)   # the bounds are in
+    SamplingParams(logit_bias=((0, -100.0), (VOCAB - 1, 100.0))).validate(16, 5, VOCAB)  # the bounds are in

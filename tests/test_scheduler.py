@@ -1,14 +1,14 @@
 """Scheduler on plain objects: `run_step` plays the engine (schedule, write KV into a simulated store,
 on_step_done, append a token, finish at max_new_tokens) and checks every step's invariants."""
+
 from __future__ import annotations
 
 import random
 
 import pytest
-
-from tokenwire.engine.scheduling.block_manager import BlockManager
 from tokenwire.engine.config import SchedulerConfig
 from tokenwire.engine.request.sampling_params import SamplingParams
+from tokenwire.engine.scheduling.block_manager import BlockManager
 from tokenwire.engine.scheduling.scheduler import Scheduler, SchedulerOutput
 from tokenwire.engine.scheduling.sequence import FinishReason, Sequence, SequenceStatus
 
@@ -17,9 +17,12 @@ BS = 4
 
 def make_scheduler(num_blocks=64, budget=32, max_seqs=8, chunked=True, prefix=True, max_model_len=512):
     bm = BlockManager(num_blocks, BS, enable_prefix_cache=prefix)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
-                                      enable_chunked_prefill=chunked), bm, max_model_len)
-    sched.kv = {}   # simulated KV store: slot -> the token ids whose KV it holds
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, enable_chunked_prefill=chunked),
+        bm,
+        max_model_len,
+    )
+    sched.kv = {}  # simulated KV store: slot -> the token ids whose KV it holds
     return sched
 
 
@@ -73,10 +76,10 @@ def write_kv(sched, out):
                 kv[dst * BS + i] = kv[src * BS + i]
     for chunk in out.chunks:
         seq, tokens = chunk.seq, tuple(chunk.seq.all_token_ids)
-        for pos in range(chunk.start):        # what attention reads: cached or computed before
-            assert kv.get(slot(seq, pos)) == tokens[:pos + 1], f"{seq.request_id} reads a wrong KV at {pos}"
+        for pos in range(chunk.start):  # what attention reads: cached or computed before
+            assert kv.get(slot(seq, pos)) == tokens[: pos + 1], f"{seq.request_id} reads a wrong KV at {pos}"
         for pos in range(chunk.start, chunk.end):
-            kv[slot(seq, pos)] = tokens[:pos + 1]
+            kv[slot(seq, pos)] = tokens[: pos + 1]
 
 
 def slot(seq, pos):
@@ -118,7 +121,7 @@ def test_decodes_are_scheduled_before_prefills():
     sched.add(make_seq("new", 40, first_token=100))
     out = run_step(sched)
     assert [(c.seq.request_id, c.num_tokens) for c in out.chunks] == [("old", 1), ("new", 15)]
-    assert out.has_prefill                               # the step profile files it under prefill steps
+    assert out.has_prefill  # the step profile files it under prefill steps
     assert [run_step(sched).has_prefill for _ in range(3)] == [True, True, False]  # 15 + 10 more, then decodes
 
 
@@ -126,8 +129,12 @@ def test_chunked_prefill_splits_a_long_prompt_and_samples_only_at_the_end():
     sched = make_scheduler(budget=16)
     sched.add(seq := make_seq("long", 50, max_new=2))
     chunks = [run_step(sched).chunks[0] for _ in range(4)]
-    assert [(c.start, c.num_tokens, c.sample) for c in chunks] == \
-        [(0, 16, False), (16, 16, False), (32, 16, False), (48, 2, True)]
+    assert [(c.start, c.num_tokens, c.sample) for c in chunks] == [
+        (0, 16, False),
+        (16, 16, False),
+        (32, 16, False),
+        (48, 2, True),
+    ]
     assert seq.output_token_ids == [7]
     run_to_completion(sched)
 
@@ -154,7 +161,7 @@ def test_without_chunking_a_prompt_longer_than_the_budget_runs_alone():
 
 def test_admission_waits_for_free_blocks():
     sched = make_scheduler(num_blocks=5, budget=64)
-    sched.add(a := make_seq("a", 16, max_new=2))      # 4 blocks, then a 5th for its first decode
+    sched.add(a := make_seq("a", 16, max_new=2))  # 4 blocks, then a 5th for its first decode
     sched.add(b := make_seq("b", 8, first_token=100))  # 2 blocks: does not fit beside a
     run_step(sched)
     assert sched.num_running == 1 and sched.num_waiting == 1 and b.status is SequenceStatus.WAITING
@@ -169,7 +176,7 @@ def test_preemption_by_recompute_under_block_pressure():
     sched.add(old := make_seq("old", 8, max_new=8))
     sched.add(young := make_seq("young", 8, max_new=8, first_token=100))
     sched.add(newer := make_seq("newer", 9, max_new=1, first_token=200))
-    run_step(sched)                                    # 2 + 2 blocks; newer's 3 do not fit
+    run_step(sched)  # 2 + 2 blocks; newer's 3 do not fit
     preempted = None
     for _ in range(8):
         out = run_step(sched)
@@ -181,9 +188,9 @@ def test_preemption_by_recompute_under_block_pressure():
     assert young.num_preemptions == 1 and sched.num_preemptions == 1
     outputs = list(young.output_token_ids)
     assert outputs and young.num_computed_tokens == 0
-    assert list(sched.waiting) == [young, newer]       # ahead of the newcomer
+    assert list(sched.waiting) == [young, newer]  # ahead of the newcomer
     run_to_completion(sched)
-    assert young.output_token_ids[:len(outputs)] == outputs and len(young.output_token_ids) == 8
+    assert young.output_token_ids[: len(outputs)] == outputs and len(young.output_token_ids) == 8
     assert old.is_finished and newer.is_finished
 
 
@@ -207,13 +214,16 @@ def test_prefix_hits_are_counted_once_and_fully_cached_prompts_copy_on_write():
     sched = make_scheduler()
     sched.add(a := make_seq("a", 8, max_new=6))
     run_step(sched)
-    sched.add(b := make_seq("b", 10))                 # shares a's 2 full blocks
-    sched.add(c := make_seq("c", 8))                  # a's whole prompt: last token recomputed
+    sched.add(b := make_seq("b", 10))  # shares a's 2 full blocks
+    sched.add(c := make_seq("c", 8))  # a's whole prompt: last token recomputed
     out = run_step(sched)
     assert b.num_cached_prompt_tokens == 8 and c.num_cached_prompt_tokens == 7
-    assert [(ch.seq.request_id, ch.start, ch.num_tokens) for ch in out.chunks] == \
-        [("a", 8, 1), ("b", 8, 2), ("c", 7, 1)]
-    (src, dst), = out.block_copies
+    assert [(ch.seq.request_id, ch.start, ch.num_tokens) for ch in out.chunks] == [
+        ("a", 8, 1),
+        ("b", 8, 2),
+        ("c", 7, 1),
+    ]
+    ((src, dst),) = out.block_copies
     assert src == a.block_table[1] and c.block_table == [a.block_table[0], dst]
     run_to_completion(sched)
     assert sched.block_manager.prefix_cache_hit_rate > 0
@@ -255,13 +265,14 @@ def test_rejects_bad_configs_and_duplicates():
 @pytest.mark.parametrize("chunked, prefix", [(True, True), (True, False), (False, True), (False, False)])
 def test_random_workload_finishes_everything_and_frees_every_block(seed, chunked, prefix):
     rng = random.Random(seed)
-    sched = make_scheduler(num_blocks=rng.randint(10, 24), budget=rng.choice([8, 16, 32]), max_seqs=6,
-                           chunked=chunked, prefix=prefix)
+    sched = make_scheduler(
+        num_blocks=rng.randint(10, 24), budget=rng.choice([8, 16, 32]), max_seqs=6, chunked=chunked, prefix=prefix
+    )
     shared = [rng.randrange(50) for _ in range(12)]
     for i in range(300):
         if rng.random() < 0.4:
             # Shared heads give prefix hits; a bare head of whole blocks gives copy-on-write.
-            head = shared[:rng.randint(0, 12)]
+            head = shared[: rng.randint(0, 12)]
             tail = [rng.randrange(50) for _ in range(rng.randint(0 if head else 1, 14))]
             sched.add(Sequence(f"s{i}", head + tail, SamplingParams(max_new_tokens=rng.randint(1, 12))))
         if rng.random() < 0.05 and sched.has_unfinished():

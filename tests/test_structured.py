@@ -1,6 +1,7 @@
 """Structured output on the real SmolLM2: JSON schema, regex, choice and grammar constraints hold on every
 sample, leave unconstrained neighbours untouched, survive preemption, and bad constraints are refused
 naming their field."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,13 @@ import threading
 
 import jsonschema
 import pytest
-
-from tests.reference import ENGINE_DTYPE, EXACT
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenwire.engine.core.engine import LLMEngine
 from tokenwire.engine.request.grammar import COMPILE_THREADS, GrammarCompiler, GrammarError
 from tokenwire.engine.request.sampling_params import MAX_CHOICES, Constraint, SamplingParams
 from tokenwire.serving.errors import InvalidRequestError
+
+from tests.reference import ENGINE_DTYPE, EXACT
 
 _WORD = {"type": "string", "pattern": "^[A-Z][a-z]{1,7}$"}
 # Nested object, enum, integer range, array with minItems, required fields; strings bounded so that
@@ -26,8 +27,12 @@ SCHEMA = {
         "name": _WORD,
         "age": {"type": "integer", "minimum": 18, "maximum": 99},
         "role": {"enum": ["admin", "editor", "viewer"]},
-        "address": {"type": "object", "properties": {"city": _WORD, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-                    "required": ["city", "zip"], "additionalProperties": False},
+        "address": {
+            "type": "object",
+            "properties": {"city": _WORD, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+            "required": ["city", "zip"],
+            "additionalProperties": False,
+        },
         "tags": {"type": "array", "items": _WORD, "minItems": 2, "maxItems": 2},
     },
     "required": ["name", "age", "role", "address", "tags"],
@@ -38,10 +43,15 @@ LABELS = ("positive", "negative", "neutral")
 
 
 def make_engine(model_dir, num_blocks=256, prefix=True):
-    return LLMEngine(EngineConfig(
-        model=model_dir, device="cpu", dtype=ENGINE_DTYPE,
-        cache=CacheConfig(block_size=16, num_blocks=num_blocks, enable_prefix_cache=prefix),
-        scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=512)))
+    return LLMEngine(
+        EngineConfig(
+            model=model_dir,
+            device="cpu",
+            dtype=ENGINE_DTYPE,
+            cache=CacheConfig(block_size=16, num_blocks=num_blocks, enable_prefix_cache=prefix),
+            scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=512),
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,21 +68,32 @@ def test_json_schema_samples_all_validate(smol):
     params = [SamplingParams(max_new_tokens=80, temperature=1.0, seed=i, constraint=constraint) for i in range(30)]
     outputs = smol.generate(["A user record as JSON:"] * 30, params=params)
     for ids in outputs:
-        assert ids[-1] in smol.runner.eos_token_ids   # the grammar completed, then only eos was allowed
+        assert ids[-1] in smol.runner.eos_token_ids  # the grammar completed, then only eos was allowed
         jsonschema.validate(json.loads(text_of(smol, ids)), SCHEMA)
 
 
 def test_regex_choice_and_unconstrained_neighbours(smol):
     """One batch mixing unconstrained, regex and choice requests. ignore_eos keeps every request to the
     same length with or without constraints, so both runs have the same batch at every step."""
-    plain = [SamplingParams(max_new_tokens=16, temperature=t, seed=i, ignore_eos=True)
-             for i, t in enumerate((0.0, 0.0, 1.0, 1.0))]
-    regex = [SamplingParams(max_new_tokens=16, temperature=1.0, seed=10 + i, ignore_eos=True,
-                            constraint=Constraint("regex", ISO_DATE)) for i in range(6)]
-    choice = [SamplingParams(max_new_tokens=16, temperature=1.0, seed=20 + i, ignore_eos=True,
-                             constraint=Constraint("choice", LABELS)) for i in range(6)]
-    unconstrained = [SamplingParams(max_new_tokens=16, temperature=1.0, seed=p.seed, ignore_eos=True)
-                     for p in regex + choice]
+    plain = [
+        SamplingParams(max_new_tokens=16, temperature=t, seed=i, ignore_eos=True)
+        for i, t in enumerate((0.0, 0.0, 1.0, 1.0))
+    ]
+    regex = [
+        SamplingParams(
+            max_new_tokens=16, temperature=1.0, seed=10 + i, ignore_eos=True, constraint=Constraint("regex", ISO_DATE)
+        )
+        for i in range(6)
+    ]
+    choice = [
+        SamplingParams(
+            max_new_tokens=16, temperature=1.0, seed=20 + i, ignore_eos=True, constraint=Constraint("choice", LABELS)
+        )
+        for i in range(6)
+    ]
+    unconstrained = [
+        SamplingParams(max_new_tokens=16, temperature=1.0, seed=p.seed, ignore_eos=True) for p in regex + choice
+    ]
     prompts = ["The date today is", "Review: great phone, love it. Sentiment:"] * 8
     mixed = smol.generate(prompts, params=plain + regex + choice)
     reference = smol.generate(prompts, params=plain + unconstrained)
@@ -80,7 +101,7 @@ def test_regex_choice_and_unconstrained_neighbours(smol):
     eos = smol.runner.eos_token_ids
     for ids in mixed[4:]:
         end = next(i for i, t in enumerate(ids) if t in eos)
-        assert all(t in eos for t in ids[end:])          # a finished grammar permits only eos
+        assert all(t in eos for t in ids[end:])  # a finished grammar permits only eos
     assert all(re.fullmatch(ISO_DATE, text_of(smol, ids)) for ids in mixed[4:10])
     assert all(text_of(smol, ids) in LABELS for ids in mixed[10:])
 
@@ -88,9 +109,11 @@ def test_regex_choice_and_unconstrained_neighbours(smol):
 def test_json_object_and_grammar(smol):
     gbnf = 'root ::= "The answer is " ("yes" | "no") "."'
     lark = 'start: "x=" NUMBER\nNUMBER: /[0-9]{1,3}/'
-    params = [SamplingParams(max_new_tokens=48, temperature=1.0, seed=1, constraint=Constraint("json_object")),
-              SamplingParams(max_new_tokens=16, temperature=1.0, seed=2, constraint=Constraint("grammar", gbnf)),
-              SamplingParams(max_new_tokens=16, temperature=1.0, seed=3, constraint=Constraint("grammar", lark))]
+    params = [
+        SamplingParams(max_new_tokens=48, temperature=1.0, seed=1, constraint=Constraint("json_object")),
+        SamplingParams(max_new_tokens=16, temperature=1.0, seed=2, constraint=Constraint("grammar", gbnf)),
+        SamplingParams(max_new_tokens=16, temperature=1.0, seed=3, constraint=Constraint("grammar", lark)),
+    ]
     obj, answer, number = (text_of(smol, ids) for ids in smol.generate(["Some JSON:"] * 3, params=params))
     assert isinstance(json.loads(obj), dict)
     assert answer in ("The answer is yes.", "The answer is no.")
@@ -101,14 +124,14 @@ def test_preempted_constrained_request_matches_unpreempted(smollm2_dir, smol):
     constraint = Constraint("json_schema", json.dumps(SCHEMA))
     params = SamplingParams(max_new_tokens=40, temperature=0.0, constraint=constraint)
     prompts = [f"User number {i} as JSON:" for i in range(6)]
-    tight = make_engine(smollm2_dir, num_blocks=12, prefix=False)   # 192 token slots for ~6 x 45
+    tight = make_engine(smollm2_dir, num_blocks=12, prefix=False)  # 192 token slots for ~6 x 45
     preempted, unpreempted = tight.generate(prompts, params=params), smol.generate(prompts, params=params)
     assert tight.stats().num_preemptions > 0
     if EXACT:
         assert preempted == unpreempted
     else:  # bf16 rounds differently at each batch shape: the grammar state must still survive recompute
         for ids in preempted:
-            if ids[-1] in tight.runner.eos_token_ids:   # completed (else cut at max_new_tokens)
+            if ids[-1] in tight.runner.eos_token_ids:  # completed (else cut at max_new_tokens)
                 jsonschema.validate(json.loads(text_of(tight, ids)), SCHEMA)
             else:
                 assert len(ids) == params.max_new_tokens
@@ -124,18 +147,21 @@ def test_compiled_once_per_constraint(smol):
     assert grammars.compiles == before + 1
 
 
-@pytest.mark.parametrize("constraint, field, message", [
-    (Constraint("json_schema", "{not json"), "json_schema", "not valid JSON"),
-    (Constraint("json_schema", '{"type": "no-such-type"}'), "json_schema", "no-such-type"),
-    (Constraint("json_schema", "[1, 2]"), "json_schema", "JSON object"),
-    (Constraint("regex", "(unclosed"), "regex", ""),
-    (Constraint("choice", ()), "choice", "1 to 1024"),
-    (Constraint("choice", tuple(f"c{i}" for i in range(MAX_CHOICES + 1))), "choice", "1 to 1024"),
-    (Constraint("grammar", 'root ::= "a" (('), "grammar", ""),
-    (Constraint("grammar", "start: undefined_rule"), "grammar", "undefined_rule"),
-    (Constraint("json_schema", json.dumps({"description": "x" * 70_000})), "json_schema", "65536"),
-    (Constraint("regex", ""), "regex", "empty"),
-])
+@pytest.mark.parametrize(
+    "constraint, field, message",
+    [
+        (Constraint("json_schema", "{not json"), "json_schema", "not valid JSON"),
+        (Constraint("json_schema", '{"type": "no-such-type"}'), "json_schema", "no-such-type"),
+        (Constraint("json_schema", "[1, 2]"), "json_schema", "JSON object"),
+        (Constraint("regex", "(unclosed"), "regex", ""),
+        (Constraint("choice", ()), "choice", "1 to 1024"),
+        (Constraint("choice", tuple(f"c{i}" for i in range(MAX_CHOICES + 1))), "choice", "1 to 1024"),
+        (Constraint("grammar", 'root ::= "a" (('), "grammar", ""),
+        (Constraint("grammar", "start: undefined_rule"), "grammar", "undefined_rule"),
+        (Constraint("json_schema", json.dumps({"description": "x" * 70_000})), "json_schema", "65536"),
+        (Constraint("regex", ""), "regex", "empty"),
+    ],
+)
 def test_bad_constraints_name_their_field(smol, constraint, field, message):
     with pytest.raises(InvalidRequestError) as info:
         smol.prepare("x", params=SamplingParams(constraint=constraint))
@@ -143,12 +169,13 @@ def test_bad_constraints_name_their_field(smol, constraint, field, message):
 
 
 def test_slow_compile_is_refused(smol):
-    compiler = GrammarCompiler(smol.tokenizer, smol.tokenizer_fingerprint, smol.vocab_size,
-                               smol.runner.eos_token_ids, max_compile_s=0.05)
+    compiler = GrammarCompiler(
+        smol.tokenizer, smol.tokenizer_fingerprint, smol.vocab_size, smol.runner.eos_token_ids, max_compile_s=0.05
+    )
     # Every compile thread busy, so this compile cannot finish within the limit however fast it would be
     # (with a 1 ns limit alone, a compile finishing before the wait began made this test flaky).
     release = threading.Event()
-    for _ in range(COMPILE_THREADS):   # (bounded: a compiler that ignored the limit fails, not hangs)
+    for _ in range(COMPILE_THREADS):  # (bounded: a compiler that ignored the limit fails, not hangs)
         compiler._pool.submit(release.wait, 10)
     try:
         with pytest.raises(InvalidRequestError) as info:

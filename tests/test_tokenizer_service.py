@@ -1,6 +1,7 @@
 """The tokenizer service over real gRPC (in-process grpc.aio servers on port 0, blocking client stubs):
 results equal the in-process transformers tokenizer, streams equal one-shot decodes, bad input is
 INVALID_ARGUMENT naming the field, health follows loading, reflection lists the service."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,9 +13,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from transformers import AutoTokenizer
-
-from tests.test_detokenizer import CORPUS, build_byte_fallback_tokenizer
 from tokenwire.bench import tokenizer as tokenizer_bench
 from tokenwire.client import Client, NoChatTemplateError
 from tokenwire.serving.errors import REASON_METADATA_KEY, REASON_NO_CHAT_TEMPLATE
@@ -23,6 +21,9 @@ from tokenwire.tokenizer.server import SERVICE_NAME, TokenizerServer
 from tokenwire.tokenizer.tokenizer import tokenizer_fingerprint
 from tokenwire.v1 import common_pb2, tokenizer_pb2_grpc
 from tokenwire.v1 import tokenizer_pb2 as pb
+from transformers import AutoTokenizer
+
+from tests.test_detokenizer import CORPUS, build_byte_fallback_tokenizer
 
 MAX_BATCH = 64
 
@@ -84,6 +85,7 @@ def stub(service):
 
 # --- results equal transformers ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("add_special_tokens", [True, False])
 def test_encode_equals_transformers(stub, reference, add_special_tokens):
     for text in CORPUS:
@@ -127,20 +129,30 @@ def test_decode_equals_transformers(stub, reference, skip):
 
 
 def test_chat_template_equals_transformers(stub, reference):
-    roles = {"system": common_pb2.CHAT_ROLE_SYSTEM, "user": common_pb2.CHAT_ROLE_USER,
-             "assistant": common_pb2.CHAT_ROLE_ASSISTANT}
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo 🤗 世界"},
-                {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "2+2?"}]
+    roles = {
+        "system": common_pb2.CHAT_ROLE_SYSTEM,
+        "user": common_pb2.CHAT_ROLE_USER,
+        "assistant": common_pb2.CHAT_ROLE_ASSISTANT,
+    }
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Héllo 🤗 世界"},
+        {"role": "assistant", "content": "Hi!"},
+        {"role": "user", "content": "2+2?"},
+    ]
     for conversation in (messages, messages[1:2]):
         for generation_prompt in (True, False):
             request = pb.ApplyChatTemplateRequest(
                 messages=[common_pb2.ChatMessage(role=roles[m["role"]], content=m["content"]) for m in conversation],
-                add_generation_prompt=generation_prompt, return_text=True)
+                add_generation_prompt=generation_prompt,
+                return_text=True,
+            )
             response = stub.ApplyChatTemplate(request)
             expected = reference.apply_chat_template(conversation, add_generation_prompt=generation_prompt)
             assert list(response.ids) == expected["input_ids"]
             assert response.text == reference.apply_chat_template(
-                conversation, add_generation_prompt=generation_prompt, tokenize=False)
+                conversation, add_generation_prompt=generation_prompt, tokenize=False
+            )
     request.return_text = False
     assert stub.ApplyChatTemplate(request).text == ""
 
@@ -155,6 +167,7 @@ def test_get_info(stub, reference):
 
 
 # --- DecodeStream ---------------------------------------------------------------------------------
+
 
 def decode_stream(stub, chunks, skip, prompt_ids=()) -> list[pb.DecodeStreamResponse]:
     requests = [pb.DecodeStreamRequest(ids=chunk) for chunk in chunks]
@@ -186,6 +199,7 @@ def test_decode_stream_token_by_token_with_prompt(stub, reference):
 
 # --- errors, health, reflection, fingerprints --------------------------------------------------------
 
+
 def _role(role: int) -> common_pb2.ChatMessage:
     return common_pb2.ChatMessage(role=role, content="x")
 
@@ -199,10 +213,16 @@ BAD_UNARY = [
     ("Decode", pb.DecodeRequest(ids=[5, 49152]), "ids"),
     ("Decode", pb.DecodeRequest(ids=[2**32 - 1]), "ids"),
     ("ApplyChatTemplate", pb.ApplyChatTemplateRequest(), "messages"),
-    ("ApplyChatTemplate", pb.ApplyChatTemplateRequest(messages=[_role(common_pb2.CHAT_ROLE_UNSPECIFIED)]),
-     "messages[0].role"),
-    ("ApplyChatTemplate", pb.ApplyChatTemplateRequest(messages=[_role(common_pb2.CHAT_ROLE_USER), _role(42)]),
-     "messages[1].role"),
+    (
+        "ApplyChatTemplate",
+        pb.ApplyChatTemplateRequest(messages=[_role(common_pb2.CHAT_ROLE_UNSPECIFIED)]),
+        "messages[0].role",
+    ),
+    (
+        "ApplyChatTemplate",
+        pb.ApplyChatTemplateRequest(messages=[_role(common_pb2.CHAT_ROLE_USER), _role(42)]),
+        "messages[1].role",
+    ),
 ]
 BAD_STREAMS = [
     ([pb.DecodeStreamRequest(ids=[1, 49153])], "ids"),
@@ -280,8 +300,12 @@ def test_reflection_lists_the_service(service):
 def test_micro_benchmark_runs_against_a_real_service_process(smollm2_dir, capsys):
     """`python -m tokenwire.bench.tokenizer` on a few texts: the service (a subprocess) and in-process
     ids agree (it asserts that itself), and every figure is printed."""
-    assert tokenizer_bench.main(["--model", smollm2_dir, "--texts", "16", "--batch", "8", "--repeats", "1",
-                                 "--latency-calls", "5"]) == 0
+    assert (
+        tokenizer_bench.main(
+            ["--model", smollm2_dir, "--texts", "16", "--batch", "8", "--repeats", "1", "--latency-calls", "5"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert re.search(r"service over gRPC +\d+", out) and re.search(r"service / in-process Rust: [\d.]+", out)
 

@@ -1,5 +1,6 @@
 """`tokenwire-tokenizer`: run the tokenizer service. Flag defaults come from TokenizerServiceConfig; each
 flag can also be set through the environment as TOKENWIRE_<FLAG> (cli_env.py)."""
+
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,7 @@ Truncation is instead done the way the Rust tokenizer does it internally: encode
 tokens, truncate, then add the special tokens with `post_process`. The results equal
 `tokenizer(text, truncation=True, max_length=n)["input_ids"]`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,8 +37,8 @@ class Encoded:
 @dataclass(frozen=True)
 class EncodeOptions:
     add_special_tokens: bool = True
-    max_length: int | None = None         # None: no truncation
-    truncation_side: str | None = None    # "right" / "left"; None: the tokenizer's own default
+    max_length: int | None = None  # None: no truncation
+    truncation_side: str | None = None  # "right" / "left"; None: the tokenizer's own default
 
 
 class TokenCodec:
@@ -78,8 +79,9 @@ class TokenCodec:
         self.check_ids("prompt_ids", prompt_ids)
         return IncrementalDetokenizer(self.tokenizer, skip_special_tokens, prompt_ids, skipped_ids=self._skipped)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]],
-                            add_generation_prompt: bool) -> tuple[list[int], str]:
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool
+    ) -> tuple[list[int], str]:
         """The rendered prompt's ids and text; the template writes every special token itself."""
         if not self.info.has_chat_template:
             raise NoChatTemplateError(self.info.model)
@@ -92,7 +94,8 @@ class TokenCodec:
 
         try:
             text = self.tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            )
         except TemplateError as error:  # templates raise on conversations they reject (e.g. role order)
             raise InvalidRequestError("messages", f"rejected by the chat template: {error}") from error
         ids = self._backend.encode(text, add_special_tokens=False).ids
@@ -112,5 +115,6 @@ class TokenCodec:
         specials = self._backend.num_special_tokens_to_add(False) if options.add_special_tokens else 0
         if options.max_length < max(specials, 1):
             raise InvalidRequestError(
-                "max_length", f"must be >= {max(specials, 1)} (special tokens included), got {options.max_length}")
+                "max_length", f"must be >= {max(specials, 1)} (special tokens included), got {options.max_length}"
+            )
         return options.max_length - specials

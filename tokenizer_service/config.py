@@ -1,4 +1,5 @@
 """The tokenizer service's config, the single source of its defaults, flags and environment variables."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +8,8 @@ from tokenwire.serving.config import GrpcServerConfig
 from tokenwire.serving.model_resolver import DEFAULT_MODEL
 
 
+# The fields' trailing comments are their flags' help texts (serving/cli_env.py): kept on one line each.
+# fmt: off
 @dataclass(frozen=True)
 class TokenizerServiceConfig(GrpcServerConfig):
     port: int = 50051                    # 0 picks a free port (logged)
@@ -15,3 +18,4 @@ class TokenizerServiceConfig(GrpcServerConfig):
     max_concurrent_rpcs: int = 1024      # RPCs in flight (open streams included) before new ones get RESOURCE_EXHAUSTED
     inline_work_limit: int = 16384       # requests up to this many chars/ids run on the event loop, bigger in a thread
     trust_remote_code: bool = False      # never run code shipped with a checkpoint unless asked
+# fmt: on

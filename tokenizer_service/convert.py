@@ -1,4 +1,5 @@
 """Wire types <-> plain Python, in one place: the codec and the detokenizer never see a *_pb2 object."""
+
 from __future__ import annotations
 
 from tokenwire.serving.errors import InvalidRequestError

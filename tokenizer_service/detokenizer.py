@@ -25,6 +25,7 @@ after the prompt's text (a first word keeps its leading space; a prompt ending m
 the completed character; a literal U+FFFD right at the cut is ambiguous). Free of gRPC: the engine
 reuses it for stop strings.
 """
+
 from __future__ import annotations
 
 import os
@@ -65,8 +66,14 @@ def _common_prefix_length(a: str, b: str) -> int:
 class IncrementalDetokenizer:
     """Streams the text of one sequence; O(1) work per token in the sequence length."""
 
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True,
-                 prompt_ids: Sequence[int] = (), *, skipped_ids: frozenset[int] | None = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        skip_special_tokens: bool = True,
+        prompt_ids: Sequence[int] = (),
+        *,
+        skipped_ids: frozenset[int] | None = None,
+    ):
         """`prompt_ids` give context only (their text is never returned). `skipped_ids` lets a caller
         that builds many detokenizers compute `skipped_token_ids(tokenizer)` once."""
         self._decode = make_decoder(tokenizer)
@@ -100,7 +107,7 @@ class IncrementalDetokenizer:
         # hold the first bytes of a character still being generated.
         ends = []
         for end in range(len(self._ids), max(self._read_offset, len(self._ids) - MAX_INCOMPLETE_TOKENS - 1), -1):
-            text = self._decode(self._ids[self._prefix_offset:end])
+            text = self._decode(self._ids[self._prefix_offset : end])
             cut = self._cut(prefix_text, text)
             if len(text) > cut and not text.endswith(REPLACEMENT_CHAR):
                 return self._advance(text, cut, end)
@@ -124,7 +131,7 @@ class IncrementalDetokenizer:
 
     def _emit_all(self, prefix_text: str) -> str:
         """Emits everything received, whatever its last character."""
-        text = self._decode(self._ids[self._prefix_offset:])
+        text = self._decode(self._ids[self._prefix_offset :])
         return self._advance(text, self._cut(prefix_text, text), len(self._ids))
 
     def _keep(self, ids: Iterable[int]) -> list[int]:
@@ -147,7 +154,7 @@ class IncrementalDetokenizer:
         """The already emitted part of the window, decoded in the same context as the full window."""
         if self._read_offset == self._prefix_offset:
             return ""
-        return self._decode(self._ids[self._prefix_offset:self._read_offset])
+        return self._decode(self._ids[self._prefix_offset : self._read_offset])
 
     def _cut(self, prefix_text: str, text: str) -> int:
         """Where the new text starts in the window's text."""

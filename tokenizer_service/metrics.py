@@ -1,4 +1,5 @@
 """The tokenizer service's own Prometheus metrics (RPC metrics and the endpoint are tokenwire.serving.metrics)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,11 +14,14 @@ class TokenizerMetrics:
         self.prompt_encodes = Counter(
             "tokenwire_tokenizer_prompt_encodes",
             "Texts tokenized: 1 per Encode and ApplyChatTemplate, 1 per text of a BatchEncode",
-            registry=registry)
-        self.prompt_tokens = Counter("tokenwire_tokenizer_prompt_tokens", "Token ids produced by those encodes",
-                                     registry=registry)
-        self.decoded_tokens = Counter("tokenwire_tokenizer_decoded_tokens", "Token ids turned into text by Decode",
-                                      registry=registry)
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "tokenwire_tokenizer_prompt_tokens", "Token ids produced by those encodes", registry=registry
+        )
+        self.decoded_tokens = Counter(
+            "tokenwire_tokenizer_decoded_tokens", "Token ids turned into text by Decode", registry=registry
+        )
 
     def on_response(self, rpc: str, request: Any, response: Any, gap_s: float | None) -> None:
         """RpcObserver hook: called once per successful response message."""

@@ -3,6 +3,7 @@
 `start()` binds and answers health (NOT_SERVING) while `load()` reads the tokenizer in a thread; health
 turns SERVING when the codec is attached. `serve()` runs it for the CLI until SIGINT/SIGTERM.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +11,6 @@ import logging
 from typing import Any
 
 import grpc
-
 from tokenwire.serving.server import GrpcServer, serve_until_signal
 from tokenwire.tokenizer.codec import TokenCodec
 from tokenwire.tokenizer.config import TokenizerServiceConfig

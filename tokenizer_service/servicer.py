@@ -4,6 +4,7 @@ Errors map to status codes and never escape as crashes: InvalidRequestError -> I
 (the message names the field), a missing chat template -> FAILED_PRECONDITION, a request before the
 tokenizer has loaded -> UNAVAILABLE, anything unexpected -> INTERNAL (and a logged traceback).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -13,9 +14,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
-
-from tokenwire.serving.errors import (FIELD_METADATA_KEY, REASON_METADATA_KEY, REASON_NO_CHAT_TEMPLATE,
-                                      InvalidRequestError)
+from tokenwire.serving.errors import (
+    FIELD_METADATA_KEY,
+    REASON_METADATA_KEY,
+    REASON_NO_CHAT_TEMPLATE,
+    InvalidRequestError,
+)
 from tokenwire.tokenizer import convert
 from tokenwire.tokenizer.codec import NoChatTemplateError, TokenCodec
 from tokenwire.tokenizer.config import TokenizerServiceConfig
@@ -99,7 +103,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def BatchEncode(self, request: pb.BatchEncodeRequest, context: Context) -> pb.BatchEncodeResponse:
         if len(request.texts) > self.config.max_batch_size:
             raise InvalidRequestError(
-                "texts", f"at most {self.config.max_batch_size} texts per call, got {len(request.texts)}")
+                "texts", f"at most {self.config.max_batch_size} texts per call, got {len(request.texts)}"
+            )
         options = convert.encode_options(request)
         texts = list(request.texts)
         size = sum(map(len, texts))
@@ -112,8 +117,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         text = await self._run(len(ids), self.codec.decode, ids, request.skip_special_tokens)
         return pb.DecodeResponse(text=text)
 
-    async def DecodeStream(self, request_iterator: AsyncIterator[pb.DecodeStreamRequest],
-                           context: Context) -> AsyncIterator[pb.DecodeStreamResponse]:
+    async def DecodeStream(
+        self, request_iterator: AsyncIterator[pb.DecodeStreamRequest], context: Context
+    ) -> AsyncIterator[pb.DecodeStreamResponse]:
         try:
             async for response in self._decode_stream(request_iterator):
                 yield response
@@ -138,8 +144,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         yield pb.DecodeStreamResponse(text=tail, final=True)
 
     @_unary
-    async def ApplyChatTemplate(self, request: pb.ApplyChatTemplateRequest,
-                                context: Context) -> pb.ApplyChatTemplateResponse:
+    async def ApplyChatTemplate(
+        self, request: pb.ApplyChatTemplateRequest, context: Context
+    ) -> pb.ApplyChatTemplateResponse:
         messages = convert.chat_messages(request.messages)
         size = sum(len(m["content"]) for m in messages)
         ids, text = await self._run(size, self.codec.apply_chat_template, messages, request.add_generation_prompt)

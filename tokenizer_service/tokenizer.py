@@ -3,6 +3,7 @@
 Plain functions on a Hugging Face tokenizer, free of gRPC: the engine imports
 `tokenizer_fingerprint` to check that token ids it receives were made by the tokenizer it serves.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,13 +66,13 @@ def _backend_definition(tokenizer: Any) -> Any:
 class TokenizerInfo:
     """The constants a client or the engine needs about the served tokenizer."""
 
-    model: str                            # as the service was started (resolver name, folder, hub id)
-    vocab_size: int                       # valid ids are [0, vocab_size), added tokens included
+    model: str  # as the service was started (resolver name, folder, hub id)
+    vocab_size: int  # valid ids are [0, vocab_size), added tokens included
     bos_token_id: int | None
     eos_token_id: int | None
     pad_token_id: int | None
     special_tokens: tuple[tuple[str, int], ...]  # (content, id) of every token skip_special_tokens drops
-    max_model_length: int                 # 0: unknown
+    max_model_length: int  # 0: unknown
     fingerprint: str
     has_chat_template: bool
 

@@ -2,29 +2,29 @@
 sample) -> post-process, per-request output deltas out. Single-threaded by design: the core loop
 (core/process.py) runs it in the engine core, and `generate` runs a batch to completion offline.
 """
+
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Sequence as Seq
 
-from transformers import AutoTokenizer
-
-from tokenwire.engine.scheduling.block_manager import BlockManager
 from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.core.faults import FaultInjector
-from tokenwire.engine.request.grammar import GrammarCompiler
-from tokenwire.engine.worker.model_runner import ModelRunner
 from tokenwire.engine.core.output_processor import OutputProcessor, RequestState
-from tokenwire.engine.request.preparer import RequestPreparer
 from tokenwire.engine.core.outputs import EngineStats, RequestOutput
+from tokenwire.engine.core.step_profile import StepProfile
+from tokenwire.engine.request.grammar import GrammarCompiler
+from tokenwire.engine.request.preparer import RequestPreparer
 from tokenwire.engine.request.sampling_params import SamplingParams
+from tokenwire.engine.scheduling.block_manager import BlockManager
 from tokenwire.engine.scheduling.scheduler import Scheduler
 from tokenwire.engine.scheduling.sequence import FinishReason, Sequence
-from tokenwire.engine.core.step_profile import StepProfile
+from tokenwire.engine.worker.model_runner import ModelRunner
 from tokenwire.serving.errors import InvalidRequestError
 from tokenwire.serving.model_resolver import resolve_model
 from tokenwire.tokenizer.tokenizer import tokenizer_fingerprint
+from transformers import AutoTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -33,28 +33,49 @@ class LLMEngine:
     def __init__(self, config: EngineConfig = EngineConfig()):
         self.config = config
         self.runner = ModelRunner(config)
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model),
-                                                       trust_remote_code=config.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            resolve_model(config.model), trust_remote_code=config.trust_remote_code
+        )
         self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.vocab_size = self.runner.vocab_size
-        self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size,
-                                          config.cache.enable_prefix_cache)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, self.runner.block_size, config.cache.enable_prefix_cache
+        )
         # A sequence longer than the whole KV pool could never be scheduled again once preempted.
         self.max_model_len = min(self.runner.max_model_len, self.block_manager.num_token_slots)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
-        self.grammars = GrammarCompiler(self.tokenizer, self.tokenizer_fingerprint, self.vocab_size,
-                                        self.runner.eos_token_ids, config.max_grammar_compile_s)
+        self.grammars = GrammarCompiler(
+            self.tokenizer,
+            self.tokenizer_fingerprint,
+            self.vocab_size,
+            self.runner.eos_token_ids,
+            config.max_grammar_compile_s,
+        )
         self.output_processor = OutputProcessor(self.tokenizer, self.runner.eos_token_ids, self.max_model_len)
         self._states: dict[str, RequestState] = {}
-        self.preparer = RequestPreparer(self.tokenizer, self.vocab_size, self.max_model_len,
-                                        config.max_new_tokens_cap, config.max_logprobs, config.seed, self.grammars)
-        self.step_profile = StepProfile()        # cumulative time per step phase (the benchmark reads it)
-        self.faults = FaultInjector.from_env()   # None unless TOKENWIRE_FAULT_INJECT is set (tests)
+        self.preparer = RequestPreparer(
+            self.tokenizer,
+            self.vocab_size,
+            self.max_model_len,
+            config.max_new_tokens_cap,
+            config.max_logprobs,
+            config.seed,
+            self.grammars,
+        )
+        self.step_profile = StepProfile()  # cumulative time per step phase (the benchmark reads it)
+        self.faults = FaultInjector.from_env()  # None unless TOKENWIRE_FAULT_INJECT is set (tests)
         if self.faults is not None:
             log.warning("fault injection is ON: %s", self.faults.rules)
-        log.info("engine ready: %s (%s) on %s/%s, %d KV blocks of %d tokens, context %d",
-                 config.model, self.runner.architecture, self.runner.device, self.runner.dtype,
-                 self.runner.num_blocks, self.runner.block_size, self.max_model_len)
+        log.info(
+            "engine ready: %s (%s) on %s/%s, %d KV blocks of %d tokens, context %d",
+            config.model,
+            self.runner.architecture,
+            self.runner.device,
+            self.runner.dtype,
+            self.runner.num_blocks,
+            self.runner.block_size,
+            self.max_model_len,
+        )
 
     # ---- submission (validation and encoding happen here, never inside the step loop) ----
 
@@ -68,15 +89,25 @@ class LLMEngine:
         """Seconds spent tokenizing those prompts (the benchmark's longprompt workload reports it)."""
         return self.preparer.prompt_encode_s
 
-    def prepare(self, prompt: str | None = None, prompt_token_ids: Seq[int] | None = None,
-                params: SamplingParams | None = None, request_id: str | None = None,
-                arrival_time: float | None = None) -> Sequence:
+    def prepare(
+        self,
+        prompt: str | None = None,
+        prompt_token_ids: Seq[int] | None = None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> Sequence:
         """Validate a request and build its Sequence. Thread-safe: callers run it off the engine thread."""
         return self.preparer.prepare(prompt, prompt_token_ids, params, request_id, arrival_time)
 
-    def prepare_samples(self, prompt: str | None = None, prompt_token_ids: Seq[int] | None = None,
-                        params: SamplingParams | None = None, request_id: str | None = None,
-                        arrival_time: float | None = None) -> list[Sequence]:
+    def prepare_samples(
+        self,
+        prompt: str | None = None,
+        prompt_token_ids: Seq[int] | None = None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> list[Sequence]:
         """`prepare`, as one Sequence per sample (params.n); see RequestPreparer.prepare_samples."""
         return self.preparer.prepare_samples(prompt, prompt_token_ids, params, request_id, arrival_time)
 
@@ -88,15 +119,25 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq.request_id
 
-    def add_request(self, prompt: str | None = None, prompt_token_ids: Seq[int] | None = None,
-                    params: SamplingParams | None = None, request_id: str | None = None,
-                    want_text: bool = False) -> str:
+    def add_request(
+        self,
+        prompt: str | None = None,
+        prompt_token_ids: Seq[int] | None = None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        want_text: bool = False,
+    ) -> str:
         """Queue a request (all its params.n samples); returns sample 0's id."""
         return self.add_samples(prompt, prompt_token_ids, params, request_id, want_text)[0]
 
-    def add_samples(self, prompt: str | None = None, prompt_token_ids: Seq[int] | None = None,
-                    params: SamplingParams | None = None, request_id: str | None = None,
-                    want_text: bool = False) -> list[str]:
+    def add_samples(
+        self,
+        prompt: str | None = None,
+        prompt_token_ids: Seq[int] | None = None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        want_text: bool = False,
+    ) -> list[str]:
         """Queue a request; returns the request id of each of its params.n samples, in index order."""
         seqs = self.prepare_samples(prompt, prompt_token_ids, params, request_id)
         return [self.add(seq, want_text) for seq in seqs]
@@ -121,7 +162,7 @@ class LLMEngine:
         return bool(self._states)
 
     def step(self) -> list[RequestOutput]:
-        clock = self.step_profile.clock()   # one mark per phase: schedule, forward, sample, post-process
+        clock = self.step_profile.clock()  # one mark per phase: schedule, forward, sample, post-process
         batch = self.scheduler.schedule()
         if not batch.chunks:
             return []
@@ -179,12 +220,19 @@ class LLMEngine:
 
     # ---- offline use and introspection ----
 
-    def generate(self, prompts: Seq[str] | None = None, prompt_token_ids: Seq[Seq[int]] | None = None,
-                 params: SamplingParams | Seq[SamplingParams] | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: Seq[str] | None = None,
+        prompt_token_ids: Seq[Seq[int]] | None = None,
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[list[int]]:
         """Run a batch to completion; returns the generated ids of each request's samples, in input order
         then sample index (one list per request when n = 1)."""
-        items = [dict(prompt=p) for p in prompts] if prompts is not None else \
-            [dict(prompt_token_ids=ids) for ids in prompt_token_ids]
+        items = (
+            [dict(prompt=p) for p in prompts]
+            if prompts is not None
+            else [dict(prompt_token_ids=ids) for ids in prompt_token_ids]
+        )
         all_params = params if isinstance(params, (list, tuple)) else [params] * len(items)
         rids = [rid for item, p in zip(items, all_params) for rid in self.add_samples(params=p, **item)]
         results: dict[str, list[int]] = {rid: [] for rid in rids}
@@ -204,8 +252,13 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
-            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-            num_kv_blocks=self.runner.num_blocks, num_free_kv_blocks=bm.num_free_blocks,
-            num_prompt_encodes=self.num_prompt_encodes, prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
-            num_preemptions=self.scheduler.num_preemptions, num_requests=len(self._states),
-            num_scheduled_requests=self.scheduler.num_requests)
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_kv_blocks=self.runner.num_blocks,
+            num_free_kv_blocks=bm.num_free_blocks,
+            num_prompt_encodes=self.num_prompt_encodes,
+            prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_requests=len(self._states),
+            num_scheduled_requests=self.scheduler.num_requests,
+        )

@@ -7,6 +7,7 @@ request whose id starts with `crash-`. The exceptions are raised where real ones
 step), so everything after them is the production code path. Read once, when the engine starts; a
 malformed value stops the engine from starting.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,7 +24,7 @@ class InjectedFault(RuntimeError):
 
 @dataclass(frozen=True)
 class FaultInjector:
-    rules: tuple[tuple[str, str], ...]   # (stage, request-id prefix)
+    rules: tuple[tuple[str, str], ...]  # (stage, request-id prefix)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> FaultInjector | None:
@@ -36,8 +37,9 @@ class FaultInjector:
         for item in spec.split(","):
             stage, sep, prefix = item.strip().partition(":")
             if not sep or stage not in STAGES or not prefix:
-                raise ValueError(f"{ENV_VAR}: expected 'stage:request-id-prefix' items with stage in "
-                                 f"{STAGES}, got {item!r}")
+                raise ValueError(
+                    f"{ENV_VAR}: expected 'stage:request-id-prefix' items with stage in {STAGES}, got {item!r}"
+                )
             rules.append((stage, prefix))
         return cls(tuple(rules))
 

@@ -10,6 +10,7 @@ Commands are applied by the core loop between two steps, in the order sent; repl
 in the order the core made them, so a `StatsReply` follows every output of the commands sent before its
 query.
 """
+
 from __future__ import annotations
 
 import enum
@@ -35,17 +36,20 @@ class Kind(enum.Enum):
 
 # ---- commands ----
 
+
 @dataclass(frozen=True)
 class AddRequest:
     """Queue a prepared, validated sequence. Its grammar matcher (if constrained) is built in the core."""
+
     kind: ClassVar[Kind] = Kind.ADD
     seq: Sequence
-    want_text: bool          # the caller wants text deltas (detokenized in the core)
+    want_text: bool  # the caller wants text deltas (detokenized in the core)
 
 
 @dataclass(frozen=True)
 class AbortRequest:
     """End a request at the next step boundary and free its KV blocks; its final output says ABORT."""
+
     kind: ClassVar[Kind] = Kind.ABORT
     request_id: str
 
@@ -53,6 +57,7 @@ class AbortRequest:
 @dataclass(frozen=True)
 class QueryStats:
     """Ask for a stats snapshot, answered by a StatsReply carrying the same token."""
+
     kind: ClassVar[Kind] = Kind.QUERY_STATS
     token: int
 
@@ -60,6 +65,7 @@ class QueryStats:
 @dataclass(frozen=True)
 class Stop:
     """Abort everything in flight (each request gets its final output), then end the loop."""
+
     kind: ClassVar[Kind] = Kind.STOP
 
 
@@ -68,13 +74,15 @@ Command = AddRequest | AbortRequest | QueryStats | Stop
 
 # ---- replies ----
 
+
 @dataclass(frozen=True)
 class CoreInfo:
     """What the front needs from the loaded model to validate requests and answer GetModelInfo."""
+
     architecture: str
     device: str
-    dtype: str                      # "float32", "bfloat16", ...
-    kv_cache_dtype: str             # dtype, or a narrower one under a float32 model
+    dtype: str  # "float32", "bfloat16", ...
+    kv_cache_dtype: str  # dtype, or a narrower one under a float32 model
     num_blocks: int
     block_size: int
     max_model_len: int
@@ -86,15 +94,17 @@ class CoreInfo:
 @dataclass(frozen=True)
 class CoreStats:
     """Engine state after a step; the front reads the latest one without asking the core."""
+
     engine: EngineStats
     prefix_cache_queried_tokens: int
     prefix_cache_hit_tokens: int
-    num_live_requests: int          # requests the core loop still owes a final output
+    num_live_requests: int  # requests the core loop still owes a final output
 
 
 @dataclass(frozen=True)
 class Ready:
     """Sent once: the model is loaded and warmed up."""
+
     kind: ClassVar[Kind] = Kind.READY
     info: CoreInfo
 
@@ -102,6 +112,7 @@ class Ready:
 @dataclass(frozen=True)
 class LoadFailed:
     """Sent instead of Ready when the model could not be loaded; the core then exits."""
+
     kind: ClassVar[Kind] = Kind.LOAD_FAILED
     message: str
 
@@ -109,6 +120,7 @@ class LoadFailed:
 @dataclass(frozen=True)
 class StepOutputs:
     """Every request's news from one step (or from commands that ended requests), with fresh stats."""
+
     kind: ClassVar[Kind] = Kind.STEP_OUTPUTS
     outputs: list[RequestOutput]
     stats: CoreStats

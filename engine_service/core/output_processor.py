@@ -3,6 +3,7 @@
 Stop strings are matched on incrementally detokenized text (O(1) per token, never a re-decode of the
 whole sequence); only requests that ask for text or have stop strings pay for detokenization.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +18,8 @@ class RequestState:
     seq: Sequence
     timings: RequestTimings
     detokenizer: IncrementalDetokenizer | None = None
-    held_text: str = ""          # text not yet emitted: it may still turn out to start a stop string
-    stop_window: int = 0         # longest stop string - 1: how much text must be held back
+    held_text: str = ""  # text not yet emitted: it may still turn out to start a stop string
+    stop_window: int = 0  # longest stop string - 1: how much text must be held back
 
 
 class OutputProcessor:
@@ -31,18 +32,19 @@ class OutputProcessor:
         state = RequestState(seq, RequestTimings(arrival_time))
         if want_text or seq.params.stop:
             state.detokenizer = IncrementalDetokenizer(
-                self.tokenizer, skip_special_tokens=seq.params.skip_special_tokens,
-                prompt_ids=seq.prompt_token_ids)
+                self.tokenizer, skip_special_tokens=seq.params.skip_special_tokens, prompt_ids=seq.prompt_token_ids
+            )
             state.stop_window = max((len(s) for s in seq.params.stop), default=1) - 1
         return state
 
-    def process(self, state: RequestState, token_id: int, logprob: TokenLogprob | None,
-                now: float) -> tuple[RequestOutput, FinishReason | None]:
+    def process(
+        self, state: RequestState, token_id: int, logprob: TokenLogprob | None, now: float
+    ) -> tuple[RequestOutput, FinishReason | None]:
         """Append one sampled token; return the request's output delta and why it ended, if it did."""
         seq = state.seq
         seq.output_token_ids.append(token_id)
         if seq.grammar is not None:
-            seq.grammar.accept(token_id)   # GrammarError fails this request only
+            seq.grammar.accept(token_id)  # GrammarError fails this request only
         if state.timings.first_token_time is None:
             state.timings.first_token_time = now
         reason, detail = self._finish_reason(seq, token_id)
@@ -51,23 +53,41 @@ class OutputProcessor:
             text, hit_stop = self._text_delta(state, token_id, final=reason is not None)
             if hit_stop is not None and reason is None:
                 reason, detail = FinishReason.STOP, StopDetail(StopKind.STRING, text=hit_stop)
-        output = self.make_output(state, [token_id], [logprob] if logprob else None, text, reason, now,
-                                  stop_detail=detail)
+        output = self.make_output(
+            state, [token_id], [logprob] if logprob else None, text, reason, now, stop_detail=detail
+        )
         return output, reason
 
-    def make_output(self, state: RequestState, token_ids: list[int], logprobs, text: str,
-                    reason: FinishReason | None, now: float, error: str | None = None,
-                    stop_detail: StopDetail | None = None) -> RequestOutput:
+    def make_output(
+        self,
+        state: RequestState,
+        token_ids: list[int],
+        logprobs,
+        text: str,
+        reason: FinishReason | None,
+        now: float,
+        error: str | None = None,
+        stop_detail: StopDetail | None = None,
+    ) -> RequestOutput:
         seq = state.seq
         finished = reason is not None
         if finished:
             state.timings.finish_time = now
         return RequestOutput(
-            request_id=seq.request_id, new_token_ids=token_ids, new_logprobs=logprobs, text_delta=text,
-            finished=finished, finish_reason=reason, error=error,
-            num_prompt_tokens=seq.num_prompt_tokens, num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
-            num_output_tokens=len(seq.output_token_ids), timings=state.timings if finished else None,
-            stop_detail=stop_detail if reason is FinishReason.STOP else None, sample_index=seq.sample_index)
+            request_id=seq.request_id,
+            new_token_ids=token_ids,
+            new_logprobs=logprobs,
+            text_delta=text,
+            finished=finished,
+            finish_reason=reason,
+            error=error,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+            num_output_tokens=len(seq.output_token_ids),
+            timings=state.timings if finished else None,
+            stop_detail=stop_detail if reason is FinishReason.STOP else None,
+            sample_index=seq.sample_index,
+        )
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> tuple[FinishReason | None, StopDetail | None]:
         params = seq.params
@@ -81,7 +101,7 @@ class OutputProcessor:
     def _text_delta(self, state: RequestState, token_id: int, final: bool) -> tuple[str, str | None]:
         """New text safe to emit, and the stop string found, if one was (the text is cut before it;
         the earliest match wins, then the first listed)."""
-        skip = (token_id in self.eos_token_ids or token_id in state.seq.params.stop_token_ids)
+        skip = token_id in self.eos_token_ids or token_id in state.seq.params.stop_token_ids
         new_text = "" if skip else state.detokenizer.push([token_id])
         if final:
             new_text += state.detokenizer.finish()
@@ -98,5 +118,5 @@ class OutputProcessor:
             state.held_text = ""
             return text, None
         keep = min(state.stop_window, len(text))
-        state.held_text = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], None
+        state.held_text = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], None

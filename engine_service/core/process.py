@@ -12,6 +12,7 @@ command that produced outputs the loop sends one StepOutputs for every request, 
 that gauges never stop the loop. The child dies with its front: PR_SET_PDEATHSIG on Linux, and EOF on the
 command pipe everywhere.
 """
+
 from __future__ import annotations
 
 import gc
@@ -27,8 +28,21 @@ from multiprocessing.connection import Connection
 from typing import Protocol
 
 from tokenwire.engine.config import EngineConfig
-from tokenwire.engine.core.messages import (AbortRequest, AddRequest, Command, CoreInfo, CoreStats, Kind,
-                                            LoadFailed, QueryStats, Ready, Reply, StatsReply, StepOutputs, Stop)
+from tokenwire.engine.core.messages import (
+    AbortRequest,
+    AddRequest,
+    Command,
+    CoreInfo,
+    CoreStats,
+    Kind,
+    LoadFailed,
+    QueryStats,
+    Ready,
+    Reply,
+    StatsReply,
+    StepOutputs,
+    Stop,
+)
 from tokenwire.engine.core.outputs import RequestOutput
 from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.serving.errors import InvalidRequestError
@@ -39,7 +53,7 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-Admit = Callable[[Command], object]   # a command as the loop's inbox takes it (AddRequest: matcher attached)
+Admit = Callable[[Command], object]  # a command as the loop's inbox takes it (AddRequest: matcher attached)
 
 
 class CoreTransport(Protocol):
@@ -80,7 +94,7 @@ class InMemoryTransport:
         self._deliver = deliver
         self._inbox: queue.SimpleQueue | None = None
         self._admit: Admit | None = None
-        self._early: list[Command] = []     # commands put before the loop connected
+        self._early: list[Command] = []  # commands put before the loop connected
         self._lock = threading.Lock()
 
     def connect(self, inbox: queue.SimpleQueue, admit: Admit) -> None:
@@ -101,11 +115,12 @@ class InMemoryTransport:
         self._deliver(reply)
 
 
-def run_core(commands: Connection, replies: Connection, config: EngineConfig, log_level: str, log_format: str,
-             parent_pid: int) -> None:
+def run_core(
+    commands: Connection, replies: Connection, config: EngineConfig, log_level: str, log_format: str, parent_pid: int
+) -> None:
     """The child's entry point (multiprocessing, spawn); it logs as the front does (level, text or json)."""
     _die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the group: the front drains, then stops us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the front drains, then stops us
     configure_logging(log_level, log_format)
     transport = PipeTransport(commands, replies)
     engine = load_or_report(config, transport)
@@ -121,6 +136,7 @@ def run_core(commands: Connection, replies: Connection, config: EngineConfig, lo
 
 def run_core_in_thread(config: EngineConfig, transport: InMemoryTransport) -> threading.Thread:
     """The same core loop on a thread of this process (embedding, tests): Ready or LoadFailed first."""
+
     def run() -> None:
         engine = load_or_report(config, transport)
         if engine is not None:
@@ -157,10 +173,17 @@ def core_info(engine) -> CoreInfo:
 
     runner = engine.runner
     return CoreInfo(
-        architecture=runner.architecture, device=str(runner.device), dtype=dtype_name(runner.dtype),
-        kv_cache_dtype=dtype_name(runner.kv_dtype), num_blocks=runner.num_blocks, block_size=runner.block_size,
-        max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
-        tokenizer_fingerprint=engine.tokenizer_fingerprint, eos_token_ids=tuple(sorted(runner.eos_token_ids)))
+        architecture=runner.architecture,
+        device=str(runner.device),
+        dtype=dtype_name(runner.dtype),
+        kv_cache_dtype=dtype_name(runner.kv_dtype),
+        num_blocks=runner.num_blocks,
+        block_size=runner.block_size,
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.vocab_size,
+        tokenizer_fingerprint=engine.tokenizer_fingerprint,
+        eos_token_ids=tuple(sorted(runner.eos_token_ids)),
+    )
 
 
 def freeze_startup_heap() -> int:
@@ -178,6 +201,7 @@ def freeze_startup_heap() -> int:
 def _die_with_parent(parent_pid: int) -> None:
     if sys.platform.startswith("linux"):
         import ctypes
+
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the prctl took effect
         os._exit(1)
@@ -186,6 +210,7 @@ def _die_with_parent(parent_pid: int) -> None:
 @dataclass(frozen=True)
 class _Refused:
     """An AddRequest whose constraint did not compile (the reader thread's verdict): never scheduled."""
+
     request_id: str
     error: str
     field: str | None
@@ -198,7 +223,7 @@ class CoreLoop:
         self.engine = engine
         self._transport = transport
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._live: set[str] = set()   # request ids in flight: each gets exactly one finished output
+        self._live: set[str] = set()  # request ids in flight: each gets exactly one finished output
         self._apply_by_kind = {Kind.ADD: self._add, Kind.ABORT: self._abort, Kind.QUERY_STATS: self._reply_stats}
 
     def run(self) -> None:
@@ -254,15 +279,16 @@ class CoreLoop:
 
     def _apply(self, command: Command | _Refused, outs: list[RequestOutput]) -> None:
         if isinstance(command, _Refused):
-            outs.append(RequestOutput(command.request_id, [], finished=True, error=command.error,
-                                      error_field=command.field))
+            outs.append(
+                RequestOutput(command.request_id, [], finished=True, error=command.error, error_field=command.field)
+            )
             return
         self._apply_by_kind[command.kind](command, outs)
 
     def _add(self, command: AddRequest, outs: list[RequestOutput]) -> None:
         seq = command.seq
         try:
-            self.engine.add(seq, command.want_text)   # refuses a request id already in flight
+            self.engine.add(seq, command.want_text)  # refuses a request id already in flight
         except Exception as exc:
             outs.append(RequestOutput(seq.request_id, [], finished=True, error=str(exc)))
             return

@@ -6,6 +6,7 @@ synchronisation of its own.
 On CUDA the forward is asynchronous, so its time shows up in `sample` (the one `.tolist()` per step that
 waits for the device); on CPU each phase is what it says.
 """
+
 from __future__ import annotations
 
 import time
@@ -15,18 +16,21 @@ from dataclasses import asdict, dataclass, field, fields
 @dataclass
 class PhaseTimes:
     steps: int = 0
-    schedule_s: float = 0.0              # scheduler.schedule(): picking the batch, allocating blocks
-    forward_s: float = 0.0               # block copies + model runner (input packing, forward, logits)
-    sample_s: float = 0.0                # sampler, incl. the device -> host copy of the sampled ids
-    postprocess_s: float = 0.0           # scheduler bookkeeping, stop checks, detokenizing, outputs
+    schedule_s: float = 0.0  # scheduler.schedule(): picking the batch, allocating blocks
+    forward_s: float = 0.0  # block copies + model runner (input packing, forward, logits)
+    sample_s: float = 0.0  # sampler, incl. the device -> host copy of the sampled ids
+    postprocess_s: float = 0.0  # scheduler bookkeeping, stop checks, detokenizing, outputs
 
     def minus(self, other: PhaseTimes) -> PhaseTimes:
         return PhaseTimes(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
 
     def per_step_ms(self) -> dict[str, float]:
         n = max(self.steps, 1)
-        return {f.name.removesuffix("_s") + "_ms": getattr(self, f.name) * 1e3 / n
-                for f in fields(self) if f.name != "steps"}
+        return {
+            f.name.removesuffix("_s") + "_ms": getattr(self, f.name) * 1e3 / n
+            for f in fields(self)
+            if f.name != "steps"
+        }
 
 
 class StepClock:
@@ -43,7 +47,7 @@ class StepClock:
 
 @dataclass
 class StepProfile:
-    decode: PhaseTimes = field(default_factory=PhaseTimes)   # every chunk is one decode token
+    decode: PhaseTimes = field(default_factory=PhaseTimes)  # every chunk is one decode token
     prefill: PhaseTimes = field(default_factory=PhaseTimes)  # at least one prompt chunk in the batch
 
     @staticmethod
@@ -67,5 +71,7 @@ class StepProfile:
         return StepProfile(self.decode.minus(other.decode), self.prefill.minus(other.prefill))
 
     def to_dict(self) -> dict:
-        return {kind: asdict(times) | {"per_step": times.per_step_ms()}
-                for kind, times in (("decode", self.decode), ("prefill", self.prefill))}
+        return {
+            kind: asdict(times) | {"per_step": times.per_step_ms()}
+            for kind, times in (("decode", self.decode), ("prefill", self.prefill))
+        }

@@ -1,6 +1,7 @@
 """Protobuf <-> engine dataclasses. With servicer.py, the only engine module that touches `*_pb2`:
 wire types are turned into plain Python here and never travel into the engine.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,9 +21,14 @@ _FINISH_REASON_NAMES = {value: reason.value for reason, value in _FINISH_REASONS
 def finish_reason_name(value: int) -> str:
     """A tokenwire.v1.FinishReason value as a metrics label: "stop", "length", or "other"."""
     return _FINISH_REASON_NAMES.get(value, "other")
-_PROMPT_FIELDS = ("prompt", "prompt_token_ids")   # the engine's names for either form of the prompt
-_STOP_KINDS = {StopKind.EOS: pb.STOP_KIND_EOS, StopKind.TOKEN_ID: pb.STOP_KIND_TOKEN_ID,
-               StopKind.STRING: pb.STOP_KIND_STRING}
+
+
+_PROMPT_FIELDS = ("prompt", "prompt_token_ids")  # the engine's names for either form of the prompt
+_STOP_KINDS = {
+    StopKind.EOS: pb.STOP_KIND_EOS,
+    StopKind.TOKEN_ID: pb.STOP_KIND_TOKEN_ID,
+    StopKind.STRING: pb.STOP_KIND_STRING,
+}
 
 
 def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
@@ -33,9 +39,9 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
             kwargs[f.name] = constraint(msg)
         elif f.name in _REPEATED_PARAMS:
             kwargs[f.name] = tuple(getattr(msg, f.name))
-        elif f.name == "n":   # no presence: 0 (unset) and 1 both mean one sample
+        elif f.name == "n":  # no presence: 0 (unset) and 1 both mean one sample
             kwargs[f.name] = msg.n or 1
-        elif f.name == "logit_bias":   # a map: no presence, empty is none
+        elif f.name == "logit_bias":  # a map: no presence, empty is none
             kwargs[f.name] = tuple(sorted(msg.logit_bias.items()))
         elif msg.HasField(f.name):
             kwargs[f.name] = getattr(msg, f.name)
@@ -85,9 +91,13 @@ def generate_response(request_id: str, outputs: Seq[RequestOutput], index: int =
     last = outputs[-1]
     if last.finished:
         msg.finish_reason = _FINISH_REASONS[last.finish_reason]
-        msg.usage.CopyFrom(pb.Usage(prompt_tokens=last.num_prompt_tokens,
-                                    completion_tokens=last.num_output_tokens,
-                                    cached_prompt_tokens=last.num_cached_prompt_tokens))
+        msg.usage.CopyFrom(
+            pb.Usage(
+                prompt_tokens=last.num_prompt_tokens,
+                completion_tokens=last.num_output_tokens,
+                cached_prompt_tokens=last.num_cached_prompt_tokens,
+            )
+        )
         if last.timings is not None:
             msg.timings.CopyFrom(timings(last.timings))
         if last.stop_detail is not None:
@@ -105,8 +115,9 @@ def stop_detail(detail: StopDetail) -> pb.StopDetail:
 
 
 def token_logprob(lp: TokenLogprob) -> pb.TokenLogprob:
-    return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
-                           top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+    return pb.TokenLogprob(
+        token_id=lp.token_id, logprob=lp.logprob, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]
+    )
 
 
 def timings(t: RequestTimings) -> pb.Timings:
@@ -118,20 +129,32 @@ def timings(t: RequestTimings) -> pb.Timings:
     return msg
 
 
-def engine_config_info(config: EngineConfig, device: str, dtype: str, kv_cache_dtype: str, num_kv_blocks: int,
-                       block_size: int) -> pb.EngineConfigInfo:
+def engine_config_info(
+    config: EngineConfig, device: str, dtype: str, kv_cache_dtype: str, num_kv_blocks: int, block_size: int
+) -> pb.EngineConfigInfo:
     return pb.EngineConfigInfo(
-        device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
+        device=device,
+        dtype=dtype,
+        kv_cache_dtype=kv_cache_dtype,
+        block_size=block_size,
+        num_kv_blocks=num_kv_blocks,
         enable_prefix_cache=config.cache.enable_prefix_cache,
         max_num_seqs=config.scheduler.max_num_seqs,
         max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
         enable_chunked_prefill=config.scheduler.enable_chunked_prefill,
-        max_new_tokens_cap=config.max_new_tokens_cap, max_logprobs=config.max_logprobs)
+        max_new_tokens_cap=config.max_new_tokens_cap,
+        max_logprobs=config.max_logprobs,
+    )
 
 
 def engine_stats(stats: EngineStats, num_active_requests: int) -> pb.EngineStats:
     return pb.EngineStats(
-        num_running=stats.num_running, num_waiting=stats.num_waiting, num_kv_blocks=stats.num_kv_blocks,
-        num_free_kv_blocks=stats.num_free_kv_blocks, num_prompt_encodes=stats.num_prompt_encodes,
-        prefix_cache_hit_rate=stats.prefix_cache_hit_rate, num_preemptions=stats.num_preemptions,
-        num_active_requests=num_active_requests)
+        num_running=stats.num_running,
+        num_waiting=stats.num_waiting,
+        num_kv_blocks=stats.num_kv_blocks,
+        num_free_kv_blocks=stats.num_free_kv_blocks,
+        num_prompt_encodes=stats.num_prompt_encodes,
+        prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
+        num_preemptions=stats.num_preemptions,
+        num_active_requests=num_active_requests,
+    )

@@ -8,6 +8,7 @@ arrive as one message, read by an event-loop reader, with no thread hop per requ
 If the core dies, every request in flight gets a final output whose error is `death`, new requests
 are refused, and `on_death` tells the server (which turns NOT_SERVING and exits non-zero).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,8 +20,20 @@ import os
 from collections.abc import Callable
 
 from tokenwire.engine.config import EngineConfig
-from tokenwire.engine.core.messages import (AbortRequest, AddRequest, Command, CoreInfo, CoreStats, LoadFailed,
-                                            QueryStats, Ready, Reply, StatsReply, StepOutputs, Stop)
+from tokenwire.engine.core.messages import (
+    AbortRequest,
+    AddRequest,
+    Command,
+    CoreInfo,
+    CoreStats,
+    LoadFailed,
+    QueryStats,
+    Ready,
+    Reply,
+    StatsReply,
+    StepOutputs,
+    Stop,
+)
 from tokenwire.engine.core.outputs import RequestOutput
 from tokenwire.engine.core.process import InMemoryTransport, run_core, run_core_in_thread
 from tokenwire.engine.request.preparer import RequestPreparer
@@ -35,21 +48,22 @@ _STOP_TIMEOUT_S = 30.0
 
 
 class CoreClient:
-    def __init__(self, config: EngineConfig, on_death: Callable[[str], None] = lambda reason: None,
-                 in_process: bool = False):
+    def __init__(
+        self, config: EngineConfig, on_death: Callable[[str], None] = lambda reason: None, in_process: bool = False
+    ):
         self.config = config
         self.in_process = in_process
-        self.info: CoreInfo | None = None             # the loaded model's shapes, once started
+        self.info: CoreInfo | None = None  # the loaded model's shapes, once started
         self.preparer: RequestPreparer | None = None  # validation and encoding, in the caller's thread
-        self.death: str | None = None                 # why the core died, once it has
-        self.latest: CoreStats | None = None          # the stats that came with the last step
+        self.death: str | None = None  # why the core died, once it has
+        self.latest: CoreStats | None = None  # the stats that came with the last step
         self._on_death = on_death
         self._sinks: dict[str, Sink] = {}
         self._queries: dict[int, asyncio.Future] = {}
         self._next_query = 0
         self._stopping = False
         self._ready: asyncio.Future | None = None
-        self._process = None                          # the core's process, or its thread in process
+        self._process = None  # the core's process, or its thread in process
         self._commands = self._replies = None
         self._inbox: InMemoryTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -61,17 +75,20 @@ class CoreClient:
         meanwhile. Spawned from the event-loop thread: PR_SET_PDEATHSIG follows the spawning thread."""
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
-        model_dir = await asyncio.to_thread(resolve_model, self.config.model)   # converted once, here
+        model_dir = await asyncio.to_thread(resolve_model, self.config.model)  # converted once, here
         core_config = dataclasses.replace(self.config, model=model_dir)
         if self.in_process:
             self._start_thread(core_config)
         else:
             self._start_process(core_config)
-        (tokenizer, fingerprint), info = await asyncio.gather(asyncio.to_thread(_load_tokenizer, core_config),
-                                                              self._ready)
+        (tokenizer, fingerprint), info = await asyncio.gather(
+            asyncio.to_thread(_load_tokenizer, core_config), self._ready
+        )
         if fingerprint != info.tokenizer_fingerprint:
-            raise RuntimeError(f"the front's tokenizer {fingerprint[:16]}... differs from the core's "
-                               f"{info.tokenizer_fingerprint[:16]}...")
+            raise RuntimeError(
+                f"the front's tokenizer {fingerprint[:16]}... differs from the core's "
+                f"{info.tokenizer_fingerprint[:16]}..."
+            )
         self.info = info
         # Across a pipe the core compiles each constraint (a matcher does not pickle) and the front only
         # checks it parses; in process the front's compile is the one, and the matcher travels as it is.
@@ -79,22 +96,33 @@ class CoreClient:
         if self.in_process:
             from tokenwire.engine.request.grammar import GrammarCompiler
 
-            grammars = GrammarCompiler(tokenizer, fingerprint, info.vocab_size, info.eos_token_ids,
-                                       self.config.max_grammar_compile_s)
-        self.preparer = RequestPreparer(tokenizer, info.vocab_size, info.max_model_len, self.config.max_new_tokens_cap,
-                                        self.config.max_logprobs, self.config.seed, grammars)
+            grammars = GrammarCompiler(
+                tokenizer, fingerprint, info.vocab_size, info.eos_token_ids, self.config.max_grammar_compile_s
+            )
+        self.preparer = RequestPreparer(
+            tokenizer,
+            info.vocab_size,
+            info.max_model_len,
+            self.config.max_new_tokens_cap,
+            self.config.max_logprobs,
+            self.config.seed,
+            grammars,
+        )
         log.info("engine core running %s", "in this process" if self.in_process else f"as pid {self._process.pid}")
         return self
 
     def _start_process(self, core_config: EngineConfig) -> None:
-        ctx = multiprocessing.get_context("spawn")   # never fork a process that runs gRPC threads
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC threads
         commands_r, self._commands = ctx.Pipe(duplex=False)
         self._replies, replies_w = ctx.Pipe(duplex=False)
         self._process = ctx.Process(
-            target=run_core, name="tokenwire-engine-core", daemon=True,
-            args=(commands_r, replies_w, core_config, *_log_settings(), os.getpid()))
+            target=run_core,
+            name="tokenwire-engine-core",
+            daemon=True,
+            args=(commands_r, replies_w, core_config, *_log_settings(), os.getpid()),
+        )
         self._process.start()
-        commands_r.close()   # ours closed, so the core's death is EOF here and ours is EOF there
+        commands_r.close()  # ours closed, so the core's death is EOF here and ours is EOF there
         replies_w.close()
         self._loop.add_reader(self._replies.fileno(), self._on_readable)
 
@@ -124,7 +152,7 @@ class CoreClient:
             log.warning("the engine core did not stop within %.0fs; killing it", timeout)
             self._process.kill()
             await asyncio.to_thread(self._process.join)
-        await asyncio.sleep(0)   # an in-process core's last replies were scheduled on the loop
+        await asyncio.sleep(0)  # an in-process core's last replies were scheduled on the loop
         self._close_reader()
         if self._commands is not None:
             self._commands.close()
@@ -209,11 +237,12 @@ class CoreClient:
             log.exception("output sink for %s failed", rid)
 
     def _died(self) -> None:
-        self._process.join(0.5)   # EOF came as it exited; its status follows at once
+        self._process.join(0.5)  # EOF came as it exited; its status follows at once
         self.death = f"the engine core died (exit code {self._process.exitcode})"
         if not self._ready.done():
-            self._ready.set_exception(RuntimeError(f"the engine core exited while loading (exit code "
-                                                   f"{self._process.exitcode})"))
+            self._ready.set_exception(
+                RuntimeError(f"the engine core exited while loading (exit code {self._process.exitcode})")
+            )
             return
         log.error("%s; failing %d requests in flight", self.death, len(self._sinks))
         for rid in list(self._sinks):
@@ -241,9 +270,8 @@ def _log_settings() -> tuple[str, str]:
 
 
 def _load_tokenizer(config: EngineConfig):
-    from transformers import AutoTokenizer
-
     from tokenwire.tokenizer.tokenizer import tokenizer_fingerprint
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
     return tokenizer, tokenizer_fingerprint(tokenizer)

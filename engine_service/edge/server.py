@@ -8,6 +8,7 @@ warm-up generation before health turns SERVING. If the core dies, the requests i
 UNAVAILABLE, health turns NOT_SERVING and the service exits non-zero. On shutdown health goes
 NOT_SERVING, new requests are refused, in-flight ones get the drain grace, the rest are aborted.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +16,6 @@ import logging
 from typing import TYPE_CHECKING
 
 import grpc
-
 from tokenwire.engine.config import EngineConfig, ServerConfig
 from tokenwire.engine.edge.metrics import EngineMetrics, EngineStatsCollector
 from tokenwire.engine.edge.servicer import EngineServicer
@@ -42,8 +42,11 @@ class EngineServer(GrpcServer):
         self.core: CoreClient | None = None
         self.metrics = EngineMetrics(self.registry)
         self.observe_responses(self.metrics.on_response)
-        self.registry.register(EngineStatsCollector(
-            lambda: self.core and self.core.latest_stats(), lambda: self.servicer.num_active_requests))
+        self.registry.register(
+            EngineStatsCollector(
+                lambda: self.core and self.core.latest_stats(), lambda: self.servicer.num_active_requests
+            )
+        )
 
     def add_servicer(self, server: grpc.aio.Server) -> None:
         engine_pb2_grpc.add_EngineServiceServicer_to_server(self.servicer, server)
@@ -68,10 +71,11 @@ class EngineServer(GrpcServer):
         self.servicer.draining = True
         try:
             await asyncio.wait_for(self.servicer.wait_idle(), grace_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if self.servicer.num_active_requests:
-                log.warning("%d requests still running after %.1fs; aborting them",
-                            self.servicer.num_active_requests, grace_s)
+                log.warning(
+                    "%d requests still running after %.1fs; aborting them", self.servicer.num_active_requests, grace_s
+                )
         return _ABORT_GRACE_S  # cancelled handlers abort their requests in the engine
 
     async def close(self) -> None:

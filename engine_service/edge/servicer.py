@@ -6,6 +6,7 @@ their outputs from a per-request asyncio queue that the core client fills on the
 outputs). Whatever way a handler exits (finish, error, client cancel, deadline, shutdown) an unfinished
 request is aborted inside the engine, which frees its blocks.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,13 +20,16 @@ from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
 import grpc
-
-from tokenwire.engine.edge import convert
 from tokenwire.engine.core.outputs import RequestOutput
-from tokenwire.engine.scheduling.sequence import FinishReason, Sequence
+from tokenwire.engine.edge import convert
 from tokenwire.engine.edge.submission import Submitted
-from tokenwire.serving.errors import (FIELD_METADATA_KEY, REASON_METADATA_KEY, REASON_TOKENIZER_MISMATCH,
-                                      InvalidRequestError)
+from tokenwire.engine.scheduling.sequence import FinishReason, Sequence
+from tokenwire.serving.errors import (
+    FIELD_METADATA_KEY,
+    REASON_METADATA_KEY,
+    REASON_TOKENIZER_MISMATCH,
+    InvalidRequestError,
+)
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
 
@@ -50,8 +54,9 @@ class _Refused(Exception):
     @property
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         """The offending field and the failed precondition, for clients that map errors without parsing."""
-        return (((FIELD_METADATA_KEY, self.field),) if self.field else ()) + \
-               (((REASON_METADATA_KEY, self.reason),) if self.reason else ())
+        return (((FIELD_METADATA_KEY, self.field),) if self.field else ()) + (
+            ((REASON_METADATA_KEY, self.reason),) if self.reason else ()
+        )
 
 
 def _messages(submitted: Submitted, outputs: Seq[RequestOutput]) -> list[pb.GenerateResponse]:
@@ -59,12 +64,15 @@ def _messages(submitted: Submitted, outputs: Seq[RequestOutput]) -> list[pb.Gene
     by_sample: dict[str, list[RequestOutput]] = {}
     for out in outputs:
         by_sample.setdefault(out.request_id, []).append(out)
-    return [convert.generate_response(submitted.request_id, outs, submitted.index_of[sample_id])
-            for sample_id, outs in by_sample.items()]
+    return [
+        convert.generate_response(submitted.request_id, outs, submitted.index_of[sample_id])
+        for sample_id, outs in by_sample.items()
+    ]
 
 
-def _raise_if_failed(output: RequestOutput, core_death: str | None, request: pb.GenerateRequest,
-                     field_prefix: str = "") -> None:
+def _raise_if_failed(
+    output: RequestOutput, core_death: str | None, request: pb.GenerateRequest, field_prefix: str = ""
+) -> None:
     """Errors travel as a status, never inside an OK stream."""
     if output.error is not None and output.error == core_death:
         raise _Refused(grpc.StatusCode.UNAVAILABLE, core_death)
@@ -89,7 +97,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         self.max_waiting_requests = max_waiting_requests or max_pending_requests
         self.core: CoreClient | None = None
         self.draining = False
-        self._active: set[str] = set()   # request ids being served (also refuses duplicates)
+        self._active: set[str] = set()  # request ids being served (also refuses duplicates)
         self._waiting: set[str] = set()  # ...of which those with no output yet (queued or prefilling)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -108,14 +116,16 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
 
     # ---- RPCs ----
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-                       ) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
         arrival = time.monotonic()
         try:
             core = self._serving_core()
             with self._reserve([request.request_id]) as (rid,):
-                seqs = await asyncio.to_thread(_prepare, core.preparer, core.info.tokenizer_fingerprint, request,
-                                               rid, arrival)
+                seqs = await asyncio.to_thread(
+                    _prepare, core.preparer, core.info.tokenizer_fingerprint, request, rid, arrival
+                )
                 submitted = Submitted(core, seqs, request.return_text, self._waiting.discard)
                 try:
                     while not submitted.finished:
@@ -131,17 +141,21 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         except Exception as exc:  # a bug must end this call cleanly (INTERNAL), never hang or kill others
             await _abort(context, _internal(exc))
 
-    async def GenerateBatch(self, request: pb.GenerateBatchRequest, context: grpc.aio.ServicerContext
-                            ) -> pb.GenerateBatchResponse:
+    async def GenerateBatch(
+        self, request: pb.GenerateBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateBatchResponse:
         arrival = time.monotonic()
         try:
             core = self._serving_core()
             self._check_batch_size(len(request.requests))
             with self._reserve([r.request_id for r in request.requests], batch=True) as rids:
-                seqs = await asyncio.to_thread(_prepare_batch, core.preparer, core.info.tokenizer_fingerprint,
-                                               request.requests, rids, arrival)
-                batch = [Submitted(core, samples, r.return_text, self._waiting.discard)
-                         for samples, r in zip(seqs, request.requests)]
+                seqs = await asyncio.to_thread(
+                    _prepare_batch, core.preparer, core.info.tokenizer_fingerprint, request.requests, rids, arrival
+                )
+                batch = [
+                    Submitted(core, samples, r.return_text, self._waiting.discard)
+                    for samples, r in zip(seqs, request.requests)
+                ]
                 try:
                     results = await asyncio.gather(*(s.all_outputs() for s in batch))
                 finally:
@@ -150,16 +164,21 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             for i, (outputs, r) in enumerate(zip(results, request.requests)):
                 for output in outputs:
                     _raise_if_failed(output, core.death, r, f"requests[{i}].")
-            return pb.GenerateBatchResponse(results=[
-                message for s, outs in zip(batch, results)
-                for message in sorted(_messages(s, outs), key=lambda m: m.index)])
+            return pb.GenerateBatchResponse(
+                results=[
+                    message
+                    for s, outs in zip(batch, results)
+                    for message in sorted(_messages(s, outs), key=lambda m: m.index)
+                ]
+            )
         except _Refused as refused:
             await _abort(context, refused)
         except Exception as exc:
             await _abort(context, _internal(exc))
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
-                           ) -> pb.GetModelInfoResponse:
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
         try:
             core = self._serving_core(allow_draining=True)
         except _Refused as refused:
@@ -170,13 +189,17 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             await _abort(context, _Refused(grpc.StatusCode.UNAVAILABLE, str(exc)))
         info = core.info
         return pb.GetModelInfoResponse(
-            model=core.config.model, architecture=info.architecture,
-            max_model_len=info.max_model_len, vocab_size=info.vocab_size,
+            model=core.config.model,
+            architecture=info.architecture,
+            max_model_len=info.max_model_len,
+            vocab_size=info.vocab_size,
             tokenizer_fingerprint=info.tokenizer_fingerprint,
-            config=convert.engine_config_info(core.config, info.device, info.dtype, info.kv_cache_dtype,
-                                              info.num_blocks, info.block_size),
+            config=convert.engine_config_info(
+                core.config, info.device, info.dtype, info.kv_cache_dtype, info.num_blocks, info.block_size
+            ),
             stats=convert.engine_stats(stats.engine, self.num_active_requests),
-            eos_token_ids=list(info.eos_token_ids))
+            eos_token_ids=list(info.eos_token_ids),
+        )
 
     # ---- admission ----
 
@@ -193,8 +216,9 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         """A batch bigger than the admission bounds could never be admitted: a bad request, not overload."""
         limit = min(self.max_pending_requests, self.max_waiting_requests)
         if size > limit:
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"requests: at most {limit} requests per call, got {size}", "requests")
+            raise _Refused(
+                grpc.StatusCode.INVALID_ARGUMENT, f"requests: at most {limit} requests per call, got {size}", "requests"
+            )
 
     @contextlib.contextmanager
     def _reserve(self, request_ids: Seq[str], batch: bool = False):
@@ -202,8 +226,11 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         fields = [f"requests[{i}].request_id" if batch else "request_id" for i in range(len(request_ids))]
         for rid, field in zip(request_ids, fields):
             if rid and not _REQUEST_ID.fullmatch(rid):
-                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"{field}: must be 1 to 256 printable ASCII characters without spaces", field)
+                raise _Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{field}: must be 1 to 256 printable ASCII characters without spaces",
+                    field,
+                )
         self._check_capacity(len(request_ids))
         rids = [rid or uuid.uuid4().hex for rid in request_ids]
         seen: set[str] = set()
@@ -224,44 +251,67 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
 
     def _check_capacity(self, num_requests: int) -> None:
         if len(self._active) + num_requests > self.max_pending_requests:
-            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"{len(self._active)} requests in flight; the limit is {self.max_pending_requests}")
+            raise _Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(self._active)} requests in flight; the limit is {self.max_pending_requests}",
+            )
         if len(self._waiting) + num_requests > self.max_waiting_requests:
-            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"{len(self._waiting)} requests waiting to start; the limit is "
-                           f"{self.max_waiting_requests}")
+            raise _Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(self._waiting)} requests waiting to start; the limit is {self.max_waiting_requests}",
+            )
 
 
-def _prepare_batch(preparer: RequestPreparer, served_fingerprint: str, requests: Seq[pb.GenerateRequest],
-                   rids: Seq[str], arrival: float) -> list[list[Sequence]]:
+def _prepare_batch(
+    preparer: RequestPreparer,
+    served_fingerprint: str,
+    requests: Seq[pb.GenerateRequest],
+    rids: Seq[str],
+    arrival: float,
+) -> list[list[Sequence]]:
     if not requests:
         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "requests: must not be empty", "requests")
-    return [_prepare(preparer, served_fingerprint, r, rid, arrival, f"requests[{i}].")
-            for i, (r, rid) in enumerate(zip(requests, rids))]
+    return [
+        _prepare(preparer, served_fingerprint, r, rid, arrival, f"requests[{i}].")
+        for i, (r, rid) in enumerate(zip(requests, rids))
+    ]
 
 
-def _prepare(preparer: RequestPreparer, served_fingerprint: str, request: pb.GenerateRequest, rid: str,
-             arrival: float, field_prefix: str = "") -> list[Sequence]:
+def _prepare(
+    preparer: RequestPreparer,
+    served_fingerprint: str,
+    request: pb.GenerateRequest,
+    rid: str,
+    arrival: float,
+    field_prefix: str = "",
+) -> list[Sequence]:
     """One Sequence per sample (SamplingParams.n). Fingerprint check first (no work for a mismatched
     tokenizer), then validation and, for a text prompt, its one encode. Runs in a worker thread: a long
     prompt must not stall the event loop."""
     fingerprint = request.tokenizer_fingerprint
     if fingerprint and not _FINGERPRINT.fullmatch(fingerprint):
-        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                       f"{field_prefix}tokenizer_fingerprint: must be 64 lowercase hex digits (GetInfo's "
-                       f"fingerprint) or empty", f"{field_prefix}tokenizer_fingerprint")
+        raise _Refused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{field_prefix}tokenizer_fingerprint: must be 64 lowercase hex digits (GetInfo's fingerprint) or empty",
+            f"{field_prefix}tokenizer_fingerprint",
+        )
     if fingerprint and fingerprint != served_fingerprint:
-        raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                       f"{field_prefix}tokenizer_fingerprint: the ids were made by tokenizer "
-                       f"{fingerprint[:16]}..., this engine serves {served_fingerprint[:16]}...",
-                       f"{field_prefix}tokenizer_fingerprint", REASON_TOKENIZER_MISMATCH)
+        raise _Refused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"{field_prefix}tokenizer_fingerprint: the ids were made by tokenizer "
+            f"{fingerprint[:16]}..., this engine serves {served_fingerprint[:16]}...",
+            f"{field_prefix}tokenizer_fingerprint",
+            REASON_TOKENIZER_MISMATCH,
+        )
     prompt = convert.prompt_kwargs(request)
     if not prompt:
-        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{field_prefix}prompt: set text or token_ids",
-                       f"{field_prefix}prompt")
+        raise _Refused(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{field_prefix}prompt: set text or token_ids", f"{field_prefix}prompt"
+        )
     try:
-        return preparer.prepare_samples(params=convert.sampling_params(request.sampling), request_id=rid,
-                                        arrival_time=arrival, **prompt)
+        return preparer.prepare_samples(
+            params=convert.sampling_params(request.sampling), request_id=rid, arrival_time=arrival, **prompt
+        )
     except InvalidRequestError as exc:
         field = field_prefix + convert.request_field_path(exc.field, request)
         message = str(exc).removeprefix(f"{exc.field}: ")

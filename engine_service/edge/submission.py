@@ -1,6 +1,7 @@
 """One request inside the engine core, as an EngineService handler sees it: its samples' outputs on one
 asyncio queue (filled on the event loop by the core client), and their abort when the handler leaves early.
 No protobuf here: servicer.py turns the outputs into stream messages."""
+
 from __future__ import annotations
 
 import asyncio
@@ -20,13 +21,18 @@ class Submitted:
     their abort if the caller leaves early. `on_start` runs (on the event loop) when the first output
     arrives: the request has left the waiting queue."""
 
-    def __init__(self, core: CoreClient, seqs: Seq[Sequence], want_text: bool,
-                 on_start: Callable[[str], None] = lambda request_id: None):
+    def __init__(
+        self,
+        core: CoreClient,
+        seqs: Seq[Sequence],
+        want_text: bool,
+        on_start: Callable[[str], None] = lambda request_id: None,
+    ):
         self._core = core
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._on_start: Callable[[str], None] | None = on_start
         self.request_id = seqs[0].request_id
-        self.index_of = {seq.request_id: seq.sample_index for seq in seqs}   # engine id -> sample index
+        self.index_of = {seq.request_id: seq.sample_index for seq in seqs}  # engine id -> sample index
         self._unfinished = set(self.index_of)
         self.finished = False
         for seq in seqs:

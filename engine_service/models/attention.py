@@ -14,6 +14,7 @@ With the native CPU kernels (`models/kernels.py`) decodes read the cache in plac
 of every decode, no gather, no mask; and the Llama forward writes K/V into the cache itself while it
 applies rope (`written=True` below).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,14 +29,21 @@ class KVCache:
     v: torch.Tensor
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """K and V of one block in every layer."""
         return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
     @classmethod
-    def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+    def allocate(
+        cls,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> KVCache:
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         # Zeros, not empty: padded slots are masked, but NaN garbage would still poison probs @ V.
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
@@ -63,10 +71,11 @@ _MAX_DECODE_GROUPS = 4
 @dataclass
 class DecodeGroup:
     """Decodes in rows [begin, end): one query each, keys gathered block-wise, padded to `width`."""
+
     begin: int
     end: int
-    block_ids: torch.Tensor     # [(end - begin) * width // block_size], padded with block 0
-    lens: torch.Tensor          # [end - begin] context length including the new token
+    block_ids: torch.Tensor  # [(end - begin) * width // block_size], padded with block 0
+    lens: torch.Tensor  # [end - begin] context length including the new token
     width: int
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # per sliding window
 
@@ -91,10 +100,11 @@ class DecodeGroup:
 @dataclass
 class PrefillSpan:
     """One multi-token chunk: rows [begin, end) of the flat batch, positions [start, start + n)."""
+
     begin: int
     end: int
     start: int
-    block_ids: torch.Tensor | None   # blocks of positions [0, start + n); None: no cached context
+    block_ids: torch.Tensor | None  # blocks of positions [0, start + n); None: no cached context
     masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # per sliding window
 
     def mask(self, window: int | None, block_size: int, q: torch.Tensor) -> torch.Tensor | None:
@@ -118,15 +128,22 @@ class PrefillSpan:
 @dataclass
 class AttentionBatch:
     """Per-step attention metadata: decode groups first in row order, then prefill spans."""
-    slot_mapping: torch.Tensor               # [num_tokens] cache slot of every new token
+
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot of every new token
     decodes: list[DecodeGroup]
     prefills: list[PrefillSpan]
     block_size: int
-    native: object | None = None             # the native kernel module, or None: torch ops
+    native: object | None = None  # the native kernel module, or None: torch ops
 
     @classmethod
-    def build(cls, spans: list[tuple[list[int], int, int]], num_decodes: int, block_size: int,
-              device: torch.device, native=None) -> AttentionBatch:
+    def build(
+        cls,
+        spans: list[tuple[list[int], int, int]],
+        num_decodes: int,
+        block_size: int,
+        device: torch.device,
+        native=None,
+    ) -> AttentionBatch:
         """`spans`: (block_table, start, num_tokens) in row order; the first `num_decodes` are 1-token
         decodes sorted by context length, so groups of similar lengths are row ranges."""
         slots: list[int] = []
@@ -139,7 +156,7 @@ class AttentionBatch:
         for table, start, n in spans[num_decodes:]:
             blocks = None
             if start > 0:  # earlier positions come from the cache
-                blocks = torch.tensor(table[:-(-(start + n) // block_size)], dtype=torch.long, device=device)
+                blocks = torch.tensor(table[: -(-(start + n) // block_size)], dtype=torch.long, device=device)
             prefills.append(PrefillSpan(row, row + n, start, blocks))
             row += n
         slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
@@ -174,8 +191,13 @@ def _decode_group(spans, begin: int, block_size: int, device) -> DecodeGroup:
         used = -(-length // block_size)
         ids += table[:used]
         ids += [0] * (max_blocks - used)
-    return DecodeGroup(begin, begin + len(spans), torch.tensor(ids, dtype=torch.long, device=device),
-                       torch.tensor(lens, dtype=torch.long, device=device), max_blocks * block_size)
+    return DecodeGroup(
+        begin,
+        begin + len(spans),
+        torch.tensor(ids, dtype=torch.long, device=device),
+        torch.tensor(lens, dtype=torch.long, device=device),
+        max_blocks * block_size,
+    )
 
 
 def _extend_slots(slots: list[int], table: list[int], start: int, end: int, block_size: int) -> None:
@@ -188,9 +210,17 @@ def _extend_slots(slots: list[int], table: list[int], start: int, end: int, bloc
         pos = stop
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, batch: AttentionBatch, scale: float,
-                    window: int | None = None, written: bool = False) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+    window: int | None = None,
+    written: bool = False,
+) -> torch.Tensor:
     """q [T, H, d], k/v [T, kv_heads, d] for this step's tokens; one layer's caches. Returns [T, H * d].
     `written`: the caller already put k/v into their cache slots."""
     kv_heads, head_dim = k.shape[1], k.shape[2]
@@ -199,14 +229,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         v_cache.view(-1, kv_heads, head_dim).index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
     if batch.native is not None and batch.decodes:
         group = batch.decodes[0]  # one group: the kernel reads each decode's own length only
-        outs = [batch.native.paged_decode(q[group.begin:group.end], k_cache, v_cache, group.tables,
-                                          group.lens, scale, window or 0)]
-        outs += [_prefill(q, k, v, k_cache, v_cache, span, batch.block_size, scale, window)
-                 for span in batch.prefills]
+        outs = [
+            batch.native.paged_decode(
+                q[group.begin : group.end], k_cache, v_cache, group.tables, group.lens, scale, window or 0
+            )
+        ]
+        outs += [_prefill(q, k, v, k_cache, v_cache, span, batch.block_size, scale, window) for span in batch.prefills]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
     outs = [_decode(q, k_cache, v_cache, group, scale, window) for group in batch.decodes]
-    outs += [_prefill(q, k, v, k_cache, v_cache, span, batch.block_size, scale, window)
-             for span in batch.prefills]
+    outs += [_prefill(q, k, v, k_cache, v_cache, span, batch.block_size, scale, window) for span in batch.prefills]
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -216,23 +247,34 @@ def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float, window: int |
     keys = k_cache.index_select(0, group.block_ids).view(n, -1, kv_heads, head_dim).to(q.dtype)
     values = v_cache.index_select(0, group.block_ids).view(n, -1, kv_heads, head_dim).to(q.dtype)
     out = F.scaled_dot_product_attention(
-        q[group.begin:group.end].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=group.mask(window, q.dtype), scale=scale, enable_gqa=True)
+        q[group.begin : group.end].unsqueeze(2),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=group.mask(window, q.dtype),
+        scale=scale,
+        enable_gqa=True,
+    )
     return out.view(n, num_heads * head_dim)
 
 
-def _prefill(q, k, v, k_cache, v_cache, span: PrefillSpan, block_size: int, scale: float,
-             window: int | None) -> torch.Tensor:
+def _prefill(
+    q, k, v, k_cache, v_cache, span: PrefillSpan, block_size: int, scale: float, window: int | None
+) -> torch.Tensor:
     n, num_heads, head_dim = span.end - span.begin, q.shape[1], q.shape[2]
     kv_heads = k.shape[1]
     if span.block_ids is None:  # the chunk is the whole context: its own K/V, no gather
-        keys, values = k[span.begin:span.end], v[span.begin:span.end]
+        keys, values = k[span.begin : span.end], v[span.begin : span.end]
     else:
         keys = k_cache.index_select(0, span.block_ids).view(-1, kv_heads, head_dim).to(q.dtype)
         values = v_cache.index_select(0, span.block_ids).view(-1, kv_heads, head_dim).to(q.dtype)
     mask = span.mask(window, block_size, q)
     out = F.scaled_dot_product_attention(
-        q[span.begin:span.end].transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
-        values.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None,
-        scale=scale, enable_gqa=True)
+        q[span.begin : span.end].transpose(0, 1).unsqueeze(0),
+        keys.transpose(0, 1).unsqueeze(0),
+        values.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scale,
+        enable_gqa=True,
+    )
     return out[0].transpose(0, 1).reshape(n, num_heads * head_dim)

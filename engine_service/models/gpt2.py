@@ -4,17 +4,17 @@ GPT-2 differs from the Llama family in ways the weights make visible: Conv1D pro
 [in, out] (transposed once at load into our `Linear`), learned absolute positions, LayerNorm with
 bias, gelu_new and multi-head (not grouped) attention.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
-
-from tokenwire.engine.models.linear import Linear
 from tokenwire.engine.models.attention import AttentionBatch, KVCache, paged_attention
+from tokenwire.engine.models.linear import Linear
+from transformers.activations import ACT2FN
 
 # gelu_new is the tanh approximation; F.gelu does it in one fused op instead of HF's five.
 _FUSED_ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -29,12 +29,12 @@ _FUSED_ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class _Block:
     ln1_w: torch.Tensor
     ln1_b: torch.Tensor
-    qkv: Linear            # E -> 3E
-    proj: Linear           # E -> E
+    qkv: Linear  # E -> 3E
+    proj: Linear  # E -> E
     ln2_w: torch.Tensor
     ln2_b: torch.Tensor
-    fc: Linear             # E -> inner
-    out: Linear            # inner -> E
+    fc: Linear  # E -> inner
+    out: Linear  # inner -> E
     scale: float
 
 
@@ -57,15 +57,21 @@ class GPT2Forward:
             self.blocks = [_block(b, gemv) for b in inner.h]
         self.vocab_size = self.lm_head.out_features
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
-                batch: AttentionBatch, sample_rows: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KVCache,
+        batch: AttentionBatch,
+        sample_rows: torch.Tensor,
+    ) -> torch.Tensor:
         """Logits (float32) of the rows `sample_rows` of this flat batch of tokens."""
         T, E, d = input_ids.shape[0], self.hidden_size, self.head_dim
         h = F.embedding(input_ids, self.wte).add_(F.embedding(positions, self.wpe))
         for i, b in enumerate(self.blocks):
             x = F.layer_norm(h, (E,), b.ln1_w, b.ln1_b, self.eps)
             qkv = b.qkv(x)
-            q, k, v = (qkv[:, j * E:(j + 1) * E].view(T, self.num_heads, d) for j in range(3))
+            q, k, v = (qkv[:, j * E : (j + 1) * E].view(T, self.num_heads, d) for j in range(3))
             h = b.proj.add(paged_attention(q, k, v, kv.k[i], kv.v[i], batch, b.scale), h)
             x = F.layer_norm(h, (E,), b.ln2_w, b.ln2_b, self.eps)
             h = b.out.add(self.act(b.fc(x)), h)
@@ -76,10 +82,14 @@ class GPT2Forward:
 def _block(block, gemv) -> _Block:
     attn, mlp = block.attn, block.mlp
     return _Block(
-        ln1_w=block.ln_1.weight.detach(), ln1_b=block.ln_1.bias.detach(),
-        qkv=_conv1d(attn.c_attn, gemv), proj=_conv1d(attn.c_proj, gemv),
-        ln2_w=block.ln_2.weight.detach(), ln2_b=block.ln_2.bias.detach(),
-        fc=_conv1d(mlp.c_fc, gemv), out=_conv1d(mlp.c_proj, gemv),
+        ln1_w=block.ln_1.weight.detach(),
+        ln1_b=block.ln_1.bias.detach(),
+        qkv=_conv1d(attn.c_attn, gemv),
+        proj=_conv1d(attn.c_proj, gemv),
+        ln2_w=block.ln_2.weight.detach(),
+        ln2_b=block.ln_2.bias.detach(),
+        fc=_conv1d(mlp.c_fc, gemv),
+        out=_conv1d(mlp.c_proj, gemv),
         scale=float(attn.scaling),
     )
 

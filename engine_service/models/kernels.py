@@ -9,6 +9,7 @@ the engine is configured without them (`--no-native-kernels`: the config decides
 environment), or off the CPU. The fallbacks define what the kernels compute; a parity
 test holds the two together.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +25,10 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_attention.cpp", "cpu_decode.cpp", "cpu_linear.cpp")]
+_SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("cpu_kernels.cpp", "cpu_attention.cpp", "cpu_decode.cpp", "cpu_linear.cpp")
+]
 _HEADER = Path(__file__).with_name("cpu_kernels.h")
 _loaded: dict[str, object] = {}
 
@@ -52,16 +56,28 @@ def _load():
     try:
         with _build_lock(build_dir):
             cpp_extension.load(
-                name="tokenwire_cpu_kernels", sources=[str(p) for p in _SOURCES], build_directory=str(build_dir),
+                name="tokenwire_cpu_kernels",
+                sources=[str(p) for p in _SOURCES],
+                build_directory=str(build_dir),
                 extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"],
-                extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
         module = torch.ops.tokenwire
     except Exception as error:  # no compiler, no ninja, a header mismatch: run on torch ops
-        log.warning("native CPU kernels unavailable (%s: %s); torch ops instead",
-                    type(error).__name__, str(error).strip().splitlines()[-1:] or "")
+        log.warning(
+            "native CPU kernels unavailable (%s: %s); torch ops instead",
+            type(error).__name__,
+            str(error).strip().splitlines()[-1:] or "",
+        )
         return None
-    log.info("native CPU kernels %s from %s in %.1f s", "loaded" if cached else "built", build_dir,
-             time.perf_counter() - start)
+    log.info(
+        "native CPU kernels %s from %s in %.1f s",
+        "loaded" if cached else "built",
+        build_dir,
+        time.perf_counter() - start,
+    )
     return module
 
 
@@ -108,6 +124,7 @@ def _put_ninja_on_path() -> None:
 
 # ---- pure-torch equivalents: what the kernels compute, used wherever the native module is not ----
 
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm: in float32, rounded to the model dtype before the weight."""
     if x.dtype == torch.float32:
@@ -123,8 +140,15 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate_up[:, :inter], inplace=True).mul_(gate_up[:, inter:])
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                 lens: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
     """One query per row over its blocks `tables[i]` (padded with any valid block), keys [0, lens[i]),
     the last `window` of them with a sliding window. q [n, H, d]; caches [blocks, bs, kv_heads, d]."""
     n, num_heads, head_dim = q.shape
@@ -137,13 +161,20 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if window is not None:
         visible &= positions > lens[:, None] - 1 - window
     mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
-                                         attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=True,
+    )
     return out.view(n, num_heads * head_dim)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-         residual: torch.Tensor | None) -> torch.Tensor:
+def gemv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
+) -> torch.Tensor:
     """x @ weight.T (+ bias) (+ residual), summed in float32 and rounded once to x's dtype: what the
     native `gemv` computes for a few rows (it reads the plain weight at memory speed)."""
     y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())

@@ -1,5 +1,6 @@
 """The GEMM layer of the native forwards: y = x @ W.T + b on oneDNN's prepacked weight, or on the native
 few-row GEMV for a single stream's decode (see `Linear`)."""
+
 from __future__ import annotations
 
 import logging
@@ -64,8 +65,7 @@ class Linear:
         if self._on_gemv(m):
             return self._gemv(x, self.weight, self.bias, None)
         if self._packed is not None:
-            y = torch.ops.mkldnn._linear_pointwise(_pad_rows(x, gemm_rows(m)), self._packed, self.bias,
-                                                   "none", [], "")
+            y = torch.ops.mkldnn._linear_pointwise(_pad_rows(x, gemm_rows(m)), self._packed, self.bias, "none", [], "")
             return y if y.shape[0] == m else y[:m]
         return F.linear(x, self.weight, self.bias)
 
@@ -77,8 +77,9 @@ class Linear:
             return self._gemv(x, self.weight, self.bias, residual)
         if self._packed is not None:
             rows = gemm_rows(m)
-            y = torch.ops.mkldnn._linear_pointwise.binary(_pad_rows(x, rows), _pad_rows(residual, rows),
-                                                          self._packed, self.bias, "add")
+            y = torch.ops.mkldnn._linear_pointwise.binary(
+                _pad_rows(x, rows), _pad_rows(residual, rows), self._packed, self.bias, "add"
+            )
             return y if y.shape[0] == m else y[:m]
         residual.addmm_(x, self.weight.t())
         return residual if self.bias is None else residual.add_(self.bias)
@@ -104,7 +105,11 @@ def _onednn_works(dtype: torch.dtype) -> bool:
         if dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
             try:
                 with torch.no_grad():
-                    x, w, b = torch.randn(5, 64, dtype=dtype), torch.randn(48, 64, dtype=dtype), torch.randn(48, dtype=dtype)
+                    x, w, b = (
+                        torch.randn(5, 64, dtype=dtype),
+                        torch.randn(48, 64, dtype=dtype),
+                        torch.randn(48, dtype=dtype),
+                    )
                     packed = torch.ops.mkldnn._reorder_linear_weight(w)
                     got = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
                     ok = torch.allclose(got.float(), F.linear(x, w, b).float(), rtol=2e-2, atol=2e-2)

@@ -5,16 +5,16 @@ q/k/v are fused into one matmul and gate/up into another, residual adds ride ins
 matches transformers. Qwen2's qkv bias, Qwen3's per-head q/k norms, an explicit head_dim, tied
 embeddings and sliding-window layers are handled from the config.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
-
-from tokenwire.engine.models.linear import GEMV_MAX_ROWS, Linear, gemm_rows
 from tokenwire.engine.models.attention import AttentionBatch, KVCache, paged_attention
+from tokenwire.engine.models.linear import GEMV_MAX_ROWS, Linear, gemm_rows
+from transformers.activations import ACT2FN
 
 
 @dataclass
@@ -42,7 +42,7 @@ class LlamaForward:
         self.hidden_size = config.hidden_size
         self.intermediate_size = config.intermediate_size
         self.eps = config.rms_norm_eps
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.act = F.silu if config.hidden_act == "silu" else ACT2FN[config.hidden_act]
         self.rotary = inner.rotary_emb
         with torch.no_grad():
@@ -67,11 +67,22 @@ class LlamaForward:
         weight = (lambda lin: lin.gemv_weight) if small else (lambda lin: lin.packed)
         linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         if any(weight(lin) is None for lin in linears) or any(
-                lin.bias is not None for layer in self.layers for lin in (layer.o, layer.gate_up, layer.down)):
+            lin.bias is not None for layer in self.layers for lin in (layer.o, layer.gate_up, layer.down)
+        ):
             return None
-        return [w for layer in self.layers for w in (
-            layer.input_norm, weight(layer.qkv), layer.qkv.bias, weight(layer.o), layer.post_norm,
-            weight(layer.gate_up), weight(layer.down))]
+        return [
+            w
+            for layer in self.layers
+            for w in (
+                layer.input_norm,
+                weight(layer.qkv),
+                layer.qkv.bias,
+                weight(layer.o),
+                layer.post_norm,
+                weight(layer.gate_up),
+                weight(layer.down),
+            )
+        ]
 
     def _check_rope(self) -> None:
         # apply_rope below uses half-width cos/sin: HF builds them as cat(freqs, freqs) for every rope type.
@@ -81,18 +92,25 @@ class LlamaForward:
         if cos.shape[-1] != self.head_dim or not torch.equal(cos[..., :half], cos[..., half:]):
             raise ValueError("unsupported rotary embedding: expected full-head_dim, half-rotated rope")
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
-                batch: AttentionBatch, sample_rows: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KVCache,
+        batch: AttentionBatch,
+        sample_rows: torch.Tensor,
+    ) -> torch.Tensor:
         """Logits (float32) of the rows `sample_rows` of this flat batch of tokens."""
         h = F.embedding(input_ids, self.embed)
         cos, sin = self.rotary(h, positions[None])
         half = self.head_dim // 2
-        cos, sin = cos[0, :, None, :half], sin[0, :, None, :half]   # [T, 1, d/2]
+        cos, sin = cos[0, :, None, :half], sin[0, :, None, :half]  # [T, 1, d/2]
         if batch.native is not None and self.act is F.silu:
             return self._forward_native(batch.native, h, cos[:, 0], sin[:, 0], kv, batch, sample_rows)
         for i, layer in enumerate(self.layers):
-            attn = self._attention(F.rms_norm(h, (self.hidden_size,), layer.input_norm, self.eps),
-                                   layer, cos, sin, kv.k[i], kv.v[i], batch)
+            attn = self._attention(
+                F.rms_norm(h, (self.hidden_size,), layer.input_norm, self.eps), layer, cos, sin, kv.k[i], kv.v[i], batch
+            )
             h = layer.o.add(attn, h)
             gate_up = layer.gate_up(F.rms_norm(h, (self.hidden_size,), layer.post_norm, self.eps))
             inter = self.intermediate_size
@@ -102,8 +120,9 @@ class LlamaForward:
         h = F.rms_norm(h.index_select(0, sample_rows), (self.hidden_size,), self.final_norm, self.eps)
         return self.lm_head(h).float()
 
-    def _forward_native(self, native, h, cos, sin, kv: KVCache, batch: AttentionBatch,
-                        sample_rows: torch.Tensor) -> torch.Tensor:
+    def _forward_native(
+        self, native, h, cos, sin, kv: KVCache, batch: AttentionBatch, sample_rows: torch.Tensor
+    ) -> torch.Tensor:
         """The same layers through the fused CPU kernels: rms_norm, rope + cache write, decode attention,
         SiLU*mul; a step of decodes alone runs every layer in one native call."""
         T, d, eps = h.shape[0], self.head_dim, self.eps
@@ -114,8 +133,23 @@ class LlamaForward:
             weights = self._decode_weights
             if T <= GEMV_MAX_ROWS and self._small_decode_weights is not None:
                 weights = self._small_decode_weights  # plain weights: the GEMMs run on the native GEMV
-            h = native.decode_layers(h, cos, sin, batch.slot_mapping, kv.k, kv.v, group.tables, group.lens,
-                                     weights, self._windows, H, KVH, eps, self.scale, gemm_rows(T))
+            h = native.decode_layers(
+                h,
+                cos,
+                sin,
+                batch.slot_mapping,
+                kv.k,
+                kv.v,
+                group.tables,
+                group.lens,
+                weights,
+                self._windows,
+                H,
+                KVH,
+                eps,
+                self.scale,
+                gemm_rows(T),
+            )
             h = native.rms_norm(h.index_select(0, sample_rows), self.final_norm, eps)
             return self.lm_head(h).float()
         for i, layer in enumerate(self.layers):
@@ -126,8 +160,12 @@ class LlamaForward:
                 q, k = qkv[:, :q_end].view(T, H, d), qkv[:, q_end:k_end].view(T, KVH, d)
                 written = True
             else:
-                q = apply_rope(F.rms_norm(qkv[:, :q_end].view(T, -1, d), (d,), layer.q_norm, eps), cos[:, None], sin[:, None])
-                k = apply_rope(F.rms_norm(qkv[:, q_end:k_end].view(T, -1, d), (d,), layer.k_norm, eps), cos[:, None], sin[:, None])
+                q = apply_rope(
+                    F.rms_norm(qkv[:, :q_end].view(T, -1, d), (d,), layer.q_norm, eps), cos[:, None], sin[:, None]
+                )
+                k = apply_rope(
+                    F.rms_norm(qkv[:, q_end:k_end].view(T, -1, d), (d,), layer.k_norm, eps), cos[:, None], sin[:, None]
+                )
                 written = False
             v = qkv[:, k_end:].view(T, KVH, d)
             attn = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale, layer.window, written)
@@ -143,7 +181,7 @@ class LlamaForward:
         v = qkv[:, k_end:].view(T, self.num_kv_heads, d)
         if layer.q_norm is None:  # rotate q and k together: one set of ops for both
             qk = apply_rope(qkv[:, :k_end].view(T, -1, d), cos, sin)
-            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         else:
             q = F.rms_norm(qkv[:, :q_end].view(T, -1, d), (d,), layer.q_norm, self.eps)
             k = F.rms_norm(qkv[:, q_end:k_end].view(T, -1, d), (d,), layer.k_norm, self.eps)

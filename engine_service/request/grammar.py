@@ -8,6 +8,7 @@ copy of it. Compilation runs in request preparation (a worker thread, never the 
 by `max_grammar_compile_s`. The sampler asks `fill_bitmasks` for the rows' allowed tokens and the
 output processor advances each matcher with the token it kept. Plain Python and numpy: no torch.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,14 +22,13 @@ import llguidance
 import llguidance.gbnf_to_lark
 import llguidance.hf
 import numpy as np
-
 from tokenwire.engine.request.sampling_params import Constraint
 from tokenwire.serving.errors import InvalidRequestError
 
 # Compact JSON (no free whitespace): a small model otherwise pads objects with newlines and spaces.
 _JSON_OPTIONS = {"whitespace_flexible": False}
 _CACHE_SIZE = 256
-COMPILE_THREADS = 2   # constraints compiling at once, off the caller's thread (bounded by max_compile_s)
+COMPILE_THREADS = 2  # constraints compiling at once, off the caller's thread (bounded by max_compile_s)
 
 
 class GrammarError(RuntimeError):
@@ -45,7 +45,7 @@ class GrammarMatcher:
         m = self._matcher
         if m.is_error():
             raise GrammarError(f"grammar matcher failed: {m.get_error()}")
-        if m.is_stopped():   # only eos was allowed (ignore_eos keeps generating it): nothing to match
+        if m.is_stopped():  # only eos was allowed (ignore_eos keeps generating it): nothing to match
             return
         if not m.consume_token(token_id):
             raise GrammarError(f"grammar matcher rejected token {token_id}: {m.get_error()}")
@@ -63,15 +63,15 @@ class GrammarCompiler:
     def __init__(self, tokenizer, fingerprint: str, vocab_size: int, eos_token_ids, max_compile_s: float):
         self._hf_tokenizer = tokenizer
         self.fingerprint = fingerprint
-        self.vocab_size = vocab_size             # the logits' width: the bitmask covers every column
+        self.vocab_size = vocab_size  # the logits' width: the bitmask covers every column
         self._eos = sorted(eos_token_ids)
         self.max_compile_s = max_compile_s
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple, llguidance.LLMatcher] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="grammar-compile")
-        self.compiles = 0                        # cache misses compiled
-        self.compile_s = 0.0                     # wall time spent compiling them
+        self.compiles = 0  # cache misses compiled
+        self.compile_s = 0.0  # wall time spent compiling them
 
     def matcher(self, constraint: Constraint) -> GrammarMatcher:
         """A fresh matcher for `constraint`; InvalidRequestError (naming its field) if it does not compile
@@ -92,8 +92,9 @@ class GrammarCompiler:
         try:
             template = future.result(timeout=self.max_compile_s)
         except FutureTimeout:
-            raise InvalidRequestError(constraint.kind, f"took longer than {self.max_compile_s:g} s to compile "
-                                                       f"(--max-grammar-compile-s)") from None
+            raise InvalidRequestError(
+                constraint.kind, f"took longer than {self.max_compile_s:g} s to compile (--max-grammar-compile-s)"
+            ) from None
         if template.is_error():
             raise InvalidRequestError(constraint.kind, template.get_error())
         with self._lock:
@@ -107,12 +108,13 @@ class GrammarCompiler:
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._tokenizer is None:
-                self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size,
-                                                               eos_token=self._eos)
+                self._tokenizer = llguidance.hf.from_tokenizer(
+                    self._hf_tokenizer, n_vocab=self.vocab_size, eos_token=self._eos
+                )
             return self._tokenizer
 
 
-_executor: list[llguidance.LLExecutor] = []   # one, made on the first constrained step
+_executor: list[llguidance.LLExecutor] = []  # one, made on the first constrained step
 
 
 def fill_bitmasks(matchers: list[GrammarMatcher], vocab_size: int) -> np.ndarray:
@@ -121,8 +123,9 @@ def fill_bitmasks(matchers: list[GrammarMatcher], vocab_size: int) -> np.ndarray
     mask = np.empty((len(matchers), (vocab_size + 31) // 32), dtype=np.int32)
     if not _executor:
         _executor.append(llguidance.LLExecutor(1))
-    _executor[0].unsafe_compute_mask_ptr([(m._matcher, i) for i, m in enumerate(matchers)],
-                                         mask.ctypes.data, mask.shape[1] * 4, mask.shape[0])
+    _executor[0].unsafe_compute_mask_ptr(
+        [(m._matcher, i) for i, m in enumerate(matchers)], mask.ctypes.data, mask.shape[1] * 4, mask.shape[0]
+    )
     return mask
 
 

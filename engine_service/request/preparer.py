@@ -5,6 +5,7 @@ engine core reports), so text is encoded once, in the front, and the core only e
 A structured-output constraint is compiled once on a request's path: here when a GrammarCompiler is
 given (the in-process engine), else in the engine core (the front only checks that it parses).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,21 +25,28 @@ if TYPE_CHECKING:  # llguidance is loaded by whoever builds the compiler
     from tokenwire.engine.request.grammar import GrammarCompiler, GrammarMatcher
 
 
-
 class RequestPreparer:
     """Thread-safe: gRPC handlers call `prepare` from worker threads."""
 
-    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_new_tokens_cap: int,
-                 max_logprobs: int, seed: int, grammars: GrammarCompiler | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        vocab_size: int,
+        max_model_len: int,
+        max_new_tokens_cap: int,
+        max_logprobs: int,
+        seed: int,
+        grammars: GrammarCompiler | None = None,
+    ):
         self.tokenizer = tokenizer
-        self.grammars = grammars   # compiles constraints here (None: the engine core compiles them)
+        self.grammars = grammars  # compiles constraints here (None: the engine core compiles them)
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_new_tokens_cap = max_new_tokens_cap
         self.max_logprobs = max_logprobs
         self._lock = threading.Lock()
         self._encodes = 0
-        self._encode_s = 0.0                     # wall time spent in those encodes
+        self._encode_s = 0.0  # wall time spent in those encodes
         self._seed_rng = random.Random(seed)
         self._ids = itertools.count()
 
@@ -63,9 +71,14 @@ class RequestPreparer:
             raise InvalidRequestError("prompt", "encodes to no tokens")
         return ids
 
-    def prepare(self, prompt: str | None = None, prompt_token_ids: Seq[int] | None = None,
-                params: SamplingParams | None = None, request_id: str | None = None,
-                arrival_time: float | None = None) -> Sequence:
+    def prepare(
+        self,
+        prompt: str | None = None,
+        prompt_token_ids: Seq[int] | None = None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> Sequence:
         """Validate a request and build its Sequence."""
         params = params or SamplingParams()
         if (prompt is None) == (prompt_token_ids is None):
@@ -74,14 +87,21 @@ class RequestPreparer:
         ids = self.encode_prompt(prompt) if prompt is not None else self._checked_ids(prompt_token_ids)
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
-                "prompt", f"is {len(ids)} tokens; the context holds {self.max_model_len} "
-                          f"and at least one new token must fit")
+                "prompt",
+                f"is {len(ids)} tokens; the context holds {self.max_model_len} and at least one new token must fit",
+            )
         grammar = self._matcher(params.constraint)
         with self._lock:
             seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
             number = next(self._ids)
-        return Sequence(request_id or f"req-{number}-{uuid.uuid4().hex[:8]}", ids, params,
-                        arrival_time=arrival_time or time.monotonic(), seed=seed, grammar=grammar)
+        return Sequence(
+            request_id or f"req-{number}-{uuid.uuid4().hex[:8]}",
+            ids,
+            params,
+            arrival_time=arrival_time or time.monotonic(),
+            seed=seed,
+            grammar=grammar,
+        )
 
     def prepare_samples(self, *args, **kwargs) -> list[Sequence]:
         """`prepare`, then one Sequence per sample (params.n of them): sample 0 keeps the request id; sample i
@@ -92,9 +112,16 @@ class RequestPreparer:
 
     def _sample(self, first: Sequence, index: int) -> Sequence:
         return dataclasses.replace(
-            first, request_id=f"{first.request_id} #{index}", prompt_token_ids=list(first.prompt_token_ids),
-            output_token_ids=[], block_table=[], seed=sample_seed(first.seed, index),
-            grammar=self._matcher(first.params.constraint), sample_index=index, fork_of=first.request_id)
+            first,
+            request_id=f"{first.request_id} #{index}",
+            prompt_token_ids=list(first.prompt_token_ids),
+            output_token_ids=[],
+            block_table=[],
+            seed=sample_seed(first.seed, index),
+            grammar=self._matcher(first.params.constraint),
+            sample_index=index,
+            fork_of=first.request_id,
+        )
 
     def _matcher(self, constraint: Constraint | None) -> GrammarMatcher | None:
         """The constraint compiled (cached per constraint and tokenizer, time-bounded), or, without a
@@ -114,6 +141,7 @@ class RequestPreparer:
             raise InvalidRequestError("prompt_token_ids", "must not be empty")
         bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
         if bad:
-            raise InvalidRequestError("prompt_token_ids",
-                                      f"ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+            raise InvalidRequestError(
+                "prompt_token_ids", f"ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
+            )
         return ids

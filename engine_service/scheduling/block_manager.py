@@ -5,6 +5,7 @@ Token position p of a sequence lives in slot `block_table[p // block_size] * blo
 of the runner's KV tensors. A block is in exactly one of three states: referenced (refcount > 0),
 evictable (refcount 0 but its KV is cached under a hash, kept until the free list runs dry) or free.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -21,9 +22,10 @@ def cdiv(a: int, b: int) -> int:
 @dataclass(frozen=True)
 class PrefixMatch:
     """A prefix-cache lookup for one sequence, before any reference is taken."""
-    block_ids: tuple[int, ...] = ()      # cached blocks holding the longest chain of matching full blocks
-    hashes: tuple[BlockHash, ...] = ()   # their chain hashes, in order
-    num_cached_tokens: int = 0           # tokens served from them: capped so the last token is computed
+
+    block_ids: tuple[int, ...] = ()  # cached blocks holding the longest chain of matching full blocks
+    hashes: tuple[BlockHash, ...] = ()  # their chain hashes, in order
+    num_cached_tokens: int = 0  # tokens served from them: capped so the last token is computed
 
 
 NO_MATCH = PrefixMatch()
@@ -38,8 +40,8 @@ class BlockManager:
         self.prefix_cache = PrefixCache() if enable_prefix_cache else None
         self._refs = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
-        self._hashes: dict[Sequence, list[BlockHash]] = {}   # chain hashes of each sequence's full blocks
-        self._copies: list[tuple[int, int]] = []              # pending (src, dst) copies for the runner
+        self._hashes: dict[Sequence, list[BlockHash]] = {}  # chain hashes of each sequence's full blocks
+        self._copies: list[tuple[int, int]] = []  # pending (src, dst) copies for the runner
 
     # ---- accounting ----
 
@@ -86,7 +88,7 @@ class BlockManager:
         new_blocks = max(cdiv(end, self.block_size) - len(match.block_ids), 0)
         rewrites_hit = match.num_cached_tokens < len(match.block_ids) * self.block_size
         cow = int(rewrites_hit and num_new_tokens > 0 and self._refs[match.block_ids[-1]] > 0)
-        revived = sum(1 for b in match.block_ids if self._refs[b] == 0)   # evictable blocks it would pin
+        revived = sum(1 for b in match.block_ids if self._refs[b] == 0)  # evictable blocks it would pin
         return new_blocks + cow + revived <= self.num_free_blocks
 
     def allocate_prefix(self, seq: Sequence, match: PrefixMatch | None = None) -> int:
@@ -108,11 +110,11 @@ class BlockManager:
         tokens: no copy now; the first write into a shared block copies it (copy-on-write)."""
         if child.block_table:
             raise RuntimeError(f"{child.request_id} already holds blocks")
-        table = parent.block_table[:cdiv(num_tokens, self.block_size)]
+        table = parent.block_table[: cdiv(num_tokens, self.block_size)]
         for block_id in table:
             self._take(block_id)
         child.block_table = list(table)
-        self._hashes[child] = list(self._hashes.get(parent, ())[:num_tokens // self.block_size])
+        self._hashes[child] = list(self._hashes.get(parent, ())[: num_tokens // self.block_size])
 
     # ---- growth ----
 
@@ -152,7 +154,7 @@ class BlockManager:
             return
         src = seq.block_table[index]
         dst = self._allocate()
-        self._release(src)                     # still held by the others: refcount stays >= 1
+        self._release(src)  # still held by the others: refcount stays >= 1
         seq.block_table[index] = dst
         self._copies.append((src, dst))
 
@@ -185,7 +187,7 @@ class BlockManager:
         table = seq.block_table
         for block_id in reversed(table):
             self._release(block_id)
-        if self._copies:   # a copy into a block just given back would only clobber its next owner
+        if self._copies:  # a copy into a block just given back would only clobber its next owner
             freed = set(table)
             self._copies = [(s, d) for s, d in self._copies if d not in freed]
         seq.block_table = []
@@ -219,5 +221,5 @@ def _token_slice(seq: Sequence, start: int, end: int) -> list[int]:
     if end <= n:
         return prompt[start:end]
     if start >= n:
-        return seq.output_token_ids[start - n:end - n]
-    return prompt[start:] + seq.output_token_ids[:end - n]
+        return seq.output_token_ids[start - n : end - n]
+    return prompt[start:] + seq.output_token_ids[: end - n]

@@ -5,6 +5,7 @@ after a different prefix therefore get a different name, so a hit on block i imp
 hit too and a lookup is the longest chain of hits. Digests are 128-bit BLAKE2b: a collision is not a
 practical concern, so hits are not re-verified token by token. Plain Python: no torch, no gRPC.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -19,8 +20,8 @@ __all__ = ["ROOT_HASH", "BlockHash", "PrefixCache", "PrefixCacheStats", "block_h
 
 @dataclass
 class PrefixCacheStats:
-    queried_tokens: int = 0   # tokens looked up at admission (prompt, plus outputs after a preemption)
-    hit_tokens: int = 0       # of those, tokens whose KV came from the cache
+    queried_tokens: int = 0  # tokens looked up at admission (prompt, plus outputs after a preemption)
+    hit_tokens: int = 0  # of those, tokens whose KV came from the cache
 
     @property
     def hit_rate(self) -> float:
@@ -59,7 +60,7 @@ class PrefixCache:
         hashes: list[BlockHash] = []
         parent = ROOT_HASH
         for start in range(0, len(token_ids) - block_size + 1, block_size):
-            parent = block_hash(parent, token_ids[start:start + block_size])
+            parent = block_hash(parent, token_ids[start : start + block_size])
             block_id = self._block_of.get(parent)
             if block_id is None:
                 break

@@ -14,6 +14,7 @@ last prompt token computed; each recomputes only that token, for its own logits.
 prefilled once whatever n is. Should sample 0 end or lose its blocks first, they are admitted as usual.
 Plain Python: no torch, no gRPC.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -21,16 +22,16 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from tokenwire.engine.scheduling.block_manager import BlockManager, PrefixMatch
 from tokenwire.engine.config import SchedulerConfig
+from tokenwire.engine.scheduling.block_manager import BlockManager, PrefixMatch
 from tokenwire.engine.scheduling.sequence import FinishReason, ScheduledChunk, Sequence, SequenceStatus
 
 
 @dataclass
 class SchedulerOutput:
-    chunks: list[ScheduledChunk]             # what the model runs this step: decodes first, then prefills
-    block_copies: list[tuple[int, int]]      # (src, dst) KV block copies to do before the forward pass
-    preempted: list[Sequence]                # sent back to waiting this step; their KV is gone
+    chunks: list[ScheduledChunk]  # what the model runs this step: decodes first, then prefills
+    block_copies: list[tuple[int, int]]  # (src, dst) KV block copies to do before the forward pass
+    preempted: list[Sequence]  # sent back to waiting this step; their KV is gone
 
     @property
     def num_batched_tokens(self) -> int:
@@ -45,6 +46,7 @@ class SchedulerOutput:
 @dataclass
 class _Step:
     """The step being built. Chunks are keyed by sequence so a preemption can take one back."""
+
     budget: int
     chunks: dict[Sequence, ScheduledChunk] = field(default_factory=dict)
     preempted: list[Sequence] = field(default_factory=list)
@@ -63,20 +65,22 @@ class _Step:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int):
         if config.max_num_seqs < 1 or config.max_num_batched_tokens < config.max_num_seqs:
-            raise ValueError("need 1 <= max_num_seqs <= max_num_batched_tokens (every running sequence "
-                             f"must fit a decode in one step), got {config.max_num_seqs} and "
-                             f"{config.max_num_batched_tokens}")
+            raise ValueError(
+                "need 1 <= max_num_seqs <= max_num_batched_tokens (every running sequence "
+                f"must fit a decode in one step), got {config.max_num_seqs} and "
+                f"{config.max_num_batched_tokens}"
+            )
         self.config = config
         self.block_manager = block_manager
         self.max_model_len = max_model_len
-        self.waiting: deque[Sequence] = deque()     # arrival order; preempted ones (the oldest) in front
-        self.running: list[Sequence] = []           # arrival order: the last one is preempted first
+        self.waiting: deque[Sequence] = deque()  # arrival order; preempted ones (the oldest) in front
+        self.running: list[Sequence] = []  # arrival order: the last one is preempted first
         self.num_preemptions = 0
         self._by_id: dict[str, Sequence] = {}
         self._arrival: dict[Sequence, int] = {}
         self._arrivals = itertools.count()
-        self._forks: dict[str, list[Sequence]] = {}   # sample 0's id -> samples waiting to fork off it
-        self.num_computed_prompt_tokens = 0           # prompt positions the model has run (prefill work)
+        self._forks: dict[str, list[Sequence]] = {}  # sample 0's id -> samples waiting to fork off it
+        self.num_computed_prompt_tokens = 0  # prompt positions the model has run (prefill work)
 
     # ---- queue ----
 
@@ -128,7 +132,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
         del self._by_id[seq.request_id], self._arrival[seq]
-        self._forks.pop(seq.request_id, None)   # its samples not forked yet are admitted as usual
+        self._forks.pop(seq.request_id, None)  # its samples not forked yet are admitted as usual
         if seq.fork_of in self._forks and seq in self._forks[seq.fork_of]:
             self._forks[seq.fork_of].remove(seq)
         seq.status = SequenceStatus.FINISHED
@@ -140,10 +144,9 @@ class Scheduler:
         step = _Step(budget=self.config.max_num_batched_tokens)
         self._schedule_running(step, decoding=True)
         self._schedule_running(step, decoding=False)
-        if not step.preempted:   # under KV pressure, finish what runs before taking on more
+        if not step.preempted:  # under KV pressure, finish what runs before taking on more
             self._admit_waiting(step)
-        return SchedulerOutput(list(step.chunks.values()), self.block_manager.pop_block_copies(),
-                               step.preempted)
+        return SchedulerOutput(list(step.chunks.values()), self.block_manager.pop_block_copies(), step.preempted)
 
     def on_step_done(self, output: SchedulerOutput) -> None:
         """The step's KV is written: advance each sequence and index its newly filled blocks.
@@ -171,7 +174,7 @@ class Scheduler:
             cached = child.num_prompt_tokens - 1
             self.block_manager.fork(parent, child, cached)
             child.num_computed_tokens = cached
-            child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens   # the request's, in usage
+            child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens  # the request's, in usage
 
     def _unfork_one(self) -> bool:
         """Under KV pressure, the youngest queued forked sample drops its shared blocks (it computed
@@ -187,7 +190,7 @@ class Scheduler:
         return seq.fork_of is not None and seq in self._forks.get(seq.fork_of, ())
 
     def _schedule_running(self, step: _Step, decoding: bool) -> None:
-        for seq in list(self.running):   # a snapshot: preemption removes from the live list
+        for seq in list(self.running):  # a snapshot: preemption removes from the live list
             if step.budget == 0:
                 return
             remaining = seq.num_tokens - seq.num_computed_tokens
@@ -211,8 +214,8 @@ class Scheduler:
         while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if self._waits_for_fork(seq):
-                return   # behind sample 0's prefill, which it will share
-            if seq.block_table:   # forked: holds sample 0's prompt blocks already
+                return  # behind sample 0's prefill, which it will share
+            if seq.block_table:  # forked: holds sample 0's prompt blocks already
                 if not self._admit_forked(seq, step):
                     if self.running or not self._unfork_one():
                         return
@@ -261,7 +264,7 @@ class Scheduler:
     def _reserve(self, seq: Sequence, num_tokens: int, step: _Step) -> bool:
         """Find blocks for `seq`, preempting the youngest running sequences (possibly `seq` itself)."""
         while not self.block_manager.ensure_slots(seq, num_tokens):
-            if self._unfork_one():   # cheaper than preempting: a queued fork computed nothing
+            if self._unfork_one():  # cheaper than preempting: a queued fork computed nothing
                 continue
             victim = self.running[-1]
             self._preempt(victim, step)

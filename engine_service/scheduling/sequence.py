@@ -1,4 +1,5 @@
 """One request's state as it moves through the engine. Plain Python: no torch, no gRPC."""
+
 from __future__ import annotations
 
 import enum
@@ -8,15 +9,15 @@ from tokenwire.engine.request.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
-    WAITING = "waiting"      # queued, or preempted and waiting to be recomputed
-    RUNNING = "running"      # holds KV blocks and is scheduled every step
+    WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"  # holds KV blocks and is scheduled every step
     FINISHED = "finished"
 
 
 class FinishReason(enum.Enum):
-    STOP = "stop"            # eos, a stop token id or a stop string
-    LENGTH = "length"        # max_new_tokens or the model's context
-    ABORT = "abort"          # aborted by the caller (cancel, deadline, shutdown)
+    STOP = "stop"  # eos, a stop token id or a stop string
+    LENGTH = "length"  # max_new_tokens or the model's context
+    ABORT = "abort"  # aborted by the caller (cancel, deadline, shutdown)
 
 
 @dataclass(eq=False)
@@ -25,13 +26,13 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = 0.0
-    seed: int = 0                       # sampling seed: params.seed, or one the engine drew for it
+    seed: int = 0  # sampling seed: params.seed, or one the engine drew for it
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
-    block_table: list[int] = field(default_factory=list)   # KV block ids, in position order
-    num_computed_tokens: int = 0        # tokens whose KV is already in the cache
-    num_cached_prompt_tokens: int = 0   # prompt tokens served by the prefix cache (first admission)
+    block_table: list[int] = field(default_factory=list)  # KV block ids, in position order
+    num_computed_tokens: int = 0  # tokens whose KV is already in the cache
+    num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache (first admission)
     num_preemptions: int = 0
     # Structured output: a grammar.GrammarMatcher at the position of output_token_ids (which survive
     # preemption, so the matcher does too); None when unconstrained.
@@ -69,10 +70,11 @@ class Sequence:
 @dataclass(frozen=True)
 class ScheduledChunk:
     """Positions [start, start + num_tokens) of one sequence, fed to the model in this step."""
+
     seq: Sequence
-    start: int           # == seq.num_computed_tokens when scheduled
-    num_tokens: int      # a prefill chunk (many) or a decode (1)
-    sample: bool         # the chunk reaches the sequence's last known token: sample the next one
+    start: int  # == seq.num_computed_tokens when scheduled
+    num_tokens: int  # a prefill chunk (many) or a decode (1)
+    sample: bool  # the chunk reaches the sequence's last known token: sample the next one
 
     @property
     def end(self) -> int:

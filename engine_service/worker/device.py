@@ -1,4 +1,5 @@
 """Device and dtype choice: `auto` picks what is fastest on this machine, and logs why."""
+
 from __future__ import annotations
 
 import logging
@@ -41,7 +42,7 @@ def choose_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """"float32", "bfloat16", ...: the name the flags take and the reports print."""
+    """ "float32", "bfloat16", ...: the name the flags take and the reports print."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -55,8 +56,10 @@ def choose_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     dtype = _EXPLICIT_DTYPES[name]
     if dtype != model_dtype and not (model_dtype == torch.float32 and dtype.itemsize == 2):
         model = dtype_name(model_dtype)
-        raise ValueError(f"kv_cache_dtype: {name} under a {model} model; expected auto, {model}, or bfloat16 / "
-                         "float16 under a float32 model")
+        raise ValueError(
+            f"kv_cache_dtype: {name} under a {model} model; expected auto, {model}, or bfloat16 / "
+            "float16 under a float32 model"
+        )
     return dtype
 
 

@@ -5,6 +5,7 @@ Each step's chunks (decodes and prefill chunks of any sequences) are packed into
 decodes first, with no padding between sequences; index tensors are built once on the host and every
 layer reuses them. Only the rows that sample a token reach the lm_head.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,17 +13,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-
 from tokenwire.engine.config import EngineConfig
-from tokenwire.engine.worker.device import choose_device, choose_dtype, choose_kv_cache_dtype, dtype_name
 from tokenwire.engine.models import kernels
 from tokenwire.engine.models.attention import AttentionBatch, KVCache
 from tokenwire.engine.models.gpt2 import GPT2Forward
 from tokenwire.engine.models.llama import LlamaForward
 from tokenwire.engine.scheduling.sequence import ScheduledChunk
+from tokenwire.engine.worker.device import choose_device, choose_dtype, choose_kv_cache_dtype, dtype_name
 from tokenwire.engine.worker.sampler import Sampler, SamplerOutput
 from tokenwire.serving.model_resolver import resolve_model
+from transformers import AutoConfig, AutoModelForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,14 @@ class CausalLM(Protocol):
     head_dim: int
     vocab_size: int
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
-                batch: AttentionBatch, sample_rows: torch.Tensor) -> torch.Tensor: ...
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KVCache,
+        batch: AttentionBatch,
+        sample_rows: torch.Tensor,
+    ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -51,7 +57,7 @@ class _Step:
     input_ids: torch.Tensor
     positions: torch.Tensor
     attention: AttentionBatch
-    sample_rows: torch.Tensor   # flat-batch rows whose logits are returned, in chunk order
+    sample_rows: torch.Tensor  # flat-batch rows whose logits are returned, in chunk order
 
 
 class ModelRunner:
@@ -65,7 +71,8 @@ class ModelRunner:
         self.dtype = choose_dtype(config.dtype, self.device)
         self.kv_dtype = choose_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype)
         hf_model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=self.dtype, trust_remote_code=config.trust_remote_code)
+            path, dtype=self.dtype, trust_remote_code=config.trust_remote_code
+        )
         hf_model.to(self.device).eval()
         self.eos_token_ids = _eos_token_ids(hf_model)
         # Fused attention/rope/norm kernels on the CPU (None: torch ops; see models/kernels.py).
@@ -78,12 +85,26 @@ class ModelRunner:
         self.sampler = Sampler(self.native)
         self.block_size = config.cache.block_size
         self.num_blocks = self._num_blocks()
-        self.kv_cache = KVCache.allocate(self.model.num_layers, self.num_blocks, self.block_size,
-                                         self.model.num_kv_heads, self.model.head_dim, self.kv_dtype, self.device)
-        log.info("model %s (%s) on %s in %s; KV cache %d blocks x %d tokens in %s (%.0f MiB)",
-                 config.model, self.architecture, self.device, self.dtype, self.num_blocks, self.block_size,
-                 dtype_name(self.kv_dtype),
-                 2 * self.kv_cache.k.numel() * self.kv_cache.k.element_size() / 2**20)
+        self.kv_cache = KVCache.allocate(
+            self.model.num_layers,
+            self.num_blocks,
+            self.block_size,
+            self.model.num_kv_heads,
+            self.model.head_dim,
+            self.kv_dtype,
+            self.device,
+        )
+        log.info(
+            "model %s (%s) on %s in %s; KV cache %d blocks x %d tokens in %s (%.0f MiB)",
+            config.model,
+            self.architecture,
+            self.device,
+            self.dtype,
+            self.num_blocks,
+            self.block_size,
+            dtype_name(self.kv_dtype),
+            2 * self.kv_cache.k.numel() * self.kv_cache.k.element_size() / 2**20,
+        )
 
     def _num_blocks(self) -> int:
         cache = self.config.cache
@@ -91,8 +112,9 @@ class ModelRunner:
             if cache.num_blocks < 1:
                 raise ValueError(f"num_blocks: must be >= 1, got {cache.num_blocks}")
             return cache.num_blocks
-        per_block = KVCache.bytes_per_block(self.model.num_layers, self.block_size, self.model.num_kv_heads,
-                                            self.model.head_dim, self.kv_dtype)
+        per_block = KVCache.bytes_per_block(
+            self.model.num_layers, self.block_size, self.model.num_kv_heads, self.model.head_dim, self.kv_dtype
+        )
         budget = int(cache.kv_cache_memory_gb * 2**30) // per_block
         if budget < 1:
             raise ValueError(f"kv_cache_memory_gb: {cache.kv_cache_memory_gb} GB holds no {per_block}-byte block")
@@ -100,8 +122,11 @@ class ModelRunner:
         # More blocks than every running sequence at full length can use is memory wasted.
         num_blocks = min(budget, self.config.scheduler.max_num_seqs * per_seq)
         if num_blocks < per_seq:
-            log.warning("KV cache holds %d tokens, fewer than max_model_len %d",
-                        num_blocks * self.block_size, self.max_model_len)
+            log.warning(
+                "KV cache holds %d tokens, fewer than max_model_len %d",
+                num_blocks * self.block_size,
+                self.max_model_len,
+            )
         return num_blocks
 
     def run(self, batch, on_forward_done=lambda: None) -> SamplerOutput:
@@ -124,14 +149,15 @@ class ModelRunner:
         if not chunks:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
         step = self._prepare(chunks)
-        return self.model.forward(step.input_ids, step.positions, self.kv_cache, step.attention,
-                                  step.sample_rows)
+        return self.model.forward(step.input_ids, step.positions, self.kv_cache, step.attention, step.sample_rows)
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> _Step:
         # Decodes (one token) first, shortest context first, so attention can batch them in groups of
         # similar lengths; prefill chunks follow in their given order.
-        order = sorted(range(len(chunks)), key=lambda i: (chunks[i].num_tokens != 1,
-                                                          chunks[i].start if chunks[i].num_tokens == 1 else 0))
+        order = sorted(
+            range(len(chunks)),
+            key=lambda i: (chunks[i].num_tokens != 1, chunks[i].start if chunks[i].num_tokens == 1 else 0),
+        )
         ids: list[int] = []
         positions: list[int] = []
         spans: list[tuple[list[int], int, int]] = []
@@ -155,27 +181,34 @@ class ModelRunner:
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             attention=AttentionBatch.build(spans, num_decodes, self.block_size, device, self.native),
-            sample_rows=torch.tensor([last_row[i] for i, c in enumerate(chunks) if c.sample],
-                                     dtype=torch.long, device=device),
+            sample_rows=torch.tensor(
+                [last_row[i] for i, c in enumerate(chunks) if c.sample], dtype=torch.long, device=device
+            ),
         )
 
     def _check(self, chunk: ScheduledChunk) -> None:
         # A scheduler bug must fail loudly here, not read another sequence's KV.
         seq = chunk.seq
         if chunk.num_tokens < 1 or chunk.start < 0 or chunk.end > seq.num_tokens:
-            raise ValueError(f"request {seq.request_id}: chunk [{chunk.start}, {chunk.end}) outside "
-                             f"its {seq.num_tokens} tokens")
+            raise ValueError(
+                f"request {seq.request_id}: chunk [{chunk.start}, {chunk.end}) outside its {seq.num_tokens} tokens"
+            )
         if chunk.end > self.max_model_len:
-            raise ValueError(f"request {seq.request_id}: position {chunk.end - 1} beyond max_model_len "
-                             f"{self.max_model_len}")
+            raise ValueError(
+                f"request {seq.request_id}: position {chunk.end - 1} beyond max_model_len {self.max_model_len}"
+            )
         if len(seq.block_table) * self.block_size < chunk.end:
-            raise ValueError(f"request {seq.request_id}: {len(seq.block_table)} blocks cannot hold "
-                             f"{chunk.end} tokens")
+            raise ValueError(f"request {seq.request_id}: {len(seq.block_table)} blocks cannot hold {chunk.end} tokens")
 
 
 # Old checkpoints may omit `architectures`; their model_type names the family.
-_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
 
 
 def _architecture(hf_config) -> str:
@@ -185,8 +218,10 @@ def _architecture(hf_config) -> str:
             return name
     if not names and getattr(hf_config, "model_type", None) in _BY_MODEL_TYPE:
         return _BY_MODEL_TYPE[hf_config.model_type]
-    raise ValueError(f"unsupported model architecture {names or hf_config.model_type!r}; "
-                     f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    raise ValueError(
+        f"unsupported model architecture {names or hf_config.model_type!r}; "
+        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
 
 
 def _max_model_len(hf_config, requested: int | None) -> int:

@@ -11,15 +11,15 @@ draw as the whole vocabulary because the noise is a function of the vocab id. Gr
 argmax, and a step where every row is greedy and unpenalized is one argmax. Token ids and logprobs reach
 the host in one `.tolist()`.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 import torch
-
-from tokenwire.engine.request.grammar import fill_bitmasks
 from tokenwire.engine.models import kernels
+from tokenwire.engine.request.grammar import fill_bitmasks
 from tokenwire.engine.scheduling.sequence import Sequence
 
 # top_p alone is first tried within the top-N tokens (torch.topk is ~10x cheaper than a full sort on
@@ -27,11 +27,10 @@ from tokenwire.engine.scheduling.sequence import Sequence
 _NUCLEUS_WIDTH = 1024
 # Noise is built in vocabulary tiles of about this many elements so its int32 temporaries stay in cache.
 _NOISE_TILE_ELEMENTS = 1 << 17
-_UNIFORM_BITS = 23           # k + 0.5 stays exact in float32, so u never rounds to 0 or 1
+_UNIFORM_BITS = 23  # k + 0.5 stays exact in float32, so u never rounds to 0 or 1
 # Byte value -> the 8 logit offsets it stands for (bit b clear: -inf). One index_select and one add
 # expand a packed bitmask onto the logits: ~5x cheaper on CPU than unpacking bits with shifts.
-_BYTE_BIAS = torch.zeros(256, 8).masked_fill_(((torch.arange(256)[:, None] >> torch.arange(8)) & 1) == 0,
-                                              float("-inf"))
+_BYTE_BIAS = torch.zeros(256, 8).masked_fill_(((torch.arange(256)[:, None] >> torch.arange(8)) & 1) == 0, float("-inf"))
 
 
 def _signed(value: int, bits: int) -> int:
@@ -48,16 +47,16 @@ _LOWBIAS = (_signed(0x7FEB352D, 32), _signed(0x846CA68B, 32))
 @dataclass(frozen=True)
 class TokenLogprobs:
     token_id: int
-    logprob: float                      # of the chosen token, from the raw model logits
-    rank: int                           # 1 = the model's most likely token
-    top: list[tuple[int, float]]        # the top-n (token id, logprob), most likely first
+    logprob: float  # of the chosen token, from the raw model logits
+    rank: int  # 1 = the model's most likely token
+    top: list[tuple[int, float]]  # the top-n (token id, logprob), most likely first
 
 
 @dataclass
 class SamplerOutput:
-    seqs: list[Sequence]                    # the rows' sequences
-    token_ids: list[int]                    # one per row
-    logprobs: list[TokenLogprobs | None]    # None for rows that did not ask for logprobs
+    seqs: list[Sequence]  # the rows' sequences
+    token_ids: list[int]  # one per row
+    logprobs: list[TokenLogprobs | None]  # None for rows that did not ask for logprobs
 
 
 class Sampler:
@@ -72,7 +71,7 @@ class Sampler:
         params = [s.params for s in seqs]
         scores = logits
         if any(p.logit_bias for p in params):
-            scores = apply_logit_bias(logits, params)   # a copy
+            scores = apply_logit_bias(logits, params)  # a copy
         constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
         if constrained:  # logprobs stay those of the raw model: mask a copy when any row wants them
             copy = scores is logits and any(p.logprobs is not None for p in params)
@@ -93,8 +92,8 @@ class Sampler:
         """In place: -inf on every token the rows' grammars disallow (bitmasks for those rows only)."""
         packed = torch.from_numpy(fill_bitmasks([seqs[i].grammar for i in rows], scores.shape[1]))
         device = scores.device
-        byte_values = packed.view(torch.uint8).reshape(-1).to(device, torch.long)   # little-endian words
-        bias = _BYTE_BIAS.to(device).index_select(0, byte_values).view(len(rows), -1)[:, :scores.shape[1]]
+        byte_values = packed.view(torch.uint8).reshape(-1).to(device, torch.long)  # little-endian words
+        bias = _BYTE_BIAS.to(device).index_select(0, byte_values).view(len(rows), -1)[:, : scores.shape[1]]
         if len(rows) == len(seqs):
             return scores.add_(bias)
         return scores.index_add_(0, torch.tensor(rows, device=scores.device), bias)
@@ -133,8 +132,11 @@ def _draw(x: torch.Tensor, params: list, row_keys: torch.Tensor, vocab_keys: tor
     for flag in (True, False):  # bounded rows on candidates, the others on the whole vocabulary
         rows = [i for i, b in enumerate(bounded) if b is flag]
         index = torch.tensor(rows, device=x.device)
-        out.index_copy_(0, index, _draw(x.index_select(0, index), [params[i] for i in rows],
-                                        row_keys.index_select(0, index), vocab_keys))
+        out.index_copy_(
+            0,
+            index,
+            _draw(x.index_select(0, index), [params[i] for i in rows], row_keys.index_select(0, index), vocab_keys),
+        )
     return out
 
 
@@ -166,8 +168,9 @@ def _apply_min_p(x: torch.Tensor, params: list) -> torch.Tensor:
     """p < min_p * p_max  <=>  logit < max_logit + log(min_p): no softmax needed."""
     if all(p.min_p <= 0 for p in params):
         return x
-    log_min_p = torch.tensor([math.log(p.min_p) if p.min_p > 0 else float("-inf") for p in params],
-                             dtype=x.dtype, device=x.device)
+    log_min_p = torch.tensor(
+        [math.log(p.min_p) if p.min_p > 0 else float("-inf") for p in params], dtype=x.dtype, device=x.device
+    )
     return x.masked_fill(x < x.amax(-1, keepdim=True) + log_min_p[:, None], float("-inf"))
 
 
@@ -185,12 +188,12 @@ def _gumbel(row_keys: torch.Tensor, vocab_keys: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, width, dtype=torch.float32, device=row_keys.device)
     tile = width if row_keys.device.type == "cuda" else max(256, _NOISE_TILE_ELEMENTS // rows)
     for start in range(0, width, tile):
-        z = row_keys[:, None] ^ vocab_keys[..., start:start + tile]
+        z = row_keys[:, None] ^ vocab_keys[..., start : start + tile]
         scratch = torch.empty_like(z)
         _lowbias32_(z, scratch)
         torch.bitwise_right_shift(z, 32 - _UNIFORM_BITS, out=scratch).bitwise_and_((1 << _UNIFORM_BITS) - 1)
-        u = out[:, start:start + tile].copy_(scratch)
-        u.mul_(2.0 ** -_UNIFORM_BITS).add_(2.0 ** -(_UNIFORM_BITS + 1))  # (k + 0.5) / 2^bits in (0, 1)
+        u = out[:, start : start + tile].copy_(scratch)
+        u.mul_(2.0**-_UNIFORM_BITS).add_(2.0 ** -(_UNIFORM_BITS + 1))  # (k + 0.5) / 2^bits in (0, 1)
         u.log_().neg_().log_().neg_()
     return out
 
@@ -226,8 +229,9 @@ def apply_logit_bias(logits: torch.Tensor, params: list) -> torch.Tensor:
     keys = [row * vocab + token for row, p in enumerate(params) for token, _ in p.logit_bias]
     values = [bias for p in params for _, bias in p.logit_bias]
     scores = logits.clone()
-    scores.view(-1).index_add_(0, torch.tensor(keys, device=device),
-                               torch.tensor(values, dtype=logits.dtype, device=device))
+    scores.view(-1).index_add_(
+        0, torch.tensor(keys, device=device), torch.tensor(values, dtype=logits.dtype, device=device)
+    )
     return scores
 
 
@@ -248,10 +252,12 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         return logits
     keys, inverse = torch.unique(torch.tensor(prompt_keys + output_keys, device=device), return_inverse=True)
     counts = torch.zeros(keys.shape[0], dtype=logits.dtype, device=device)
-    counts.index_add_(0, inverse[len(prompt_keys):], torch.ones(len(output_keys), dtype=logits.dtype, device=device))
+    counts.index_add_(0, inverse[len(prompt_keys) :], torch.ones(len(output_keys), dtype=logits.dtype, device=device))
     row_of = keys // vocab
-    column = lambda name: torch.tensor([getattr(s.params, name) for s in seqs], dtype=logits.dtype,  # noqa: E731
-                                       device=device)[row_of]
+
+    def column(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(s.params, name) for s in seqs], dtype=logits.dtype, device=device)[row_of]
+
     scores = logits.clone()
     values = scores.view(-1)[keys]
     repetition = column("repetition_penalty")
@@ -261,8 +267,9 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return scores
 
 
-def _with_logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor, rows: list[int],
-                   ns: list[int]) -> SamplerOutput:
+def _with_logprobs(
+    seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], ns: list[int]
+) -> SamplerOutput:
     """Token ids plus logprobs of the rows that asked, packed into one tensor for a single .tolist()."""
     index = torch.tensor(rows, device=logits.device)
     logprobs = logits.index_select(0, index).log_softmax(-1)
@@ -277,8 +284,8 @@ def _with_logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Ten
     out: list[TokenLogprobs | None] = [None] * num_rows
     width = 2 + 2 * n
     for j, (row, row_n) in enumerate(zip(rows, ns)):
-        rec = flat[num_rows + j * width: num_rows + (j + 1) * width]
-        ids, values = rec[2:2 + n], rec[2 + n:]
+        rec = flat[num_rows + j * width : num_rows + (j + 1) * width]
+        ids, values = rec[2 : 2 + n], rec[2 + n :]
         top = [(int(ids[i]), values[i]) for i in range(row_n)]
         out[row] = TokenLogprobs(token_ids[row], rec[0], int(rec[1]), top)
     return SamplerOutput(seqs, token_ids, out)
