@@ -15,7 +15,8 @@ import pytest
 from tokenwire.client import Client, OverloadedError
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
 from tokenwire.engine.core.messages import AbortRequest, AddRequest, QueryStats, Ready, StatsReply, StepOutputs, Stop
-from tokenwire.engine.core.process import InMemoryTransport, run_core_in_thread
+from tokenwire.engine.core.process import run_core_in_thread
+from tokenwire.engine.core.transport import InMemoryTransport
 from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.engine.scheduling.sequence import FinishReason, Sequence
 from tokenwire.tokenizer.config import TokenizerServiceConfig

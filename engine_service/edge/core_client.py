@@ -35,7 +35,8 @@ from tokenwire.engine.core.messages import (
     Stop,
 )
 from tokenwire.engine.core.outputs import RequestOutput
-from tokenwire.engine.core.process import InMemoryTransport, run_core, run_core_in_thread
+from tokenwire.engine.core.process import run_core, run_core_in_thread
+from tokenwire.engine.core.transport import InMemoryTransport
 from tokenwire.engine.request.preparer import RequestPreparer
 from tokenwire.engine.scheduling.sequence import FinishReason, Sequence
 from tokenwire.serving.logging_setup import JsonFormatter
