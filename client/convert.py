@@ -49,8 +49,8 @@ def sampling_params(options: Mapping[str, object]) -> engine_pb2.SamplingParams:
     constraints = [k for k in _CONSTRAINTS if k in given]
     if len(constraints) > 1:
         raise InvalidRequestError(
+            f"sampling.{constraints[1]}",
             f"give at most one of {', '.join(_CONSTRAINTS)}; got {', '.join(constraints)}",
-            field=f"sampling.{constraints[1]}",
         )
     if not isinstance(given.get("json_schema", ""), str):  # a schema as a dict (or true / false)
         given["json_schema"] = json.dumps(given["json_schema"])
@@ -64,7 +64,7 @@ def _wire_value(name: str, value):
         try:
             return {int(k): float(v) for k, v in dict(value).items()}
         except (TypeError, ValueError) as error:
-            raise InvalidRequestError(f"logit_bias: {error}", field="logit_bias") from None
+            raise InvalidRequestError("logit_bias", f"logit_bias: {error}") from None
     return value
 
 
@@ -94,7 +94,7 @@ def chat_messages(messages: Iterable[ChatMessage | Mapping[str, str]]) -> list[c
         role = _ROLES.get(message.role)
         if role is None:
             raise InvalidRequestError(
-                f"messages[{i}].role: {message.role!r} is not one of {sorted(_ROLES)}", field=f"messages[{i}].role"
+                f"messages[{i}].role", f"messages[{i}].role: {message.role!r} is not one of {sorted(_ROLES)}"
             )
         out.append(common_pb2.ChatMessage(role=role, content=message.content))
     return out

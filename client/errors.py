@@ -27,9 +27,11 @@ class TokenwireError(Exception):
 
 
 class InvalidRequestError(TokenwireError):
-    """The service refused a request field (INVALID_ARGUMENT / ALREADY_EXISTS); `field` names it."""
+    """The service refused a request field (INVALID_ARGUMENT / ALREADY_EXISTS); `field` names it.
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None, field: str | None = None):
+    Field first, as in the services' `tokenwire.serving.errors.InvalidRequestError(field, message)`."""
+
+    def __init__(self, field: str | None, message: str, code: grpc.StatusCode | None = None):
         super().__init__(message, code)
         self.field = field
 
@@ -123,9 +125,9 @@ def from_rpc_error(error: grpc.RpcError, service: Endpoint | str = "") -> Tokenw
         if cls is NoChatTemplateError:
             return cls(f"{service}: {NO_CHAT_TEMPLATE_MESSAGE}" if service else NO_CHAT_TEMPLATE_MESSAGE, code)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in details:
-        return InvalidRequestError(message, code, "request")
+        return InvalidRequestError("request", message, code)
     if cls is InvalidRequestError:
-        return InvalidRequestError(message, code, _field(error, details))
+        return InvalidRequestError(_field(error, details), message, code)
     return cls(message, code)
 
 

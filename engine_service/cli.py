@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-from collections.abc import MutableMapping
 
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
+from tokenwire.engine.core.openmp import apply_openmp_defaults
 from tokenwire.engine.edge.server import serve
 from tokenwire.serving.cli_env import add_config_flags, apply_env_defaults, config_values
 from tokenwire.serving.logging_setup import add_logging_arguments, configure_logging
@@ -49,19 +48,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
     )
 
 
-def prefer_sleeping_omp_waits(environ: MutableMapping[str, str] = os.environ) -> str:
-    """OMP_WAIT_POLICY=PASSIVE unless already set; returns the policy in force.
-
-    OpenMP threads that spin between ops take the cores a co-located tokenizer service (or anything
-    else) needs: with one core of two busy, P1 ran 22.5 tok/s spinning vs 34.6 sleeping, while sleeping
-    costs ~2.5% on an idle machine (README, Benchmark). Must run before torch loads libgomp."""
-    return environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
-    log.info("OMP_WAIT_POLICY=%s", prefer_sleeping_omp_waits())  # torch is imported later, by load()
+    log.info("OpenMP: %s", apply_openmp_defaults())  # before the core process loads torch
     engine_config, server_config = configs_from_args(args)
     try:
         asyncio.run(serve(engine_config, server_config))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokenwire.gateway import convert
+from tokenwire.gateway import sdk_mapping
 from tokenwire.gateway.backend import Backend, request_id
 from tokenwire.gateway.errors import bad_request
 from tokenwire.gateway.generation import jobs_for
@@ -21,7 +21,7 @@ async def answer(backend: Backend, req: CompletionRequest) -> Answer:
     default = {len(ids): await backend.default_max_tokens(len(ids)) for ids in prompts}
 
     def options(ids: list[int]) -> dict:
-        return convert.sampling_options(
+        return sdk_mapping.sampling_options(
             req, max_tokens=req.max_tokens, logprobs=req.logprobs, default_max_tokens=default[len(ids)]
         )
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from tokenwire.client.types import GenerationChunk, Usage
-from tokenwire.gateway import convert
+from tokenwire.gateway import sdk_mapping
 from tokenwire.gateway.backend import Backend
 
 _DONE = object()
@@ -37,7 +37,7 @@ class UsageTally:
             self.completions.append(chunk.usage)
 
     def body(self) -> dict:
-        return convert.sum_usage(list(self.prompts.values()), self.completions)
+        return sdk_mapping.sum_usage(list(self.prompts.values()), self.completions)
 
 
 def jobs_for(prompts: Sequence[list[int]], n: int, options_for, echoes: Sequence[str] | None = None) -> list[Job]:

@@ -32,7 +32,7 @@ class ResponseFormat(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """What both endpoints share, mapped onto the engine's SamplingParams by convert.sampling_options."""
+    """What both endpoints share, mapped onto the engine's SamplingParams by sdk_mapping.sampling_options."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None

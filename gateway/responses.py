@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from fastapi.responses import JSONResponse
 from tokenwire.client.errors import TokenwireError
-from tokenwire.gateway import convert
+from tokenwire.gateway import sdk_mapping
 from tokenwire.gateway.backend import Backend
 from tokenwire.gateway.errors import from_sdk
 from tokenwire.gateway.generation import Job, UsageTally, run
@@ -47,8 +47,8 @@ class Answer:
             async for job, chunk in run(self.backend, self.jobs, self.request_id):
                 texts[job.index].append(chunk.text)
                 lps[job.index].extend(chunk.logprobs)
-                finish[job.index] = convert.finish_reason(chunk)
-                stops[job.index] = convert.stop_reason(chunk)
+                finish[job.index] = sdk_mapping.finish_reason(chunk)
+                stops[job.index] = sdk_mapping.stop_reason(chunk)
                 self.usage.add(job, chunk)
         except TokenwireError as error:
             raise from_sdk(error) from None
@@ -99,10 +99,11 @@ class Answer:
                 block = await self._logprobs(job, chunk.logprobs, at) if chunk.logprobs else None
                 offsets[job.index] += len(text)
                 self.usage.add(job, chunk)
-                finish = convert.finish_reason(chunk)
+                finish = sdk_mapping.finish_reason(chunk)
                 if text or block or finish:
                     yield self._chunk(
-                        [self.shape.choice(job, text, block, finish, False, convert.stop_reason(chunk))], include_usage
+                        [self.shape.choice(job, text, block, finish, False, sdk_mapping.stop_reason(chunk))],
+                        include_usage,
                     )
                 item = await anext(chunks, None)
         except TokenwireError as error:
@@ -133,5 +134,5 @@ class Answer:
     async def _logprobs(self, job: Job, lps, offset: int) -> dict | None:
         if "logprobs" not in job.options:
             return None
-        names = await self.backend.token_names(convert.logprob_ids(lps), self.as_ids)
+        names = await self.backend.token_names(sdk_mapping.logprob_ids(lps), self.as_ids)
         return self.shape.logprobs(lps, names, offset)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from tokenwire.client.types import TokenLogprob
-from tokenwire.gateway import convert
+from tokenwire.gateway import sdk_mapping
 from tokenwire.gateway.generation import Job
 
 
@@ -32,7 +32,7 @@ class CompletionShape:
         )
 
     def logprobs(self, lps: Sequence[TokenLogprob], names: Mapping[int, str], offset: int) -> dict:
-        return convert.completion_logprob_block(lps, names, offset)
+        return sdk_mapping.completion_logprob_block(lps, names, offset)
 
 
 class ChatShape:
@@ -74,7 +74,7 @@ class ChatShape:
         return _with_stop_reason(body, stop_reason)
 
     def logprobs(self, lps: Sequence[TokenLogprob], names: Mapping[int, str], offset: int) -> dict:
-        return convert.chat_logprob_block(lps, names)
+        return sdk_mapping.chat_logprob_block(lps, names)
 
 
 def _with_stop_reason(choice: dict, stop_reason: int | str | None) -> dict:

@@ -142,6 +142,7 @@ def deployment(tiny_llama_dir, tmp_path_factory):
     shell = {"TOKENWIRE_MODEL": tiny_llama_dir, "TOKENWIRE_DEVICE": "cpu", "TOKENWIRE_KV_CACHE_MEMORY_GB": "0.05"}
     services = load_compose(shell)["services"]
     logs, home = tmp_path_factory.mktemp("compose-logs"), tmp_path_factory.mktemp("tokenwire-home")
+    _share_built_kernels(home)
     processes = [
         ComposeProcess("tokenizer", services["tokenizer"], logs / "tokenizer.log"),
         *(ComposeProcess(f"engine-{i}", services["engine"], logs / f"engine-{i}.log") for i in (1, 2)),
@@ -159,6 +160,16 @@ def deployment(tiny_llama_dir, tmp_path_factory):
             process.process.terminate()
         codes = [process.process.wait(60) for process in processes]
     assert codes == [0, 0, 0], [p.log_lines()[-20:] for p in processes]  # SIGTERM drains, then exit 0
+
+
+def _share_built_kernels(home: Path) -> None:
+    """The volume's kernels are this run's: a fresh volume would have both replicas compile them first
+    (~2-3 min on 2 cores), which tests the compiler, not the compose wiring."""
+    from tokenwire.serving.model_resolver import tokenwire_home
+
+    built = tokenwire_home() / "kernels"
+    if built.is_dir():
+        (home / "kernels").symlink_to(built, target_is_directory=True)
 
 
 def _wait_ready(client: Client, processes: list[ComposeProcess]) -> None:

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 
-from tokenwire.engine.cli import build_parser, configs_from_args, prefer_sleeping_omp_waits
+from tokenwire.engine.cli import build_parser, configs_from_args
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
+from tokenwire.engine.core.openmp import (
+    DEFAULT_SPIN_COUNT,
+    apply_openmp_defaults,
+    cgroup_quota_cores,
+    usable_cores,
+)
 from tokenwire.engine.edge import convert
 from tokenwire.engine.request.sampling_params import Constraint, SamplingParams
 from tokenwire.v1 import engine_pb2 as pb
@@ -62,9 +69,29 @@ def test_proto_sampling_params_mirror_the_engine_dataclass():
     )
 
 
-def test_openmp_threads_sleep_unless_told_otherwise():
-    assert prefer_sleeping_omp_waits(environ := {}) == "PASSIVE" and environ == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert prefer_sleeping_omp_waits({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"  # the operator's choice wins
-    # It only takes effect if torch (and with it libgomp) is not loaded before main() sets it.
+def test_openmp_threads_spin_briefly_on_the_cores_they_may_use_unless_told_otherwise():
+    environ: dict[str, str] = {}
+    settings = apply_openmp_defaults(environ)
+    assert environ == {"GOMP_SPINCOUNT": str(DEFAULT_SPIN_COUNT), "OMP_NUM_THREADS": str(usable_cores())}
+    assert settings.chosen_by == "tokenwire" and settings.wait_policy is None
+    for operator in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "0"}, {"KMP_BLOCKTIME": "0"}):
+        environ = dict(operator, OMP_NUM_THREADS="3")
+        assert apply_openmp_defaults(environ).chosen_by == "operator"
+        assert environ == dict(operator, OMP_NUM_THREADS="3")  # the operator's choices win, none added
+
+
+def test_a_cgroup_cpu_quota_caps_the_thread_count(tmp_path):
+    assert cgroup_quota_cores("max 100000\n") is None
+    assert cgroup_quota_cores("200000 100000\n") == 2
+    assert cgroup_quota_cores("150000 100000") == 2  # 1.5 CPUs of quota: two threads, rounded up
+    assert cgroup_quota_cores("50000 100000") == 1
+    assert cgroup_quota_cores("") is None and cgroup_quota_cores("garbage") is None
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("100000 100000\n")
+    assert usable_cores(cpu_max) == 1
+    assert usable_cores(tmp_path / "absent") == len(os.sched_getaffinity(0))
+
+
+def test_the_cli_leaves_torch_unloaded_so_the_openmp_defaults_take_effect():
     code = "import sys, tokenwire.engine.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

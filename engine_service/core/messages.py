@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from tokenwire.engine.core.outputs import EngineStats, RequestOutput
 from tokenwire.engine.scheduling.sequence import Sequence
+
+if TYPE_CHECKING:
+    from tokenwire.engine.request.preparer import RequestPreparer
 
 
 class Kind(enum.Enum):
@@ -107,6 +110,9 @@ class Ready:
 
     kind: ClassVar[Kind] = Kind.READY
     info: CoreInfo
+    # In process only: the core's own preparer (its tokenizer and grammar compiler), which the front then
+    # shares instead of loading a second tokenizer. None across a pipe, where the front loads its own.
+    preparer: RequestPreparer | None = None
 
 
 @dataclass(frozen=True)

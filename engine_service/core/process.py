@@ -76,7 +76,7 @@ def run_core_in_thread(config: EngineConfig, transport: InMemoryTransport) -> th
     def run() -> None:
         engine = load_or_report(config, transport)
         if engine is not None:
-            transport.send(Ready(core_info(engine)))
+            transport.send(Ready(core_info(engine), preparer=engine.preparer))
             CoreLoop(engine, transport).run()
 
     thread = threading.Thread(target=run, name="tokenwire-engine-core", daemon=True)

@@ -72,45 +72,43 @@ class CoreClient:
     # ---- lifecycle ----
 
     async def start(self) -> CoreClient:
-        """Start the core and wait until its model is loaded and warmed up, loading the front's tokenizer
-        meanwhile. Spawned from the event-loop thread: PR_SET_PDEATHSIG follows the spawning thread."""
+        """Start the core and wait until its model is loaded and warmed up. A core process's front loads its
+        own tokenizer meanwhile; an in-process front shares the core's. Spawned from the event-loop
+        thread: PR_SET_PDEATHSIG follows the spawning thread."""
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
         model_dir = await asyncio.to_thread(resolve_model, self.config.model)  # converted once, here
         core_config = dataclasses.replace(self.config, model=model_dir)
-        if self.in_process:
+        if self.in_process:  # one tokenizer, one grammar compiler: the core's own, shared
             self._start_thread(core_config)
+            ready = await self._ready
+            self.info, self.preparer = ready.info, ready.preparer
         else:
             self._start_process(core_config)
-        (tokenizer, fingerprint), info = await asyncio.gather(
-            asyncio.to_thread(_load_tokenizer, core_config), self._ready
-        )
-        if fingerprint != info.tokenizer_fingerprint:
+            (tokenizer, fingerprint), ready = await asyncio.gather(
+                asyncio.to_thread(_load_tokenizer, core_config), self._ready
+            )
+            self.info = ready.info
+            self.preparer = self._front_preparer(tokenizer, fingerprint)
+        log.info("engine core running %s", "in this process" if self.in_process else f"as pid {self._process.pid}")
+        return self
+
+    def _front_preparer(self, tokenizer, fingerprint: str) -> RequestPreparer:
+        """Validation and encoding in the front. The core compiles each constraint (a matcher does not
+        pickle), so this preparer only checks that a constraint parses."""
+        if fingerprint != self.info.tokenizer_fingerprint:
             raise RuntimeError(
                 f"the front's tokenizer {fingerprint[:16]}... differs from the core's "
-                f"{info.tokenizer_fingerprint[:16]}..."
+                f"{self.info.tokenizer_fingerprint[:16]}..."
             )
-        self.info = info
-        # Across a pipe the core compiles each constraint (a matcher does not pickle) and the front only
-        # checks it parses; in process the front's compile is the one, and the matcher travels as it is.
-        grammars = None
-        if self.in_process:
-            from tokenwire.engine.request.grammar import GrammarCompiler
-
-            grammars = GrammarCompiler(
-                tokenizer, fingerprint, info.vocab_size, info.eos_token_ids, self.config.max_grammar_compile_s
-            )
-        self.preparer = RequestPreparer(
+        return RequestPreparer(
             tokenizer,
-            info.vocab_size,
-            info.max_model_len,
+            self.info.vocab_size,
+            self.info.max_model_len,
             self.config.max_new_tokens_cap,
             self.config.max_logprobs,
             self.config.seed,
-            grammars,
         )
-        log.info("engine core running %s", "in this process" if self.in_process else f"as pid {self._process.pid}")
-        return self
 
     def _start_process(self, core_config: EngineConfig) -> None:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC threads
@@ -223,7 +221,7 @@ class CoreClient:
             if future is not None and not future.done():
                 future.set_result(reply.stats)
         elif isinstance(reply, Ready):
-            self._ready.set_result(reply.info)
+            self._ready.set_result(reply)
         elif isinstance(reply, LoadFailed):
             self._ready.set_exception(RuntimeError(f"the engine core failed to load: {reply.message}"))
 

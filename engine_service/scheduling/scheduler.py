@@ -44,7 +44,7 @@ class SchedulerOutput:
 
 
 @dataclass
-class _Step:
+class _StepBuilder:
     """The step being built. Chunks are keyed by sequence so a preemption can take one back."""
 
     budget: int
@@ -141,7 +141,7 @@ class Scheduler:
     # ---- the step ----
 
     def schedule(self) -> SchedulerOutput:
-        step = _Step(budget=self.config.max_num_batched_tokens)
+        step = _StepBuilder(budget=self.config.max_num_batched_tokens)
         self._schedule_running(step, decoding=True)
         self._schedule_running(step, decoding=False)
         if not step.preempted:  # under KV pressure, finish what runs before taking on more
@@ -189,7 +189,7 @@ class Scheduler:
     def _waits_for_fork(self, seq: Sequence) -> bool:
         return seq.fork_of is not None and seq in self._forks.get(seq.fork_of, ())
 
-    def _schedule_running(self, step: _Step, decoding: bool) -> None:
+    def _schedule_running(self, step: _StepBuilder, decoding: bool) -> None:
         for seq in list(self.running):  # a snapshot: preemption removes from the live list
             if step.budget == 0:
                 return
@@ -202,14 +202,14 @@ class Scheduler:
             if num_tokens and self._reserve(seq, num_tokens, step):
                 step.add(seq, num_tokens)
 
-    def _fit_chunk(self, seq: Sequence, num_tokens: int, step: _Step) -> int:
+    def _fit_chunk(self, seq: Sequence, num_tokens: int, step: _StepBuilder) -> int:
         """Shrink a prefill chunk to the free KV rather than preempt others for all of it; preempt
         only when not even one token fits. 0 if `seq` itself had to go."""
         if not self._reserve(seq, 1, step):
             return 0
         return min(num_tokens, self.block_manager.num_writable_tokens(seq))
 
-    def _admit_waiting(self, step: _Step) -> None:
+    def _admit_waiting(self, step: _StepBuilder) -> None:
         bm = self.block_manager
         while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
@@ -232,7 +232,7 @@ class Scheduler:
             self._start(seq, match, num_tokens)
             step.add(seq, num_tokens)
 
-    def _admit_forked(self, seq: Sequence, step: _Step) -> bool:
+    def _admit_forked(self, seq: Sequence, step: _StepBuilder) -> bool:
         num_tokens = self._chunk_size(seq.num_tokens - seq.num_computed_tokens, step)
         if num_tokens == 0 or not self.block_manager.ensure_slots(seq, num_tokens):
             return False
@@ -251,7 +251,7 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         bisect.insort(self.running, seq, key=self._arrival.__getitem__)
 
-    def _chunk_size(self, remaining: int, step: _Step) -> int:
+    def _chunk_size(self, remaining: int, step: _StepBuilder) -> int:
         """How many of `remaining` prefill tokens run this step; 0 when none can."""
         if remaining <= step.budget:
             return remaining
@@ -261,7 +261,7 @@ class Scheduler:
         # so it runs alone in a step that is otherwise empty rather than starve.
         return remaining if not step.chunks else 0
 
-    def _reserve(self, seq: Sequence, num_tokens: int, step: _Step) -> bool:
+    def _reserve(self, seq: Sequence, num_tokens: int, step: _StepBuilder) -> bool:
         """Find blocks for `seq`, preempting the youngest running sequences (possibly `seq` itself)."""
         while not self.block_manager.ensure_slots(seq, num_tokens):
             if self._unfork_one():  # cheaper than preempting: a queued fork computed nothing
@@ -272,7 +272,7 @@ class Scheduler:
                 return False
         return True
 
-    def _preempt(self, seq: Sequence, step: _Step) -> None:
+    def _preempt(self, seq: Sequence, step: _StepBuilder) -> None:
         """Preemption by recompute: free the KV, keep the generated tokens, requeue ahead of newcomers."""
         self.running.remove(seq)
         step.drop(seq)

@@ -53,7 +53,9 @@ class CausalLM(Protocol):
 
 
 @dataclass
-class _Step:
+class _ForwardInputs:
+    """One step's chunks flattened into a single batch: the forward's inputs."""
+
     input_ids: torch.Tensor
     positions: torch.Tensor
     attention: AttentionBatch
@@ -151,7 +153,7 @@ class ModelRunner:
         step = self._prepare(chunks)
         return self.model.forward(step.input_ids, step.positions, self.kv_cache, step.attention, step.sample_rows)
 
-    def _prepare(self, chunks: list[ScheduledChunk]) -> _Step:
+    def _prepare(self, chunks: list[ScheduledChunk]) -> _ForwardInputs:
         # Decodes (one token) first, shortest context first, so attention can batch them in groups of
         # similar lengths; prefill chunks follow in their given order.
         order = sorted(
@@ -177,7 +179,7 @@ class ModelRunner:
             last_row[i] = len(ids) - 1
         num_decodes = sum(1 for c in chunks if c.num_tokens == 1)
         device = self.device
-        return _Step(
+        return _ForwardInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             attention=AttentionBatch.build(spans, num_decodes, self.block_size, device, self.native),
