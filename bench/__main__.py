@@ -1,5 +1,5 @@
 """`python -m tokenwire.bench`: the same as `tokenwire-bench` and `tokenwire bench`."""
 
-from tokenwire.bench.cli import main
+from tokenwire.bench.launch import main
 
 raise SystemExit(main())

@@ -37,11 +37,13 @@ from tokenwire.bench import baselines as hf
 from tokenwire.bench import structured
 from tokenwire.bench.flags import DEFAULT_MODES, ONLINE_MODES, build_parser, parse_endpoints, parse_modes
 from tokenwire.bench.metrics import RunRecord, agreement, compare, latency_samples, summarize
+from tokenwire.bench.proc_cpu import openmp_placement
 from tokenwire.bench.report import (
     cpu_busy_cores,
     environment,
     format_replicas_table,
     format_table,
+    openmp_lines,
     progress_bar,
     write_json,
     write_plot,
@@ -146,6 +148,7 @@ class Bench:
         engine = bench_engine.build_engine(self.args)
         self.dtype, self.device = engine.runner.dtype, engine.runner.device
         self.extra["engine"] = bench_engine.describe(engine)
+        self.extra["engine"]["openmp"] = openmp_placement(os.getpid(), os.environ)
         runner = bench_engine.run_offline if mode == "offline" else bench_engine.run_naive
         self.repeat(mode, lambda reqs, bar: runner(engine, reqs, self.params(reqs), bar))
 
@@ -264,6 +267,8 @@ class Bench:
         comparisons.update(agreement(self.runs, self.args.temperature == 0) | structured.compare_json(summaries))
         replicas, replicas_table = self.replicas_report(summaries, comparisons)
         print(format_table(list(summaries.values()), comparisons))
+        for line in openmp_lines(self.extra):
+            print(line)
         if replicas_table:
             print(replicas_table)
         report = {

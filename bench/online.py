@@ -27,7 +27,7 @@ from dataclasses import asdict
 import grpc
 from tokenwire.bench.http_endpoints import HTTP_ENDPOINTS, SERVED_MODEL
 from tokenwire.bench.metrics import RequestRecord, RunRecord
-from tokenwire.bench.proc_cpu import CpuMeter, engine_core_pid, per_1k_tokens
+from tokenwire.bench.proc_cpu import CpuMeter, engine_core_pid, openmp_placement, per_1k_tokens
 from tokenwire.bench.workloads import BenchRequest, arrival_offsets
 from tokenwire.client import AsyncClient, TokenwireError
 from tokenwire.engine.request.sampling_params import SamplingParams
@@ -77,6 +77,7 @@ class OnlineClient:
             "gateway_url": self.gateway_url,
             "architecture": info.architecture,
             **asdict(info.config),
+            "openmp": {name: openmp_placement(pid) for name, pid in self.pids.items() if name != "bench client"},
         }
 
 

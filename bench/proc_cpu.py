@@ -5,6 +5,7 @@ tok/s alone."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
@@ -77,3 +78,33 @@ class CpuMeter:
 
 def per_1k_tokens(cpu_s: dict[str, float], completion_tokens: int) -> dict[str, float]:
     return {name: s * 1000.0 / max(completion_tokens, 1) for name, s in cpu_s.items()}
+
+
+_OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS")
+
+
+def openmp_placement(pid: int, environ: Mapping[str, str] | None = None) -> dict[str, str | None] | None:
+    """How `pid`'s OpenMP threads wait and where they may run: the OMP_* / GOMP_* variables it started
+    with (or `environ`, for this process, whose later changes /proc does not show), its thread count
+    and its CPU affinity (None if it is gone, or not Linux)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        variables = environ if environ is not None else _environ(pid)
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return {
+        **{name: variables.get(name) for name in _OPENMP_VARIABLES},
+        "threads": fields.get("Threads", "").strip() or None,
+        "cpus_allowed": fields.get("Cpus_allowed_list", "").strip() or None,
+    }
+
+
+def _environ(pid: int) -> dict[str, str]:
+    items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in items if b"=" in item)
+
+
+def wait_policy(placement: dict[str, str | None] | None) -> tuple[str | None, ...] | None:
+    """The part of a placement that decides how its threads wait and how many there are."""
+    return None if placement is None else tuple(placement[name] for name in _OPENMP_VARIABLES)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from tokenwire.bench.metrics import Distribution, ModeSummary
+from tokenwire.bench.proc_cpu import wait_policy
 
 _PACKAGES = ("tokenwire", "torch", "transformers", "tokenizers", "numpy", "grpcio", "protobuf")
 
@@ -58,7 +59,8 @@ def environment(dtype: str, device: str, busy_cores_before: float | None = None)
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,
         "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # this process; the engine service: PASSIVE
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # this process (every process's: extra.*.openmp)
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "dtype": dtype,
         "device": device,
@@ -172,6 +174,25 @@ def _step_profile_lines(summary: ModeSummary) -> list[str]:
                 f"{name.removesuffix('_ms')} {ms:.1f} ms ({ms / total:.0%})" for name, ms in times["per_step"].items()
             )
             lines.append(f"{summary.mode} {kind} steps: {times['steps']}, {total:.1f} ms each = {phases}")
+    return lines
+
+
+def openmp_lines(extra: dict) -> list[str]:
+    """How each process's OpenMP threads waited, and a warning when the in-process engine (offline) and
+    the served engine core ran under different settings: their ratio then measures the settings too."""
+    placements = {"offline (this process)": (extra.get("engine") or {}).get("openmp")}
+    placements |= (extra.get("online") or {}).get("openmp") or {}
+    lines = [
+        f"openmp {name}: " + ", ".join(f"{k}={v}" for k, v in placement.items() if v is not None)
+        for name, placement in placements.items()
+        if placement is not None
+    ]
+    offline, core = placements["offline (this process)"], placements.get("engine core")
+    if offline is not None and core is not None and wait_policy(offline) != wait_policy(core):
+        lines.append(
+            "warning: offline and the served engine core ran under different OpenMP settings "
+            f"({wait_policy(offline)} vs {wait_policy(core)}): online/offline ratios compare those too"
+        )
     return lines
 
 

@@ -5,6 +5,7 @@ No timing thresholds: timings on a shared 2-core machine are not test material."
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 
@@ -13,7 +14,9 @@ import torch
 from tokenwire.bench import cli as bench_cli
 from tokenwire.bench import profile as bench_profile
 from tokenwire.bench.replicas import Counters, parse_counters
+from tokenwire.bench.report import openmp_lines
 from tokenwire.bench.workloads import build_requests, make_spec, p1_prompt_lengths, usable_ids
+from tokenwire.engine.core.openmp import apply_openmp_defaults
 from tokenwire.engine.worker.device import choose_dtype
 from tokenwire.serving.launcher import command
 from transformers import AutoTokenizer
@@ -181,6 +184,31 @@ def test_online_mode_streams_through_both_grpc_services(tmp_path, tiny_llama_dir
     assert set(m["extra"]["cpu_s_per_1k_tokens"]) == {"engine core", "engine front", "tokenizer", "bench client"}
     ids = check_mode(report, "online_ids")  # the engine service alone: no tokenizer in its CPU split
     assert set(ids["extra"]["cpu_s_per_1k_tokens"]) == {"engine core", "engine front", "bench client"}
+    core = report["extra"]["online"]["openmp"]["engine core"]  # read back from the core's /proc entry
+    expected = dict(os.environ)
+    apply_openmp_defaults(expected)  # what tokenwire-engine gives the core: the bounded spin, unless set here
+    assert (core["GOMP_SPINCOUNT"], core["OMP_WAIT_POLICY"]) == (
+        expected.get("GOMP_SPINCOUNT"),
+        expected.get("OMP_WAIT_POLICY"),
+    )
+    assert int(core["threads"]) >= 1 and core["cpus_allowed"]
+
+
+def test_the_report_warns_when_offline_and_the_core_waited_differently():
+    spin = {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": None, "OMP_NUM_THREADS": "2"}
+    passive = dict(spin, OMP_WAIT_POLICY="PASSIVE", GOMP_SPINCOUNT=None)
+    placed = {"threads": "3", "cpus_allowed": "0-1"}
+    same = {"engine": {"openmp": spin | placed}, "online": {"openmp": {"engine core": spin | {"threads": "5"}}}}
+    lines = openmp_lines(same)
+    assert (
+        lines[0]
+        == "openmp offline (this process): GOMP_SPINCOUNT=10000, OMP_NUM_THREADS=2, threads=3, cpus_allowed=0-1"
+    )
+    assert not any(line.startswith("warning") for line in lines)
+    differ = {"engine": {"openmp": passive | placed}, "online": {"openmp": {"engine core": spin | placed}}}
+    assert openmp_lines(differ)[-1].startswith("warning: offline and the served engine core ran under different")
+    offline_only = openmp_lines({"engine": {"openmp": spin}})  # no served core: nothing to compare
+    assert offline_only == ["openmp offline (this process): GOMP_SPINCOUNT=10000, OMP_NUM_THREADS=2"]
 
 
 def test_online_mode_through_the_gateway_beside_the_sdk_in_one_run(tmp_path, tiny_llama_dir):
