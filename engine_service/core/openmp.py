@@ -23,9 +23,11 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-# Spin iterations before a waiting thread sleeps (libgomp's unit; about 0.1 ms here). The gaps inside
-# a decode step are tens of microseconds; the wait for the next step's work can be milliseconds.
-DEFAULT_SPIN_COUNT = 10_000
+# Spin iterations before a waiting thread sleeps (libgomp's unit: one `pause` each, ~10-50 us in all on
+# the CPUs measured). That covers the gaps between a decode step's ops (tens of microseconds) and sleeps
+# through the waits between steps. Longer spins paid off offline on an idle machine but collapsed when
+# another process shared the cores: 100000 made 40 tok/s where PASSIVE made 106 (docs/benchmarks.md).
+DEFAULT_SPIN_COUNT = 1_000
 _OPERATOR_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2; "max 100000" when there is no quota
 
