@@ -216,6 +216,32 @@ def test_duplicate_request_id_in_flight_is_refused(stub):
     wait_until_idle(stub)
 
 
+def test_an_id_reused_right_after_its_cancel_is_refused_or_served_never_aborted(stub):
+    """The cancelled request's ABORT is still on its way back from the core when the id comes again: it
+    must not land on the new request (it used to, as UNAVAILABLE "the engine is shutting down")."""
+    request = ids_request([1, 2, 3], max_new_tokens=1000, ignore_eos=True)
+    request.request_id = "reused-id"
+    reuse = ids_request([4, 5, 6], max_new_tokens=8, ignore_eos=True)
+    reuse.request_id = "reused-id"
+    refused = 0
+    for _ in range(10):
+        first = stub.Generate(request)
+        next(first)
+        first.cancel()
+        while True:  # ALREADY_EXISTS while the abort is in flight, then served in full
+            try:
+                responses = list(stub.Generate(reuse))
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.ALREADY_EXISTS, err.details()
+                assert err.details().startswith("request_id: 'reused-id' is ")
+                refused += 1
+        assert sum(len(r.token_ids) for r in responses) == 8
+        assert responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    after = wait_until_idle(stub)
+    assert (after.num_running, after.num_free_kv_blocks) == (0, NUM_BLOCKS)
+
+
 # ---- cancellation and deadlines free the request's blocks ----
 
 

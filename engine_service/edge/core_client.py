@@ -60,6 +60,9 @@ class CoreClient:
         self.latest: CoreStats | None = None  # the stats that came with the last step
         self._on_death = on_death
         self._sinks: dict[str, Sink] = {}
+        # Aborted, their sinks detached, until the core's final output for them comes back: an ABORT
+        # still in the pipe must not reach a later request that reuses the id.
+        self._ending: set[str] = set()
         self._queries: dict[int, asyncio.Future] = {}
         self._next_query = 0
         self._stopping = False
@@ -135,8 +138,12 @@ class CoreClient:
 
     @property
     def num_in_flight(self) -> int:
-        """Requests whose final output has not reached their sink yet."""
-        return len(self._sinks)
+        """Requests the core still holds: running ones, and aborted ones it has not ended yet."""
+        return len(self._sinks) + len(self._ending)
+
+    def is_ending(self, request_id: str) -> bool:
+        """Whether this id, or one of its samples (`id #i`), was aborted and the core has not ended it yet."""
+        return any(rid == request_id or rid.startswith(f"{request_id} #") for rid in self._ending)
 
     async def stop(self, timeout: float = _STOP_TIMEOUT_S) -> None:
         """Abort what is still in flight (each gets its terminal output) and end the core."""
@@ -167,8 +174,10 @@ class CoreClient:
         self._send(AddRequest(seq, want_text))
 
     def abort(self, request_id: str) -> None:
-        """Ends the request at the core's next step boundary (freeing its KV blocks)."""
-        if self.death is None:
+        """Ends the request at the core's next step boundary (freeing its KV blocks). Its sink gets
+        nothing more: the caller has left."""
+        if self._sinks.pop(request_id, None) is not None and self.death is None:
+            self._ending.add(request_id)
             self._send(AbortRequest(request_id))
 
     async def stats(self) -> CoreStats:
@@ -227,6 +236,9 @@ class CoreClient:
 
     def _emit(self, output: RequestOutput) -> None:
         rid = output.request_id
+        if output.finished and rid in self._ending:
+            self._ending.discard(rid)  # the end of an aborted request, whose caller has left
+            return
         sink = self._sinks.pop(rid, None) if output.finished else self._sinks.get(rid)
         if sink is None:
             return
@@ -244,6 +256,7 @@ class CoreClient:
             )
             return
         log.error("%s; failing %d requests in flight", self.death, len(self._sinks))
+        self._ending.clear()
         for rid in list(self._sinks):
             self._emit(self._death_output(rid))
         for future in self._queries.values():

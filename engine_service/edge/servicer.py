@@ -237,6 +237,10 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         for rid, field in zip(rids, fields):
             if rid in self._active or rid in seen:
                 raise _Refused(grpc.StatusCode.ALREADY_EXISTS, f"{field}: {rid!r} is already in flight", field)
+            if self.core is not None and self.core.is_ending(rid):  # cancelled, its abort not done yet
+                raise _Refused(
+                    grpc.StatusCode.ALREADY_EXISTS, f"{field}: {rid!r} is still ending after its abort; retry", field
+                )
             seen.add(rid)
         self._active.update(rids)
         self._waiting.update(rids)
