@@ -14,6 +14,7 @@ from tokenwire.gateway.shapes import CompletionShape
 async def answer(backend: Backend, req: CompletionRequest) -> Answer:
     model = await backend.check_model(req.model)
     _check(req, backend.config.max_n)
+    _check_count(req.prompt, backend.config.max_prompts_per_request)  # before encoding any of them
     texts, prompts = await _prompts(backend, req.prompt)
     echoes = None
     if req.echo:
@@ -36,6 +37,12 @@ def _check(req: CompletionRequest, max_n: int) -> None:
         raise bad_request("suffix", "is not supported")
     if req.echo and req.logprobs is not None:
         raise bad_request("echo", "with logprobs is not supported (the engine returns no prompt logprobs)")
+
+
+def _check_count(prompt, limit: int) -> None:
+    count = 1 if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else len(prompt)
+    if count > limit:
+        raise bad_request("prompt", f"lists {count} prompts; at most {limit} (--max-prompts-per-request)")
 
 
 async def _prompts(backend: Backend, prompt) -> tuple[list[str] | None, list[list[int]]]:

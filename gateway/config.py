@@ -15,6 +15,8 @@ class GatewayConfig:
     engine: str = "localhost:50052"      # the engine service's gRPC target, e.g. dns:///engine:50052
     served_model_name: str = ""          # the model name clients use; empty: the engine's --model
     max_n: int = 16                      # the largest `n` (samples per prompt) a request may ask for
+    max_prompts_per_request: int = 256   # the most prompts one /v1/completions request may list; more: 400
+    max_body_bytes: int = 16 << 20       # the largest request body, refused (413) before it is parsed
     request_timeout_s: float = 600.0     # deadline of one request's calls to the services
     drain_grace_s: float = 30.0          # after SIGTERM, how long in-flight requests may still finish
     tls_cert: str = ""                   # PEM certificate chain: serve HTTPS (with tls_key) instead of HTTP

@@ -10,6 +10,7 @@ import grpc
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from tokenwire.client import errors as sdk
+from tokenwire.serving.errors import bounded
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
     ):
+        message, param = bounded(message), bounded(param) if param else param  # both may quote the input
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 

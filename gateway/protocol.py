@@ -7,7 +7,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-Ids = list[Annotated[int, Field(ge=0)]]
+# The engine's proto types, so a value the wire cannot carry is a 400 here, not a failed serialization.
+Int32 = Annotated[int, Field(le=2**31 - 1)]
+UInt32 = Annotated[int, Field(ge=0, lt=2**32)]
+Ids = list[UInt32]
 MAX_TOP_LOGPROBS = 20
 
 
@@ -36,10 +39,10 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: Int32 | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1)
+    n: UInt32 = Field(default=1, ge=1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -49,7 +52,7 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None  # {"<token id>": bias}; the engine checks ids and range
     user: str | None = None
     # vLLM's extensions
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: Int32 | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
     ignore_eos: StrictBool | None = None
@@ -84,7 +87,7 @@ class ChatMessageIn(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int32 | None = Field(default=None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 

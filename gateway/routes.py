@@ -1,18 +1,18 @@
 """The HTTP routes. Bodies are parsed here (so malformed JSON can be reported with its position) and
+checked by body.py (size, depth, Unicode) and
 validated with the pydantic models of protocol.py; the work is done by completions.py and chat.py."""
 
 from __future__ import annotations
 
-import json
 import time
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from tokenwire.client.errors import TokenwireError
-from tokenwire.gateway import chat, completions
+from tokenwire.gateway import body, chat, completions
 from tokenwire.gateway.backend import Backend
-from tokenwire.gateway.errors import ApiError, bad_request, from_json_error, from_sdk, from_validation
+from tokenwire.gateway.errors import bad_request, from_sdk, from_validation
 from tokenwire.gateway.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 router = APIRouter()
@@ -23,17 +23,9 @@ def backend_of(request: Request) -> Backend:
 
 
 async def parse(request: Request, model: type[BaseModel]):
-    raw = await request.body()
+    raw = await body.read(request, backend_of(request).config.max_body_bytes)
     try:
-        body = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise from_json_error(error) from None
-    except UnicodeDecodeError:
-        raise ApiError(400, "the body is not UTF-8 JSON", code="json_invalid") from None
-    if not isinstance(body, dict):
-        raise bad_request(None, f"the body must be a JSON object, got {type(body).__name__}")
-    try:
-        return model.model_validate(body)
+        return model.model_validate(body.parse(raw))
     except ValidationError as error:
         raise from_validation(error) from None
 

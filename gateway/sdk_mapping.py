@@ -70,9 +70,12 @@ def logit_bias(bias: Mapping[str, float]) -> dict[int, float]:
     out = {}
     for key, value in bias.items():
         try:
-            out[int(key)] = value
+            token_id = int(key)
         except ValueError:
             raise bad_request("logit_bias", f"keys must be token ids, got {key!r}") from None
+        if not 0 <= token_id < 2**32:  # the proto's map<uint32, double>
+            raise bad_request("logit_bias", f"keys must be token ids from 0 to 2^32-1, got {key!r}")
+        out[token_id] = value
     return out
 
 

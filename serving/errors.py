@@ -17,6 +17,16 @@ REASON_NO_CHAT_TEMPLATE = "no-chat-template"
 REQUEST_ID_METADATA = "x-request-id"
 
 NO_CHAT_TEMPLATE_MESSAGE = "this model has no chat template; send text or ids"
+# What an error message or trailer may echo: a message quoting a 20,000-character regex must not outgrow
+# gRPC's metadata limit (RESOURCE_EXHAUSTED "received metadata size exceeds hard limit") or a log line.
+MAX_ERROR_CHARS = 512
+
+
+def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 class InvalidRequestError(ValueError):

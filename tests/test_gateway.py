@@ -373,3 +373,69 @@ def test_429_under_a_bound_of_one(tiny_llama_dir, services):
     finally:
         thread.close()
         engine.close()
+
+
+LONE = "\\ud800"  # a lone surrogate, as JSON escapes it: valid JSON, not Unicode text
+DEEP_SCHEMA = '{"type": "array", "items": ' * 3000 + "{}" + "}" * 3000
+
+
+@pytest.mark.parametrize(
+    ("route", "raw", "param"),
+    [
+        ("/v1/completions", f'{{"prompt": "Hi {LONE}"}}', "prompt"),
+        ("/v1/chat/completions", f'{{"messages": [{{"role": "user", "content": "{LONE}"}}]}}', "messages[0].content"),
+        ("/v1/completions", f'{{"prompt": "Hi", "stop": ["{LONE}"]}}', "stop[0]"),
+        ("/v1/completions", f'{{"prompt": "Hi", "model": "{LONE}"}}', "model"),
+        ("/v1/completions", f'{{"prompt": "Hi", "guided_regex": "a{LONE}"}}', "guided_regex"),
+        ("/tokenize", f'{{"prompt": "{LONE}"}}', "prompt"),
+        ("/v1/completions", f'{{"prompt": "Hi", "max_tokens": {2**31}}}', "max_tokens"),
+        ("/v1/completions", f'{{"prompt": "Hi", "top_k": {2**31}}}', "top_k"),
+        ("/v1/completions", f'{{"prompt": [1, {2**32}]}}', "prompt[1]"),
+        ("/v1/completions", f'{{"prompt": "Hi", "stop_token_ids": [{2**32}]}}', "stop_token_ids[0]"),
+        ("/detokenize", f'{{"tokens": [{2**32}]}}', "tokens[0]"),
+        ("/v1/completions", '{"prompt": "Hi", "logit_bias": {"-1": 1}}', "logit_bias"),
+        ("/v1/completions", f'{{"prompt": "Hi", "logit_bias": {{"{2**32}": 1}}}}', "logit_bias"),
+        ("/v1/completions", '{"prompt": "Hi", "temperature": NaN}', None),
+        ("/v1/completions", '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", None),
+        (
+            "/v1/completions",
+            '{"prompt": "Hi", "response_format": {"type": "json_object", "x": ' + "[" * 70 + "]" * 70 + "}}",
+            "response_format",
+        ),
+        ("/v1/completions", json.dumps({"prompt": ["Hi"] * 3000}), "prompt"),
+    ],
+)
+def test_input_no_field_type_refuses_is_a_400_not_a_500(gateway, route, raw, param):
+    response = httpx.post(gateway.url + route, content=raw.encode(), timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_a_schema_nested_3000_deep_is_a_400(gateway):
+    raw = '{"prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": '
+    response = httpx.post(gateway.url + "/v1/completions", content=(raw + DEEP_SCHEMA + "}}}").encode())
+    assert response.status_code == 400 and "deeper than" in response.json()["error"]["message"]
+
+
+def test_a_20000_parenthesis_regex_is_refused_with_a_bounded_message(gateway):
+    body = {"prompt": "Hi", "max_tokens": 2, "guided_regex": "(" * 20_000 + "a" + ")" * 20_000}
+    response = httpx.post(gateway.url + "/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text[:300]
+    assert response.json()["error"]["param"] == "guided_regex" and len(response.text) < 1000
+
+
+def test_bodies_and_prompt_lists_past_their_flags(services):
+    tokenizer, engine = services
+    config = GatewayConfig(
+        port=0, tokenizer=tokenizer.address, engine=engine.address, max_body_bytes=4096, max_prompts_per_request=2
+    )
+    thread = GatewayThread(config)
+    try:
+        big = httpx.post(thread.url + "/v1/completions", json={"prompt": "a" * 5000})
+        assert big.status_code == 413 and big.json()["error"]["code"] == "too_large"
+        three = httpx.post(thread.url + "/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 1})
+        assert three.status_code == 400 and "--max-prompts-per-request" in three.json()["error"]["message"]
+        two = httpx.post(thread.url + "/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 1})
+        assert two.status_code == 200 and len(two.json()["choices"]) == 2
+    finally:
+        thread.close()

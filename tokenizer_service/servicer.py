@@ -19,6 +19,7 @@ from tokenwire.serving.errors import (
     REASON_METADATA_KEY,
     REASON_NO_CHAT_TEMPLATE,
     InvalidRequestError,
+    bounded,
 )
 from tokenwire.tokenizer import convert
 from tokenwire.tokenizer.codec import NoChatTemplateError, TokenCodec
@@ -39,7 +40,7 @@ def _field_metadata(error: Exception) -> tuple[tuple[str, str], ...]:
     """Trailing metadata naming the offending field of an INVALID_ARGUMENT (as the engine sends it), or the
     failed precondition, so that clients can tell these errors apart without parsing messages."""
     if isinstance(error, InvalidRequestError):
-        return ((FIELD_METADATA_KEY, error.field),)
+        return ((FIELD_METADATA_KEY, bounded(error.field)),)
     if isinstance(error, NoChatTemplateError):
         return ((REASON_METADATA_KEY, REASON_NO_CHAT_TEMPLATE),)
     return ()
@@ -66,7 +67,7 @@ def _unary(handler: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as error:  # every failure becomes a status, never a dead handler
             code, message = _status_of(error)
             metadata = _field_metadata(error)
-        await context.abort(code, message, trailing_metadata=metadata)
+        await context.abort(code, bounded(message), trailing_metadata=metadata)
 
     return wrapper
 
@@ -127,7 +128,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         except Exception as error:
             code, message = _status_of(error)
             metadata = _field_metadata(error)
-        await context.abort(code, message, trailing_metadata=metadata)
+        await context.abort(code, bounded(message), trailing_metadata=metadata)
 
     async def _decode_stream(self, requests: AsyncIterator[pb.DecodeStreamRequest]):
         """One delta per request message, then a final flush once the client half-closes."""

@@ -29,6 +29,7 @@ from tokenwire.serving.errors import (
     REASON_METADATA_KEY,
     REASON_TOKENIZER_MISMATCH,
     InvalidRequestError,
+    bounded,
 )
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
@@ -54,7 +55,7 @@ class _Refused(Exception):
     @property
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         """The offending field and the failed precondition, for clients that map errors without parsing."""
-        return (((FIELD_METADATA_KEY, self.field),) if self.field else ()) + (
+        return (((FIELD_METADATA_KEY, bounded(self.field)),) if self.field else ()) + (
             ((REASON_METADATA_KEY, self.reason),) if self.reason else ()
         )
 
@@ -328,4 +329,4 @@ def _internal(exc: Exception) -> _Refused:
 
 
 async def _abort(context: grpc.aio.ServicerContext, refused: _Refused) -> None:
-    await context.abort(refused.code, refused.message, trailing_metadata=refused.trailing_metadata)
+    await context.abort(refused.code, bounded(refused.message), trailing_metadata=refused.trailing_metadata)
