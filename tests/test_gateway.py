@@ -390,7 +390,11 @@ DEEP_SCHEMA = '{"type": "array", "items": ' * 3000 + "{}" + "}" * 3000
         ("/tokenize", f'{{"prompt": "{LONE}"}}', "prompt"),
         ("/v1/completions", f'{{"prompt": "Hi", "max_tokens": {2**31}}}', "max_tokens"),
         ("/v1/completions", f'{{"prompt": "Hi", "top_k": {2**31}}}', "top_k"),
-        ("/v1/completions", f'{{"prompt": [1, {2**32}]}}', "prompt[1]"),
+        (
+            "/v1/completions",
+            f'{{"prompt": [1, {2**32}]}}',
+            "prompt",
+        ),  # the token-id list as a whole: pydantic names the union field
         ("/v1/completions", f'{{"prompt": "Hi", "stop_token_ids": [{2**32}]}}', "stop_token_ids[0]"),
         ("/detokenize", f'{{"tokens": [{2**32}]}}', "tokens[0]"),
         ("/v1/completions", '{"prompt": "Hi", "logit_bias": {"-1": 1}}', "logit_bias"),
