@@ -23,6 +23,7 @@ def build_engine(args) -> LLMEngine:
             dtype=args.dtype,
             seed=args.seed,
             few_row_gemv=args.few_row_gemv,
+            quantization=args.quantization,
             cache=CacheConfig(
                 enable_prefix_cache=not args.no_prefix_cache,
                 kv_cache_memory_gb=args.kv_cache_memory_gb,
@@ -44,6 +45,8 @@ def describe(engine: LLMEngine) -> dict:
         "num_kv_blocks": runner.num_blocks,
         "kv_cache_dtype": dtype_name(runner.kv_dtype),
         "few_row_gemv": cfg.few_row_gemv,
+        "quantization": runner.quantization,
+        "weight_bytes": runner.weight_bytes(),
         "block_size": runner.block_size,
         "max_model_len": engine.max_model_len,
         "enable_prefix_cache": cfg.cache.enable_prefix_cache,

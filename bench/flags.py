@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=EngineConfig.few_row_gemv,
         help="CPU: GEMMs of 1-4 rows on a plain weight copy (engine flag)",
     )
+    e.add_argument(
+        "--quantization",
+        default=EngineConfig.quantization,
+        help="linear weights: auto (a GGUF file's blocks, else dense), gguf, int8, none (engine flag)",
+    )
     r = p.add_argument_group("run")
     r.add_argument("--pretok", action="store_true", help="tokenize before the timed region and send ids")
     r.add_argument("--warmup-runs", type=int, default=1)

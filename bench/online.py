@@ -146,6 +146,8 @@ def _engine_flags(args, model_dir: str) -> list[str]:
         "--kv-cache-dtype",
         args.kv_cache_dtype,
         "--few-row-gemv" if args.few_row_gemv else "--no-few-row-gemv",
+        "--quantization",
+        args.quantization,
         "--log-level",
         "WARNING",
     ]

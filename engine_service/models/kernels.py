@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tokenwire.engine.models import quantized
 
 log = logging.getLogger(__name__)
 
 _SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("cpu_kernels.cpp", "cpu_attention.cpp", "cpu_decode.cpp", "cpu_linear.cpp")
+    for name in ("cpu_kernels.cpp", "cpu_attention.cpp", "cpu_decode.cpp", "cpu_linear.cpp", "cpu_quant.cpp")
 ]
 _HEADER = Path(__file__).with_name("cpu_kernels.h")
 _loaded: dict[str, object] = {}
@@ -176,7 +177,10 @@ def gemv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
 ) -> torch.Tensor:
     """x @ weight.T (+ bias) (+ residual), summed in float32 and rounded once to x's dtype: what the
-    native `gemv` computes for a few rows (it reads the plain weight at memory speed)."""
+    native `gemv` computes for a few rows (it reads the plain weight, or quantized blocks, at memory
+    speed)."""
+    if weight.dim() == 3:  # quantized blocks
+        weight = quantized.dequantize(weight)
     y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     return (y if residual is None else y.add_(residual.float())).to(x.dtype)
 

@@ -7,6 +7,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from tokenwire.engine.models.quantized import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,26 @@ class Linear:
     weight memory of the linear layers, the price of faster single-stream decoding (cpu_linear.cpp,
     docs/benchmarks.md)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, gemv=None):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        gemv=None,
+        quantized: QuantizedWeight | None = None,
+    ):
+        """`quantized`: the weight's blocks (quantized.py). The few-row GEMV then reads them, and the
+        many-row GEMMs run on their de-quantization in the weight's dtype (the exact same weights)."""
+        if quantized is not None:
+            weight = quantized.dequantize(weight.dtype).to(weight.device)
         self.out_features, self.in_features = weight.shape
         self.bias = bias
         self._packed = _onednn_pack(weight)
         self._gemv = gemv if weight.dtype in _GEMV_DTYPES and weight.device.type == "cpu" else None
-        # The packed copy replaces the plain weight unless the GEMV reads it.
-        self.weight = weight if self._packed is None or self._gemv is not None else None
+        # Blocks only serve the native GEMV; without it the dense weight does everything.
+        self.quantized = quantized if self._gemv is not None else None
+        # The packed copy replaces the plain weight unless the GEMV reads it (plain, not blocks).
+        plain_for_gemv = self._gemv is not None and self.quantized is None
+        self.weight = weight if self._packed is None or plain_for_gemv else None
 
     @property
     def packed(self) -> torch.Tensor | None:
@@ -54,8 +68,24 @@ class Linear:
 
     @property
     def gemv_weight(self) -> torch.Tensor | None:
-        """The plain weight that the native GEMV reads for few-row GEMMs, or None where it is not used."""
-        return self.weight if self._gemv is not None else None
+        """What the native GEMV reads for few-row GEMMs (the plain weight, or the quantized blocks), or
+        None where it is not used."""
+        if self._gemv is None:
+            return None
+        return self.quantized.blocks if self.quantized is not None else self.weight
+
+    @property
+    def nbytes(self) -> int:
+        """The memory its weights hold: the packed copy, the plain weight, the blocks."""
+        held = [t for t in (self._packed, self.weight, self.bias) if t is not None]
+        blocks = self.quantized.nbytes if self.quantized is not None else 0
+        return blocks + sum(t.numel() * t.element_size() for t in held)
+
+    @property
+    def gemv_bytes(self) -> int:
+        """The bytes one few-row GEMM reads (0 where the native GEMV is not used)."""
+        w = self.gemv_weight
+        return 0 if w is None else w.numel() * w.element_size()
 
     def _on_gemv(self, m: int) -> bool:
         return self._gemv is not None and 0 < m <= GEMV_MAX_ROWS
@@ -63,7 +93,7 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         if self._on_gemv(m):
-            return self._gemv(x, self.weight, self.bias, None)
+            return self._gemv(x, self.gemv_weight, self.bias, None)
         if self._packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(_pad_rows(x, gemm_rows(m)), self._packed, self.bias, "none", [], "")
             return y if y.shape[0] == m else y[:m]
@@ -74,7 +104,7 @@ class Linear:
         oneDNN and the GEMV, `residual` updated in place otherwise)."""
         m = x.shape[0]
         if self._on_gemv(m):
-            return self._gemv(x, self.weight, self.bias, residual)
+            return self._gemv(x, self.gemv_weight, self.bias, residual)
         if self._packed is not None:
             rows = gemm_rows(m)
             y = torch.ops.mkldnn._linear_pointwise.binary(

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from tokenwire.engine.models.attention import AttentionBatch, KVCache, paged_attention
+from tokenwire.engine.models.gguf_weights import quantized_of
 from tokenwire.engine.models.linear import GEMV_MAX_ROWS, Linear, gemm_rows
+from tokenwire.engine.models.quantized import concat
 from transformers.activations import ACT2FN
 
 
@@ -46,10 +48,11 @@ class LlamaForward:
         self.act = F.silu if config.hidden_act == "silu" else ACT2FN[config.hidden_act]
         self.rotary = inner.rotary_emb
         with torch.no_grad():
-            self.embed = inner.embed_tokens.weight.detach()
+            self.embed = _embedding(inner.embed_tokens)
             self.final_norm = inner.norm.weight.detach()
             # The embedding's own weight when tied (the packed GEMM copy is separate either way).
-            self.lm_head = Linear(hf_model.get_output_embeddings().weight.detach(), gemv=gemv)
+            head = hf_model.get_output_embeddings()
+            self.lm_head = Linear(head.weight.detach(), gemv=gemv, quantized=quantized_of(head))
             windows = _layer_windows(config)
             self.layers = [_fuse(layer, windows[i], gemv) for i, layer in enumerate(inner.layers)]
             self._windows = [w or 0 for w in windows]
@@ -219,8 +222,17 @@ def _cat(*tensors: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _linear(*projections: torch.nn.Linear, gemv) -> Linear:
-    """One Linear computing the given projections side by side (their outputs concatenated)."""
-    return Linear(_cat(*(p.weight for p in projections)), _cat(*(p.bias for p in projections)), gemv)
+    """One Linear computing the given projections side by side (their outputs concatenated), on their
+    quantized blocks where all of them have blocks of one layout."""
+    blocks = [quantized_of(p) for p in projections]
+    fused = concat(blocks) if all(b is not None for b in blocks) else None
+    return Linear(_cat(*(p.weight for p in projections)), _cat(*(p.bias for p in projections)), gemv, fused)
+
+
+def _embedding(embedding: torch.nn.Embedding) -> torch.Tensor:
+    blocks = quantized_of(embedding)
+    weight = embedding.weight.detach()
+    return weight if blocks is None else blocks.dequantize(weight.dtype).to(weight.device)
 
 
 def _fuse(layer, window: int | None, gemv) -> _Layer:

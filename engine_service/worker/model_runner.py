@@ -9,19 +9,21 @@ layer reuses them. Only the rows that sample a token reach the lm_head.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import Protocol
 
 import torch
 from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.models import kernels
 from tokenwire.engine.models.attention import AttentionBatch, KVCache
+from tokenwire.engine.models.gguf_weights import attach_gguf, attach_int8
 from tokenwire.engine.models.gpt2 import GPT2Forward
+from tokenwire.engine.models.linear import Linear
 from tokenwire.engine.models.llama import LlamaForward
 from tokenwire.engine.scheduling.sequence import ScheduledChunk
 from tokenwire.engine.worker.device import choose_device, choose_dtype, choose_kv_cache_dtype, dtype_name
 from tokenwire.engine.worker.sampler import Sampler, SamplerOutput
-from tokenwire.serving.model_resolver import resolve_model
+from tokenwire.serving.model_resolver import gguf_file, resolve_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,9 @@ _ARCHITECTURES = {
     "GPT2LMHeadModel": GPT2Forward,
 }
 SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
+# The forwards that fuse quantized blocks (llama._linear); the others run dense.
+_QUANTIZED_ARCHITECTURES = {name for name, forward in _ARCHITECTURES.items() if forward is LlamaForward}
+QUANTIZATION_MODES = ("auto", "gguf", "int8", "none")
 
 
 class CausalLM(Protocol):
@@ -77,6 +82,7 @@ class ModelRunner:
         )
         hf_model.to(self.device).eval()
         self.eos_token_ids = _eos_token_ids(hf_model)
+        self.quantization = self._attach_quantized(hf_model)
         # Fused attention/rope/norm kernels on the CPU (None: torch ops; see models/kernels.py).
         self.native = kernels.native() if self.device.type == "cpu" and config.native_kernels else None
         # The few-row GEMV keeps a plain copy of every linear weight besides oneDNN's packed one.
@@ -97,16 +103,44 @@ class ModelRunner:
             self.device,
         )
         log.info(
-            "model %s (%s) on %s in %s; KV cache %d blocks x %d tokens in %s (%.0f MiB)",
+            "model %s (%s) on %s in %s, quantization %s; KV cache %d blocks x %d tokens in %s (%.0f MiB)",
             config.model,
             self.architecture,
             self.device,
             self.dtype,
+            self.quantization,
             self.num_blocks,
             self.block_size,
             dtype_name(self.kv_dtype),
             2 * self.kv_cache.k.numel() * self.kv_cache.k.element_size() / 2**20,
         )
+
+    def _attach_quantized(self, hf_model) -> str:
+        """Hang quantized blocks on the modules per `config.quantization`; returns what was done, in words."""
+        mode = self.config.quantization
+        if mode not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization: one of {', '.join(QUANTIZATION_MODES)}, got {mode!r}")
+        source = gguf_file(self.config.model)
+        if mode == "gguf" and source is None:
+            raise ValueError(f"quantization: 'gguf' needs a .gguf model, got {self.config.model!r}")
+        if mode == "none" or (mode == "auto" and source is None):
+            return "none"
+        if self.architecture not in _QUANTIZED_ARCHITECTURES:
+            log.warning("quantization %s: not on %s; dense weights", mode, self.architecture)
+            return "none"
+        if mode == "int8":
+            return f"int8 ({attach_int8(hf_model)} linears)"
+        kept = attach_gguf(hf_model, source)
+        return "gguf (" + ", ".join(f"{n} x {kind}" for kind, n in sorted(kept.items())) + ")"
+
+    def weight_bytes(self) -> dict[str, int]:
+        """`held`: the memory of the forward's weights (every copy); `per_token`: what one stream's decode
+        step reads, the linears through the few-row GEMV (the single-stream floor is this / bandwidth)."""
+        linears, tensors = _weights_of(self.model)
+        gemv = sum(lin.gemv_bytes for lin in linears)
+        dense = sum(lin.nbytes for lin in linears if lin.gemv_bytes == 0)
+        held = sum(lin.nbytes for lin in linears) + sum(t.numel() * t.element_size() for t in tensors)
+        return {"held": held, "per_token": gemv + dense}
 
     def _num_blocks(self) -> int:
         cache = self.config.cache
@@ -246,3 +280,26 @@ def _eos_token_ids(hf_model) -> set[int]:
         elif value:
             ids.update(int(v) for v in value)
     return ids
+
+
+def _weights_of(model) -> tuple[list[Linear], list[torch.Tensor]]:
+    """Every Linear and every other weight tensor a forward holds (its attributes, lists and layers)."""
+    linears: list[Linear] = []
+    tensors: dict[int, torch.Tensor] = {}
+    pending = list(vars(model).values())
+    while pending:
+        item = pending.pop()
+        if isinstance(item, Linear):
+            linears.append(item)
+        elif isinstance(item, torch.Tensor) and item.layout == torch.strided:
+            tensors[item.data_ptr()] = item
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+        elif is_dataclass(item):
+            pending.extend(vars(item).values())
+    # The native decode's weight lists repeat the linears' own tensors.
+    for lin in linears:
+        for t in (lin.weight, lin.bias, lin.quantized.blocks if lin.quantized is not None else None):
+            if t is not None:
+                tensors.pop(t.data_ptr(), None)
+    return linears, list(tensors.values())

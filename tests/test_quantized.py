@@ -1,0 +1,161 @@
+"""Quantized weights: GGUF blocks against gguf's own reader, the native GEMV against de-quantize-then-
+matmul, a GGUF model against transformers on the same file, and a GGUF file through both services."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+from tokenwire.client import Client
+from tokenwire.engine.config import CacheConfig, EngineConfig
+from tokenwire.engine.models import kernels, quantized
+from tokenwire.engine.worker.model_runner import ModelRunner
+from tokenwire.serving.model_resolver import gguf_file
+from tokenwire.tokenizer.config import TokenizerServiceConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.reference import BF16_LOGPROB_TOL, ENGINE_DTYPE, TORCH_DTYPE, hf_model
+from tests.servers import EngineThread, TokenizerThread
+from tests.test_model_runner import BLOCK_SIZE, contiguous_tables, make_seqs, run_greedy
+from tests.tiny_models import build_tiny_gguf
+
+N, K = 48, 512  # K a multiple of the K-quants' 256
+
+
+def _random_k_blocks(kind: str, rng) -> np.ndarray:
+    """Random Q4_K / Q6_K bytes with sane fp16 scales (gguf-py cannot quantize to these types)."""
+    size = {"Q4_K": 144, "Q6_K": 210}[kind]
+    raw = rng.integers(0, 256, size=(N, K // 256, size), dtype=np.uint8)
+    scales = (rng.random((N, K // 256, 2)) * 0.01).astype(np.float16).view(np.uint8)
+    if kind == "Q4_K":
+        raw[..., 0:4] = scales.reshape(N, K // 256, 4)
+    else:
+        raw[..., 208:210] = scales[..., 0:2].reshape(N, K // 256, 2)
+    return raw.reshape(N, -1)
+
+
+def _gguf_tensor(kind: str) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    if kind in ("Q4_K", "Q6_K"):
+        return _random_k_blocks(kind, rng)
+    weight = (rng.standard_normal((N, K)) * 0.1).astype(np.float32)
+    return quants.quantize(weight, GGMLQuantizationType[kind])
+
+
+@pytest.mark.parametrize("kind", quantized.SUPPORTED_GGUF_TYPES)
+def test_blocks_dequantize_to_the_weights_gguf_reads(kind):
+    data = _gguf_tensor(kind)
+    expected = quants.dequantize(data, GGMLQuantizationType[kind])
+    got = quantized.from_gguf(data, kind, (N, K)).dequantize().numpy()
+    if kind.endswith("_K"):  # sub-block scale and min rounded to fp16: 2^-11 of the terms' size at most
+        np.testing.assert_allclose(got, expected, rtol=2**-10, atol=2**-10 * float(np.abs(expected).max()))
+    else:
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_an_unsupported_type_is_refused_by_name():
+    with pytest.raises(ValueError, match="Q5_0 is not kept in blocks; supported: Q4_0, Q4_1"):
+        quantized.from_gguf(np.zeros((N, K // 32 * 22), np.uint8), "Q5_0", (N, K))
+
+
+def test_int8_blocks_stay_within_half_a_step():
+    weight = torch.randn(N, K)
+    blocks = quantized.quantize_int8(weight)
+    step = weight.view(N, K // 32, 32).abs().amax(-1, keepdim=True) / 127
+    error = (blocks.dequantize().view(N, K // 32, 32) - weight.view(N, K // 32, 32)).abs()
+    assert bool((error <= step * 0.5 + 1e-6).all())
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q6_K"])  # the q4, q8 (G 32) and q8 (G 16) layouts
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_native_gemv_on_blocks_matches_dequantize_then_matmul(kind, dtype, rows):
+    native = kernels.native()
+    if native is None:
+        pytest.skip("no compiler here: the fallback is all there is")
+    weight = quantized.from_gguf(_gguf_tensor(kind), kind, (N, K))
+    x = torch.randn(rows, K, dtype=dtype)
+    bias, residual = torch.randn(N, dtype=dtype), torch.randn(rows, N, dtype=dtype)
+    for b, r in ((None, None), (bias, residual)):
+        got = native.gemv(x, weight.blocks, b, r)
+        expected = kernels.gemv(x, weight.blocks, b, r)
+        torch.testing.assert_close(
+            got.float(), expected.float(), rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-3
+        )
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> str:
+    return str(build_tiny_gguf(gguf_file("smollm2-135m"), tmp_path_factory.mktemp("gguf") / "tiny-q4_1.gguf"))
+
+
+def _runner(model: str, quantization: str) -> ModelRunner:
+    cache = CacheConfig(block_size=BLOCK_SIZE, num_blocks=256)
+    return ModelRunner(EngineConfig(model=model, dtype=ENGINE_DTYPE, quantization=quantization, cache=cache))
+
+
+def _greedy(runner: ModelRunner, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Prefill in one batch (the many-row GEMMs), decodes of 3 rows (the few-row GEMV on the blocks)."""
+    seqs = make_seqs(prompts, contiguous_tables(prompts, new_tokens))
+    run_greedy(runner, seqs, new_tokens)
+    return [s.output_token_ids for s in seqs]
+
+
+PROMPTS = [[1, 5, 9, 200, 17], list(range(100, 140)), [42]]
+
+
+def _reference_logprobs_gap(model, prompt: list[int], output: list[int]) -> float:
+    ids = torch.tensor([prompt + output[:-1]])
+    with torch.no_grad():
+        logprobs = model(ids).logits[0, len(prompt) - 1 :].float().log_softmax(-1)
+    chosen = logprobs.gather(1, torch.tensor(output)[:, None])[:, 0]
+    return float((logprobs.max(-1).values - chosen).max())
+
+
+def test_a_gguf_model_runs_on_its_blocks_and_agrees_with_transformers_on_the_file(tiny_gguf):
+    runner = _runner(tiny_gguf, "auto")
+    assert runner.quantization.startswith("gguf (") and "Q4_1" in runner.quantization
+    dense = _runner(tiny_gguf, "none")
+    assert runner.weight_bytes()["per_token"] < 0.5 * dense.weight_bytes()["per_token"]
+    folder, name = tiny_gguf.rsplit("/", 1)
+    reference = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=TORCH_DTYPE).eval()
+    for prompt, output in zip(PROMPTS, _greedy(runner, PROMPTS, 8)):
+        # The blocks hold the file's weights exactly: only the order of the float sums differs.
+        assert _reference_logprobs_gap(reference, prompt, output) <= (
+            1e-3 if ENGINE_DTYPE == "float32" else BF16_LOGPROB_TOL
+        )
+
+
+def test_int8_at_load_stays_within_the_accuracy_rule(tiny_llama_dir):
+    runner = _runner(tiny_llama_dir, "int8")
+    assert runner.quantization.startswith("int8 (")
+    reference = hf_model(tiny_llama_dir)
+    for prompt, output in zip(PROMPTS, _greedy(runner, PROMPTS, 8)):
+        assert _reference_logprobs_gap(reference, prompt, output) <= BF16_LOGPROB_TOL
+
+
+def test_gguf_quantization_needs_a_gguf_model(tiny_llama_dir):
+    with pytest.raises(ValueError, match="quantization: 'gguf' needs a .gguf model"):
+        _runner(tiny_llama_dir, "gguf")
+    with pytest.raises(ValueError, match="quantization: one of auto, gguf, int8, none"):
+        _runner(tiny_llama_dir, "int4")
+
+
+def test_a_gguf_file_through_both_services(tiny_gguf):
+    engine = EngineThread(EngineConfig(model=tiny_gguf, dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=64)))
+    tokenizer = TokenizerThread(TokenizerServiceConfig(model=tiny_gguf, port=0))
+    try:
+        with Client(tokenizer=tokenizer.address, engine=engine.address, timeout=60) as client:
+            ids = client.encode("The capital of France is")
+            assert (
+                ids
+                == AutoTokenizer.from_pretrained(tiny_gguf.rsplit("/", 1)[0], gguf_file=tiny_gguf.rsplit("/", 1)[1])(
+                    "The capital of France is"
+                ).input_ids
+            )
+            chunks = list(client.generate("The capital of France is", max_new_tokens=6, temperature=0.0))
+            assert sum(len(c.token_ids) for c in chunks) == 6 and chunks[-1].finished
+    finally:
+        engine.close()
+        tokenizer.close()
