@@ -60,11 +60,12 @@ def test_an_unsupported_type_is_refused_by_name():
 
 
 def test_int8_blocks_stay_within_half_a_step():
-    weight = torch.randn(N, K)
+    weight = torch.randn(N, K, generator=torch.Generator().manual_seed(0))
     blocks = quantized.quantize_int8(weight)
     step = weight.view(N, K // 32, 32).abs().amax(-1, keepdim=True) / 127
     error = (blocks.dequantize().view(N, K // 32, 32) - weight.view(N, K // 32, 32)).abs()
-    assert bool((error <= step * 0.5 + 1e-6).all())
+    # the step is stored in fp16, so it may sit 2^-11 above the exact one
+    assert bool((error <= step * 0.5 * (1 + 2**-10)).all())
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q6_K"])  # the q4, q8 (G 32) and q8 (G 16) layouts
