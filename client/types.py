@@ -177,6 +177,8 @@ class EngineConfigInfo:
     enable_chunked_prefill: bool
     max_new_tokens_cap: int
     max_logprobs: int
+    kv_cache_dtype: str
+    quantization: str  # "none" (dense weights), or the blocks kept, e.g. "gguf (210 x Q4_1)"
 
 
 @dataclass(frozen=True)

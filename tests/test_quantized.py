@@ -157,6 +157,8 @@ def test_a_gguf_file_through_both_services(tiny_gguf):
             )
             chunks = list(client.generate("The capital of France is", max_new_tokens=6, temperature=0.0))
             assert sum(len(c.token_ids) for c in chunks) == 6 and chunks[-1].finished
+            # the served engine decodes on the file's blocks, not on a dense copy of the converted folder
+            assert client.model_info().config.quantization.startswith("gguf (")
     finally:
         engine.close()
         tokenizer.close()

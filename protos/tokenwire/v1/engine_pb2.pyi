@@ -677,6 +677,7 @@ class EngineConfigInfo(_message.Message):
     MAX_NEW_TOKENS_CAP_FIELD_NUMBER: _builtins.int
     MAX_LOGPROBS_FIELD_NUMBER: _builtins.int
     KV_CACHE_DTYPE_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     """Device the model runs on, e.g. "cpu" or "cuda:0"."""
     dtype: _builtins.str
@@ -699,6 +700,8 @@ class EngineConfigInfo(_message.Message):
     """Largest top-n logprobs a request may ask for."""
     kv_cache_dtype: _builtins.str
     """dtype of the KV cache: `dtype`, or bfloat16 / float16 under a float32 model (--kv-cache-dtype)."""
+    quantization: _builtins.str
+    """The linear weights' form, in words: "none" (dense), "gguf (<count> x <type>, ...)", "int8 (...)"."""
     def __init__(
         self,
         *,
@@ -713,10 +716,11 @@ class EngineConfigInfo(_message.Message):
         max_new_tokens_cap: _builtins.int = ...,
         max_logprobs: _builtins.int = ...,
         kv_cache_dtype: _builtins.str = ...,
+        quantization: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "device", b"device", "dtype", b"dtype", "enable_chunked_prefill", b"enable_chunked_prefill", "enable_prefix_cache", b"enable_prefix_cache", "kv_cache_dtype", b"kv_cache_dtype", "max_logprobs", b"max_logprobs", "max_new_tokens_cap", b"max_new_tokens_cap", "max_num_batched_tokens", b"max_num_batched_tokens", "max_num_seqs", b"max_num_seqs", "num_kv_blocks", b"num_kv_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "device", b"device", "dtype", b"dtype", "enable_chunked_prefill", b"enable_chunked_prefill", "enable_prefix_cache", b"enable_prefix_cache", "kv_cache_dtype", b"kv_cache_dtype", "max_logprobs", b"max_logprobs", "max_new_tokens_cap", b"max_new_tokens_cap", "max_num_batched_tokens", b"max_num_batched_tokens", "max_num_seqs", b"max_num_seqs", "num_kv_blocks", b"num_kv_blocks", "quantization", b"quantization"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
