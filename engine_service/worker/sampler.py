@@ -113,13 +113,11 @@ class Sampler:
     def _mask_stops(self, scores: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor:
         """In place: -inf on the eos ids (unless ignore_eos) and stop ids of `rows`, one flat index_fill_."""
         vocab = scores.shape[1]
-        keys = [
-            row * vocab + token
-            for row in rows
-            for token in (
-                seqs[row].params.stop_token_ids + (() if seqs[row].params.ignore_eos else tuple(self._eos_token_ids))
-            )
-        ]
+        keys: list[int] = []
+        for row in rows:
+            params = seqs[row].params
+            stops = params.stop_token_ids if params.ignore_eos else (*params.stop_token_ids, *self._eos_token_ids)
+            keys += [row * vocab + token for token in stops]
         if keys:
             scores.view(-1).index_fill_(0, torch.tensor(keys, device=scores.device), float("-inf"))
         return scores
