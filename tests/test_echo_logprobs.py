@@ -127,6 +127,13 @@ def test_sdk_scores_a_prompt_without_generating(sdk, reference):
     assert_sdk_entries_match(done.prompt_logprobs, ids, reference(ids), 0)
 
 
+def test_sdk_batch_carries_prompt_logprobs(sdk, reference):
+    prompts = [sdk.encode(PROMPT), sdk.encode(LONG)]
+    results = sdk.complete_batch(token_ids=prompts, max_new_tokens=1, prompt_logprobs=1)
+    for ids, result in zip(prompts, results):
+        assert_sdk_entries_match(result.prompt_logprobs, ids, reference(ids), 1)
+
+
 @pytest.mark.parametrize(
     "options, field",
     [

@@ -142,3 +142,27 @@ def test_bad_values_name_their_field(llama, params, field):
     with pytest.raises(InvalidRequestError) as error:
         llama.add_request(prompt_token_ids=[1, 2, 3], params=params)
     assert error.value.field == field
+
+
+def test_preemption_sends_each_prompt_logprob_once(tiny_llama_dir, reference):
+    """A pool too small for every prompt at once: sequences are preempted (some mid-prefill) and
+    recomputed, and each request still gets its prompt logprobs once, whole and exact."""
+    tight = make_engine(tiny_llama_dir, num_blocks=40, budget=16, max_seqs=6)  # 160 slots for ~6 x 70 tokens
+    prompts = random_prompts(6, lo=50, hi=60, seed=11)
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    preempt, mid_prefill = tight.scheduler._preempt, []
+
+    def recording_preempt(seq, step):  # what each victim had scored when its KV went
+        mid_prefill.append(0 < seq.num_prompt_logprobs < seq.num_prompt_tokens - 1)
+        preempt(seq, step)
+
+    tight.scheduler._preempt = recording_preempt
+    rids = [tight.add_request(prompt_token_ids=ids, params=params) for ids in prompts]
+    outs: dict[str, list] = {rid: [] for rid in rids}
+    while tight.has_unfinished():
+        for out in tight.step():
+            outs[out.request_id].append(out)
+    assert any(mid_prefill), mid_prefill
+    for rid, ids in zip(rids, prompts):
+        assert_matches_reference(prompt_logprobs_of(outs[rid]), ids, reference(ids), 2)
+        assert sum(len(o.new_token_ids) for o in outs[rid]) == 10
