@@ -179,12 +179,15 @@ def test_echo_with_logprobs_is_openais_legacy_shape(oai, model, sdk, reference):
 
 def test_echo_logprobs_with_max_tokens_zero_and_ids(oai, model, sdk, reference):
     ids = sdk.encode(LONG)  # longer than one prefill chunk
-    choice = legacy_block(oai, model, ids, max_tokens=0, logprobs=1)
-    assert choice.finish_reason == "length" and choice.text == sdk.decode(ids)
-    block, expected = choice.logprobs, reference(ids)
-    assert len(block.tokens) == len(ids) and block.token_logprobs[0] is None
-    assert all(abs(block.token_logprobs[i] - float(expected[i - 1, ids[i]])) <= TOL for i in range(1, len(ids)))
-    assert all(len(top) == 1 for top in block.top_logprobs[1:])
+    done = oai.completions.create(model=model, prompt=ids, temperature=0, echo=True, max_tokens=0, logprobs=1, n=2)
+    assert done.usage.completion_tokens == 0 and len(done.choices) == 2
+    expected = reference(ids)
+    for choice in done.choices:  # every sample echoes the prompt with its logprobs
+        assert choice.finish_reason == "length" and choice.text == sdk.decode(ids)
+        block = choice.logprobs
+        assert len(block.tokens) == len(ids) and block.token_logprobs[0] is None
+        assert all(abs(block.token_logprobs[i] - float(expected[i - 1, ids[i]])) <= TOL for i in range(1, len(ids)))
+        assert all(len(top) == 1 for top in block.top_logprobs[1:])
 
 
 def test_max_tokens_zero_without_echo_is_empty(oai, model):
