@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from tokenwire.client.errors import TokenwireError
-from tokenwire.gateway import body, chat, completions
+from tokenwire.gateway import body, chat, completions, refused
 from tokenwire.gateway.backend import Backend
 from tokenwire.gateway.errors import bad_request, from_sdk, from_validation
 from tokenwire.gateway.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -27,6 +27,7 @@ def backend_of(request: Request) -> Backend:
 async def parse(request: Request, model: type[BaseModel]):
     raw = await body.read(request, backend_of(request).config.max_body_bytes)
     parsed = body.parse(raw)
+    refused.check(request.url.path, parsed)
     try:
         req = model.model_validate(parsed)
     except ValidationError as error:
@@ -37,7 +38,7 @@ async def parse(request: Request, model: type[BaseModel]):
 
 def _warn_unknown(path: str, model: type[BaseModel], parsed: dict) -> None:
     """Unknown top-level parameters are ignored, as vLLM does, with one warning per request naming them."""
-    known = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+    known = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias} | refused.names(path)
     unknown = sorted(set(parsed) - known)
     if unknown:
         log.warning("%s: ignored unknown parameters %s", path, ", ".join(unknown))

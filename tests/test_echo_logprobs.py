@@ -262,3 +262,29 @@ def test_unknown_params_are_ignored_with_one_warning(oai, model, caplog):
     assert done.usage.completion_tokens == 2
     warnings = [r for r in caplog.records if r.name == "tokenwire.gateway.routes"]
     assert len(warnings) == 1 and "another_one, no_such_option" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    "params, param",
+    [
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    ],
+)
+def test_known_unsupported_chat_params_are_a_400_naming_them(oai, model, params, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, extra_body=params
+        )
+    assert err.value.status_code == 400 and err.value.body["param"] == param
+    assert err.value.body["message"].startswith(param)
+
+
+def test_a_value_asking_for_nothing_passes(oai, model, caplog):
+    with caplog.at_level(logging.WARNING, logger="tokenwire.gateway.routes"):
+        done = oai.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, extra_body={"modalities": ["text"]}
+        )
+    assert done.usage.completion_tokens == 2
+    assert not [r for r in caplog.records if r.name == "tokenwire.gateway.routes"]  # known, so no warning
