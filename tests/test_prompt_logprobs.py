@@ -54,7 +54,7 @@ def assert_matches_reference(entries, ids: list[int], expected: torch.Tensor, n:
         row = expected[i]  # position i scores token i + 1
         assert abs(entry.logprob - float(row[ids[i + 1]])) <= TOL, (i, entry.logprob, float(row[ids[i + 1]]))
         values, top_ids = row.topk(n)
-        assert {t for t, _ in entry.top} == set(top_ids.tolist()), i
+        assert {t for t, _ in entry.top} == set(top_ids.tolist()) or not EXACT, i  # bf16: near-ties may swap
         for (t, v), ref in zip(entry.top, values.tolist()):
             assert abs(v - float(row[t])) <= TOL and abs(v - ref) <= TOL
 
