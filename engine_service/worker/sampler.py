@@ -5,8 +5,8 @@ Every row's randomness is a counter-based hash of (seed, position, vocab id): sp
 (seed, position) into a row key, and lowbias32 mixes it with each vocab id in int32 tensor ops. So a
 seeded request draws the same tokens whatever else shares its batch, with no per-row generator.
 Rows with a structured-output constraint get their grammar's token bitmask (disallowed logits become
--inf), filled for those rows only. Filters apply in vLLM's order (logit bias, penalties, temperature,
-min_p, top_k, top_p); rows with top_k/top_p sample among their candidates only, which gives the same
+-inf), filled for those rows only; rows below their min_tokens get -inf on eos and their stop ids.
+Filters apply in vLLM's order (logit bias, min_tokens, penalties, temperature, min_p, top_k, top_p); rows with top_k/top_p sample among their candidates only, which gives the same
 draw as the whole vocabulary because the noise is a function of the vocab id. Greedy rows are an
 argmax, and a step where every row is greedy and unpenalized is one argmax. Token ids and logprobs reach
 the host in one `.tolist()`.
