@@ -15,6 +15,9 @@ class CompletionShape:
     chunk_object = "text_completion"
     whole_object = "text_completion"
 
+    def __init__(self, echoes_prompt_logprobs: bool = False):
+        self.echoes_prompt_logprobs = echoes_prompt_logprobs  # `echo` with `logprobs`
+
     def opening(self, job: Job) -> dict | None:
         return None
 
@@ -31,13 +34,20 @@ class CompletionShape:
             {"index": job.index, "text": text, "logprobs": logprobs, "finish_reason": finish}, stop_reason
         )
 
-    def logprobs(self, lps: Sequence[TokenLogprob], names: Mapping[int, str], offset: int) -> dict:
-        return sdk_mapping.completion_logprob_block(lps, names, offset)
+    def logprobs(
+        self,
+        lps: Sequence[TokenLogprob],
+        names: Mapping[int, str],
+        offset: int,
+        prompt: sdk_mapping.PromptLogprobs | None = None,
+    ) -> dict:
+        return sdk_mapping.completion_logprob_block(lps, names, offset, prompt)
 
 
 class ChatShape:
     chunk_object = "chat.completion.chunk"
     whole_object = "chat.completion"
+    echoes_prompt_logprobs = False
 
     def opening(self, job: Job) -> dict | None:
         """The first chunk of each choice carries the role, as OpenAI's do."""
@@ -73,7 +83,7 @@ class ChatShape:
             }
         return _with_stop_reason(body, stop_reason)
 
-    def logprobs(self, lps: Sequence[TokenLogprob], names: Mapping[int, str], offset: int) -> dict:
+    def logprobs(self, lps: Sequence[TokenLogprob], names: Mapping[int, str], offset: int, prompt=None) -> dict:
         return sdk_mapping.chat_logprob_block(lps, names)
 
 

@@ -88,6 +88,8 @@ def generate_response(request_id: str, outputs: Seq[RequestOutput], index: int =
         texts.append(out.text_delta)
         if out.new_logprobs:
             msg.logprobs.extend(token_logprob(lp) for lp in out.new_logprobs)
+        if out.prompt_logprobs:
+            msg.prompt_logprobs.extend(token_logprob(lp) for lp in out.prompt_logprobs)
     msg.text = "".join(texts)
     last = outputs[-1]
     if last.finished:
