@@ -101,10 +101,9 @@ class Answer:
                 self.usage.add(job, chunk)
                 finish = sdk_mapping.finish_reason(chunk)
                 if text or block or finish:
-                    yield self._chunk(
-                        [self.shape.choice(job, text, block, finish, False, sdk_mapping.stop_reason(chunk))],
-                        include_usage,
-                    )
+                    choice = self.shape.choice(job, text, block, finish, False, sdk_mapping.stop_reason(chunk))
+                    if choice is not None:  # None: a parser holds the text back for now
+                        yield self._chunk([choice], include_usage)
                 item = await anext(chunks, None)
         except TokenwireError as error:
             yield from_sdk(error).body()

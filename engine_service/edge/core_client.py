@@ -282,8 +282,10 @@ def _log_settings() -> tuple[str, str]:
 
 
 def _load_tokenizer(config: EngineConfig):
+    from tokenwire.tokenizer.chat_templates import apply_override
     from tokenwire.tokenizer.tokenizer import tokenizer_fingerprint
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    apply_override(tokenizer, config.chat_template)
     return tokenizer, tokenizer_fingerprint(tokenizer)
