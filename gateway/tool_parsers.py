@@ -7,7 +7,7 @@ A parser is fed each text chunk and says what it adds: content, and per call its
 then argument fragments. It reads the same whatever the chunking (tags cut across chunks are held
 back), so a stream's deltas concatenate to the non-streamed message.
 
-When a call opens as `{"name": "<name>", "arguments": ` its arguments stream as they arrive (the last
+When a call opens as `{"name": "<name>", "arguments": {` its arguments stream as they arrive (the last
 `}` and any whitespace held back: they may close the outer object); any other shape is parsed whole when
 `</tool_call>` arrives. A block that is not a JSON object with a name is returned as content. Whitespace
 around calls is not content.
@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 from tokenwire.gateway.streaming_text import partial_tag_length, split_at_tag
 
-# The streamable head of a call, matched only once the first character of the arguments has arrived.
-_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\S)')
+# The streamable head of a call, matched only once the arguments' opening brace has arrived (arguments
+# given as a JSON string are parsed whole instead).
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\{)')
 # What may still close the call's outer object: held back until the call ends.
 _CLOSING = re.compile(r"\s*(?:\}\s*)?\Z")
 _FINAL_CLOSE = re.compile(r"\s*\}\s*\Z")
