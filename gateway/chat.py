@@ -29,7 +29,8 @@ async def answer(backend: Backend, req: ChatCompletionRequest) -> Answer:
         return given | constraint
 
     jobs = jobs_for([ids], req.n, options)
-    shape = ChatShape(reader_factory(backend.config.reasoning_parser, plan.parser))
+    renamed = {"guided_grammar": "tools"} if constraint else {}  # the forced call's grammar is made of tools
+    shape = ChatShape(reader_factory(backend.config.reasoning_parser, plan.parser), renamed)
     return Answer(backend, shape, jobs, request_id(req.user), model, req.return_tokens_as_token_ids)
 
 

@@ -51,7 +51,7 @@ class Answer:
                 stops[job.index] = sdk_mapping.stop_reason(chunk)
                 self.usage.add(job, chunk)
         except TokenwireError as error:
-            raise from_sdk(error) from None
+            raise from_sdk(error, self.shape.renamed_params) from None
         choices = []
         for job in self.jobs:
             block = await self._logprobs(job, lps[job.index], len(job.echo))
@@ -77,7 +77,7 @@ class Answer:
             first = await anext(chunks)
         except TokenwireError as error:
             await chunks.aclose()
-            raise from_sdk(error) from None
+            raise from_sdk(error, self.shape.renamed_params) from None
         return SseResponse(self._events(first, chunks, include_usage), close=chunks.aclose)
 
     async def _events(self, first, chunks: AsyncIterator, include_usage: bool) -> AsyncIterator[dict]:
@@ -106,7 +106,7 @@ class Answer:
                         yield self._chunk([choice], include_usage)
                 item = await anext(chunks, None)
         except TokenwireError as error:
-            yield from_sdk(error).body()
+            yield from_sdk(error, self.shape.renamed_params).body()
             return
         if include_usage:
             yield {

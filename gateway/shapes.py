@@ -15,6 +15,7 @@ from tokenwire.gateway.generation import Job
 class CompletionShape:
     chunk_object = "text_completion"
     whole_object = "text_completion"
+    renamed_params: Mapping[str, str] = {}
 
     def opening(self, job: Job) -> dict | None:
         return None
@@ -42,8 +43,13 @@ class ChatShape:
     chunk_object = "chat.completion.chunk"
     whole_object = "chat.completion"
 
-    def __init__(self, new_reader: Callable[[], ChoiceReader] = lambda: ChoiceReader(None, None)):
+    def __init__(
+        self,
+        new_reader: Callable[[], ChoiceReader] = lambda: ChoiceReader(None, None),
+        renamed_params: Mapping[str, str] = {},
+    ):
         self._new_reader = new_reader
+        self.renamed_params = renamed_params  # errors on a field the gateway set, named as the request's
         self._readers: dict[int, ChoiceReader] = {}
 
     def opening(self, job: Job) -> dict | None:

@@ -246,6 +246,13 @@ def test_template_controls_render_as_transformers_does(gateway, tiny_llama_dir):
         ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
         ({"continue_final_message": True}, "continue_final_message"),
         ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+        (  # the forced call's grammar is the gateway's: a schema it cannot compile is the tools' fault
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),  # fmt: skip
     ],
 )
 def test_a_bad_tool_or_template_param_is_a_400_naming_it(gateway, model, body, param):
