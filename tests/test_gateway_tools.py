@@ -321,3 +321,23 @@ def test_reasoning_is_split_from_content_streamed_as_whole(thinking_gateway, mod
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == whole["reasoning_content"]
     assert "".join(d.content or "" for d in deltas) == whole["content"]
+
+
+def test_auto_parses_calls_out_of_the_output_streamed_as_whole(oai, model):
+    """`auto`: the model's own text is parsed; a regex makes the random model write a Hermes block."""
+    regex = r'Checking\.\n<tool_call>\n\{"name": "search", "arguments": \{"query": "[a-z]{1,10}"\}\}\n</tool_call>'
+    params = dict(model=model, messages=ASK, tools=TOOLS, seed=2, temperature=1.0, max_tokens=80)
+    whole = oai.chat.completions.create(**params, extra_body={"guided_regex": regex})
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+    [(name, arguments)] = _calls(choice.message)
+    assert name == "search"
+    jsonschema.validate(arguments, SEARCH)
+    chunks = list(oai.chat.completions.create(**params, extra_body={"guided_regex": regex}, stream=True))
+    calls, finishes = _accumulate(chunks)
+    assert finishes == {"tool_calls"}
+    assert [(calls[0]["name"], calls[0]["arguments"])] == [(name, choice.message.tool_calls[0].function.arguments)]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Checking."
+    plain = oai.chat.completions.create(**params, tool_choice="none", extra_body={"guided_regex": regex})
+    assert plain.choices[0].message.tool_calls is None and "<tool_call>" in plain.choices[0].message.content
+    assert plain.choices[0].finish_reason == "stop"
