@@ -94,8 +94,9 @@ class HermesParser:
     def finish(self) -> ParsedDelta:
         """Flushes what was held: an unclosed call ends with the text; trailing whitespace is dropped
         once a call was made."""
-        if self._in_call:
-            out = self._end_call(self._buffer, closed=False)
+        if self._in_call:  # cut short (max_tokens): a partial closing tag is not part of the call
+            body = self._buffer[: len(self._buffer) - partial_tag_length(self._buffer, self.CLOSE)]
+            out = self._end_call(body, closed=False)
         else:
             out = ParsedDelta(self._content(self._buffer))
         self._buffer = ""
