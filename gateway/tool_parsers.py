@@ -10,7 +10,7 @@ back), so a stream's deltas concatenate to the non-streamed message.
 When a call opens as `{"name": "<name>", "arguments": {` its arguments stream as they arrive (the last
 `}` and any whitespace held back: they may close the outer object); any other shape is parsed whole when
 `</tool_call>` arrives. A block that is not a JSON object with a name is returned as content. Whitespace
-around calls is not content.
+around calls is not content. `llama3_json` reads Llama 3's bare JSON calls (see its class).
 """
 
 from __future__ import annotations
@@ -161,8 +161,69 @@ def _whole_call(body: str) -> tuple[str, str] | None:
     return call["name"], text
 
 
-PARSERS = {"hermes": HermesParser}
+class Llama3JsonParser:
+    """Llama 3.1/3.2's JSON calls: an output that opens with `{` (after an optional `<|python_tag|>`) is
+    one or more `{"name": ..., "parameters": {...}}` objects separated by `;`, parsed whole at the end
+    (each call then comes in one delta); any other output is content, streamed as it comes."""
+
+    TAG = "<|python_tag|>"
+
+    def __init__(self):
+        self._state = "start"  # start -> calls | content
+        self._buffer = ""
+        self._calls = 0
+
+    @property
+    def called(self) -> bool:
+        return self._calls > 0
+
+    def feed(self, text: str) -> ParsedDelta:
+        self._buffer += text
+        if self._state == "start":
+            head = self._buffer.lstrip()
+            if head.startswith(self.TAG):
+                head = head[len(self.TAG) :].lstrip()
+            if not head or self.TAG.startswith(head):
+                return ParsedDelta()  # not yet known
+            self._state = "calls" if head.startswith("{") else "content"
+        if self._state == "content":
+            text, self._buffer = self._buffer, ""
+            return ParsedDelta(text)
+        return ParsedDelta()
+
+    def finish(self) -> ParsedDelta:
+        text, self._buffer = self._buffer, ""
+        if self._state != "calls":
+            return ParsedDelta(text)
+        body = text.lstrip().removeprefix(self.TAG)
+        calls = [_whole_call(part) for part in _split_objects(body)]
+        if not calls or None in calls:
+            return ParsedDelta(text)  # not calls after all: the model's text
+        out = ParsedDelta()
+        for name, arguments in calls:
+            out.calls.append(CallDelta(self._calls, call_id(), name, arguments))
+            self._calls += 1
+        return out
 
 
-def make(name: str) -> HermesParser:
+def _split_objects(text: str) -> list[str]:
+    """`{...}; {...}` -> the objects' texts (a `;` inside a string or an object does not split)."""
+    decoder, parts, at = json.JSONDecoder(), [], 0
+    while at < len(text):
+        at = len(text) - len(text[at:].lstrip(" \n\t;"))
+        if at >= len(text):
+            break
+        try:
+            _, end = decoder.raw_decode(text, at)
+        except ValueError:
+            return [text]  # the whole text, which _whole_call then refuses
+        parts.append(text[at:end])
+        at = end
+    return parts
+
+
+PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser}
+
+
+def make(name: str) -> HermesParser | Llama3JsonParser:
     return PARSERS[name]()

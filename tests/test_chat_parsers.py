@@ -172,3 +172,25 @@ def test_the_forced_grammar_takes_exactly_valid_calls(parallel):
     jsonschema.validate(json.loads(parsed[0]["function"]["arguments"]), TOOL["function"]["parameters"])
     assert ('("\\n" call)*' in grammar) == parallel
     assert '"x-guidance": {"whitespace_flexible": false}' in grammar  # compact arguments
+
+
+LLAMA3 = {
+    '{"name": "f", "parameters": {"a": 1}}': [("f", {"a": 1})],
+    '<|python_tag|>{"name": "f", "parameters": {"a": ";"}}; {"name": "g", "parameters": {}}': [
+        ("f", {"a": ";"}),
+        ("g", {}),
+    ],
+    "Just text {not a call}": [],
+    '{"broken": ': [],
+}
+
+
+@pytest.mark.parametrize("text", sorted(LLAMA3))
+def test_llama3_json_reads_bare_calls_at_any_chunking(text):
+    message = whole(text, tools="llama3_json")
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message.get("tool_calls", [])]
+    assert calls == LLAMA3[text]
+    assert (message["content"] is None) == bool(calls) and (calls or message["content"] == text)
+    for step in (1, 2, 5):
+        cuts = list(range(0, len(text), step))
+        assert streamed(text, cuts, tools="llama3_json") == comparable(message)
