@@ -30,6 +30,7 @@ _SAMPLING_FLAGS = [
     ("min_p", float, "drop tokens below min_p x the top probability"),
     ("repetition_penalty", float, "> 1 discourages repeats"),
     ("seed", int, "same seed, same output"),
+    ("min_tokens", int, "no eos or stop before this many tokens"),
 ]
 _CLI_MAX_NEW_TOKENS = 256
 

@@ -134,6 +134,7 @@ def chunk(msg: engine_pb2.GenerateResponse, text: str) -> GenerationChunk:
         timings=timings(msg.timings) if finished and msg.HasField("timings") else None,
         stop=stop_detail(msg) if finished else None,
         index=msg.index,
+        prompt_logprobs=prompt_logprobs(msg),
     )
 
 
@@ -147,6 +148,7 @@ def completion(msg: engine_pb2.GenerateResponse, text: str) -> Completion:
         timings=timings(msg.timings) if msg.HasField("timings") else None,
         stop=stop_detail(msg),
         index=msg.index,
+        prompt_logprobs=prompt_logprobs(msg),
     )
 
 
@@ -163,6 +165,11 @@ def stop_detail(msg: engine_pb2.GenerateResponse) -> StopDetail | None:
 
 def logprobs(msgs: Iterable[engine_pb2.TokenLogprob]) -> tuple[TokenLogprob, ...]:
     return tuple(TokenLogprob(m.token_id, m.logprob, tuple((t.token_id, t.logprob) for t in m.top)) for m in msgs)
+
+
+def prompt_logprobs(msg: engine_pb2.GenerateResponse) -> tuple[TokenLogprob | None, ...]:
+    """The wire's entries (prompt tokens 1..) with vLLM's None in front for the first prompt token."""
+    return (None, *logprobs(msg.prompt_logprobs)) if msg.prompt_logprobs else ()
 
 
 def usage(msg: engine_pb2.Usage) -> Usage:
@@ -223,6 +230,7 @@ def merge_message(result: engine_pb2.GenerateResponse, message: engine_pb2.Gener
     """Fold one stream message of a sample into that sample's whole result (text aside)."""
     result.token_ids.extend(message.token_ids)
     result.logprobs.extend(message.logprobs)
+    result.prompt_logprobs.extend(message.prompt_logprobs)
     if message.finish_reason:
         result.finish_reason = message.finish_reason
         result.usage.CopyFrom(message.usage)

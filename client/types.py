@@ -27,6 +27,9 @@ class SamplingOptions(TypedDict, total=False):
     stop: list[str]  # stop strings (the text is cut before them)
     ignore_eos: bool  # keep going past eos
     logprobs: int  # 0: the chosen token's logprob; n: plus the top-n alternatives
+    # Each prompt token's logprob (0) plus the top-n there (n), vLLM's name; with it max_new_tokens may be 0
+    prompt_logprobs: int
+    min_tokens: int  # eos, stop ids and stop strings cannot end the output before this many tokens
     skip_special_tokens: bool  # leave special tokens out of the text; default True
     logit_bias: Mapping[int, float]  # token id -> added to its logit; <= 300 entries, values in [-100, 100]
     # Structured output, at most one (README "Structured output"):
@@ -98,6 +101,9 @@ class GenerationChunk:
     stop: StopDetail | None = None  # the last chunk of a STOP generation: which stop ended it
     index: int = 0  # which of the n samples (n > 1: chunks interleave; each
     # sample has its own last chunk)
+    # The `prompt_logprobs` option: one per prompt token, None for the first (nothing precedes it); only
+    # on sample 0's first chunk, () elsewhere (and for a one-token prompt).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -119,6 +125,9 @@ class Completion:
     # n > 1: every sample, in index order; this completion's own fields are sample 0's, except `usage`,
     # which is the request's: the prompt once, the samples' completion tokens summed.
     samples: tuple[Completion, ...] = ()
+    # The `prompt_logprobs` option: one per prompt token, None for the first; on sample 0 (and, with
+    # n > 1, on this request-level result, which is sample 0's).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
 
     @property
     def choices(self) -> tuple[Completion, ...]:
@@ -216,6 +225,8 @@ class EngineConfigInfo:
     enable_chunked_prefill: bool
     max_new_tokens_cap: int
     max_logprobs: int
+    kv_cache_dtype: str
+    quantization: str  # "none" (dense weights), or the blocks kept, e.g. "gguf (210 x Q4_1)"
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,19 @@ async def answer(backend: Backend, req: CompletionRequest) -> Answer:
         echoes = texts if texts is not None else [await backend.decode(ids, False) for ids in prompts]
     default = {len(ids): await backend.default_max_tokens(len(ids)) for ids in prompts}
 
+    echo_logprobs = req.echo and req.logprobs is not None
+
     def options(ids: list[int]) -> dict:
-        return sdk_mapping.sampling_options(
+        options = sdk_mapping.sampling_options(
             req, max_tokens=req.max_tokens, logprobs=req.logprobs, default_max_tokens=default[len(ids)]
         )
+        if echo_logprobs or req.max_tokens == 0:  # the engine generates nothing only for a prompt it scores
+            options["prompt_logprobs"] = req.logprobs or 0
+        return options
 
     jobs = jobs_for(prompts, req.n, options, echoes)
-    return Answer(backend, CompletionShape(), jobs, request_id(req.user), model, req.return_tokens_as_token_ids)
+    shape = CompletionShape(echoes_prompt_logprobs=echo_logprobs)
+    return Answer(backend, shape, jobs, request_id(req.user), model, req.return_tokens_as_token_ids)
 
 
 def _check(req: CompletionRequest, max_n: int) -> None:
@@ -35,8 +41,8 @@ def _check(req: CompletionRequest, max_n: int) -> None:
         raise bad_request("n", f"must be at most {max_n}, got {req.n}")
     if req.suffix:
         raise bad_request("suffix", "is not supported")
-    if req.echo and req.logprobs is not None:
-        raise bad_request("echo", "with logprobs is not supported (the engine returns no prompt logprobs)")
+    if req.best_of is not None and req.best_of != req.n:  # = n is every sample: nothing to choose
+        raise bad_request("best_of", f"is not supported unless it equals n ({req.n}), got {req.best_of}")
 
 
 def _check_count(prompt, limit: int) -> None:

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 # The engine's SamplingParams field -> the OpenAI parameter a caller set it with.
 _PARAM_NAMES = {
     "max_new_tokens": "max_tokens",
+    "prompt_logprobs": "logprobs",  # completions' echo with logprobs
     "token_ids.ids": "prompt",
     "text": "prompt",
     "json_schema": "response_format",

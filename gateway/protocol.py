@@ -56,6 +56,7 @@ class SamplingFields(BaseModel):
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
     ignore_eos: StrictBool | None = None
+    min_tokens: Int32 | None = Field(default=None, ge=0)
     stop_token_ids: Ids | None = None
     skip_special_tokens: StrictBool | None = None
     return_tokens_as_token_ids: StrictBool = False  # logprob tokens as "token_id:<id>"
@@ -68,9 +69,11 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | Ids | list[Ids]
+    max_tokens: Int32 | None = Field(default=None, ge=0)  # 0: the prompt only (echo, its logprobs)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: StrictBool = False
     suffix: str | None = None
+    best_of: UInt32 | None = Field(default=None, ge=1)  # only = n (completions.py)
 
 
 class TextPart(BaseModel):

@@ -37,6 +37,9 @@ class Answer:
         self.created = int(time.time())
         self.request_id = request_id
         self.usage = UsageTally()
+        # Each prompt's logprobs (the SDK's, None first), from sample 0's first chunk: echo's logprobs
+        # start with them, for every sample of the prompt.
+        self.prompt_logprobs: dict[int, tuple] = {}
 
     async def whole(self) -> JSONResponse:
         texts = {job.index: [job.echo] for job in self.jobs}
@@ -47,6 +50,7 @@ class Answer:
             async for job, chunk in run(self.backend, self.jobs, self.request_id):
                 texts[job.index].append(chunk.text)
                 lps[job.index].extend(chunk.logprobs)
+                self._keep_prompt_logprobs(job, chunk)
                 finish[job.index] = sdk_mapping.finish_reason(chunk)
                 stops[job.index] = sdk_mapping.stop_reason(chunk)
                 self.usage.add(job, chunk)
@@ -54,7 +58,7 @@ class Answer:
             raise from_sdk(error, self.shape.renamed_params) from None
         choices = []
         for job in self.jobs:
-            block = await self._logprobs(job, lps[job.index], len(job.echo))
+            block = await self._logprobs(job, lps[job.index], len(job.echo), first=True)
             choices.append(
                 self.shape.choice(
                     job, "".join(texts[job.index]), block, finish.get(job.index), True, stops.get(job.index)
@@ -92,11 +96,14 @@ class Answer:
             while item is not None:
                 job, chunk = item
                 text = chunk.text
-                if job.index not in started:
+                first = job.index not in started
+                if first:
                     started.add(job.index)
                     text = job.echo + text
+                self._keep_prompt_logprobs(job, chunk)
                 at = offsets[job.index] + len(text) - len(chunk.text)  # where this chunk's tokens start
-                block = await self._logprobs(job, chunk.logprobs, at) if chunk.logprobs else None
+                with_prompt = first and self.shape.echoes_prompt_logprobs
+                block = await self._logprobs(job, chunk.logprobs, at, first) if chunk.logprobs or with_prompt else None
                 offsets[job.index] += len(text)
                 self.usage.add(job, chunk)
                 finish = sdk_mapping.finish_reason(chunk)
@@ -130,8 +137,18 @@ class Answer:
             body["usage"] = None
         return body
 
-    async def _logprobs(self, job: Job, lps, offset: int) -> dict | None:
+    def _keep_prompt_logprobs(self, job: Job, chunk) -> None:
+        if chunk.prompt_logprobs:
+            self.prompt_logprobs[job.prompt] = chunk.prompt_logprobs
+
+    async def _logprobs(self, job: Job, lps, offset: int, first: bool = False) -> dict | None:
+        """The choice's logprobs block for `lps`; the first one of an echo with logprobs starts with the
+        prompt's tokens (offsets from 0, the first token's logprob null)."""
         if "logprobs" not in job.options:
             return None
-        names = await self.backend.token_names(sdk_mapping.logprob_ids(lps), self.as_ids)
-        return self.shape.logprobs(lps, names, offset)
+        prompt = None
+        if first and self.shape.echoes_prompt_logprobs:
+            prompt = sdk_mapping.PromptLogprobs(job.ids, self.prompt_logprobs.get(job.prompt, ()))
+        ids = sdk_mapping.logprob_ids(lps) | (prompt.token_ids() if prompt is not None else set())
+        names = await self.backend.token_names(ids, self.as_ids)
+        return self.shape.logprobs(lps, names, offset, prompt)

@@ -4,18 +4,20 @@ validated with the pydantic models of protocol.py; the work is done by completio
 
 from __future__ import annotations
 
+import logging
 import time
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from tokenwire.client.errors import TokenwireError
-from tokenwire.gateway import body, chat, completions
+from tokenwire.gateway import body, chat, completions, refused
 from tokenwire.gateway.backend import Backend, template_options
 from tokenwire.gateway.errors import bad_request, from_sdk, from_validation
 from tokenwire.gateway.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 
 def backend_of(request: Request) -> Backend:
@@ -24,10 +26,22 @@ def backend_of(request: Request) -> Backend:
 
 async def parse(request: Request, model: type[BaseModel]):
     raw = await body.read(request, backend_of(request).config.max_body_bytes)
+    parsed = body.parse(raw)
+    refused.check(request.url.path, parsed)
     try:
-        return model.model_validate(body.parse(raw))
+        req = model.model_validate(parsed)
     except ValidationError as error:
         raise from_validation(error) from None
+    _warn_unknown(request.url.path, model, parsed)
+    return req
+
+
+def _warn_unknown(path: str, model: type[BaseModel], parsed: dict) -> None:
+    """Unknown top-level parameters are ignored, as vLLM does, with one warning per request naming them."""
+    known = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias} | refused.names(path)
+    unknown = sorted(set(parsed) - known)
+    if unknown:
+        log.warning("%s: ignored unknown parameters %s", path, ", ".join(unknown))
 
 
 @router.post("/v1/completions")

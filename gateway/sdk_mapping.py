@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from tokenwire.client.types import GenerationChunk, TokenLogprob, Usage
 from tokenwire.gateway.errors import bad_request
@@ -17,6 +18,7 @@ _SAME_NAME = (
     "frequency_penalty",
     "ignore_eos",
     "skip_special_tokens",
+    "min_tokens",
 )
 
 
@@ -118,19 +120,41 @@ def stop_reason(chunk: GenerationChunk) -> int | str | None:
     return chunk.stop.matched if chunk.stop is not None else None
 
 
-def completion_logprob_block(lps: Sequence[TokenLogprob], names: Mapping[int, str], offset: int) -> dict:
-    """The completions API's `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
-    tokens = [names[lp.token_id] for lp in lps]
-    offsets, at = [], offset
-    for token in tokens:
-        offsets.append(at)
-        at += len(token)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [lp.logprob for lp in lps],
-        "top_logprobs": [{names[t]: v for t, v in lp.top} for lp in lps],
-        "text_offset": offsets,
-    }
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """A prompt's ids and the SDK's prompt_logprobs for them (None first; () when there were none)."""
+
+    ids: Sequence[int]
+    entries: Sequence[TokenLogprob | None]
+
+    def token_ids(self) -> set[int]:
+        return set(self.ids) | logprob_ids([e for e in self.entries if e is not None])
+
+
+def completion_logprob_block(
+    lps: Sequence[TokenLogprob], names: Mapping[int, str], offset: int, prompt: PromptLogprobs | None = None
+) -> dict:
+    """The completions API's `logprobs`: tokens, token_logprobs, top_logprobs, text_offset. With `prompt`
+    (echo), OpenAI's legacy shape: one entry per prompt token first, offsets from 0, the first token's
+    logprob and top_logprobs null (nothing precedes it)."""
+    block: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def add(token_id: int, lp: TokenLogprob | None, at: int) -> int:
+        name = names[token_id]
+        block["tokens"].append(name)
+        block["token_logprobs"].append(lp.logprob if lp is not None else None)
+        block["top_logprobs"].append({names[t]: v for t, v in lp.top} if lp is not None else None)
+        block["text_offset"].append(at)
+        return at + len(name)
+
+    if prompt is not None:
+        at = 0
+        for i, token_id in enumerate(prompt.ids):
+            at = add(token_id, prompt.entries[i] if i < len(prompt.entries) else None, at)
+    at = offset
+    for lp in lps:
+        at = add(lp.token_id, lp, at)
+    return block
 
 
 def chat_logprob_block(lps: Sequence[TokenLogprob], names: Mapping[int, str]) -> dict:

@@ -17,6 +17,9 @@ class CompletionShape:
     whole_object = "text_completion"
     renamed_params: Mapping[str, str] = {}
 
+    def __init__(self, echoes_prompt_logprobs: bool = False):
+        self.echoes_prompt_logprobs = echoes_prompt_logprobs  # `echo` with `logprobs`
+
     def opening(self, job: Job) -> dict | None:
         return None
 
@@ -33,8 +36,14 @@ class CompletionShape:
             {"index": job.index, "text": text, "logprobs": logprobs, "finish_reason": finish}, stop_reason
         )
 
-    def logprobs(self, lps: Sequence[TokenLogprob], names: Mapping[int, str], offset: int) -> dict:
-        return sdk_mapping.completion_logprob_block(lps, names, offset)
+    def logprobs(
+        self,
+        lps: Sequence[TokenLogprob],
+        names: Mapping[int, str],
+        offset: int,
+        prompt: sdk_mapping.PromptLogprobs | None = None,
+    ) -> dict:
+        return sdk_mapping.completion_logprob_block(lps, names, offset, prompt)
 
 
 class ChatShape:
@@ -42,6 +51,7 @@ class ChatShape:
 
     chunk_object = "chat.completion.chunk"
     whole_object = "chat.completion"
+    echoes_prompt_logprobs = False
 
     def __init__(
         self,
@@ -85,7 +95,7 @@ class ChatShape:
             return None
         return _with_stop_reason(body, stop_reason)
 
-    def logprobs(self, lps: Sequence[TokenLogprob], names: Mapping[int, str], offset: int) -> dict:
+    def logprobs(self, lps: Sequence[TokenLogprob], names: Mapping[int, str], offset: int, prompt=None) -> dict:
         return sdk_mapping.chat_logprob_block(lps, names)
 
 

@@ -75,6 +75,10 @@ ENGINE_CASES = [
     Bad("text with bad UTF-8", "Generate", bad_utf8(epb.GenerateRequest(text="Hi WXYZ"), "WXYZ"), "text"),
     # sampling
     Bad("max_new_tokens 0", "Generate", ids(OK_ID, max_new_tokens=0), "sampling.max_new_tokens"),
+    Bad("prompt_logprobs past max_logprobs", "Generate", ids(OK_ID, prompt_logprobs=21), "sampling.prompt_logprobs"),
+    Bad("prompt_logprobs < 0", "Generate", ids(OK_ID, prompt_logprobs=-1), "sampling.prompt_logprobs"),
+    Bad("min_tokens > max_new_tokens", "Generate", ids(OK_ID, max_new_tokens=2, min_tokens=3), "sampling.min_tokens"),
+    Bad("min_tokens < 0", "Generate", ids(OK_ID, min_tokens=-1), "sampling.min_tokens"),
     Bad("max_new_tokens -1", "Generate", ids(OK_ID, max_new_tokens=-1), "sampling.max_new_tokens"),
     Bad(
         "max_new_tokens above cap", "Generate", ids(OK_ID, max_new_tokens=NEW_TOKENS_CAP + 1), "sampling.max_new_tokens"

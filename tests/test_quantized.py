@@ -122,10 +122,8 @@ def test_a_gguf_model_runs_on_its_blocks_and_agrees_with_transformers_on_the_fil
     folder, name = tiny_gguf.rsplit("/", 1)
     reference = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=TORCH_DTYPE).eval()
     for prompt, output in zip(PROMPTS, _greedy(runner, PROMPTS, 8)):
-        # The blocks hold the file's weights exactly: only the order of the float sums differs.
-        assert _reference_logprobs_gap(reference, prompt, output) <= (
-            1e-3 if ENGINE_DTYPE == "float32" else BF16_LOGPROB_TOL
-        )
+        # The blocks hold the file's weights exactly, but decode steps meet them with int8 activations.
+        assert _reference_logprobs_gap(reference, prompt, output) <= BF16_LOGPROB_TOL
 
 
 def test_int8_at_load_stays_within_the_accuracy_rule(tiny_llama_dir):
@@ -157,6 +155,8 @@ def test_a_gguf_file_through_both_services(tiny_gguf):
             )
             chunks = list(client.generate("The capital of France is", max_new_tokens=6, temperature=0.0))
             assert sum(len(c.token_ids) for c in chunks) == 6 and chunks[-1].finished
+            # the served engine decodes on the file's blocks, not on a dense copy of the converted folder
+            assert client.model_info().config.quantization.startswith("gguf (")
     finally:
         engine.close()
         tokenizer.close()

@@ -178,6 +178,7 @@ class LLMEngine:
             return self._fail_batch(batch.chunks, f"engine step failed: {exc!r}")
         clock.mark()
         self.scheduler.on_step_done(batch)
+        self._keep_prompt_logprobs(sampled.prompt_logprobs)
         outputs = self._postprocess(sampled.seqs, sampled.token_ids, sampled.logprobs)
         clock.mark()
         self.step_profile.add(batch.has_prefill, clock)
@@ -193,6 +194,12 @@ class LLMEngine:
     def _inject_faults(self, stage: str, request_ids) -> None:
         if self.faults is not None:  # tests only: TOKENWIRE_FAULT_INJECT
             self.faults.check(stage, request_ids)
+
+    def _keep_prompt_logprobs(self, computed) -> None:
+        for item in computed:
+            state = self._states.get(item.span.seq.request_id)
+            if state is not None and state.seq is item.span.seq:
+                self.output_processor.add_prompt_logprobs(state, item.entries, item.span.start + item.span.count)
 
     def _postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs) -> list[RequestOutput]:
         now = time.monotonic()

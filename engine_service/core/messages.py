@@ -86,6 +86,7 @@ class CoreInfo:
     device: str
     dtype: str  # "float32", "bfloat16", ...
     kv_cache_dtype: str  # dtype, or a narrower one under a float32 model
+    quantization: str  # the linear weights' form, in words: "none", "gguf (168 x Q4_1)", "int8 (...)"
     num_blocks: int
     block_size: int
     max_model_len: int

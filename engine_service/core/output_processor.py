@@ -6,7 +6,7 @@ whole sequence); only requests that ask for text or have stop strings pay for de
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokenwire.engine.core.outputs import RequestOutput, RequestTimings, StopDetail, StopKind, TokenLogprob
 from tokenwire.engine.scheduling.sequence import FinishReason, Sequence
@@ -20,6 +20,8 @@ class RequestState:
     detokenizer: IncrementalDetokenizer | None = None
     held_text: str = ""  # text not yet emitted: it may still turn out to start a stop string
     stop_window: int = 0  # longest stop string - 1: how much text must be held back
+    # Prompt logprobs computed so far (over one or more prefill chunks), sent with the first output.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class OutputProcessor:
@@ -37,11 +39,20 @@ class OutputProcessor:
             state.stop_window = max((len(s) for s in seq.params.stop), default=1) - 1
         return state
 
+    @staticmethod
+    def add_prompt_logprobs(state: RequestState, entries: list[TokenLogprob], end: int) -> None:
+        """Keep a prefill chunk's prompt logprobs, which cover the prompt positions up to `end`."""
+        state.prompt_logprobs.extend(entries)
+        state.seq.num_prompt_logprobs = end
+
     def process(
         self, state: RequestState, token_id: int, logprob: TokenLogprob | None, now: float
     ) -> tuple[RequestOutput, FinishReason | None]:
         """Append one sampled token; return the request's output delta and why it ended, if it did."""
         seq = state.seq
+        if seq.params.max_new_tokens == 0:  # the prompt scored, nothing generated: the token is dropped
+            text = state.detokenizer.finish() if state.detokenizer is not None else ""
+            return self.make_output(state, [], None, text, FinishReason.LENGTH, now), FinishReason.LENGTH
         seq.output_token_ids.append(token_id)
         if seq.grammar is not None:
             seq.grammar.accept(token_id)  # GrammarError fails this request only
@@ -51,7 +62,8 @@ class OutputProcessor:
         text = ""
         if state.detokenizer is not None:
             text, hit_stop = self._text_delta(state, token_id, final=reason is not None)
-            if hit_stop is not None and reason is None:
+            # Like vLLM: a stop string counts once min_tokens are out (eos and stop ids are masked till then).
+            if hit_stop is not None and reason is None and len(seq.output_token_ids) >= seq.params.min_tokens:
                 reason, detail = FinishReason.STOP, StopDetail(StopKind.STRING, text=hit_stop)
         output = self.make_output(
             state, [token_id], [logprob] if logprob else None, text, reason, now, stop_detail=detail
@@ -73,6 +85,9 @@ class OutputProcessor:
         finished = reason is not None
         if finished:
             state.timings.finish_time = now
+        prompt_logprobs = None
+        if seq.params.prompt_logprobs is not None and seq.sample_index == 0 and not seq.needs_prompt_logprobs:
+            prompt_logprobs, state.prompt_logprobs = state.prompt_logprobs, []
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=token_ids,
@@ -87,6 +102,7 @@ class OutputProcessor:
             timings=state.timings if finished else None,
             stop_detail=stop_detail if reason is FinishReason.STOP else None,
             sample_index=seq.sample_index,
+            prompt_logprobs=prompt_logprobs or None,
         )
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> tuple[FinishReason | None, StopDetail | None]:

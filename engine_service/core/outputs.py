@@ -68,6 +68,8 @@ class RequestOutput:
     timings: RequestTimings | None = None  # on the final output
     stop_detail: StopDetail | None = None  # on the final output, when finish_reason is STOP
     sample_index: int = 0  # which of the request's n samples (Sequence.sample_index)
+    # SamplingParams.prompt_logprobs: prompt tokens 1.. (the first has none), on sample 0's first output
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)

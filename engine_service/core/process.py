@@ -113,6 +113,7 @@ def core_info(engine) -> CoreInfo:
         device=str(runner.device),
         dtype=dtype_name(runner.dtype),
         kv_cache_dtype=dtype_name(runner.kv_dtype),
+        quantization=runner.quantization,
         num_blocks=runner.num_blocks,
         block_size=runner.block_size,
         max_model_len=engine.max_model_len,

@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Sequence as Seq
 
 from tokenwire.engine.config import EngineConfig
+from tokenwire.engine.core.messages import CoreInfo
 from tokenwire.engine.core.outputs import EngineStats, RequestOutput, RequestTimings, StopDetail, StopKind, TokenLogprob
 from tokenwire.engine.request.sampling_params import Constraint, SamplingParams
 from tokenwire.engine.scheduling.sequence import FinishReason
@@ -87,6 +88,8 @@ def generate_response(request_id: str, outputs: Seq[RequestOutput], index: int =
         texts.append(out.text_delta)
         if out.new_logprobs:
             msg.logprobs.extend(token_logprob(lp) for lp in out.new_logprobs)
+        if out.prompt_logprobs:
+            msg.prompt_logprobs.extend(token_logprob(lp) for lp in out.prompt_logprobs)
     msg.text = "".join(texts)
     last = outputs[-1]
     if last.finished:
@@ -129,15 +132,14 @@ def timings(t: RequestTimings) -> pb.Timings:
     return msg
 
 
-def engine_config_info(
-    config: EngineConfig, device: str, dtype: str, kv_cache_dtype: str, num_kv_blocks: int, block_size: int
-) -> pb.EngineConfigInfo:
+def engine_config_info(config: EngineConfig, info: CoreInfo) -> pb.EngineConfigInfo:
     return pb.EngineConfigInfo(
-        device=device,
-        dtype=dtype,
-        kv_cache_dtype=kv_cache_dtype,
-        block_size=block_size,
-        num_kv_blocks=num_kv_blocks,
+        device=info.device,
+        dtype=info.dtype,
+        kv_cache_dtype=info.kv_cache_dtype,
+        quantization=info.quantization,
+        block_size=info.block_size,
+        num_kv_blocks=info.num_blocks,
         enable_prefix_cache=config.cache.enable_prefix_cache,
         max_num_seqs=config.scheduler.max_num_seqs,
         max_num_batched_tokens=config.scheduler.max_num_batched_tokens,

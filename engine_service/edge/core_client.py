@@ -80,8 +80,9 @@ class CoreClient:
         thread: PR_SET_PDEATHSIG follows the spawning thread."""
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
-        model_dir = await asyncio.to_thread(resolve_model, self.config.model)  # converted once, here
-        core_config = dataclasses.replace(self.config, model=model_dir)
+        # A GGUF name is converted once, here; the core keeps the name, since it reads the file's blocks.
+        await asyncio.to_thread(resolve_model, self.config.model)
+        core_config = self.config
         if self.in_process:  # one tokenizer, one grammar compiler: the core's own, shared
             self._start_thread(core_config)
             ready = await self._ready
@@ -282,10 +283,7 @@ def _log_settings() -> tuple[str, str]:
 
 
 def _load_tokenizer(config: EngineConfig):
-    from tokenwire.tokenizer.chat_templates import apply_override
-    from tokenwire.tokenizer.tokenizer import tokenizer_fingerprint
-    from transformers import AutoTokenizer
+    from tokenwire.tokenizer.tokenizer import load_tokenizer, tokenizer_fingerprint
 
-    tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
-    apply_override(tokenizer, config.chat_template)
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code, config.chat_template)
     return tokenizer, tokenizer_fingerprint(tokenizer)

@@ -195,9 +195,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             max_model_len=info.max_model_len,
             vocab_size=info.vocab_size,
             tokenizer_fingerprint=info.tokenizer_fingerprint,
-            config=convert.engine_config_info(
-                core.config, info.device, info.dtype, info.kv_cache_dtype, info.num_blocks, info.block_size
-            ),
+            config=convert.engine_config_info(core.config, info),
             stats=convert.engine_stats(stats.engine, self.num_active_requests),
             eos_token_ids=list(info.eos_token_ids),
         )

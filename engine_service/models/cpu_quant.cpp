@@ -7,8 +7,12 @@
 //     G = 32 (Q8_0, --quantization int8), Q6_K's 16-weight sub-blocks at G = 16.
 //
 // A step of one stream is a pass over the weights, so its speed is the bytes read: 0.625 bytes a weight in
-// q4 against 2 in bf16. Each block is widened to float in registers and met by the activation rows
-// (float, from L1): y = sum_b d_b * (q_b . x_b) + m_b * sum(x_b), summed in float, rounded once to x's dtype.
+// q4 against 2 in bf16. The activation rows are quantized too, per row and block of 32, as llama.cpp does
+// (its q8_1): x_b ~ dx_b * qx_b, qx int8 = round-half-even(x * 127 / max|x_b|), dx_b = max|x_b| / 127. Then
+// y = sum_b d_b * dx_b * (q_b . qx_b) + m_b * dx_b * sum(qx_b), summed in float, rounded once to x's dtype.
+// With AVX2 a block is one byte dot product (VNNI's dpbusd, or maddubs + madd) and one float multiply-add;
+// widening every weight to float instead made the loop compute-bound at a third of memory speed. Without
+// AVX2 the same quantized activations are met in float. `quantized.quantize_activations` is the reference.
 #include "cpu_kernels.h"
 
 namespace {
@@ -62,6 +66,34 @@ inline v16 unpack_q8(const uint8_t* qs) {
 #endif
 }
 
+// The activation rows, quantized (see the top of the file).
+struct QuantizedRows {
+  std::vector<int8_t> q;   // [M, K]
+  std::vector<float> d;    // [M, K/32]: dx
+  std::vector<float> sum;  // [M, K/32]: dx * sum(qx), for q4's m term
+};
+
+inline void quantize_rows(const float* xf, int M, int64_t K, QuantizedRows& out) {
+  const int64_t blocks = K / 32;
+  out.q.resize(M * K);
+  out.d.resize(M * blocks);
+  out.sum.resize(M * blocks);
+  for (int64_t r = 0; r < M * blocks; ++r) {
+    const float* x = xf + r * 32;
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
+    const float scale = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t total = 0;
+    for (int j = 0; j < 32; ++j) {
+      const int32_t v = static_cast<int32_t>(std::nearbyint(x[j] * scale));
+      out.q[r * 32 + j] = static_cast<int8_t>(v);
+      total += v;
+    }
+    out.d[r] = amax / 127.f;
+    out.sum[r] = out.d[r] * static_cast<float>(total);
+  }
+}
+
 // One weight row of q4 blocks against M activation rows: vector partial sums in acc (still to be summed
 // across lanes) and the rows' m_b*sum(x_b) terms in msum.
 template <int M>
@@ -100,6 +132,100 @@ inline void q8_row(const uint8_t* w, int64_t blocks, const float* xf, int64_t K,
   }
 }
 
+#if defined(__AVX2__)
+// Sums of 4 adjacent u8 x s8 products into 8 int32 lanes.
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else  // pairs of products stay within int16: 2 * 255 * 127 < 32768 only for u <= 128, as here (15, 127)
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+inline v16 widen(__m256 lanes) {  // 8 lanes into a 16-lane vector, upper half zero, for transpose_sum
+  v16 r = {};
+  std::memcpy(&r, &lanes, sizeof(lanes));
+  return r;
+}
+
+// One q4 block against M quantized rows, into one set of accumulators.
+template <int M>
+inline void q4_block_i8(const uint8_t* w, int64_t b, int64_t blocks, const int8_t* xq, const float* xd,
+                        const float* xs, int64_t K, __m256* acc, float* ms) {
+  __builtin_prefetch(w + kPrefetchBytes, 0, 3);
+  const float d = half_at(w), m = half_at(w + 2);
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 4));
+  const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+  for (int i = 0; i < M; ++i) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + b * 32));
+    const __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(q, xv));
+    acc[i] = _mm256_fmadd_ps(dot, _mm256_set1_ps(d * xd[i * blocks + b]), acc[i]);
+    ms[i] += m * xs[i * blocks + b];
+  }
+}
+
+// Two blocks a step, into two sets of accumulators indexed by constants (so they stay in registers): one
+// chain of multiply-adds waits out the FMA's latency at every block.
+template <int M>
+inline void q4_row_i8(const uint8_t* __restrict w, int64_t blocks, const QuantizedRows& x, int64_t K, v16* out,
+                      float* msum) {
+  const int8_t* xq = x.q.data();
+  const float *xd = x.d.data(), *xs = x.sum.data();
+  __m256 a0[M], a1[M];
+  float m0[M], m1[M];
+  for (int i = 0; i < M; ++i) a0[i] = a1[i] = _mm256_setzero_ps(), m0[i] = m1[i] = 0.f;
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) {
+    q4_block_i8<M>(w + b * 20, b, blocks, xq, xd, xs, K, a0, m0);
+    q4_block_i8<M>(w + (b + 1) * 20, b + 1, blocks, xq, xd, xs, K, a1, m1);
+  }
+  if (b < blocks) q4_block_i8<M>(w + b * 20, b, blocks, xq, xd, xs, K, a0, m0);
+  for (int i = 0; i < M; ++i) out[i] = widen(_mm256_add_ps(a0[i], a1[i])), msum[i] = m0[i] + m1[i];
+}
+
+// 32 q8 weights (one block of 32, or two of 16 with their own scales: lanes 0-3 and 4-7) against M rows.
+// The weights are signed: |w| is the unsigned operand, x carries w's sign.
+template <int G, int M>
+inline void q8_step_i8(const uint8_t* w, int64_t b, const int8_t* xq, const float* xd, int64_t K, __m256* acc) {
+  __builtin_prefetch(w + kPrefetchBytes, 0, 3);
+  __m256i q;
+  __m256 scale;
+  if constexpr (G == 32) {
+    q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+    scale = _mm256_set1_ps(half_at(w));
+  } else {
+    q = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 20)),
+                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2)));
+    scale = _mm256_set_m128(_mm_set1_ps(half_at(w + 18)), _mm_set1_ps(half_at(w)));
+  }
+  const __m256i magnitude = _mm256_abs_epi8(q);
+  for (int i = 0; i < M; ++i) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + b * 32));
+    const __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(magnitude, _mm256_sign_epi8(xv, q)));
+    acc[i] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(xd[i * (K / 32) + b])), acc[i]);
+  }
+}
+
+template <int G, int M>
+inline void q8_row_i8(const uint8_t* __restrict w, int64_t blocks, const QuantizedRows& x, int64_t K, v16* out) {
+  const int8_t* xq = x.q.data();
+  const float* xd = x.d.data();
+  constexpr int64_t kStepBytes = G == 32 ? 34 : 36;
+  __m256 a0[M], a1[M];
+  for (int i = 0; i < M; ++i) a0[i] = a1[i] = _mm256_setzero_ps();
+  const int64_t steps = K / 32;
+  int64_t b = 0;
+  for (; b + 2 <= steps; b += 2) {
+    q8_step_i8<G, M>(w + b * kStepBytes, b, xq, xd, K, a0);
+    q8_step_i8<G, M>(w + (b + 1) * kStepBytes, b + 1, xq, xd, K, a1);
+  }
+  if (b < steps) q8_step_i8<G, M>(w + b * kStepBytes, b, xq, xd, K, a0);
+  for (int i = 0; i < M; ++i) out[i] = widen(_mm256_add_ps(a0[i], a1[i]));
+}
+#endif
+
 // 0: q4, 16 or 32: q8 at that group size.
 template <typename T, int M, int Q8Group>
 void quant_gemv_impl(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& bias,
@@ -111,19 +237,19 @@ void quant_gemv_impl(const torch::Tensor& x, const torch::Tensor& w, const std::
   const T* rp = residual ? residual->data_ptr<T>() : nullptr;
   const int64_t r_row = residual ? residual->stride(0) : 0;
   T* op = out.data_ptr<T>();
-  // x widened to float once (and, for q4, its sum over each block), then read from L1 by every tile.
-  std::vector<float> xf(M * K), xsum(Q8Group ? 0 : M * blocks);
+  // x widened to float and quantized once, then read from L1 by every tile.
+  std::vector<float> xf(M * K);
   const T* xp = x.data_ptr<T>();
   for (int i = 0; i < M; ++i) {
     const T* row = xp + i * x.stride(0);
     for (int64_t c = 0; c < K; ++c) xf[i * K + c] = static_cast<float>(row[c]);
-    if constexpr (Q8Group == 0)
-      for (int64_t b = 0; b < blocks; ++b) {
-        float s = 0.f;
-        for (int j = 0; j < 32; ++j) s += xf[i * K + b * 32 + j];
-        xsum[i * blocks + b] = s;
-      }
   }
+  QuantizedRows xq;
+  quantize_rows(xf.data(), M, K, xq);
+#if !defined(__AVX2__)  // the float loop meets the quantized values, dx * qx
+  for (int64_t c = 0; c < M * K; ++c) xf[c] = xq.d[c / 32] * static_cast<float>(xq.q[c]);
+  const std::vector<float>& xsum = xq.sum;
+#endif
   at::parallel_for(0, tiles, grain(kRowsPerTile * K * M / 2), [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n0 = tile * kRowsPerTile, rows = std::min(kRowsPerTile, N - n0);
@@ -134,8 +260,13 @@ void quant_gemv_impl(const torch::Tensor& x, const torch::Tensor& w, const std::
         float m[M] = {};
         if (j < rows) {
           const uint8_t* row = wp + (n0 + j) * row_bytes;
+#if defined(__AVX2__)
+          if constexpr (Q8Group == 0) q4_row_i8<M>(row, blocks, xq, K, acc, m);
+          else q8_row_i8<Q8Group, M>(row, blocks, xq, K, acc);
+#else
           if constexpr (Q8Group == 0) q4_row<M>(row, blocks, xf.data(), xsum.data(), K, acc, m);
           else q8_row<Q8Group, M>(row, blocks, xf.data(), K, acc);
+#endif
         }
         for (int i = 0; i < M; ++i) {
           partial[i][j] = j < rows ? acc[i] : v16{};

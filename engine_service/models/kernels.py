@@ -178,11 +178,12 @@ def gemv(
 ) -> torch.Tensor:
     """x @ weight.T (+ bias) (+ residual), summed in float32 and rounded once to x's dtype: what the
     native `gemv` computes for a few rows (it reads the plain weight, or quantized blocks, at memory
-    speed)."""
+    speed). On quantized blocks the activations are quantized to int8 per block of 32 as well."""
+    dtype = x.dtype
     if weight.dim() == 3:  # quantized blocks
-        weight = quantized.dequantize(weight)
+        x, weight = quantized.quantize_activations(x), quantized.dequantize(weight)
     y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-    return (y if residual is None else y.add_(residual.float())).to(x.dtype)
+    return (y if residual is None else y.add_(residual.float())).to(dtype)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,17 @@ def dequantize(blocks: torch.Tensor) -> torch.Tensor:
     return (q * d).view(n, -1)
 
 
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """Activation rows [M, K] as the native GEMV on blocks meets them (float32): int8 per row and block of 32,
+    round-half-even(x * 127 / max|x|), times max|x| / 127 (llama.cpp's q8_1), in the kernel's float ops."""
+    m, k = x.shape
+    groups = x.float().reshape(m, k // 32, 32)
+    amax = groups.abs().amax(-1, keepdim=True)
+    # 127 / amax as one IEEE division (a scalar over a tensor is a reciprocal, then a product, in torch)
+    scale = torch.where(amax > 0, torch.full_like(amax, 127.0).div_(amax), torch.zeros_like(amax))
+    return (torch.round(groups * scale) * (amax / 127.0)).view(m, k)
+
+
 # ---- from GGUF tensors (numpy, as gguf's reader maps them: [N, row bytes]) ----
 
 

@@ -68,6 +68,10 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), sorted by id
     constraint: Constraint | None = None  # structured output (JSON schema, regex, choice, grammar)
     n: int = 1  # parallel samples of the prompt, sharing its prefill; 1 to MAX_N
+    # None: none; 0: each prompt token's logprob; n: plus the top-n alternatives (vLLM's name). The first
+    # prompt token has none. Computed during prefill; with it, max_new_tokens may be 0 (scoring only).
+    prompt_logprobs: int | None = None
+    min_tokens: int = 0  # eos and stop ids are masked, stop strings unchecked, until this many are out
 
     @property
     def greedy(self) -> bool:
@@ -79,10 +83,17 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def validate(self, max_new_tokens_cap: int, max_logprobs: int, vocab_size: int) -> None:
+        least = 0 if self.prompt_logprobs is not None else 1  # 0: a prompt scored, nothing generated
         _check(
-            isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= max_new_tokens_cap,
+            isinstance(self.max_new_tokens, int) and least <= self.max_new_tokens <= max_new_tokens_cap,
             "max_new_tokens",
-            f"must be an integer in [1, {max_new_tokens_cap}], got {self.max_new_tokens!r}",
+            f"must be an integer in [{least}, {max_new_tokens_cap}], got {self.max_new_tokens!r}"
+            + ("" if least == 0 else " (0 only with prompt_logprobs)"),
+        )
+        _check(
+            isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_new_tokens,
+            "min_tokens",
+            f"must be an integer in [0, max_new_tokens = {self.max_new_tokens}], got {self.min_tokens!r}",
         )
         _check(
             _finite(self.temperature) and self.temperature >= 0,
@@ -124,6 +135,11 @@ class SamplingParams:
             self.logprobs is None or 0 <= self.logprobs <= max_logprobs,
             "logprobs",
             f"must be in [0, {max_logprobs}], got {self.logprobs!r}",
+        )
+        _check(
+            self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= max_logprobs,
+            "prompt_logprobs",
+            f"must be in [0, {max_logprobs}], got {self.prompt_logprobs!r}",
         )
         _check(
             isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n", f"must be an integer in [1, {MAX_N}], got {self.n!r}"

@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from tokenwire.engine.config import SchedulerConfig
-from tokenwire.engine.scheduling.block_manager import BlockManager, PrefixMatch
+from tokenwire.engine.scheduling.block_manager import NO_MATCH, BlockManager, PrefixMatch
 from tokenwire.engine.scheduling.sequence import FinishReason, ScheduledChunk, Sequence, SequenceStatus
 
 
@@ -220,7 +220,9 @@ class Scheduler:
                     if self.running or not self._unfork_one():
                         return
                 continue
-            match = bm.match_prefix(seq)
+            # Prompt logprobs are recomputed, not cached: a sequence that still owes them prefills its whole
+            # prompt (its blocks still enter the cache for others).
+            match = NO_MATCH if seq.needs_prompt_logprobs else bm.match_prefix(seq)
             num_tokens = self._chunk_size(seq.num_tokens - match.num_cached_tokens, step)
             if num_tokens == 0 or not bm.can_allocate(seq, num_tokens, match):
                 # FIFO: nobody overtakes the head of the queue. With nothing running, only queued forked

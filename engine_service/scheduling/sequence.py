@@ -41,6 +41,10 @@ class Sequence:
     # of sample 0, whose prefill they share (the scheduler forks them off its blocks once it is done).
     sample_index: int = 0
     fork_of: str | None = None
+    # params.prompt_logprobs: prompt positions whose next-token logprobs are out (position p scores prompt
+    # token p + 1, so positions [0, num_prompt_tokens - 1) are wanted). Survives preemption, so a
+    # recompute never sends them twice.
+    num_prompt_logprobs: int = 0
 
     def __getstate__(self) -> dict:
         """Pickled for the engine core's pipe without the matcher (not picklable); the core rebuilds it."""
@@ -61,6 +65,16 @@ class Sequence:
     def token_id_at(self, position: int) -> int:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Owes prompt logprobs (sample 0 computes them for the whole request). Such a sequence skips the
+        prefix cache: the logits of the positions a cache hit would skip are exactly what it needs."""
+        return (
+            self.params.prompt_logprobs is not None
+            and self.sample_index == 0
+            and self.num_prompt_logprobs < self.num_prompt_tokens - 1
+        )
 
     @property
     def is_finished(self) -> bool:

@@ -3,7 +3,8 @@ step, returning the sampled token ids (`run`).
 
 Each step's chunks (decodes and prefill chunks of any sequences) are packed into ONE flat token batch,
 decodes first, with no padding between sequences; index tensors are built once on the host and every
-layer reuses them. Only the rows that sample a token reach the lm_head.
+layer reuses them. Only the rows that sample a token reach the lm_head, plus, for a sequence that asked
+for prompt logprobs, the prompt rows of its chunk that score the next prompt token.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from tokenwire.engine.models.gguf_weights import attach_gguf, attach_int8
 from tokenwire.engine.models.gpt2 import GPT2Forward
 from tokenwire.engine.models.linear import Linear
 from tokenwire.engine.models.llama import LlamaForward
-from tokenwire.engine.scheduling.sequence import ScheduledChunk
+from tokenwire.engine.scheduling.sequence import ScheduledChunk, Sequence
 from tokenwire.engine.worker.device import choose_device, choose_dtype, choose_kv_cache_dtype, dtype_name
-from tokenwire.engine.worker.sampler import Sampler, SamplerOutput
+from tokenwire.engine.worker.sampler import PromptSpan, Sampler, SamplerOutput, prompt_logprobs
 from tokenwire.serving.model_resolver import gguf_file, resolve_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -64,7 +65,10 @@ class _ForwardInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     attention: AttentionBatch
-    sample_rows: torch.Tensor  # flat-batch rows whose logits are returned, in chunk order
+    sample_rows: torch.Tensor  # flat-batch rows whose logits are returned: sampling rows in chunk order,
+    # then the rows of `prompt_spans`, in order
+    num_sampled: int  # how many of sample_rows sample a token
+    prompt_spans: list[PromptSpan]  # prompt positions scored for prompt logprobs this step
 
 
 class ModelRunner:
@@ -90,7 +94,7 @@ class ModelRunner:
         self.model: CausalLM = _ARCHITECTURES[self.architecture](hf_model, gemv)
         del hf_model  # our forward keeps only the (fused) weights it needs
         self.vocab_size = self.model.vocab_size
-        self.sampler = Sampler(self.native)
+        self.sampler = Sampler(self.native, self.eos_token_ids)
         self.block_size = config.cache.block_size
         self.num_blocks = self._num_blocks()
         self.kv_cache = KVCache.allocate(
@@ -170,9 +174,12 @@ class ModelRunner:
         each `sample` chunk of `batch` (a scheduler Batch), in chunk order."""
         if batch.block_copies:
             self.copy_blocks(batch.block_copies)
-        logits = self.execute(batch.chunks)
+        logits, step = self._forward(batch.chunks)
         on_forward_done()
-        return self.sampler.sample(logits, [chunk.seq for chunk in batch.chunks if chunk.sample])
+        sampled = self.sampler.sample(logits[: step.num_sampled], [chunk.seq for chunk in batch.chunks if chunk.sample])
+        if step.prompt_spans:
+            sampled.prompt_logprobs = prompt_logprobs(logits[step.num_sampled :], step.prompt_spans)
+        return sampled
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
@@ -184,8 +191,14 @@ class ModelRunner:
         """float32 logits [num sampling chunks, vocab] for the last token of each `sample` chunk, in order."""
         if not chunks:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
+        logits, step = self._forward(chunks)
+        return logits[: step.num_sampled]
+
+    @torch.inference_mode()
+    def _forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, _ForwardInputs]:
         step = self._prepare(chunks)
-        return self.model.forward(step.input_ids, step.positions, self.kv_cache, step.attention, step.sample_rows)
+        logits = self.model.forward(step.input_ids, step.positions, self.kv_cache, step.attention, step.sample_rows)
+        return logits, step
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> _ForwardInputs:
         # Decodes (one token) first, shortest context first, so attention can batch them in groups of
@@ -198,6 +211,8 @@ class ModelRunner:
         positions: list[int] = []
         spans: list[tuple[list[int], int, int]] = []
         last_row = [0] * len(chunks)
+        prompt_rows: list[int] = []
+        prompt_spans: list[PromptSpan] = []
         for i in order:
             chunk = chunks[i]
             self._check(chunk)
@@ -211,15 +226,22 @@ class ModelRunner:
             positions += range(start, end)
             spans.append((seq.block_table, start, chunk.num_tokens))
             last_row[i] = len(ids) - 1
+            if seq.needs_prompt_logprobs:
+                span = _prompt_span(seq, start, end)
+                if span is not None:
+                    first_row = len(ids) - chunk.num_tokens + span.start - start
+                    prompt_rows += range(first_row, first_row + span.count)
+                    prompt_spans.append(span)
         num_decodes = sum(1 for c in chunks if c.num_tokens == 1)
         device = self.device
+        sample_rows = [last_row[i] for i, c in enumerate(chunks) if c.sample]
         return _ForwardInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             attention=AttentionBatch.build(spans, num_decodes, self.block_size, device, self.native),
-            sample_rows=torch.tensor(
-                [last_row[i] for i, c in enumerate(chunks) if c.sample], dtype=torch.long, device=device
-            ),
+            sample_rows=torch.tensor(sample_rows + prompt_rows, dtype=torch.long, device=device),
+            num_sampled=len(sample_rows),
+            prompt_spans=prompt_spans,
         )
 
     def _check(self, chunk: ScheduledChunk) -> None:
@@ -235,6 +257,16 @@ class ModelRunner:
             )
         if len(seq.block_table) * self.block_size < chunk.end:
             raise ValueError(f"request {seq.request_id}: {len(seq.block_table)} blocks cannot hold {chunk.end} tokens")
+
+
+def _prompt_span(seq: Sequence, start: int, end: int) -> PromptSpan | None:
+    """The positions of chunk [start, end) that score a prompt token not yet scored: position p's logits
+    give the logprob of prompt token p + 1. None when the chunk holds none."""
+    first = max(start, seq.num_prompt_logprobs)
+    last = min(end, seq.num_prompt_tokens - 1)
+    if first >= last:
+        return None
+    return PromptSpan(seq, first, last - first, seq.prompt_token_ids[first + 1 : last + 1])
 
 
 # Old checkpoints may omit `architectures`; their model_type names the family.

@@ -1,12 +1,12 @@
-"""Batched sampling for one engine step: logit bias, penalties, temperature, min-p/top-k/top-p, seeded
-Gumbel-max.
+"""Batched sampling for one engine step: logit bias, min_tokens, penalties, temperature, min-p/top-k/top-p,
+seeded Gumbel-max; and the logprobs of prompt tokens (`prompt_logprobs`), from the prefill's logits.
 
 Every row's randomness is a counter-based hash of (seed, position, vocab id): splitmix64 turns
 (seed, position) into a row key, and lowbias32 mixes it with each vocab id in int32 tensor ops. So a
 seeded request draws the same tokens whatever else shares its batch, with no per-row generator.
 Rows with a structured-output constraint get their grammar's token bitmask (disallowed logits become
--inf), filled for those rows only. Filters apply in vLLM's order (logit bias, penalties, temperature,
-min_p, top_k, top_p); rows with top_k/top_p sample among their candidates only, which gives the same
+-inf), filled for those rows only; rows below their min_tokens get -inf on eos and their stop ids.
+Filters apply in vLLM's order (logit bias, min_tokens, penalties, temperature, min_p, top_k, top_p); rows with top_k/top_p sample among their candidates only, which gives the same
 draw as the whole vocabulary because the noise is a function of the vocab id. Greedy rows are an
 argmax, and a step where every row is greedy and unpenalized is one argmax. Token ids and logprobs reach
 the host in one `.tolist()`.
@@ -15,7 +15,7 @@ the host in one `.tolist()`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tokenwire.engine.models import kernels
@@ -52,16 +52,35 @@ class TokenLogprobs:
     top: list[tuple[int, float]]  # the top-n (token id, logprob), most likely first
 
 
+@dataclass(frozen=True)
+class PromptSpan:
+    """Prompt positions [start, start + count) of one sequence, whose logits score `targets`, the prompt
+    tokens at start + 1 onwards."""
+
+    seq: Sequence
+    start: int
+    count: int
+    targets: list[int]
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    span: PromptSpan
+    entries: list[TokenLogprobs]  # one per position of the span: the logprob of the prompt token after it
+
+
 @dataclass
 class SamplerOutput:
     seqs: list[Sequence]  # the rows' sequences
     token_ids: list[int]  # one per row
     logprobs: list[TokenLogprobs | None]  # None for rows that did not ask for logprobs
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # this step's, span by span
 
 
 class Sampler:
-    def __init__(self, native=None) -> None:
+    def __init__(self, native=None, eos_token_ids: set[int] | frozenset[int] = frozenset()) -> None:
         self._vocab_keys: torch.Tensor | None = None
+        self._eos_token_ids = sorted(eos_token_ids)  # masked, with stop ids, until min_tokens are out
         # The native CPU kernels (models/kernels.py) or None: their argmax reads logits at memory speed.
         self._argmax = native.argmax if native is not None else kernels.argmax
 
@@ -72,6 +91,9 @@ class Sampler:
         scores = logits
         if any(p.logit_bias for p in params):
             scores = apply_logit_bias(logits, params)  # a copy
+        held = _below_min_tokens(seqs)
+        if held:  # logprobs stay those of the raw model: never mask `logits` itself
+            scores = self._mask_stops(scores.clone() if scores is logits else scores, seqs, held)
         constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
         if constrained:  # logprobs stay those of the raw model: mask a copy when any row wants them
             copy = scores is logits and any(p.logprobs is not None for p in params)
@@ -87,6 +109,18 @@ class Sampler:
         if not wanted:
             return SamplerOutput(seqs, tokens.tolist(), [None] * len(seqs))
         return _with_logprobs(seqs, logits, tokens, wanted, [params[i].logprobs for i in wanted])
+
+    def _mask_stops(self, scores: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor:
+        """In place: -inf on the eos ids (unless ignore_eos) and stop ids of `rows`, one flat index_fill_."""
+        vocab = scores.shape[1]
+        keys: list[int] = []
+        for row in rows:
+            params = seqs[row].params
+            stops = params.stop_token_ids if params.ignore_eos else (*params.stop_token_ids, *self._eos_token_ids)
+            keys += [row * vocab + token for token in stops]
+        if keys:
+            scores.view(-1).index_fill_(0, torch.tensor(keys, device=scores.device), float("-inf"))
+        return scores
 
     def _apply_grammars(self, scores: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor:
         """In place: -inf on every token the rows' grammars disallow (bitmasks for those rows only)."""
@@ -116,6 +150,11 @@ class Sampler:
         if keys is None or keys.shape[0] != vocab or keys.device != device:
             keys = self._vocab_keys = _int32(torch.arange(vocab, dtype=torch.long, device=device) * _GOLDEN32)
         return keys
+
+
+def _below_min_tokens(seqs: list[Sequence]) -> list[int]:
+    """Rows whose sequence has generated fewer than its min_tokens."""
+    return [i for i, s in enumerate(seqs) if len(s.output_token_ids) < s.params.min_tokens]
 
 
 def _draw(x: torch.Tensor, params: list, row_keys: torch.Tensor, vocab_keys: torch.Tensor) -> torch.Tensor:
@@ -272,20 +311,55 @@ def _with_logprobs(
 ) -> SamplerOutput:
     """Token ids plus logprobs of the rows that asked, packed into one tensor for a single .tolist()."""
     index = torch.tensor(rows, device=logits.device)
-    logprobs = logits.index_select(0, index).log_softmax(-1)
-    chosen = logprobs.gather(1, tokens.index_select(0, index)[:, None])
-    rank = (logprobs > chosen).sum(-1, keepdim=True) + 1
     n = max(ns)
-    top_values, top_ids = logprobs.topk(n, dim=-1) if n else (chosen[:, :0], chosen[:, :0])
-    packed = torch.cat([chosen.double(), rank.double(), top_ids.double(), top_values.double()], 1)
+    packed = _pack_logprobs(logits.index_select(0, index), tokens.index_select(0, index), n)
     flat = torch.cat([tokens.double(), packed.flatten()]).tolist()
     num_rows = len(tokens)
     token_ids = [int(t) for t in flat[:num_rows]]
+    records = _unpack_logprobs(flat[num_rows:], [token_ids[row] for row in rows], ns, n)
     out: list[TokenLogprobs | None] = [None] * num_rows
-    width = 2 + 2 * n
-    for j, (row, row_n) in enumerate(zip(rows, ns)):
-        rec = flat[num_rows + j * width : num_rows + (j + 1) * width]
-        ids, values = rec[2 : 2 + n], rec[2 + n :]
-        top = [(int(ids[i]), values[i]) for i in range(row_n)]
-        out[row] = TokenLogprobs(token_ids[row], rec[0], int(rec[1]), top)
+    for row, record in zip(rows, records):
+        out[row] = record
     return SamplerOutput(seqs, token_ids, out)
+
+
+# Prompt rows are turned into logprobs this many at a time, so log_softmax's copy stays bounded.
+_PROMPT_TILE_ROWS = 256
+
+
+def prompt_logprobs(logits: torch.Tensor, spans: list[PromptSpan]) -> list[PromptLogprobs]:
+    """logits [sum of span counts, vocab] (raw model output, spans in order) -> each span's entries: the
+    logprob, rank and top-n of every prompt token it scores, in one .tolist() for the whole step."""
+    targets = torch.tensor([t for span in spans for t in span.targets], dtype=torch.long, device=logits.device)
+    ns = [span.seq.params.prompt_logprobs for span in spans for _ in range(span.count)]
+    n = max(ns)
+    tiles = [
+        _pack_logprobs(logits[i : i + _PROMPT_TILE_ROWS], targets[i : i + _PROMPT_TILE_ROWS], n)
+        for i in range(0, logits.shape[0], _PROMPT_TILE_ROWS)
+    ]
+    records = _unpack_logprobs(torch.cat(tiles).flatten().tolist(), targets.tolist(), ns, n)
+    out, at = [], 0
+    for span in spans:
+        out.append(PromptLogprobs(span, records[at : at + span.count]))
+        at += span.count
+    return out
+
+
+def _pack_logprobs(logits: torch.Tensor, chosen_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """[rows, 2 + 2n] float64 per row: the chosen id's logprob and rank, then the top-n ids and logprobs."""
+    logprobs = logits.log_softmax(-1)
+    chosen = logprobs.gather(1, chosen_ids[:, None])
+    rank = (logprobs > chosen).sum(-1, keepdim=True) + 1
+    top_values, top_ids = logprobs.topk(n, dim=-1) if n else (chosen[:, :0], chosen[:, :0])
+    return torch.cat([chosen.double(), rank.double(), top_ids.double(), top_values.double()], 1)
+
+
+def _unpack_logprobs(flat: list[float], token_ids: list[int], ns: list[int], n: int) -> list[TokenLogprobs]:
+    """_pack_logprobs' rows (flattened to a list) as records, row j keeping its own top-ns[j]."""
+    width = 2 + 2 * n
+    out = []
+    for j, (token_id, row_n) in enumerate(zip(token_ids, ns)):
+        rec = flat[j * width : (j + 1) * width]
+        ids, values = rec[2 : 2 + n], rec[2 + n :]
+        out.append(TokenLogprobs(token_id, rec[0], int(rec[1]), [(int(ids[i]), values[i]) for i in range(row_n)]))
+    return out
