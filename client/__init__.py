@@ -24,6 +24,7 @@ from tokenwire.client.routing import PrefixRouting
 from tokenwire.client.sync_client import Client
 from tokenwire.client.types import (
     ChatMessage,
+    ChatTemplateOptions,
     Completion,
     EngineConfigInfo,
     EngineStats,
@@ -36,6 +37,7 @@ from tokenwire.client.types import (
     Timings,
     TokenizerInfo,
     TokenLogprob,
+    ToolCall,
     Usage,
 )
 
@@ -55,6 +57,7 @@ __all__ = [
     "ServerError",
     "AuthenticationError",
     "ChatMessage",
+    "ChatTemplateOptions",
     "Completion",
     "EngineConfigInfo",
     "EngineStats",
@@ -67,5 +70,6 @@ __all__ = [
     "Timings",
     "TokenizerInfo",
     "TokenLogprob",
+    "ToolCall",
     "Usage",
 ]

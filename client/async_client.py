@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from typing import Unpack
+from typing import Any, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -26,7 +26,15 @@ from tokenwire.client.calls import (
 from tokenwire.client.credentials import auth_metadata, channel_credentials, open_channel
 from tokenwire.client.errors import Endpoint, TokenwireError
 from tokenwire.client.routing import ROUTINGS, PrefixRouter, PrefixRouting, routed_stream, target_host
-from tokenwire.client.types import ChatMessage, Completion, GenerationChunk, ModelInfo, SamplingOptions, TokenizerInfo
+from tokenwire.client.types import (
+    ChatMessage,
+    ChatTemplateOptions,
+    Completion,
+    GenerationChunk,
+    ModelInfo,
+    SamplingOptions,
+    TokenizerInfo,
+)
 from tokenwire.v1 import engine_pb2, engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
 DEFAULT_TOKENIZER = os.environ.get("TOKENWIRE_TOKENIZER", "localhost:50051")
@@ -40,7 +48,7 @@ _OPTIONS = [
     # Spread calls over every address a name resolves to (dns:///engine:50052 -> all replicas).
     ("grpc.lb_policy_name", "round_robin"),
 ]
-Message = ChatMessage | Mapping[str, str]
+Message = ChatMessage | Mapping[str, Any]
 
 
 class AsyncClient:
@@ -244,9 +252,16 @@ class AsyncClient:
         )
         return response.text
 
-    async def apply_chat_template(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[int]:
-        """The prompt ids of a conversation, ending with the header of the assistant's turn."""
-        return await self._chat_ids(messages, self._scope(timeout))
+    async def apply_chat_template(
+        self,
+        messages: Iterable[Message],
+        *,
+        template: ChatTemplateOptions = ChatTemplateOptions(),
+        timeout: float | None = None,
+    ) -> list[int]:
+        """The prompt ids of a conversation, by default ending with the header of the assistant's turn;
+        `template` passes tools, template variables and where the prompt ends."""
+        return await self._chat_ids(messages, self._scope(timeout), template)
 
     async def tokenizer_info(self, *, timeout: float | None = None) -> TokenizerInfo:
         return await self._info(self._scope(timeout))
@@ -333,10 +348,10 @@ class AsyncClient:
         state = self._tokenizer_channel.get_state(try_to_connect=False)
         return state != grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
-    async def _chat_ids(self, messages: Iterable[Message], scope: CallScope) -> list[int]:
-        request = tokenizer_pb2.ApplyChatTemplateRequest(
-            messages=convert.chat_messages(messages), add_generation_prompt=True
-        )
+    async def _chat_ids(
+        self, messages: Iterable[Message], scope: CallScope, template: ChatTemplateOptions = ChatTemplateOptions()
+    ) -> list[int]:
+        request = convert.chat_template_request(messages, template)
         response = await self._call(self._tokenizer_endpoint, self._tokenizer_stub().ApplyChatTemplate, request, scope)
         return list(response.ids)
 

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from tokenwire.client.errors import InvalidRequestError
 from tokenwire.client.types import (
     ChatMessage,
+    ChatTemplateOptions,
     Completion,
     EngineConfigInfo,
     EngineStats,
@@ -96,8 +97,30 @@ def chat_messages(messages: Iterable[ChatMessage | Mapping[str, str]]) -> list[c
             raise InvalidRequestError(
                 f"messages[{i}].role", f"messages[{i}].role: {message.role!r} is not one of {sorted(_ROLES)}"
             )
-        out.append(common_pb2.ChatMessage(role=role, content=message.content))
+        calls = [common_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in message.tool_calls]
+        out.append(
+            common_pb2.ChatMessage(
+                role=role,
+                content=message.content,
+                tool_calls=calls,
+                tool_call_id=message.tool_call_id,
+                name=message.name,
+            )
+        )
     return out
+
+
+def chat_template_request(
+    messages: Iterable[ChatMessage | Mapping[str, str]], options: ChatTemplateOptions
+) -> tokenizer_pb2.ApplyChatTemplateRequest:
+    kwargs = options.chat_template_kwargs
+    return tokenizer_pb2.ApplyChatTemplateRequest(
+        messages=chat_messages(messages),
+        add_generation_prompt=options.add_generation_prompt,
+        continue_final_message=options.continue_final_message,
+        tools=[json.dumps(tool, ensure_ascii=False) for tool in options.tools],
+        chat_template_kwargs=json.dumps(dict(kwargs), ensure_ascii=False) if kwargs else "",
+    )
 
 
 def chunk(msg: engine_pb2.GenerateResponse, text: str) -> GenerationChunk:

@@ -18,7 +18,14 @@ import grpc
 from tokenwire.client.async_client import DEFAULT_ENGINE, DEFAULT_TOKENIZER, AsyncClient, Message
 from tokenwire.client.calls import RetryPolicy
 from tokenwire.client.routing import PrefixRouting
-from tokenwire.client.types import Completion, GenerationChunk, ModelInfo, SamplingOptions, TokenizerInfo
+from tokenwire.client.types import (
+    ChatTemplateOptions,
+    Completion,
+    GenerationChunk,
+    ModelInfo,
+    SamplingOptions,
+    TokenizerInfo,
+)
 
 T = TypeVar("T")
 _END = object()
@@ -147,8 +154,14 @@ class Client:
     ) -> str:
         return self._run(self._client.decode(token_ids, skip_special_tokens=skip_special_tokens, timeout=timeout))
 
-    def apply_chat_template(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[int]:
-        return self._run(self._client.apply_chat_template(messages, timeout=timeout))
+    def apply_chat_template(
+        self,
+        messages: Iterable[Message],
+        *,
+        template: ChatTemplateOptions = ChatTemplateOptions(),
+        timeout: float | None = None,
+    ) -> list[int]:
+        return self._run(self._client.apply_chat_template(messages, template=template, timeout=timeout))
 
     def tokenizer_info(self, *, timeout: float | None = None) -> TokenizerInfo:
         return self._run(self._client.tokenizer_info(timeout=timeout))

@@ -7,7 +7,7 @@ import enum
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Any, TypedDict
 
 
 class SamplingOptions(TypedDict, total=False):
@@ -151,16 +151,55 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call an assistant turn made, as a later turn quotes it back."""
+
+    id: str
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's `function.arguments`)
+
+    @classmethod
+    def of(cls, call: ToolCall | Mapping[str, Any]) -> ToolCall:
+        """Accepts OpenAI's {"id", "type": "function", "function": {"name", "arguments"}} (arguments as
+        text or as an object)."""
+        if isinstance(call, ToolCall):
+            return call
+        function = call.get("function", call)
+        arguments = function.get("arguments", "{}")
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        return cls(id=call.get("id") or "", name=function["name"], arguments=text)
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     role: str  # "system", "user", "assistant" or "tool"
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str = ""  # the call a tool turn answers
+    name: str = ""
 
     @classmethod
-    def of(cls, message: ChatMessage | Mapping[str, str]) -> ChatMessage:
-        """Accepts OpenAI-style dicts ({"role": ..., "content": ...}) as well."""
+    def of(cls, message: ChatMessage | Mapping[str, Any]) -> ChatMessage:
+        """Accepts OpenAI-style dicts ({"role": ..., "content": ..., "tool_calls": ...}) as well."""
         if isinstance(message, ChatMessage):
             return message
-        return cls(role=message["role"], content=message["content"])
+        return cls(
+            role=message["role"],
+            content=message.get("content") or "",
+            tool_calls=tuple(ToolCall.of(c) for c in message.get("tool_calls") or ()),
+            tool_call_id=message.get("tool_call_id") or "",
+            name=message.get("name") or "",
+        )
+
+
+@dataclass(frozen=True)
+class ChatTemplateOptions:
+    """How the tokenizer service renders a conversation (ApplyChatTemplate's options)."""
+
+    tools: tuple[Mapping[str, Any], ...] = ()  # OpenAI tool objects, passed to the template as `tools`
+    chat_template_kwargs: Mapping[str, Any] | None = None  # extra template variables, e.g. enable_thinking
+    add_generation_prompt: bool = True  # open the assistant's turn after the last message
+    continue_final_message: bool = False  # or leave the last (assistant) message open
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ class EngineConfig:
     max_logprobs: int = 20               # the largest top-n logprobs a request may ask for
     max_grammar_compile_s: float = 10.0  # a constraint taking longer to compile is refused (INVALID_ARGUMENT)
     trust_remote_code: bool = False      # never run code shipped with a checkpoint unless asked
+    chat_template: str = ""              # the tokenizer service's --chat-template: part of the tokenizer's fingerprint, so both must agree
     seed: int = 0                        # seeds requests that give none, so runs are reproducible
     native_kernels: bool = True          # CPU: fused kernels compiled on first use into $TOKENWIRE_HOME/kernels (off: torch ops)
     few_row_gemv: bool = True            # CPU: GEMMs of 1-4 rows (one stream, a few) on a plain weight copy: faster, the linear layers' memory twice

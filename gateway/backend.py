@@ -9,10 +9,10 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from tokenwire.client import AsyncClient
-from tokenwire.client.types import GenerationChunk, ModelInfo
+from tokenwire.client.types import ChatTemplateOptions, GenerationChunk, ModelInfo
 from tokenwire.gateway.config import GatewayConfig
 from tokenwire.gateway.errors import ApiError
-from tokenwire.gateway.protocol import ChatMessageIn
+from tokenwire.gateway.protocol import ChatMessageIn, ChatTemplateFields
 
 _TAG = re.compile(r"[^A-Za-z0-9._:-]+")
 _TOKEN_NAMES_CACHED = 65536
@@ -59,8 +59,12 @@ class Backend:
             return [await self.client.encode(texts[0], timeout=self.config.request_timeout_s)]
         return await self.client.encode_batch(texts, timeout=self.config.request_timeout_s)
 
-    async def chat_ids(self, messages: Sequence[ChatMessageIn]) -> list[int]:
-        return await self.client.apply_chat_template(chat_messages(messages), timeout=self.config.request_timeout_s)
+    async def chat_ids(
+        self, messages: Sequence[ChatMessageIn], template: ChatTemplateOptions = ChatTemplateOptions()
+    ) -> list[int]:
+        return await self.client.apply_chat_template(
+            chat_messages(messages), template=template, timeout=self.config.request_timeout_s
+        )
 
     async def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return await self.client.decode(
@@ -93,11 +97,28 @@ def request_id(user: str | None) -> str:
     return f"{tag}-{rid}" if tag else rid
 
 
-def chat_messages(messages: Sequence[ChatMessageIn]) -> list[dict[str, str]]:
+def chat_messages(messages: Sequence[ChatMessageIn]) -> list[dict]:
     """OpenAI messages -> the SDK's: text parts joined with newlines (as vLLM does), `developer` is a
     system message, a missing content (an assistant turn that only called tools) is empty."""
     out = []
     for m in messages:
         content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content or ())
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        message = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        if m.name:
+            message["name"] = m.name
+        out.append(message)
     return out
+
+
+def template_options(req: ChatTemplateFields, tools: Sequence[dict] = ()) -> ChatTemplateOptions:
+    """The request's template options; `tools` as the tool plan renders them."""
+    return ChatTemplateOptions(
+        tools=tuple(tools),
+        chat_template_kwargs=req.chat_template_kwargs,
+        add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+        continue_final_message=req.continue_final_message,
+    )

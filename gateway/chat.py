@@ -1,9 +1,11 @@
-"""POST /v1/chat/completions: messages -> the tokenizer service's chat template -> jobs."""
+"""POST /v1/chat/completions: messages (and tools) -> the tokenizer service's chat template -> jobs; each
+choice's text read back into content, reasoning and tool calls (chat_output.py)."""
 
 from __future__ import annotations
 
-from tokenwire.gateway import sdk_mapping
-from tokenwire.gateway.backend import Backend, request_id
+from tokenwire.gateway import sdk_mapping, tools
+from tokenwire.gateway.backend import Backend, request_id, template_options
+from tokenwire.gateway.chat_output import reader_factory
 from tokenwire.gateway.errors import bad_request
 from tokenwire.gateway.generation import jobs_for
 from tokenwire.gateway.protocol import ChatCompletionRequest
@@ -16,12 +18,26 @@ async def answer(backend: Backend, req: ChatCompletionRequest) -> Answer:
     if req.n > backend.config.max_n:
         raise bad_request("n", f"must be at most {backend.config.max_n}, got {req.n}")
     logprobs = sdk_mapping.chat_logprobs(req)
-    ids = await backend.chat_ids(req.messages)
+    plan = tools.plan(req, backend.config.tool_call_parser)
+    constraint = _forced_call(req, plan)
+    ids = await backend.chat_ids(req.messages, template_options(req, plan.tools))
     default = await backend.default_max_tokens(len(ids))
     max_tokens = sdk_mapping.chat_max_tokens(req)
 
     def options(prompt: list[int]) -> dict:
-        return sdk_mapping.sampling_options(req, max_tokens=max_tokens, logprobs=logprobs, default_max_tokens=default)
+        given = sdk_mapping.sampling_options(req, max_tokens=max_tokens, logprobs=logprobs, default_max_tokens=default)
+        return given | constraint
 
     jobs = jobs_for([ids], req.n, options)
-    return Answer(backend, ChatShape(), jobs, request_id(req.user), model, req.return_tokens_as_token_ids)
+    renamed = {"guided_grammar": "tools"} if constraint else {}  # the forced call's grammar is made of tools
+    shape = ChatShape(reader_factory(backend.config.reasoning_parser, plan.parser), renamed)
+    return Answer(backend, shape, jobs, request_id(req.user), model, req.return_tokens_as_token_ids)
+
+
+def _forced_call(req: ChatCompletionRequest, plan: tools.ToolPlan) -> dict:
+    """The grammar option of a forced call; it replaces structured output, so the two cannot combine."""
+    if plan.grammar is None:
+        return {}
+    if sdk_mapping.constraint(req):
+        raise bad_request("tool_choice", "a forced call cannot be combined with response_format or guided_*")
+    return {"grammar": plan.grammar}

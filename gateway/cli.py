@@ -11,6 +11,7 @@ import socket
 import threading
 
 import uvicorn
+from tokenwire.gateway import reasoning, tool_parsers
 from tokenwire.gateway.app import create_app
 from tokenwire.gateway.config import GatewayConfig
 from tokenwire.serving.cli_env import config_values, service_parser
@@ -45,6 +46,10 @@ def server(config: GatewayConfig) -> tuple[uvicorn.Server, socket.socket]:
     """A uvicorn server for the app, and its listening socket, already bound (so port 0 is known)."""
     if bool(config.tls_cert) != bool(config.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
+    if config.tool_call_parser not in tool_parsers.PARSERS:
+        raise SystemExit(f"--tool-call-parser must be one of {sorted(tool_parsers.PARSERS)}")
+    if config.reasoning_parser and config.reasoning_parser not in reasoning.PARSERS:
+        raise SystemExit(f"--reasoning-parser must be one of {sorted(reasoning.PARSERS)} (or empty)")
     sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((config.host, config.port))

@@ -24,6 +24,8 @@ class GatewayConfig:
     auth_token: str = ""                 # require `Authorization: Bearer <token>` on every route but /health and /metrics
     upstream_tls_ca: str = ""            # PEM CA that signed the services' certificates: talk TLS to them
     upstream_auth_token: str = ""        # bearer token the services require (their --auth-token)
+    tool_call_parser: str = "hermes"     # how `tool_choice: auto` reads calls out of the output: hermes (<tool_call>{...}</tool_call>) or llama3_json
+    reasoning_parser: str = ""           # split reasoning_content from content: qwen3 or deepseek_r1 (<think>...</think>); empty: no split
 
     @property
     def tls(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 
 import grpc
 from fastapi.responses import JSONResponse
@@ -65,8 +66,9 @@ def bad_request(param: str | None, message: str) -> ApiError:
     return ApiError(400, f"{param}: {message}" if param else message, param=param)
 
 
-def from_sdk(error: sdk.TokenwireError) -> ApiError:
-    """A typed SDK error -> the HTTP answer; a bad field is named as the OpenAI parameter."""
+def from_sdk(error: sdk.TokenwireError, renamed: Mapping[str, str] = {}) -> ApiError:
+    """A typed SDK error -> the HTTP answer; a bad field is named as the OpenAI parameter (`renamed`: a
+    request's own names, e.g. a forced tool call's grammar is its `tools`)."""
     if error.code is None:  # raised by the SDK itself, before any RPC (e.g. an unknown chat role)
         return ApiError(400, error.message, param=getattr(error, "field", None))
     status, type_ = _BY_CODE.get(error.code, (500, "internal_error"))
@@ -77,6 +79,7 @@ def from_sdk(error: sdk.TokenwireError) -> ApiError:
     param = None
     if isinstance(error, sdk.InvalidRequestError) and error.field:
         param = openai_param(error.field)
+        param = renamed.get(param, param)
         # "engine: sampling.max_new_tokens: must be ..." -> "max_tokens: must be ..."
         _, _, rest = message.partition(f"{error.field}: ")
         message = f"{param}: {rest}" if rest else message

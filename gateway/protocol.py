@@ -82,20 +82,75 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI sends it so)
+
+
+class ToolCallIn(BaseModel):
+    """A call an earlier assistant turn made, quoted back in the conversation."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # the call a tool turn answers
+    name: str | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")  # OpenAI's rule
+    description: str | None = None
+    parameters: dict | None = None  # the arguments' JSON schema; none: an object without properties
+    strict: StrictBool | None = None  # forced calls always follow the schema here
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ChatTemplateFields(BaseModel):
+    """How the tokenizer service renders the conversation (vLLM's names), for chat and /tokenize."""
+
+    model_config = ConfigDict(extra="ignore")
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict | None = None  # extra template variables, e.g. {"enable_thinking": false}
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False  # the last (assistant) message is continued, not closed
+
+
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: Int32 | None = Field(default=None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(ChatTemplateFields):
     """vLLM's /tokenize: a prompt, or chat messages (with the template applied)."""
 
     model_config = ConfigDict(extra="ignore")

@@ -55,7 +55,7 @@ class Answer:
                 stops[job.index] = sdk_mapping.stop_reason(chunk)
                 self.usage.add(job, chunk)
         except TokenwireError as error:
-            raise from_sdk(error) from None
+            raise from_sdk(error, self.shape.renamed_params) from None
         choices = []
         for job in self.jobs:
             block = await self._logprobs(job, lps[job.index], len(job.echo), first=True)
@@ -81,7 +81,7 @@ class Answer:
             first = await anext(chunks)
         except TokenwireError as error:
             await chunks.aclose()
-            raise from_sdk(error) from None
+            raise from_sdk(error, self.shape.renamed_params) from None
         return SseResponse(self._events(first, chunks, include_usage), close=chunks.aclose)
 
     async def _events(self, first, chunks: AsyncIterator, include_usage: bool) -> AsyncIterator[dict]:
@@ -108,13 +108,12 @@ class Answer:
                 self.usage.add(job, chunk)
                 finish = sdk_mapping.finish_reason(chunk)
                 if text or block or finish:
-                    yield self._chunk(
-                        [self.shape.choice(job, text, block, finish, False, sdk_mapping.stop_reason(chunk))],
-                        include_usage,
-                    )
+                    choice = self.shape.choice(job, text, block, finish, False, sdk_mapping.stop_reason(chunk))
+                    if choice is not None:  # None: a parser holds the text back for now
+                        yield self._chunk([choice], include_usage)
                 item = await anext(chunks, None)
         except TokenwireError as error:
-            yield from_sdk(error).body()
+            yield from_sdk(error, self.shape.renamed_params).body()
             return
         if include_usage:
             yield {

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from tokenwire.client.errors import TokenwireError
 from tokenwire.gateway import body, chat, completions, refused
-from tokenwire.gateway.backend import Backend
+from tokenwire.gateway.backend import Backend, template_options
 from tokenwire.gateway.errors import bad_request, from_sdk, from_validation
 from tokenwire.gateway.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
@@ -95,7 +95,8 @@ async def tokenize(request: Request) -> JSONResponse:
     try:
         await backend.check_model(req.model)
         if req.messages is not None:
-            ids = await backend.chat_ids(req.messages)
+            tools = [t.model_dump(exclude_none=True) for t in req.tools or ()]
+            ids = await backend.chat_ids(req.messages, template_options(req, tools))
         else:
             ids = await backend.client.encode(
                 req.prompt, add_special_tokens=req.add_special_tokens, timeout=backend.config.request_timeout_s

@@ -58,8 +58,14 @@ FORBIDDEN = {
     # The gateway sits on the SDK and serving: it never loads torch, a tokenizer or the engine.
     "tokenwire.gateway.cli": ["torch", "transformers", "tokenwire.engine", "tokenwire.tokenizer", "tokenwire.bench"],
 }
-# The only tokenizer modules the engine may use: the fingerprint (tokenizer.py) and the detokenizer.
-ENGINE_MAY_USE = {"tokenwire.tokenizer", "tokenwire.tokenizer.tokenizer", "tokenwire.tokenizer.detokenizer"}
+# The only tokenizer modules the engine may use: the fingerprint (tokenizer.py), the detokenizer and the
+# --chat-template override (chat_templates.py; the fingerprint covers the template).
+ENGINE_MAY_USE = {
+    "tokenwire.tokenizer",
+    "tokenwire.tokenizer.tokenizer",
+    "tokenwire.tokenizer.detokenizer",
+    "tokenwire.tokenizer.chat_templates",
+}
 
 
 def loaded_modules(module: str) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import re
 import threading
 
@@ -323,3 +324,77 @@ def test_a_model_without_chat_template_gets_its_own_error(config):
                 client.apply_chat_template([{"role": "user", "content": "hi"}])
     finally:
         server.close()
+
+
+# --- --chat-template, tools, template options --------------------------------------------------------
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_chat_template_override_is_fingerprinted_and_renders_tools(config, reference, smollm2_dir):
+    from dataclasses import replace
+
+    from tokenwire.tokenizer.chat_templates import template_text
+    from tokenwire.tokenizer.tokenizer import load_tokenizer
+
+    server = ServerThread(replace(config, chat_template="chatml-tools"))
+    try:
+        info = server.stub.GetInfo(pb.GetInfoRequest())
+        assert info.fingerprint != tokenizer_fingerprint(reference)
+        assert info.fingerprint == tokenizer_fingerprint(load_tokenizer(smollm2_dir, chat_template="chatml-tools"))
+        user = common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_USER, content="hi")
+        call = common_pb2.ToolCall(id="c1", name="f", arguments='{"x": 1}')
+        assistant = common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_ASSISTANT, tool_calls=[call])
+        tool = common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_TOOL, content="42", tool_call_id="c1")
+        request = pb.ApplyChatTemplateRequest(
+            messages=[user, assistant, tool], tools=['{"type": "function", "function": {"name": "f"}}'],
+            add_generation_prompt=True, return_text=True,
+        )  # fmt: skip
+        text = server.stub.ApplyChatTemplate(request).text
+        expected = reference.apply_chat_template(
+            [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+                ]},
+                {"role": "tool", "content": "42", "tool_call_id": "c1"},
+            ],
+            tools=[{"type": "function", "function": {"name": "f"}}],
+            chat_template=template_text("chatml-tools"), add_generation_prompt=True, tokenize=False,
+        )  # fmt: skip
+        assert text == expected and '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>' in text
+        plain = pb.ApplyChatTemplateRequest(messages=[user], add_generation_prompt=True, return_text=True)
+        ours = server.stub.ApplyChatTemplate(plain)
+        assert ours.text == reference.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                          add_generation_prompt=True)  # fmt: skip
+    finally:
+        server.close()
+    with pytest.raises(ValueError, match="not a shipped template"):
+        load_tokenizer(smollm2_dir, chat_template="no-such-template")
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"tools": [json.dumps(TOOL)]}, "tools"),  # the model's own template never reads `tools`
+        ({"tools": ["[1"]}, "tools[0]"),
+        ({"chat_template_kwargs": '{"add_generation_prompt": true}'}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": "[]"}, "chat_template_kwargs"),
+        ({"continue_final_message": True}, "continue_final_message"),
+    ],
+)
+def test_bad_template_options_name_their_field(stub, fields, field):
+    user = common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_USER, content="hi")
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ApplyChatTemplate(pb.ApplyChatTemplateRequest(messages=[user], **fields))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith(f"{field}:")
+
+
+def test_continue_final_message_leaves_the_turn_open(stub, reference):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello the"}]
+    roles = {"user": common_pb2.CHAT_ROLE_USER, "assistant": common_pb2.CHAT_ROLE_ASSISTANT}
+    messages = [common_pb2.ChatMessage(role=roles[m["role"]], content=m["content"]) for m in chat]
+    response = stub.ApplyChatTemplate(pb.ApplyChatTemplateRequest(messages=messages, continue_final_message=True))
+    expected = reference.apply_chat_template(chat, continue_final_message=True)["input_ids"]
+    assert list(response.ids) == expected and reference.decode(expected).endswith("Hello the")

@@ -10,7 +10,7 @@ tokens, truncate, then add the special tokens with `post_process`. The results e
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokenwire.serving.errors import NO_CHAT_TEMPLATE_MESSAGE, InvalidRequestError
@@ -32,6 +32,22 @@ class NoChatTemplateError(RuntimeError):
 class Encoded:
     ids: list[int]
     truncated: bool  # max_length cut the encoding short
+
+
+@dataclass(frozen=True)
+class ChatTemplateOptions:
+    add_generation_prompt: bool = True  # open the assistant's turn after the last message
+    continue_final_message: bool = False  # leave the last (assistant) message open instead
+    tools: tuple[dict[str, Any], ...] = ()  # OpenAI tool objects, passed to the template as `tools`
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra template variables (chat_template_kwargs)
+
+
+# apply_chat_template's own parameters: chat_template_kwargs may not smuggle in another value for them.
+_RESERVED_TEMPLATE_ARGS = frozenset(
+    {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+     "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+     "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -80,7 +96,7 @@ class TokenCodec:
         return IncrementalDetokenizer(self.tokenizer, skip_special_tokens, prompt_ids, skipped_ids=self._skipped)
 
     def apply_chat_template(
-        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool
+        self, messages: Sequence[dict[str, Any]], options: ChatTemplateOptions = ChatTemplateOptions()
     ) -> tuple[list[int], str]:
         """The rendered prompt's ids and text; the template writes every special token itself."""
         if not self.info.has_chat_template:
@@ -90,16 +106,39 @@ class TokenCodec:
         for i, message in enumerate(messages):
             if message.get("role") not in CHAT_ROLES:
                 raise InvalidRequestError(f"messages[{i}].role", f"must be one of {CHAT_ROLES}")
+        self._check_options(messages, options)
         from jinja2 import TemplateError
 
         try:
             text = self.tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+                list(messages),
+                tools=list(options.tools) or None,
+                tokenize=False,
+                add_generation_prompt=options.add_generation_prompt,
+                continue_final_message=options.continue_final_message,
+                **options.kwargs,
             )
         except TemplateError as error:  # templates raise on conversations they reject (e.g. role order)
             raise InvalidRequestError("messages", f"rejected by the chat template: {error}") from error
+        except ValueError as error:  # transformers' own checks (continue_final_message's last turn)
+            raise InvalidRequestError("messages", str(error)) from error
         ids = self._backend.encode(text, add_special_tokens=False).ids
         return ids, text
+
+    def _check_options(self, messages: Sequence[dict[str, Any]], options: ChatTemplateOptions) -> None:
+        if options.tools and not self.info.renders_tools:
+            raise InvalidRequestError(
+                "tools",
+                f"the chat template of {self.info.model} cannot render tools; start both services with "
+                "--chat-template (a template that reads `tools`, e.g. the shipped chatml-tools)",
+            )
+        if options.continue_final_message and options.add_generation_prompt:
+            raise InvalidRequestError("continue_final_message", "excludes add_generation_prompt")
+        if options.continue_final_message and messages[-1].get("role") != "assistant":
+            raise InvalidRequestError("continue_final_message", "needs the last message to be the assistant's")
+        reserved = sorted(set(options.kwargs) & _RESERVED_TEMPLATE_ARGS)
+        if reserved:
+            raise InvalidRequestError("chat_template_kwargs", f"may not set {', '.join(reserved)}")
 
     def check_ids(self, field_name: str, ids: Sequence[int]) -> None:
         if ids and max(ids) >= self.info.vocab_size:

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 from tokenwire.serving.server import GrpcServer, serve_until_signal
+from tokenwire.tokenizer.chat_templates import apply_override
 from tokenwire.tokenizer.codec import TokenCodec
 from tokenwire.tokenizer.config import TokenizerServiceConfig
 from tokenwire.tokenizer.metrics import TokenizerMetrics
@@ -42,7 +43,11 @@ class TokenizerServer(GrpcServer):
     async def load(self, tokenizer: Any = None) -> TokenizerInfo:
         """Loads the tokenizer (or takes a loaded one) off the event loop, then reports SERVING."""
         if tokenizer is None:
-            tokenizer = await asyncio.to_thread(load_tokenizer, self.config.model, self.config.trust_remote_code)
+            tokenizer = await asyncio.to_thread(
+                load_tokenizer, self.config.model, self.config.trust_remote_code, self.config.chat_template
+            )
+        else:
+            apply_override(tokenizer, self.config.chat_template)
         codec = await asyncio.to_thread(TokenCodec, tokenizer, self.config.model)  # fingerprinting: ~0.3 s
         self.servicer.attach(codec)
         await self.set_serving()

@@ -149,8 +149,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self, request: pb.ApplyChatTemplateRequest, context: Context
     ) -> pb.ApplyChatTemplateResponse:
         messages = convert.chat_messages(request.messages)
-        size = sum(len(m["content"]) for m in messages)
-        ids, text = await self._run(size, self.codec.apply_chat_template, messages, request.add_generation_prompt)
+        options = convert.chat_template_options(request)
+        size = sum(len(m["content"]) for m in messages) + sum(map(len, request.tools))
+        ids, text = await self._run(size, self.codec.apply_chat_template, messages, options)
         return pb.ApplyChatTemplateResponse(ids=ids, text=text if request.return_text else "")
 
     @_unary

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenwire.serving.model_resolver import resolve_model
+from tokenwire.tokenizer.chat_templates import apply_override, renders_tools
 from tokenwire.tokenizer.detokenizer import skipped_token_ids
 
 # transformers' VERY_LARGE_INTEGER (int(1e30)): "model_max_length not set".
@@ -22,11 +23,13 @@ _CONFIG_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_l
 _RUNTIME_BACKEND_KEYS = ("truncation", "padding")
 
 
-def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
-    """The model's tokenizer, through the same resolver and `from_pretrained` as the engine."""
+def load_tokenizer(model: str, trust_remote_code: bool = False, chat_template: str = "") -> Any:
+    """The model's tokenizer, through the same resolver and `from_pretrained` as the engine, with the
+    `--chat-template` override (a file or a shipped template's name) applied."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model(model), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model), trust_remote_code=trust_remote_code)
+    return apply_override(tokenizer, chat_template)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -75,6 +78,7 @@ class TokenizerInfo:
     max_model_length: int  # 0: unknown
     fingerprint: str
     has_chat_template: bool
+    renders_tools: bool  # the chat template reads `tools` (else a request with tools is refused)
 
 
 def describe_tokenizer(tokenizer: Any, model: str) -> TokenizerInfo:
@@ -89,6 +93,7 @@ def describe_tokenizer(tokenizer: Any, model: str) -> TokenizerInfo:
         max_model_length=max_model_length(tokenizer),
         fingerprint=tokenizer_fingerprint(tokenizer),
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        renders_tools=renders_tools(getattr(tokenizer, "chat_template", None)),
     )
 
 

@@ -23,6 +23,7 @@ from tokenwire.engine.scheduling.sequence import FinishReason, Sequence
 from tokenwire.engine.worker.model_runner import ModelRunner
 from tokenwire.serving.errors import InvalidRequestError
 from tokenwire.serving.model_resolver import resolve_model
+from tokenwire.tokenizer.chat_templates import apply_override
 from tokenwire.tokenizer.tokenizer import tokenizer_fingerprint
 from transformers import AutoTokenizer
 
@@ -33,8 +34,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig = EngineConfig()):
         self.config = config
         self.runner = ModelRunner(config)
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            resolve_model(config.model), trust_remote_code=config.trust_remote_code
+        self.tokenizer = apply_override(
+            AutoTokenizer.from_pretrained(resolve_model(config.model), trust_remote_code=config.trust_remote_code),
+            config.chat_template,
         )
         self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.vocab_size = self.runner.vocab_size

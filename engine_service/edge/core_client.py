@@ -285,5 +285,5 @@ def _log_settings() -> tuple[str, str]:
 def _load_tokenizer(config: EngineConfig):
     from tokenwire.tokenizer.tokenizer import load_tokenizer, tokenizer_fingerprint
 
-    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code, config.chat_template)
     return tokenizer, tokenizer_fingerprint(tokenizer)

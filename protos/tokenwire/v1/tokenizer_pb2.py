@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from tokenwire.v1 import common_pb2 as tokenwire_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenwire/v1/tokenizer.proto\x12\x0ctokenwire.v1\x1a\x19tokenwire/v1/common.proto\"\xb4\x01\n\rEncodeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\nmax_length\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x35\n\x0ftruncation_side\x18\x04 \x01(\x0e\x32\x1c.tokenwire.v1.TruncationSideB\x15\n\x13_add_special_tokensB\r\n\x0b_max_length\"0\n\x0e\x45ncodeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"\xba\x01\n\x12\x42\x61tchEncodeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\nmax_length\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x35\n\x0ftruncation_side\x18\x04 \x01(\x0e\x32\x1c.tokenwire.v1.TruncationSideB\x15\n\x13_add_special_tokensB\r\n\x0b_max_length\"/\n\rTokenSequence\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"E\n\x13\x42\x61tchEncodeResponse\x12.\n\tencodings\x18\x01 \x03(\x0b\x32\x1b.tokenwire.v1.TokenSequence\"9\n\rDecodeRequest\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"S\n\x13\x44\x65\x63odeStreamRequest\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\x12\x12\n\nprompt_ids\x18\x03 \x03(\r\"3\n\x14\x44\x65\x63odeStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\"{\n\x18\x41pplyChatTemplateRequest\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\x12\x13\n\x0breturn_text\x18\x03 \x01(\x08\"6\n\x19\x41pplyChatTemplateResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x10\n\x0eGetInfoRequest\"+\n\x0cSpecialToken\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\r\"\xb6\x02\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x19\n\x0c\x62os_token_id\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0c\x65os_token_id\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x19\n\x0cpad_token_id\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x32\n\x0especial_tokens\x18\x06 \x03(\x0b\x32\x1a.tokenwire.v1.SpecialToken\x12\x18\n\x10max_model_length\x18\x07 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x08 \x01(\t\x12\x19\n\x11has_chat_template\x18\t \x01(\x08\x42\x0f\n\r_bos_token_idB\x0f\n\r_eos_token_idB\x0f\n\r_pad_token_id*f\n\x0eTruncationSide\x12\x1f\n\x1bTRUNCATION_SIDE_UNSPECIFIED\x10\x00\x12\x19\n\x15TRUNCATION_SIDE_RIGHT\x10\x01\x12\x18\n\x14TRUNCATION_SIDE_LEFT\x10\x02\x32\xf9\x03\n\x10TokenizerService\x12\x43\n\x06\x45ncode\x12\x1b.tokenwire.v1.EncodeRequest\x1a\x1c.tokenwire.v1.EncodeResponse\x12R\n\x0b\x42\x61tchEncode\x12 .tokenwire.v1.BatchEncodeRequest\x1a!.tokenwire.v1.BatchEncodeResponse\x12\x43\n\x06\x44\x65\x63ode\x12\x1b.tokenwire.v1.DecodeRequest\x1a\x1c.tokenwire.v1.DecodeResponse\x12Y\n\x0c\x44\x65\x63odeStream\x12!.tokenwire.v1.DecodeStreamRequest\x1a\".tokenwire.v1.DecodeStreamResponse(\x01\x30\x01\x12\x64\n\x11\x41pplyChatTemplate\x12&.tokenwire.v1.ApplyChatTemplateRequest\x1a\'.tokenwire.v1.ApplyChatTemplateResponse\x12\x46\n\x07GetInfo\x12\x1c.tokenwire.v1.GetInfoRequest\x1a\x1d.tokenwire.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenwire/v1/tokenizer.proto\x12\x0ctokenwire.v1\x1a\x19tokenwire/v1/common.proto\"\xb4\x01\n\rEncodeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\nmax_length\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x35\n\x0ftruncation_side\x18\x04 \x01(\x0e\x32\x1c.tokenwire.v1.TruncationSideB\x15\n\x13_add_special_tokensB\r\n\x0b_max_length\"0\n\x0e\x45ncodeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"\xba\x01\n\x12\x42\x61tchEncodeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\nmax_length\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x35\n\x0ftruncation_side\x18\x04 \x01(\x0e\x32\x1c.tokenwire.v1.TruncationSideB\x15\n\x13_add_special_tokensB\r\n\x0b_max_length\"/\n\rTokenSequence\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"E\n\x13\x42\x61tchEncodeResponse\x12.\n\tencodings\x18\x01 \x03(\x0b\x32\x1b.tokenwire.v1.TokenSequence\"9\n\rDecodeRequest\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"S\n\x13\x44\x65\x63odeStreamRequest\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\x12\x12\n\nprompt_ids\x18\x03 \x03(\r\"3\n\x14\x44\x65\x63odeStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\"\xc8\x01\n\x18\x41pplyChatTemplateRequest\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\x12\x13\n\x0breturn_text\x18\x03 \x01(\x08\x12\r\n\x05tools\x18\x04 \x03(\t\x12\x1c\n\x14\x63hat_template_kwargs\x18\x05 \x01(\t\x12\x1e\n\x16\x63ontinue_final_message\x18\x06 \x01(\x08\"6\n\x19\x41pplyChatTemplateResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x10\n\x0eGetInfoRequest\"+\n\x0cSpecialToken\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\r\"\xb6\x02\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x19\n\x0c\x62os_token_id\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0c\x65os_token_id\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x19\n\x0cpad_token_id\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x32\n\x0especial_tokens\x18\x06 \x03(\x0b\x32\x1a.tokenwire.v1.SpecialToken\x12\x18\n\x10max_model_length\x18\x07 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x08 \x01(\t\x12\x19\n\x11has_chat_template\x18\t \x01(\x08\x42\x0f\n\r_bos_token_idB\x0f\n\r_eos_token_idB\x0f\n\r_pad_token_id*f\n\x0eTruncationSide\x12\x1f\n\x1bTRUNCATION_SIDE_UNSPECIFIED\x10\x00\x12\x19\n\x15TRUNCATION_SIDE_RIGHT\x10\x01\x12\x18\n\x14TRUNCATION_SIDE_LEFT\x10\x02\x32\xf9\x03\n\x10TokenizerService\x12\x43\n\x06\x45ncode\x12\x1b.tokenwire.v1.EncodeRequest\x1a\x1c.tokenwire.v1.EncodeResponse\x12R\n\x0b\x42\x61tchEncode\x12 .tokenwire.v1.BatchEncodeRequest\x1a!.tokenwire.v1.BatchEncodeResponse\x12\x43\n\x06\x44\x65\x63ode\x12\x1b.tokenwire.v1.DecodeRequest\x1a\x1c.tokenwire.v1.DecodeResponse\x12Y\n\x0c\x44\x65\x63odeStream\x12!.tokenwire.v1.DecodeStreamRequest\x1a\".tokenwire.v1.DecodeStreamResponse(\x01\x30\x01\x12\x64\n\x11\x41pplyChatTemplate\x12&.tokenwire.v1.ApplyChatTemplateRequest\x1a\'.tokenwire.v1.ApplyChatTemplateResponse\x12\x46\n\x07GetInfo\x12\x1c.tokenwire.v1.GetInfoRequest\x1a\x1d.tokenwire.v1.GetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenwire.v1.tokenizer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRUNCATIONSIDE']._serialized_start=1401
-  _globals['_TRUNCATIONSIDE']._serialized_end=1503
+  _globals['_TRUNCATIONSIDE']._serialized_start=1479
+  _globals['_TRUNCATIONSIDE']._serialized_end=1581
   _globals['_ENCODEREQUEST']._serialized_start=74
   _globals['_ENCODEREQUEST']._serialized_end=254
   _globals['_ENCODERESPONSE']._serialized_start=256
@@ -52,16 +52,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODESTREAMREQUEST']._serialized_end=789
   _globals['_DECODESTREAMRESPONSE']._serialized_start=791
   _globals['_DECODESTREAMRESPONSE']._serialized_end=842
-  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_start=844
-  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_end=967
-  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_start=969
-  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_end=1023
-  _globals['_GETINFOREQUEST']._serialized_start=1025
-  _globals['_GETINFOREQUEST']._serialized_end=1041
-  _globals['_SPECIALTOKEN']._serialized_start=1043
-  _globals['_SPECIALTOKEN']._serialized_end=1086
-  _globals['_GETINFORESPONSE']._serialized_start=1089
-  _globals['_GETINFORESPONSE']._serialized_end=1399
-  _globals['_TOKENIZERSERVICE']._serialized_start=1506
-  _globals['_TOKENIZERSERVICE']._serialized_end=2011
+  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_start=845
+  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_end=1045
+  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_start=1047
+  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_end=1101
+  _globals['_GETINFOREQUEST']._serialized_start=1103
+  _globals['_GETINFOREQUEST']._serialized_end=1119
+  _globals['_SPECIALTOKEN']._serialized_start=1121
+  _globals['_SPECIALTOKEN']._serialized_end=1164
+  _globals['_GETINFORESPONSE']._serialized_start=1167
+  _globals['_GETINFORESPONSE']._serialized_end=1477
+  _globals['_TOKENIZERSERVICE']._serialized_start=1584
+  _globals['_TOKENIZERSERVICE']._serialized_end=2089
 # @@protoc_insertion_point(module_scope)

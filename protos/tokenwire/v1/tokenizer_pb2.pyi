@@ -329,13 +329,27 @@ class ApplyChatTemplateRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     ADD_GENERATION_PROMPT_FIELD_NUMBER: _builtins.int
     RETURN_TEXT_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    CHAT_TEMPLATE_KWARGS_FIELD_NUMBER: _builtins.int
+    CONTINUE_FINAL_MESSAGE_FIELD_NUMBER: _builtins.int
     add_generation_prompt: _builtins.bool
     """Append the header that opens the assistant's turn, so the model answers next."""
     return_text: _builtins.bool
     """Also return the rendered prompt text."""
+    chat_template_kwargs: _builtins.str
+    """Extra template variables, as one JSON object (e.g. {"enable_thinking": false}); empty: none."""
+    continue_final_message: _builtins.bool
+    """Leave the last (assistant) message open, so the model continues it; excludes add_generation_prompt."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
         """The conversation, oldest turn first; must not be empty."""
+
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tools the model may call, each a JSON object in OpenAI's shape ({"type": "function",
+        "function": {"name", "description", "parameters"}}), passed to the template as `tools`. A template
+        that cannot render tools is INVALID_ARGUMENT naming `tools`.
+        """
 
     def __init__(
         self,
@@ -343,10 +357,13 @@ class ApplyChatTemplateRequest(_message.Message):
         messages: _abc.Iterable[_common_pb2.ChatMessage] | None = ...,
         add_generation_prompt: _builtins.bool = ...,
         return_text: _builtins.bool = ...,
+        tools: _abc.Iterable[_builtins.str] | None = ...,
+        chat_template_kwargs: _builtins.str = ...,
+        continue_final_message: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_generation_prompt", b"add_generation_prompt", "messages", b"messages", "return_text", b"return_text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_generation_prompt", b"add_generation_prompt", "chat_template_kwargs", b"chat_template_kwargs", "continue_final_message", b"continue_final_message", "messages", b"messages", "return_text", b"return_text", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
