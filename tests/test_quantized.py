@@ -10,6 +10,7 @@ from gguf import GGMLQuantizationType, quants
 from tokenwire.client import Client
 from tokenwire.engine.config import CacheConfig, EngineConfig
 from tokenwire.engine.models import kernels, quantized
+from tokenwire.engine.models.quantized import QuantizedWeight
 from tokenwire.engine.worker.model_runner import ModelRunner
 from tokenwire.serving.model_resolver import gguf_file
 from tokenwire.tokenizer.config import TokenizerServiceConfig
@@ -68,14 +69,26 @@ def test_int8_blocks_stay_within_half_a_step():
     assert bool((error <= step * 0.5 * (1 + 2**-10)).all())
 
 
-@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q6_K"])  # the q4, q8 (G 32) and q8 (G 16) layouts
+def test_q4_tiles_hold_the_same_weights():
+    weight = quantized.from_gguf(_gguf_tensor("Q4_1"), "Q4_1", (N, K))
+    tiles = QuantizedWeight(quantized.tile_q4(weight.blocks), "Q4_1")
+    assert tiles.blocks.shape == (N // 16, K // 32, 320) and tiles.out_features == N
+    assert torch.equal(quantized.untile_q4(tiles.blocks), weight.blocks)
+    assert torch.equal(tiles.dequantize(), weight.dequantize())
+
+
+# the q4, q4 tiles, q8 (G 32) and q8 (G 16) layouts; the tiles run on the portable loop without AVX512-VNNI
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_1 tiles", "Q8_0", "Q6_K"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 def test_native_gemv_on_blocks_matches_dequantize_then_matmul(kind, dtype, rows):
     native = kernels.native()
     if native is None:
         pytest.skip("no compiler here: the fallback is all there is")
-    weight = quantized.from_gguf(_gguf_tensor(kind), kind, (N, K))
+    gguf_type = kind.split()[0]
+    weight = quantized.from_gguf(_gguf_tensor(gguf_type), gguf_type, (N, K))
+    if kind.endswith("tiles"):
+        weight = QuantizedWeight(quantized.tile_q4(weight.blocks), gguf_type)
     x = torch.randn(rows, K, dtype=dtype)
     bias, residual = torch.randn(N, dtype=dtype), torch.randn(rows, N, dtype=dtype)
     for b, r in ((None, None), (bias, residual)):

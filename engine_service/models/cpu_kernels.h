@@ -201,3 +201,5 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor
 // gemv over quantized weight blocks (cpu_quant.cpp): the same contract, w a 3-D block tensor.
 torch::Tensor quant_gemv(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& bias,
                          const std::optional<torch::Tensor>& residual);
+// The output features of a quantized block tensor (16 per row of q4 tiles, else one).
+int64_t quant_out_features(const torch::Tensor& w);

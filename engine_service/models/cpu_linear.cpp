@@ -119,8 +119,9 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor
   const bool quantized = w.dim() == 3;  // blocks of cpu_quant.cpp
   TORCH_CHECK(quantized || (w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1)), "gemv: w [N, K] contiguous");
   TORCH_CHECK(quantized || w.scalar_type() == x.scalar_type(), "gemv: w dtype");
-  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == w.size(0) && bias->scalar_type() == x.scalar_type(), "gemv: bias");
-  if (residual) TORCH_CHECK(residual->dim() == 2 && residual->size(0) == x.size(0) && residual->size(1) == w.size(0) &&
+  const int64_t n = quantized ? quant_out_features(w) : w.size(0);
+  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == n && bias->scalar_type() == x.scalar_type(), "gemv: bias");
+  if (residual) TORCH_CHECK(residual->dim() == 2 && residual->size(0) == x.size(0) && residual->size(1) == n &&
                             residual->stride(1) == 1 && residual->scalar_type() == x.scalar_type(), "gemv: residual");
   if (quantized) return quant_gemv(x, w, bias, residual);
   if (x.scalar_type() == at::kFloat && x.size(0) == 1) return sgemv_row(x, w, bias, residual);

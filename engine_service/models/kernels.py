@@ -173,6 +173,18 @@ def paged_decode(
     return out.view(n, num_heads * head_dim)
 
 
+def q4_tiles_pay() -> bool:
+    """Whether the GEMV should read q4 weights as tiles of 16 rows (quantized.tile_q4): where the CPU has
+    AVX512-VNNI, whose 16-lane dot products they feed (cpu_quant.cpp); row by row is faster elsewhere."""
+    if "q4_tiles" not in _loaded:
+        try:
+            with open("/proc/cpuinfo") as f:
+                _loaded["q4_tiles"] = any(line.startswith("flags") and " avx512_vnni" in line for line in f)
+        except OSError:
+            _loaded["q4_tiles"] = False
+    return _loaded["q4_tiles"]
+
+
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
 ) -> torch.Tensor:

@@ -32,7 +32,7 @@ class QuantizedWeight:
 
     @property
     def out_features(self) -> int:
-        return self.blocks.shape[0]
+        return self.blocks.shape[0] * (TILE_ROWS if is_q4_tiles(self.blocks) else 1)
 
     @property
     def in_features(self) -> int:
@@ -63,7 +63,9 @@ def concat(weights: list[QuantizedWeight]) -> QuantizedWeight | None:
 
 
 def dequantize(blocks: torch.Tensor) -> torch.Tensor:
-    """The float32 weight [N, K] of q4 or q8 blocks."""
+    """The float32 weight [N, K] of q4 or q8 blocks (or q4 tiles)."""
+    if is_q4_tiles(blocks):
+        blocks = untile_q4(blocks)
     n, nb, _ = blocks.shape
     raw = blocks.view(torch.uint8)
     d = raw[..., 0:2].contiguous().view(torch.float16).float()  # [N, nb, 1]
@@ -74,6 +76,36 @@ def dequantize(blocks: torch.Tensor) -> torch.Tensor:
         return (q * d + m).view(n, nb * 32)
     q = blocks[..., 2:].float()
     return (q * d).view(n, -1)
+
+
+# ---- q4 tiles: 16 rows' blocks interleaved for the VNNI GEMV (the layout is drawn in cpu_quant.cpp) ----
+
+TILE_ROWS = 16
+_TILE_BYTES = 320
+
+
+def is_q4_tiles(blocks: torch.Tensor) -> bool:
+    return blocks.dtype == torch.uint8 and blocks.shape[2] == _TILE_BYTES
+
+
+def tile_q4(blocks: torch.Tensor) -> torch.Tensor:
+    """q4 blocks [N, K/32, 20] (N a multiple of 16) as tiles [N/16, K/32, 320]: per block, 16 rows' d, their
+    m, then nibble byte 64*g + 4*r + t = row r's source byte 4g+t."""
+    n, nb, _ = blocks.shape
+    rows = blocks.view(n // TILE_ROWS, TILE_ROWS, nb, 20).permute(0, 2, 1, 3)  # [T, nb, r, 20]
+    d, m = rows[..., 0:2].reshape(-1, nb, 32), rows[..., 2:4].reshape(-1, nb, 32)
+    nibbles = rows[..., 4:].reshape(-1, nb, TILE_ROWS, 4, 4).permute(0, 1, 3, 2, 4).reshape(-1, nb, 256)
+    return torch.cat([d, m, nibbles], dim=-1).contiguous()
+
+
+def untile_q4(tiles: torch.Tensor) -> torch.Tensor:
+    """The q4 blocks [N, K/32, 20] that `tile_q4` interleaved."""
+    t, nb, _ = tiles.shape
+    d = tiles[..., 0:32].reshape(t, nb, TILE_ROWS, 2)
+    m = tiles[..., 32:64].reshape(t, nb, TILE_ROWS, 2)
+    nibbles = tiles[..., 64:].reshape(t, nb, 4, TILE_ROWS, 4).permute(0, 1, 3, 2, 4).reshape(t, nb, TILE_ROWS, 16)
+    rows = torch.cat([d, m, nibbles], dim=-1)  # [T, nb, r, 20]
+    return rows.permute(0, 2, 1, 3).reshape(t * TILE_ROWS, nb, 20).contiguous()
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
