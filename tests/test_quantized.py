@@ -69,16 +69,20 @@ def test_int8_blocks_stay_within_half_a_step():
     assert bool((error <= step * 0.5 * (1 + 2**-10)).all())
 
 
-def test_q4_tiles_hold_the_same_weights():
-    weight = quantized.from_gguf(_gguf_tensor("Q4_1"), "Q4_1", (N, K))
-    tiles = QuantizedWeight(quantized.tile_q4(weight.blocks), "Q4_1")
-    assert tiles.blocks.shape == (N // 16, K // 32, 320) and tiles.out_features == N
-    assert torch.equal(quantized.untile_q4(tiles.blocks), weight.blocks)
+@pytest.mark.parametrize("kind, tile_bytes", [("Q4_1", 320), ("Q8_0", 544)])
+def test_tiles_hold_the_same_weights(kind, tile_bytes):
+    weight = quantized.from_gguf(_gguf_tensor(kind), kind, (N, K))
+    tiles = QuantizedWeight(quantized.tile(weight.blocks), kind)
+    assert tiles.blocks.shape == (N // 16, K // 32, tile_bytes) and tiles.out_features == N
+    untile = quantized.untile_q4 if kind == "Q4_1" else quantized.untile_q8
+    assert torch.equal(untile(tiles.blocks), weight.blocks)
     assert torch.equal(tiles.dequantize(), weight.dequantize())
+    assert quantized.tile(tiles.blocks) is None  # tiles once
 
 
-# the q4, q4 tiles, q8 (G 32) and q8 (G 16) layouts; the tiles run on the portable loop without AVX512-VNNI
-@pytest.mark.parametrize("kind", ["Q4_1", "Q4_1 tiles", "Q8_0", "Q6_K"])
+# the q4 and q8 (G 32) layouts, row by row and in tiles, and q8 (G 16); tiles run on the portable loop
+# without AVX512-VNNI
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_1 tiles", "Q8_0", "Q8_0 tiles", "Q6_K"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 def test_native_gemv_on_blocks_matches_dequantize_then_matmul(kind, dtype, rows):
@@ -88,7 +92,7 @@ def test_native_gemv_on_blocks_matches_dequantize_then_matmul(kind, dtype, rows)
     gguf_type = kind.split()[0]
     weight = quantized.from_gguf(_gguf_tensor(gguf_type), gguf_type, (N, K))
     if kind.endswith("tiles"):
-        weight = QuantizedWeight(quantized.tile_q4(weight.blocks), gguf_type)
+        weight = QuantizedWeight(quantized.tile(weight.blocks), gguf_type)
     x = torch.randn(rows, K, dtype=dtype)
     bias, residual = torch.randn(N, dtype=dtype), torch.randn(rows, N, dtype=dtype)
     for b, r in ((None, None), (bias, residual)):

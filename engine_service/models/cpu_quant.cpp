@@ -8,6 +8,9 @@
 //     64*g + 4*r + t holds row r's weight 4g+t (low nibble) and 4g+16+t (high), g 0..3, t 0..3. With
 //     AVX512-VNNI one dpbusd then meets 4 weights of 16 rows at once, and the scales of 16 rows convert
 //     in one instruction: a fifth of the instructions a block costs row by row.
+// q8 tiles: uint8 [N/16, K/32, 544], Q8_0 blocks of 16 rows interleaved (quantized.tile_q8): the 16 rows'
+//     fp16 d, then 512 bytes q + 128 (dpbusd multiplies unsigned bytes by signed ones; the 128 * sum(qx)
+//     is taken back per block), byte 64*g + 4*r + t = row r's weight 4g+t, g 0..7.
 // q8: int8 [N, K/G, 2+G], G 16 or 32. Per G weights: fp16 d, then G int8 q; w = d*q. GGML's block_q8_0 at
 //     G = 32 (Q8_0, --quantization int8), Q6_K's 16-weight sub-blocks at G = 16.
 //
@@ -76,6 +79,7 @@ struct QuantizedRows {
   std::vector<int8_t> q;   // [M, K]
   std::vector<float> d;    // [M, K/32]: dx
   std::vector<float> sum;  // [M, K/32]: dx * sum(qx), for q4's m term
+  std::vector<int32_t> qsum;  // [M, K/32]: sum(qx), for the q8 tiles' offset of 128
 };
 
 inline void quantize_rows(const float* xf, int M, int64_t K, QuantizedRows& out) {
@@ -83,6 +87,7 @@ inline void quantize_rows(const float* xf, int M, int64_t K, QuantizedRows& out)
   out.q.resize(M * K);
   out.d.resize(M * blocks);
   out.sum.resize(M * blocks);
+  out.qsum.resize(M * blocks);
   for (int64_t r = 0; r < M * blocks; ++r) {
     const float* x = xf + r * 32;
     float amax = 0.f;
@@ -96,6 +101,7 @@ inline void quantize_rows(const float* xf, int M, int64_t K, QuantizedRows& out)
     }
     out.d[r] = amax / 127.f;
     out.sum[r] = out.d[r] * static_cast<float>(total);
+    out.qsum[r] = total;
   }
 }
 
@@ -291,8 +297,54 @@ inline void q4_tile(const uint8_t* p, int64_t blocks, const QuantizedRows& x, in
 #endif
 }
 
-template <typename T, int M>
-void q4_tiles_impl(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& bias,
+constexpr int64_t kQ8TileBytes = 544;
+
+template <int M>
+inline void q8_tile(const uint8_t* p, int64_t blocks, const QuantizedRows& x, int64_t K, float* y) {
+  const int8_t* xq = x.q.data();
+  const float* xd = x.d.data();
+  const int32_t* qsum = x.qsum.data();
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+  __m512 acc[M];
+  for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b, p += kQ8TileBytes) {
+    for (int64_t line = 0; line < kQ8TileBytes; line += 64) __builtin_prefetch(p + 8 * kQ8TileBytes + line, 0, 3);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    __m512i wq[8];
+    for (int g = 0; g < 8; ++g) wq[g] = _mm512_loadu_si512(p + 32 + 64 * g);
+    for (int i = 0; i < M; ++i) {
+      int32_t xw[8];
+      std::memcpy(xw, xq + i * K + b * 32, sizeof(xw));
+      __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[0], _mm512_set1_epi32(xw[0]));
+      __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[1], _mm512_set1_epi32(xw[1]));
+      for (int g = 2; g < 8; g += 2) {
+        s0 = _mm512_dpbusd_epi32(s0, wq[g], _mm512_set1_epi32(xw[g]));
+        s1 = _mm512_dpbusd_epi32(s1, wq[g + 1], _mm512_set1_epi32(xw[g + 1]));
+      }
+      const int64_t r = i * blocks + b;
+      const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(128 * qsum[r]));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(xd[r])), acc[i]);
+    }
+  }
+  for (int i = 0; i < M; ++i) _mm512_storeu_ps(y + 16 * i, acc[i]);
+#else  // portable: the same sums, one row at a time
+  for (int i = 0; i < M * 16; ++i) y[i] = 0.f;
+  for (int64_t b = 0; b < blocks; ++b, p += kQ8TileBytes)
+    for (int r = 0; r < 16; ++r) {
+      const float d = half_at(p + 2 * r);
+      for (int i = 0; i < M; ++i) {
+        const int8_t* x8 = xq + i * K + b * 32;
+        int32_t dot = 0;
+        for (int g = 0; g < 8; ++g)
+          for (int t = 0; t < 4; ++t) dot += (static_cast<int32_t>(p[32 + 64 * g + 4 * r + t]) - 128) * x8[4 * g + t];
+        y[i * 16 + r] += d * xd[i * blocks + b] * static_cast<float>(dot);
+      }
+    }
+#endif
+}
+
+template <typename T, int M, bool Q8>
+void tiles_impl(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& bias,
                    const std::optional<torch::Tensor>& residual, torch::Tensor& out) {
   const int64_t tiles = w.size(0), blocks = w.size(1), K = x.size(1), N = tiles * 16;
   const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
@@ -309,7 +361,8 @@ void q4_tiles_impl(const torch::Tensor& x, const torch::Tensor& w, const std::op
   at::parallel_for(0, tiles, grain(16 * K * M / 2), [&](int64_t begin, int64_t end) {
     float y[M * 16];
     for (int64_t tile = begin; tile < end; ++tile) {
-      q4_tile<M>(wp + tile * blocks * kTileBytes, blocks, xq, K, y);
+      if constexpr (Q8) q8_tile<M>(wp + tile * blocks * kQ8TileBytes, blocks, xq, K, y);
+      else q4_tile<M>(wp + tile * blocks * kTileBytes, blocks, xq, K, y);
       for (int i = 0; i < M; ++i)
         for (int64_t j = 0; j < 16; ++j) {  // bias and residual in float, one rounding to T
           const int64_t n = tile * 16 + j;
@@ -395,14 +448,14 @@ void quant_gemv_rows(const torch::Tensor& x, const torch::Tensor& w, const std::
   }
 }
 
-template <typename T>
-void q4_tiles_rows(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& bias,
-                   const std::optional<torch::Tensor>& residual, torch::Tensor& out) {
+template <typename T, bool Q8>
+void tiles_rows(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& bias,
+                const std::optional<torch::Tensor>& residual, torch::Tensor& out) {
   switch (x.size(0)) {
-    case 1: return q4_tiles_impl<T, 1>(x, w, bias, residual, out);
-    case 2: return q4_tiles_impl<T, 2>(x, w, bias, residual, out);
-    case 3: return q4_tiles_impl<T, 3>(x, w, bias, residual, out);
-    case 4: return q4_tiles_impl<T, 4>(x, w, bias, residual, out);
+    case 1: return tiles_impl<T, 1, Q8>(x, w, bias, residual, out);
+    case 2: return tiles_impl<T, 2, Q8>(x, w, bias, residual, out);
+    case 3: return tiles_impl<T, 3, Q8>(x, w, bias, residual, out);
+    case 4: return tiles_impl<T, 4, Q8>(x, w, bias, residual, out);
     default: TORCH_CHECK(false, "gemv: at most ", kGemvMaxRows, " rows, got ", x.size(0));
   }
 }
@@ -410,7 +463,8 @@ void q4_tiles_rows(const torch::Tensor& x, const torch::Tensor& w, const std::op
 template <typename T>
 void quant_gemv_typed(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& bias,
                       const std::optional<torch::Tensor>& residual, torch::Tensor& out) {
-  if (w.scalar_type() == at::kByte && w.size(2) == kTileBytes) return q4_tiles_rows<T>(x, w, bias, residual, out);
+  if (w.scalar_type() == at::kByte && w.size(2) == kTileBytes) return tiles_rows<T, false>(x, w, bias, residual, out);
+  if (w.scalar_type() == at::kByte && w.size(2) == kQ8TileBytes) return tiles_rows<T, true>(x, w, bias, residual, out);
   if (w.scalar_type() == at::kByte) return quant_gemv_rows<T, 0>(x, w, bias, residual, out);
   if (w.size(2) == 34) return quant_gemv_rows<T, 32>(x, w, bias, residual, out);
   return quant_gemv_rows<T, 16>(x, w, bias, residual, out);
@@ -419,17 +473,19 @@ void quant_gemv_typed(const torch::Tensor& x, const torch::Tensor& w, const std:
 }  // namespace
 
 int64_t quant_out_features(const torch::Tensor& w) {
-  return w.scalar_type() == at::kByte && w.size(2) == kTileBytes ? w.size(0) * 16 : w.size(0);
+  const bool tiles = w.scalar_type() == at::kByte && (w.size(2) == kTileBytes || w.size(2) == kQ8TileBytes);
+  return tiles ? w.size(0) * 16 : w.size(0);
 }
 
 torch::Tensor quant_gemv(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& bias,
                          const std::optional<torch::Tensor>& residual) {
   TORCH_CHECK(w.is_contiguous() && w.device().is_cpu(), "gemv: quantized w contiguous on the CPU");
-  const bool tiles = w.scalar_type() == at::kByte && w.size(2) == kTileBytes;
+  const bool tiles = w.scalar_type() == at::kByte && (w.size(2) == kTileBytes || w.size(2) == kQ8TileBytes);
   const bool q4 = w.scalar_type() == at::kByte && w.size(2) == 20;
   const bool q8 = w.scalar_type() == at::kChar && (w.size(2) == 34 || w.size(2) == 18);
   TORCH_CHECK(tiles || q4 || q8,
-              "gemv: quantized w is uint8 [N, K/32, 20], uint8 [N/16, K/32, 320] or int8 [N, K/G, 2+G] for G 16 or 32");
+              "gemv: quantized w is uint8 [N, K/32, 20], tiles uint8 [N/16, K/32, 320 or 544], or int8 [N, K/G, 2+G] "
+              "for G 16 or 32");
   const int64_t group = q4 || tiles ? 32 : w.size(2) - 2;
   TORCH_CHECK(w.size(1) * group == x.size(1), "gemv: quantized w holds K = ", w.size(1) * group, ", x has ", x.size(1));
   auto out = tokenwire_kernels::new_output({x.size(0), quant_out_features(w)}, x.scalar_type());

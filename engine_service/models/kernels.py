@@ -173,8 +173,8 @@ def paged_decode(
     return out.view(n, num_heads * head_dim)
 
 
-def q4_tiles_pay() -> bool:
-    """Whether the GEMV should read q4 weights as tiles of 16 rows (quantized.tile_q4): where the CPU has
+def tiles_pay() -> bool:
+    """Whether the GEMV should read q4 and Q8_0 weights as tiles of 16 rows (quantized.tile): where the CPU has
     AVX512-VNNI, whose 16-lane dot products they feed (cpu_quant.cpp); row by row is faster elsewhere."""
     if "q4_tiles" not in _loaded:
         try:

@@ -118,12 +118,11 @@ class Linear:
 
 
 def _for_gemv(weight: QuantizedWeight | None) -> QuantizedWeight | None:
-    """q4 blocks as tiles of 16 rows where the GEMV runs those faster (kernels.q4_tiles_pay)."""
-    if weight is None or weight.blocks.dtype != torch.uint8 or q.is_q4_tiles(weight.blocks):
+    """Blocks as tiles of 16 rows where the GEMV runs those faster (kernels.tiles_pay)."""
+    if weight is None or not kernels.tiles_pay():
         return weight
-    if weight.blocks.shape[0] % q.TILE_ROWS or not kernels.q4_tiles_pay():
-        return weight
-    return QuantizedWeight(q.tile_q4(weight.blocks), weight.source_type)
+    tiles = q.tile(weight.blocks)
+    return weight if tiles is None else QuantizedWeight(tiles, weight.source_type)
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

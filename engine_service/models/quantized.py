@@ -32,7 +32,7 @@ class QuantizedWeight:
 
     @property
     def out_features(self) -> int:
-        return self.blocks.shape[0] * (TILE_ROWS if is_q4_tiles(self.blocks) else 1)
+        return self.blocks.shape[0] * (TILE_ROWS if is_tiles(self.blocks) else 1)
 
     @property
     def in_features(self) -> int:
@@ -66,6 +66,8 @@ def dequantize(blocks: torch.Tensor) -> torch.Tensor:
     """The float32 weight [N, K] of q4 or q8 blocks (or q4 tiles)."""
     if is_q4_tiles(blocks):
         blocks = untile_q4(blocks)
+    elif is_q8_tiles(blocks):
+        blocks = untile_q8(blocks)
     n, nb, _ = blocks.shape
     raw = blocks.view(torch.uint8)
     d = raw[..., 0:2].contiguous().view(torch.float16).float()  # [N, nb, 1]
@@ -78,14 +80,53 @@ def dequantize(blocks: torch.Tensor) -> torch.Tensor:
     return (q * d).view(n, -1)
 
 
-# ---- q4 tiles: 16 rows' blocks interleaved for the VNNI GEMV (the layout is drawn in cpu_quant.cpp) ----
+# ---- tiles: 16 rows' blocks interleaved for the VNNI GEMV (the layouts are drawn in cpu_quant.cpp) ----
 
 TILE_ROWS = 16
-_TILE_BYTES = 320
+_TILE_BYTES = 320  # q4
+_Q8_TILE_BYTES = 544
 
 
 def is_q4_tiles(blocks: torch.Tensor) -> bool:
     return blocks.dtype == torch.uint8 and blocks.shape[2] == _TILE_BYTES
+
+
+def is_q8_tiles(blocks: torch.Tensor) -> bool:
+    return blocks.dtype == torch.uint8 and blocks.shape[2] == _Q8_TILE_BYTES
+
+
+def is_tiles(blocks: torch.Tensor) -> bool:
+    return is_q4_tiles(blocks) or is_q8_tiles(blocks)
+
+
+def tile(blocks: torch.Tensor) -> torch.Tensor | None:
+    """q4 or Q8_0 (G 32) blocks as tiles of 16 rows, or None for a layout without tiles (G 16, N not a
+    multiple of 16, tiles already)."""
+    if blocks.shape[0] % TILE_ROWS or is_tiles(blocks):
+        return None
+    if blocks.dtype == torch.uint8:
+        return tile_q4(blocks)
+    return tile_q8(blocks) if blocks.shape[2] == 34 else None
+
+
+def tile_q8(blocks: torch.Tensor) -> torch.Tensor:
+    """Q8_0 blocks [N, K/32, 34] as tiles [N/16, K/32, 544]: per block, 16 rows' d, then q + 128 as bytes
+    (the dot product multiplies unsigned bytes by signed ones), byte 64*g + 4*r + t = row r's weight 4g+t."""
+    n, nb, _ = blocks.shape
+    rows = blocks.view(n // TILE_ROWS, TILE_ROWS, nb, 34).permute(0, 2, 1, 3)  # [T, nb, r, 34]
+    d = rows[..., 0:2].reshape(-1, nb, 32).view(torch.uint8)
+    q = (rows[..., 2:].to(torch.int16) + 128).to(torch.uint8)
+    q = q.reshape(-1, nb, TILE_ROWS, 8, 4).permute(0, 1, 3, 2, 4).reshape(-1, nb, 512)
+    return torch.cat([d, q], dim=-1).contiguous()
+
+
+def untile_q8(tiles: torch.Tensor) -> torch.Tensor:
+    """The Q8_0 blocks [N, K/32, 34] that `tile_q8` interleaved."""
+    t, nb, _ = tiles.shape
+    d = tiles[..., 0:32].reshape(t, nb, TILE_ROWS, 2).view(torch.int8)
+    q = tiles[..., 32:].reshape(t, nb, 8, TILE_ROWS, 4).permute(0, 1, 3, 2, 4).reshape(t, nb, TILE_ROWS, 32)
+    rows = torch.cat([d, (q.to(torch.int16) - 128).to(torch.int8)], dim=-1)  # [T, nb, r, 34]
+    return rows.permute(0, 2, 1, 3).reshape(t * TILE_ROWS, nb, 34).contiguous()
 
 
 def tile_q4(blocks: torch.Tensor) -> torch.Tensor:
