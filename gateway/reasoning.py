@@ -10,6 +10,8 @@ concatenate to the non-streamed fields. Whitespace right after `</think>` is dro
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 
 from tokenwire.gateway.streaming_text import split_at_tag
@@ -73,3 +75,36 @@ PARSERS = {"qwen3": True, "deepseek_r1": False}  # name -> whether the output mu
 def make(name: str) -> ThinkParser | None:
     """The parser `--reasoning-parser name` names; None for "" (no split)."""
     return ThinkParser(PARSERS[name]) if name else None
+
+
+# ---- constraints on the answer only ----
+
+# The engine's JSON options (engine_service/request/grammar.py), carried inside a `%json` rule.
+_JSON_OPTIONS = {"x-guidance": {"whitespace_flexible": False}}
+
+
+def answer_only(option: dict, parser_name: str) -> dict:
+    """A structured-output or forced-call constraint (the SDK's `{"json_schema": ...}`, `{"json_object": True}`
+    or `{"grammar": <Lark>}`) as
+    one Lark grammar that lets the model think first, freely, and holds only the answer to the constraint:
+    `<think>` (required to open the block for qwen3, already opened by the prompt for deepseek_r1), any
+    text up to the first `</think>` (a lazy lexeme), whitespace, then the answer."""
+    if PARSERS[parser_name]:  # the output opens the block itself, or does not think at all
+        start = 'start: (think WS?)? answer\nthink: "<think>" think_text'
+    else:  # the prompt opened the block: think text first, always
+        start = "start: think_text WS? answer"
+    rules = [start, 'think_text[lazy]: THINK_TEXT "</think>"', "THINK_TEXT: /(.|\\n)*/", "WS: /[ \\t\\n]+/"]
+    return {"grammar": "\n".join([*rules, *_answer_rules(option)])}
+
+
+def _answer_rules(option: dict) -> list[str]:
+    if "json_schema" in option or "json_object" in option:
+        schema = _schema(option["json_schema"]) if "json_schema" in option else {"type": "object"}
+        return [f"answer: %json {json.dumps(schema | _JSON_OPTIONS, ensure_ascii=False)}"]
+    # a forced call's Lark grammar: its start rule becomes the answer rule
+    return [re.sub(r"^start:", "answer:", option["grammar"], count=1, flags=re.MULTILINE)]
+
+
+def _schema(spec) -> dict:
+    schema = json.loads(spec) if isinstance(spec, str) else spec
+    return schema if isinstance(schema, dict) else {}

@@ -194,3 +194,57 @@ def test_llama3_json_reads_bare_calls_at_any_chunking(text):
     for step in (1, 2, 5):
         cuts = list(range(0, len(text), step))
         assert streamed(text, cuts, tools="llama3_json") == comparable(message)
+
+
+# ---- with a reasoning parser, a constraint holds the answer only ----
+
+ANSWER_SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+def _accepts(tokenizer, grammar: str, text: str) -> bool:
+    import llguidance.hf
+
+    matcher = llguidance.LLMatcher(
+        llguidance.hf.from_tokenizer(tokenizer), llguidance.LLMatcher.grammar_from_lark(grammar), log_level=0
+    )
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
+
+
+@pytest.mark.parametrize(
+    "parser, text, ok",
+    [
+        ("qwen3", '<think>first, a is one</think>\n\n{"a":1}', True),
+        ("qwen3", '{"a":12}', True),  # no thinking at all
+        ("qwen3", "<think>x</think>\nnot json", False),
+        ("qwen3", '<think>x</think>{"b":1}', False),
+        ("deepseek_r1", 'the prompt opened the block</think>\n{"a":3}', True),
+        ("deepseek_r1", '{"a":3}', False),  # the think text ends with </think>, always
+    ],
+)
+def test_a_schema_holds_the_answer_only_when_the_model_thinks(smollm2_dir, parser, text, ok):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    option = reasoning.answer_only({"json_schema": ANSWER_SCHEMA}, parser)
+    assert _accepts(tokenizer, option["grammar"], text) is ok
+
+
+def test_a_forced_call_holds_the_answer_only_when_the_model_thinks(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    request = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": ANSWER_SCHEMA}}],
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
+        }
+    )
+    option = reasoning.answer_only({"grammar": plan(request, "hermes").grammar}, "qwen3")
+    call = '<tool_call>\n{"name": "f", "arguments": {"a":2}}\n</tool_call>'
+    assert _accepts(tokenizer, option["grammar"], "<think>call f</think>\n" + call)
+    assert _accepts(tokenizer, option["grammar"], call)
+    assert not _accepts(tokenizer, option["grammar"], "<think>call f</think>\nno call")

@@ -341,3 +341,26 @@ def test_auto_parses_calls_out_of_the_output_streamed_as_whole(oai, model):
     plain = oai.chat.completions.create(**params, tool_choice="none", extra_body={"guided_regex": regex})
     assert plain.choices[0].message.tool_calls is None and "<tool_call>" in plain.choices[0].message.content
     assert plain.choices[0].finish_reason == "stop"
+
+
+def test_with_a_reasoning_parser_structured_output_and_forced_calls_hold_the_answer_only(thinking_gateway, model):
+    """The random model may open a think block it never closes (then it runs to max_tokens): every answer that
+    ends on its own validates, and most do, since thinking must open with `<`."""
+    url = thinking_gateway.url + "/v1/chat/completions"
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": SEARCH}}
+    schema_ends, call_ends = 0, 0
+    for seed in range(6):
+        base = {"model": model, "messages": ASK, "temperature": 1.0, "seed": seed, "max_tokens": 60}
+        reply = httpx.post(url, json=base | {"response_format": fmt}, timeout=120).json()
+        assert "choices" in reply, reply
+        message = reply["choices"][0]
+        if message["finish_reason"] == "stop":
+            jsonschema.validate(json.loads(message["message"]["content"]), SEARCH)
+            schema_ends += 1
+        forced = {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}
+        choice = httpx.post(url, json=base | forced, timeout=120).json()["choices"][0]
+        if choice["finish_reason"] == "tool_calls":
+            (call,) = choice["message"]["tool_calls"]
+            jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[call["function"]["name"]])
+            call_ends += 1
+    assert schema_ends >= 3 and call_ends >= 3
