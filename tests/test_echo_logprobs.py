@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 
 import grpc
-import httpx
 import openai
 import pytest
 import torch
@@ -56,21 +55,10 @@ def gateway(services):
 
 
 @pytest.fixture(scope="module")
-def oai(gateway):
-    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def sdk(services):
     tokenizer, engine = services
     with Client(tokenizer.address, engine.address) as client:
         yield client
-
-
-@pytest.fixture(scope="module")
-def model(gateway) -> str:
-    return httpx.get(gateway.url + "/v1/models").json()["data"][0]["id"]
 
 
 @pytest.fixture(autouse=True)

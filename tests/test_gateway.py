@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 
-import grpc
 import httpx
 import openai
 import pytest
@@ -15,7 +14,6 @@ from tokenwire.engine.config import CacheConfig, EngineConfig, ServerConfig
 from tokenwire.gateway.config import GatewayConfig
 from tokenwire.tokenizer.config import TokenizerServiceConfig
 from tokenwire.v1 import engine_pb2 as pb
-from tokenwire.v1 import engine_pb2_grpc
 
 from tests.gateway_servers import GatewayThread
 from tests.reference import ENGINE_DTYPE
@@ -41,23 +39,6 @@ def gateway(services):
     thread = GatewayThread(GatewayConfig(port=0, tokenizer=tokenizer.address, engine=engine.address, max_n=4))
     yield thread
     thread.close()
-
-
-@pytest.fixture(scope="module")
-def oai(gateway):
-    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def model(gateway) -> str:
-    return httpx.get(gateway.url + "/v1/models").json()["data"][0]["id"]
-
-
-@pytest.fixture(scope="module")
-def engine_stub(services):
-    with grpc.insecure_channel(services[1].address) as channel:
-        yield engine_pb2_grpc.EngineServiceStub(channel)
 
 
 @pytest.fixture(autouse=True)
