@@ -197,6 +197,18 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_start():
     assert not stale.exists()
 
 
+@needs_native
+def test_the_build_names_no_path_of_this_checkout():
+    """Built from a copy of the sources inside its own directory, so another checkout of the same sources
+    (a worktree, CI's clone) loads this build instead of rebuilding it over and over."""
+    from pathlib import Path
+
+    build_dir = kernels.build_directory()
+    ninja_file = (build_dir / "build.ninja").read_text()
+    assert str(Path(kernels.__file__).resolve().parent) not in ninja_file
+    assert str(build_dir / "src" / "cpu_linear.cpp") in ninja_file
+
+
 def test_switched_off_by_config(tiny_llama_dir):
     from tokenwire.engine.config import EngineConfig
     from tokenwire.engine.worker.model_runner import ModelRunner

@@ -56,9 +56,10 @@ def _load():
     start = time.perf_counter()
     try:
         with _build_lock(build_dir):
+            sources = _copy_sources(build_dir)
             cpp_extension.load(
                 name="tokenwire_cpu_kernels",
-                sources=[str(p) for p in _SOURCES],
+                sources=[str(p) for p in sources],
                 build_directory=str(build_dir),
                 extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"],
                 extra_ldflags=["-fopenmp"],
@@ -89,6 +90,23 @@ def build_directory() -> Path:
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in (*_SOURCES, _HEADER))).hexdigest()[:12]
     tag = f"{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-{digest}".replace("+", "_")
     return tokenwire_home() / "kernels" / tag
+
+
+def _copy_sources(build_dir: Path) -> list[Path]:
+    """The sources copied into the build directory, and the paths cpp_extension is given.
+
+    cpp_extension rebuilds whenever its ninja file changes, and that file names the sources' absolute
+    paths: two checkouts of the same sources (a worktree, CI's clone) took turns rebuilding one
+    directory. Compiled from a copy whose path is the build directory's own, every checkout with the
+    same sources (the directory's hash) shares one build."""
+    source_dir = build_dir / "src"
+    source_dir.mkdir(exist_ok=True)
+    for path in (*_SOURCES, _HEADER):
+        copy = source_dir / path.name
+        content = path.read_bytes()
+        if not copy.exists() or copy.read_bytes() != content:
+            copy.write_bytes(content)
+    return [source_dir / path.name for path in _SOURCES]
 
 
 @contextlib.contextmanager
