@@ -84,10 +84,13 @@ def _load():
 
 
 def build_directory() -> Path:
-    """`$TOKENWIRE_HOME/kernels/<torch>-<cpu capability>-<hash of the sources>/`: a new build for any change."""
+    """`$TOKENWIRE_HOME/kernels/<torch>-<cpu capability>-<hash of the sources and torch's path>/`: a new build for
+    any change of the sources, one per environment."""
     from tokenwire.serving.model_resolver import tokenwire_home
 
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in (*_SOURCES, _HEADER))).hexdigest()[:12]
+    # the torch install is hashed too: the ninja file names its include paths, one per environment
+    torch_dir = str(Path(torch.__file__).resolve().parent).encode()
+    digest = hashlib.sha256(b"".join([*(p.read_bytes() for p in (*_SOURCES, _HEADER)), torch_dir])).hexdigest()[:12]
     tag = f"{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-{digest}".replace("+", "_")
     return tokenwire_home() / "kernels" / tag
 
