@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tokenwire.client import Client, OverloadedError
+from tokenwire.client import AsyncClient, Client, OverloadedError, RetryPolicy, UnavailableError
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
 from tokenwire.engine.core.messages import AbortRequest, AddRequest, QueryStats, Ready, StatsReply, StepOutputs, Stop
 from tokenwire.engine.core.process import run_core_in_thread
@@ -249,3 +249,32 @@ def _first_watch_reply(watcher):
         return next(watcher).status
     except grpc.RpcError as error:
         return error.code()
+
+
+def test_tokenizer_stopped_mid_stream_is_unavailable_and_cancels_the_engine_request(tiny_llama_dir):
+    """text_from="tokenizer": the tokenizer service stops mid-stream; the SDK raises its typed
+    UnavailableError (not asyncio's InvalidStateError), and the engine request is cancelled with it."""
+    engine = EngineThread(
+        EngineConfig(model=tiny_llama_dir, dtype=ENGINE_DTYPE, native_kernels=False, cache=CacheConfig(num_blocks=64))
+    )
+    tokenizer = TokenizerThread(TokenizerServiceConfig(model=tiny_llama_dir, port=0))
+
+    async def main():
+        client = AsyncClient(
+            tokenizer.address, engine.address, text_from="tokenizer", retry=RetryPolicy(max_attempts=1)
+        )
+        async with client:
+            stream = client.generate(token_ids=[1, 2, 3], max_new_tokens=4000, ignore_eos=True)
+            await anext(stream)
+            await asyncio.to_thread(tokenizer.close)
+            with pytest.raises(UnavailableError):
+                async for _ in stream:
+                    pass
+
+    try:
+        asyncio.run(main())
+        with grpc.insecure_channel(engine.address) as channel:
+            stats = wait_until_idle(engine_pb2_grpc.EngineServiceStub(channel))
+        assert stats.num_active_requests == 0 and stats.num_free_kv_blocks == stats.num_kv_blocks
+    finally:
+        engine.close()
