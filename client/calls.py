@@ -151,9 +151,21 @@ class TextStream:
         except grpc.aio.AioRpcError as error:
             self._scope.remaining()  # a write racing the deadline fails as INTERNAL: report the deadline
             raise from_rpc_error(error, self._endpoint) from None
+        except asyncio.InvalidStateError:  # a write to an RPC that already ended (the service went away)
+            raise await self._ended_error() from None
         if response is grpc.aio.EOF:  # an OK status before the final message: a broken service
             raise ServerError("tokenizer: DecodeStream ended before its final message")
         return response.text
+
+    async def _ended_error(self) -> Exception:
+        """The typed error for how the ended RPC ended."""
+        code = await self._call.code()
+        if code == grpc.StatusCode.OK:
+            return ServerError("tokenizer: DecodeStream ended before its final message")
+        error = grpc.aio.AioRpcError(
+            code, await self._call.initial_metadata(), await self._call.trailing_metadata(), await self._call.details()
+        )
+        return from_rpc_error(error, self._endpoint)
 
 
 async def wait_serving(stub: health_pb2_grpc.HealthStub, scope: CallScope) -> None:

@@ -5,7 +5,7 @@ the concatenation of generate()'s deltas."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from tokenwire.client import convert
 from tokenwire.client.calls import CallScope, TextStream
@@ -15,7 +15,7 @@ from tokenwire.v1 import engine_pb2, tokenizer_pb2_grpc
 
 
 async def chunks(
-    messages: AsyncIterator[engine_pb2.GenerateResponse],
+    messages: AsyncGenerator[engine_pb2.GenerateResponse, None],
     request: engine_pb2.GenerateRequest,
     prompt_ids: Sequence[int],
     tokenizer: tokenizer_pb2_grpc.TokenizerServiceStub | None,
@@ -40,6 +40,7 @@ async def chunks(
     finally:
         for text in texts.values():
             text.cancel()
+        await messages.aclose()  # a failed text side ends the engine stream too: its request is cancelled
 
 
 async def completion(

@@ -20,6 +20,7 @@ class GrpcServerConfig:
     tls_key: str = ""                    # PEM private key of tls_cert
     tls_client_ca: str = ""              # PEM CA bundle: also require client certificates it signed (mTLS)
     auth_token: str = ""                 # require `authorization: Bearer <token>` on every RPC but health
+    max_health_watches: int = 64         # open grpc.health Watch streams (they need no token); more get RESOURCE_EXHAUSTED, and they take none of the service's RPC slots
 
     @property
     def address(self) -> str:

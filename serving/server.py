@@ -23,13 +23,18 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 from tokenwire.serving import security
 from tokenwire.serving.config import GrpcServerConfig
+from tokenwire.serving.health import BoundedHealthServicer
 from tokenwire.serving.metrics import MetricsEndpoint, RpcMetrics
 from tokenwire.serving.request_guard import RequestGuard
+from tokenwire.serving.rpc_budget import RpcBudget
 from tokenwire.serving.rpc_observer import ResponseHook, RpcObserver
 
 log = logging.getLogger(__name__)
 
 _NO_PORT_SHARING = [("grpc.so_reuseport", 0)]  # a second server on a busy port must fail, not share it
+# Calls gRPC admits beyond the service's bound and the Watch budget: health Checks, and calls refused
+# (credentials, budget) in the microseconds before they end.
+_SHORT_CALL_HEADROOM = 64
 
 
 class GrpcServer:
@@ -41,7 +46,7 @@ class GrpcServer:
 
     def __init__(self, config: GrpcServerConfig, *, max_concurrent_rpcs: int | None = None):
         self.config = config
-        self.health = health.aio.HealthServicer()
+        self.health = BoundedHealthServicer(config.max_health_watches)
         self.registry = CollectorRegistry()  # this server's own: several servers can share a process
         self.metrics_endpoint = MetricsEndpoint(self.registry)
         self.port: int | None = None
@@ -73,13 +78,14 @@ class GrpcServer:
 
     async def start(self) -> int:
         """Binds and starts serving health (NOT_SERVING until `load`) and reflection; returns the port."""
-        # Outermost first: observe every call, then authenticate, then turn unparsable requests into
-        # INVALID_ARGUMENT.
-        interceptors = [self._observer, *security.server_interceptors(self.config.auth_token), RequestGuard()]
+        # Outermost first: observe every call, then authenticate, then bound the service's calls in flight,
+        # then turn unparsable requests into INVALID_ARGUMENT.
+        budget = [] if self._max_concurrent_rpcs is None else [RpcBudget(self._max_concurrent_rpcs)]
+        interceptors = [self._observer, *security.server_interceptors(self.config.auth_token), *budget, RequestGuard()]
         server = grpc.aio.server(
             options=_NO_PORT_SHARING + self.config.grpc_options,
             interceptors=interceptors,
-            maximum_concurrent_rpcs=self._max_concurrent_rpcs,
+            maximum_concurrent_rpcs=self._rpc_limit(),
         )
         self.add_servicer(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -95,6 +101,14 @@ class GrpcServer:
             self.metrics_endpoint.start(self.config.host, self.config.metrics_port)
         log.info("%s listening on %s:%d (loading)", self.display_name, self.config.host, self.port)
         return self.port
+
+    def _rpc_limit(self) -> int | None:
+        """gRPC's own limit on calls in flight, an outer bound: the service's calls are bounded exactly by
+        RpcBudget and Watch streams by the health servicer, so watchers (who need no token) never take a
+        slot the service's callers could have."""
+        if self._max_concurrent_rpcs is None:
+            return None
+        return self._max_concurrent_rpcs + self.health.max_watches + _SHORT_CALL_HEADROOM
 
     async def set_serving(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

@@ -12,7 +12,8 @@ import time
 
 import grpc
 import pytest
-from tokenwire.client import Client, OverloadedError
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tokenwire.client import AsyncClient, Client, OverloadedError, RetryPolicy, UnavailableError
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
 from tokenwire.engine.core.messages import AbortRequest, AddRequest, QueryStats, Ready, StatsReply, StepOutputs, Stop
 from tokenwire.engine.core.process import run_core_in_thread
@@ -205,3 +206,75 @@ def _wait_for(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < end, "condition not reached"
         time.sleep(0.005)
+
+
+def test_health_watch_streams_never_take_the_services_rpc_slots(smollm2_dir):
+    """Health needs no token, so a flood of Watch streams is capped on its own: past the cap a Watch gets
+    RESOURCE_EXHAUSTED, and an authenticated caller keeps every one of the service's RPC slots."""
+    config = TokenizerServiceConfig(
+        model=smollm2_dir, port=0, max_concurrent_rpcs=2, max_health_watches=3, auth_token="s3cret"
+    )
+    server = TokenizerThread(config)
+    watchers = []
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for _ in range(8):  # more than the cap and than the service's slots together
+                watchers.append(health.Watch(health_pb2.HealthCheckRequest(), timeout=30))
+            opened = [_first_watch_reply(watcher) for watcher in watchers]
+            assert opened.count(health_pb2.HealthCheckResponse.SERVING) == 3
+            assert opened.count(EXHAUSTED) == 5
+            stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+            token = (("authorization", "Bearer s3cret"),)
+            release = threading.Event()
+
+            def requests():
+                yield tokenizer_pb2.DecodeStreamRequest(ids=[31873])
+                release.wait(30)
+
+            stream = stub.DecodeStream(requests(), timeout=30, metadata=token)
+            next(stream)  # one of the two slots held by a stream, three watchers open
+            assert len(stub.Encode(tokenizer_pb2.EncodeRequest(text="hello"), timeout=10, metadata=token).ids) > 0
+            release.set()
+            assert list(stream)[-1].final
+    finally:
+        for watcher in watchers:
+            watcher.cancel()
+        server.close()
+
+
+def _first_watch_reply(watcher):
+    """The first status a Watch stream sends, or the code it was refused with."""
+    try:
+        return next(watcher).status
+    except grpc.RpcError as error:
+        return error.code()
+
+
+def test_tokenizer_stopped_mid_stream_is_unavailable_and_cancels_the_engine_request(tiny_llama_dir):
+    """text_from="tokenizer": the tokenizer service stops mid-stream; the SDK raises its typed
+    UnavailableError (not asyncio's InvalidStateError), and the engine request is cancelled with it."""
+    engine = EngineThread(
+        EngineConfig(model=tiny_llama_dir, dtype=ENGINE_DTYPE, native_kernels=False, cache=CacheConfig(num_blocks=64))
+    )
+    tokenizer = TokenizerThread(TokenizerServiceConfig(model=tiny_llama_dir, port=0))
+
+    async def main():
+        client = AsyncClient(
+            tokenizer.address, engine.address, text_from="tokenizer", retry=RetryPolicy(max_attempts=1)
+        )
+        async with client:
+            stream = client.generate(token_ids=[1, 2, 3], max_new_tokens=4000, ignore_eos=True)
+            await anext(stream)
+            await asyncio.to_thread(tokenizer.close)
+            with pytest.raises(UnavailableError):
+                async for _ in stream:
+                    pass
+
+    try:
+        asyncio.run(main())
+        with grpc.insecure_channel(engine.address) as channel:
+            stats = wait_until_idle(engine_pb2_grpc.EngineServiceStub(channel))
+        assert stats.num_active_requests == 0 and stats.num_free_kv_blocks == stats.num_kv_blocks
+    finally:
+        engine.close()

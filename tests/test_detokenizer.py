@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tokenwire.tokenizer.detokenizer import MAX_HELD_TOKENS, IncrementalDetokenizer
+from tokenwire.tokenizer.detokenizer import MAX_HELD_TOKENS, MAX_KEPT_IDS, IncrementalDetokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 CORPUS = [
@@ -215,3 +215,23 @@ def test_work_per_token_does_not_grow_with_length(smollm2):
     for i in ids:
         detokenizer.push([i])
     assert len(ids) > 2000 and max(decoded_lengths) <= 12
+
+
+@SKIP
+def test_a_long_stream_keeps_a_bounded_window(tokenizer, skip):
+    """However long the stream and however big its pushes, only a window of ids is kept between pushes,
+    and the text still equals the one-shot decode (multi-byte characters and byte-fallback runs included)."""
+    ids = [i for sample in corpus_ids(tokenizer) for i in sample] * 4
+    rng = random.Random(1)
+    for prompt_length in (0, 40):
+        prompt = ids[:prompt_length]
+        detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip, prompt_ids=prompt)
+        pieces, kept, at = [], [], 0
+        while at < len(ids):
+            size = rng.choice([1, 2, 3, rng.randint(1, 64), rng.randint(64, 600)])
+            pieces.append(detokenizer.push(ids[at : at + size]))
+            kept.append(detokenizer.num_kept_ids)
+            at += size
+        text = "".join(pieces) + detokenizer.finish()
+        assert text == text_after_prompt(tokenizer, prompt + ids, prompt_length, skip)
+        assert len(ids) > 2000 and max(kept) <= MAX_KEPT_IDS

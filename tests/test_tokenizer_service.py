@@ -27,6 +27,7 @@ from transformers import AutoTokenizer
 from tests.test_detokenizer import CORPUS, build_byte_fallback_tokenizer
 
 MAX_BATCH = 64
+MAX_PUSH = 256
 
 
 class ServerThread:
@@ -64,7 +65,9 @@ class ServerThread:
 
 @pytest.fixture(scope="module")
 def config(smollm2_dir) -> TokenizerServiceConfig:
-    return TokenizerServiceConfig(model=smollm2_dir, host="127.0.0.1", port=0, max_batch_size=MAX_BATCH)
+    return TokenizerServiceConfig(
+        model=smollm2_dir, host="127.0.0.1", port=0, max_batch_size=MAX_BATCH, max_stream_push_ids=MAX_PUSH
+    )
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +201,21 @@ def test_decode_stream_token_by_token_with_prompt(stub, reference):
     assert decode_stream(stub, [[]], skip=False) == [pb.DecodeStreamResponse(), pb.DecodeStreamResponse(final=True)]
 
 
+def test_a_long_decode_stream_equals_one_decode(stub, reference):
+    """Thousands of ids in pushes up to the bound (the service keeps only a window of them) and a long
+    prompt, of which only the tail is context: the text is still the one-shot decode's."""
+    ids = reference(" ".join(CORPUS) * 12)["input_ids"]
+    prompt = reference("A long prompt. " * 2000)["input_ids"]
+    sizes = [1, MAX_PUSH, 7, MAX_PUSH - 1, 3] * 100
+    chunks, at = [], 0
+    for size in sizes:
+        chunks.append(ids[at : at + size])
+        at += size
+    assert len(ids) > 2000 and at >= len(ids) and len(prompt) > 6000
+    responses = decode_stream(stub, chunks, skip=False, prompt_ids=prompt)
+    assert "".join(r.text for r in responses) == stub.Decode(pb.DecodeRequest(ids=ids)).text
+
+
 # --- errors, health, reflection, fingerprints --------------------------------------------------------
 
 
@@ -229,6 +247,7 @@ BAD_STREAMS = [
     ([pb.DecodeStreamRequest(ids=[1, 49153])], "ids"),
     ([pb.DecodeStreamRequest(prompt_ids=[10**6])], "prompt_ids"),
     ([pb.DecodeStreamRequest(ids=[1]), pb.DecodeStreamRequest(ids=[2], prompt_ids=[3])], "prompt_ids"),
+    ([pb.DecodeStreamRequest(ids=[1]), pb.DecodeStreamRequest(ids=[28120] * (MAX_PUSH + 1))], "ids"),
 ]
 
 

@@ -13,6 +13,11 @@ are in tokens not seen yet). Offsets only advance to where the window's text end
 character, so every window starts on a character boundary and `prefix_text` is a true prefix of
 `full_text`.
 
+State stays bounded however long the stream: once a push has emitted more than a few ids, the window
+moves up to the last few of them (the context a leading-space or merge decision needs, starting on a
+whole character) and everything before it is dropped, so the detokenizer keeps at most
+`MAX_KEPT_IDS` ids between pushes (plus a single push's own ids during it), not the stream's history.
+
 Skipped special tokens are dropped on arrival rather than decoded with skip_special_tokens: a window
 made only of skipped tokens would decode to "" and lose the context that decides a leading space.
 Text is never "cleaned up" (`clean_up_tokenization_spaces`): that rewrites text already streamed.
@@ -41,6 +46,11 @@ MAX_INCOMPLETE_TOKENS = 3
 # When no such end exists the U+FFFD is real (invalid bytes, or literal U+FFFD characters); past this
 # many held-back tokens the text is emitted anyway, so a run of them cannot grow the window forever.
 MAX_HELD_TOKENS = 32
+# Emitted ids a window keeps as context for the next push once it holds more: the prompt's context plus
+# room for the step back to a whole character.
+MAX_CONTEXT_IDS = PROMPT_CONTEXT_TOKENS + 2 * MAX_INCOMPLETE_TOKENS + 1
+# Kept between pushes: the context, and ids held back (an incomplete character) up to the forced emission.
+MAX_KEPT_IDS = MAX_CONTEXT_IDS + MAX_HELD_TOKENS
 
 
 def skipped_token_ids(tokenizer: Any) -> frozenset[int]:
@@ -93,6 +103,11 @@ class IncrementalDetokenizer:
     def num_pending_ids(self) -> int:
         """Ids received whose text is held back (an incomplete character)."""
         return len(self._ids) - self._read_offset
+
+    @property
+    def num_kept_ids(self) -> int:
+        """Ids held as state: the window's context and the pending ids (bounded: MAX_KEPT_IDS)."""
+        return len(self._ids)
 
     def push(self, ids: Iterable[int]) -> str:
         """Adds generated ids; returns the text they complete (possibly "")."""
@@ -168,7 +183,25 @@ class IncrementalDetokenizer:
         else:  # the prompt may end mid-character: keep the window on the boundary found before it
             self._prompt_whole_chars = None
         self._read_offset = end
+        self._shrink_window()
         return text[cut:]
+
+    def _shrink_window(self) -> None:
+        """Moves the window's start up to the last few emitted ids, and drops every id before it.
+
+        The new start is found as for a prompt's window: a start whose text does not open with U+FFFD is
+        on a whole character. When none is (a run of invalid bytes), the start stays where it was; it is
+        the previous push's end, so the window is still only the last push's ids."""
+        emitted = self._read_offset - self._prefix_offset
+        if emitted > MAX_CONTEXT_IDS:
+            lowest = self._read_offset - PROMPT_CONTEXT_TOKENS
+            for start in range(lowest, lowest - MAX_INCOMPLETE_TOKENS - 1, -1):
+                if not self._decode(self._ids[start : self._read_offset]).startswith(REPLACEMENT_CHAR):
+                    self._prefix_offset = start
+                    break
+        del self._ids[: self._prefix_offset]
+        self._read_offset -= self._prefix_offset
+        self._prefix_offset = 0
 
     def _prompt_window(self) -> tuple[int, int]:
         """(window start, length of the window's whole-character prompt text) over the prompt's end.

@@ -24,10 +24,14 @@ from tokenwire.serving.errors import (
 from tokenwire.tokenizer import convert
 from tokenwire.tokenizer.codec import NoChatTemplateError, TokenCodec
 from tokenwire.tokenizer.config import TokenizerServiceConfig
+from tokenwire.tokenizer.detokenizer import MAX_CONTEXT_IDS
 from tokenwire.v1 import tokenizer_pb2 as pb
 from tokenwire.v1 import tokenizer_pb2_grpc
 
 log = logging.getLogger(__name__)
+# The prompt ids a DecodeStream reads as context, from the end: the detokenizer keeps fewer still (past
+# skipped special tokens), so a whole prompt costs no more than its tail.
+PROMPT_CONTEXT_IDS = 64 * MAX_CONTEXT_IDS
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext
 
@@ -131,16 +135,23 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         await context.abort(code, bounded(message), trailing_metadata=metadata)
 
     async def _decode_stream(self, requests: AsyncIterator[pb.DecodeStreamRequest]):
-        """One delta per request message, then a final flush once the client half-closes."""
+        """One delta per request message, then a final flush once the client half-closes. The detokenizer
+        keeps a bounded window, and a push is bounded too: a push past the inline limit decodes in a
+        thread, so the event loop (health, other streams) never waits on it."""
         codec, detokenizer = self.codec, None
         async for request in requests:
             if detokenizer is None:
-                detokenizer = codec.detokenizer(request.skip_special_tokens, list(request.prompt_ids))
+                prompt_tail = list(request.prompt_ids[-PROMPT_CONTEXT_IDS:])
+                detokenizer = codec.detokenizer(request.skip_special_tokens, prompt_tail)
             elif request.prompt_ids:
                 raise InvalidRequestError("prompt_ids", "only allowed in the first message of the stream")
+            if len(request.ids) > self.config.max_stream_push_ids:
+                raise InvalidRequestError(
+                    "ids", f"at most {self.config.max_stream_push_ids} ids per message, got {len(request.ids)}"
+                )
             ids = list(request.ids)
             codec.check_ids("ids", ids)
-            yield pb.DecodeStreamResponse(text=detokenizer.push(ids))
+            yield pb.DecodeStreamResponse(text=await self._run(len(ids), detokenizer.push, ids))
         tail = detokenizer.finish() if detokenizer is not None else ""
         yield pb.DecodeStreamResponse(text=tail, final=True)
 
