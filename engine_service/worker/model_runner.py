@@ -17,6 +17,7 @@ import torch
 from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.models import kernels
 from tokenwire.engine.models.attention import AttentionBatch, KVCache
+from tokenwire.engine.models.gemma import GemmaForward
 from tokenwire.engine.models.gguf_weights import attach_gguf, attach_int8
 from tokenwire.engine.models.gpt2 import GPT2Forward
 from tokenwire.engine.models.linear import Linear
@@ -34,11 +35,16 @@ _ARCHITECTURES = {
     "MistralForCausalLM": LlamaForward,
     "Qwen2ForCausalLM": LlamaForward,
     "Qwen3ForCausalLM": LlamaForward,
+    "Phi3ForCausalLM": LlamaForward,
+    "Gemma2ForCausalLM": GemmaForward,
+    "Gemma3ForCausalLM": GemmaForward,
     "GPT2LMHeadModel": GPT2Forward,
 }
 SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 # The forwards that fuse quantized blocks (llama._linear); the others run dense.
-_QUANTIZED_ARCHITECTURES = {name for name, forward in _ARCHITECTURES.items() if forward is LlamaForward}
+_QUANTIZED_ARCHITECTURES = {
+    name for name, forward in _ARCHITECTURES.items() if forward in (LlamaForward, GemmaForward)
+}
 QUANTIZATION_MODES = ("auto", "gguf", "int8", "none")
 
 
@@ -275,6 +281,9 @@ _BY_MODEL_TYPE = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
 
