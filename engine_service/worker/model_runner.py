@@ -42,9 +42,7 @@ _ARCHITECTURES = {
 }
 SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 # The forwards that fuse quantized blocks (llama._linear); the others run dense.
-_QUANTIZED_ARCHITECTURES = {
-    name for name, forward in _ARCHITECTURES.items() if forward in (LlamaForward, GemmaForward)
-}
+_QUANTIZED_ARCHITECTURES = {name for name, forward in _ARCHITECTURES.items() if forward in (LlamaForward, GemmaForward)}
 QUANTIZATION_MODES = ("auto", "gguf", "int8", "none")
 
 
@@ -275,7 +273,8 @@ def _prompt_span(seq: Sequence, start: int, end: int) -> PromptSpan | None:
     return PromptSpan(seq, first, last - first, seq.prompt_token_ids[first + 1 : last + 1])
 
 
-# Old checkpoints may omit `architectures`; their model_type names the family.
+# Old checkpoints and GGUF-loaded configs may omit `architectures` (or name a multimodal wrapper);
+# their model_type names the family.
 _BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -293,7 +292,8 @@ def _architecture(hf_config) -> str:
     for name in names:
         if name in _ARCHITECTURES:
             return name
-    if not names and getattr(hf_config, "model_type", None) in _BY_MODEL_TYPE:
+    # GGUF-loaded configs carry a model_type (gemma3_text) and no architectures.
+    if getattr(hf_config, "model_type", None) in _BY_MODEL_TYPE:
         return _BY_MODEL_TYPE[hf_config.model_type]
     raise ValueError(
         f"unsupported model architecture {names or hf_config.model_type!r}; "
