@@ -53,6 +53,82 @@ def build_tiny_gpt2(tokenizer_dir: str | Path, out: Path, **overrides) -> Path:
     return _save(GPT2LMHeadModel, config, tokenizer, out)
 
 
+# Tiny natively-served families beyond Llama: what each config adds. Four layers, so Gemma's interleaved
+# sliding and global layers both occur; a window of 6 tokens, shorter than the tests' prompts.
+TINY_WINDOW = 6
+_FAMILY_CONFIGS = {
+    "gemma3": dict(
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        sliding_window=TINY_WINDOW,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+        },
+    ),
+    "gemma2": dict(
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        sliding_window=TINY_WINDOW,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=5.0,  # low caps, so the cap changes scores of a random model
+        final_logit_softcapping=3.0,
+    ),
+    "phi3": dict(
+        # su/longrope: short and long factors per rotary frequency (head_dim 16 -> 8).
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0, 2.5],
+            "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0],
+        },
+        original_max_position_embeddings=256,
+    ),
+}
+
+
+def build_tiny_family(family: str, tokenizer_dir: str | Path, out: Path) -> Path:
+    """A 4-layer random `family` model (gemma3, gemma2, phi3) with the SmolLM2 tokenizer."""
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        Phi3Config,
+        Phi3ForCausalLM,
+    )
+
+    model_cls, config_cls = {
+        "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig),
+        "gemma2": (Gemma2ForCausalLM, Gemma2Config),
+        "phi3": (Phi3ForCausalLM, Phi3Config),
+    }[family]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        tie_word_embeddings=family != "phi3",
+        **_ids(tokenizer),
+        **_FAMILY_CONFIGS[family],
+    )
+    torch.manual_seed(SEED)
+    model = model_cls(config).to(torch.float32).eval()
+    with torch.no_grad():  # Gemma's norms start at 0 (1 + w = 1): random ones exercise the (1 + w)
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def _save(model_cls, config, tokenizer, out: Path) -> Path:
     torch.manual_seed(SEED)
     model = model_cls(config).to(torch.float32).eval()

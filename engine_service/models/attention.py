@@ -220,14 +220,17 @@ def paged_attention(
     scale: float,
     window: int | None = None,
     written: bool = False,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q [T, H, d], k/v [T, kv_heads, d] for this step's tokens; one layer's caches. Returns [T, H * d].
-    `written`: the caller already put k/v into their cache slots."""
+    `written`: the caller already put k/v into their cache slots. `softcap`: scores become
+    softcap * tanh(scores / softcap) before the mask (Gemma 2); SDPA and the native decode kernel have
+    no such step, so those layers run the explicit softmax below."""
     kv_heads, head_dim = k.shape[1], k.shape[2]
     if not written:  # rounded to the cache's dtype where it is narrower than the model's
         k_cache.view(-1, kv_heads, head_dim).index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
         v_cache.view(-1, kv_heads, head_dim).index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
-    if batch.native is not None and batch.decodes:
+    if batch.native is not None and batch.decodes and softcap is None:
         group = batch.decodes[0]  # one group: the kernel reads each decode's own length only
         outs = [
             batch.native.paged_decode(
@@ -236,29 +239,59 @@ def paged_attention(
         ]
         outs += [_prefill(q, k, v, k_cache, v_cache, span, batch.block_size, scale, window) for span in batch.prefills]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
-    outs = [_decode(q, k_cache, v_cache, group, scale, window) for group in batch.decodes]
-    outs += [_prefill(q, k, v, k_cache, v_cache, span, batch.block_size, scale, window) for span in batch.prefills]
+    outs = [_decode(q, k_cache, v_cache, group, scale, window, softcap) for group in batch.decodes]
+    outs += [
+        _prefill(q, k, v, k_cache, v_cache, span, batch.block_size, scale, window, softcap) for span in batch.prefills
+    ]
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float, window: int | None) -> torch.Tensor:
+def _sdpa(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
+    """SDPA over [B, H, L, d] / [B, kv_heads, S, d]; `mask` None means causal. With a soft-cap, the
+    explicit form HF's eager attention computes (softmax in float32)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+        )
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * scale / softcap) * softcap
+    if mask is None:
+        length = scores.shape[-1]
+        mask = _additive(torch.ones(length, length, dtype=torch.bool, device=q.device).tril_(), q.dtype)
+    probs = torch.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def _decode(
+    q, k_cache, v_cache, group: DecodeGroup, scale: float, window: int | None, softcap: float | None = None
+) -> torch.Tensor:
     n, num_heads, head_dim = group.end - group.begin, q.shape[1], q.shape[2]
     kv_heads = k_cache.shape[2]
     keys = k_cache.index_select(0, group.block_ids).view(n, -1, kv_heads, head_dim).to(q.dtype)
     values = v_cache.index_select(0, group.block_ids).view(n, -1, kv_heads, head_dim).to(q.dtype)
-    out = F.scaled_dot_product_attention(
+    out = _sdpa(
         q[group.begin : group.end].unsqueeze(2),
         keys.transpose(1, 2),
         values.transpose(1, 2),
-        attn_mask=group.mask(window, q.dtype),
-        scale=scale,
-        enable_gqa=True,
+        group.mask(window, q.dtype),
+        scale,
+        softcap,
     )
     return out.view(n, num_heads * head_dim)
 
 
 def _prefill(
-    q, k, v, k_cache, v_cache, span: PrefillSpan, block_size: int, scale: float, window: int | None
+    q,
+    k,
+    v,
+    k_cache,
+    v_cache,
+    span: PrefillSpan,
+    block_size: int,
+    scale: float,
+    window: int | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     n, num_heads, head_dim = span.end - span.begin, q.shape[1], q.shape[2]
     kv_heads = k.shape[1]
@@ -268,13 +301,12 @@ def _prefill(
         keys = k_cache.index_select(0, span.block_ids).view(-1, kv_heads, head_dim).to(q.dtype)
         values = v_cache.index_select(0, span.block_ids).view(-1, kv_heads, head_dim).to(q.dtype)
     mask = span.mask(window, block_size, q)
-    out = F.scaled_dot_product_attention(
+    out = _sdpa(
         q[span.begin : span.end].transpose(0, 1).unsqueeze(0),
         keys.transpose(0, 1).unsqueeze(0),
         values.transpose(0, 1).unsqueeze(0),
-        attn_mask=mask,
-        is_causal=mask is None,
-        scale=scale,
-        enable_gqa=True,
+        mask,
+        scale,
+        softcap,
     )
     return out[0].transpose(0, 1).reshape(n, num_heads * head_dim)

@@ -1,9 +1,10 @@
-"""Our forward for the Llama family (SmolLM2, Llama, Mistral, Qwen2, Qwen3) over a HF model's weights.
+"""Our forward for the Llama family (SmolLM2, Llama, Mistral, Qwen2, Qwen3, Phi-3) over a HF model's weights.
 
 q/k/v are fused into one matmul and gate/up into another, residual adds ride inside the GEMMs
 (`Linear.add`), and the HF module's own rotary embedding supplies cos/sin, so every rope scaling variant
 matches transformers. Qwen2's qkv bias, Qwen3's per-head q/k norms, an explicit head_dim, tied
-embeddings and sliding-window layers are handled from the config.
+embeddings, sliding-window layers and Phi-3's pre-fused qkv/gate_up (and su/longrope, through
+the HF rotary module) are handled from the config.
 """
 
 from __future__ import annotations
@@ -235,17 +236,24 @@ def _embedding(embedding: torch.nn.Embedding) -> torch.Tensor:
     return weight if blocks is None else blocks.dequantize(weight.dtype).to(weight.device)
 
 
+def _projections(module, fused: str, parts: tuple[str, ...]) -> list[torch.nn.Module]:
+    """Phi-3 checkpoints hold q/k/v (gate/up) already fused, in the order the forward splits them."""
+    if hasattr(module, fused):
+        return [getattr(module, fused)]
+    return [getattr(module, name) for name in parts]
+
+
 def _fuse(layer, window: int | None, gemv) -> _Layer:
     attn, mlp = layer.self_attn, layer.mlp
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     return _Layer(
         input_norm=layer.input_layernorm.weight.detach(),
-        qkv=_linear(attn.q_proj, attn.k_proj, attn.v_proj, gemv=gemv),
+        qkv=_linear(*_projections(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")), gemv=gemv),
         q_norm=None if q_norm is None else q_norm.weight.detach(),
         k_norm=None if k_norm is None else k_norm.weight.detach(),
         o=_linear(attn.o_proj, gemv=gemv),
         post_norm=layer.post_attention_layernorm.weight.detach(),
-        gate_up=_linear(mlp.gate_proj, mlp.up_proj, gemv=gemv),
+        gate_up=_linear(*_projections(mlp, "gate_up_proj", ("gate_proj", "up_proj")), gemv=gemv),
         down=_linear(mlp.down_proj, gemv=gemv),
         window=window,
     )

@@ -17,6 +17,7 @@ import torch
 from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.models import kernels
 from tokenwire.engine.models.attention import AttentionBatch, KVCache
+from tokenwire.engine.models.gemma import GemmaForward
 from tokenwire.engine.models.gguf_weights import attach_gguf, attach_int8
 from tokenwire.engine.models.gpt2 import GPT2Forward
 from tokenwire.engine.models.linear import Linear
@@ -34,11 +35,14 @@ _ARCHITECTURES = {
     "MistralForCausalLM": LlamaForward,
     "Qwen2ForCausalLM": LlamaForward,
     "Qwen3ForCausalLM": LlamaForward,
+    "Phi3ForCausalLM": LlamaForward,
+    "Gemma2ForCausalLM": GemmaForward,
+    "Gemma3ForCausalLM": GemmaForward,
     "GPT2LMHeadModel": GPT2Forward,
 }
 SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 # The forwards that fuse quantized blocks (llama._linear); the others run dense.
-_QUANTIZED_ARCHITECTURES = {name for name, forward in _ARCHITECTURES.items() if forward is LlamaForward}
+_QUANTIZED_ARCHITECTURES = {name for name, forward in _ARCHITECTURES.items() if forward in (LlamaForward, GemmaForward)}
 QUANTIZATION_MODES = ("auto", "gguf", "int8", "none")
 
 
@@ -269,12 +273,16 @@ def _prompt_span(seq: Sequence, start: int, end: int) -> PromptSpan | None:
     return PromptSpan(seq, first, last - first, seq.prompt_token_ids[first + 1 : last + 1])
 
 
-# Old checkpoints may omit `architectures`; their model_type names the family.
+# Old checkpoints and GGUF-loaded configs may omit `architectures` (or name a multimodal wrapper);
+# their model_type names the family.
 _BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
 
@@ -284,7 +292,8 @@ def _architecture(hf_config) -> str:
     for name in names:
         if name in _ARCHITECTURES:
             return name
-    if not names and getattr(hf_config, "model_type", None) in _BY_MODEL_TYPE:
+    # GGUF-loaded configs carry a model_type (gemma3_text) and no architectures.
+    if getattr(hf_config, "model_type", None) in _BY_MODEL_TYPE:
         return _BY_MODEL_TYPE[hf_config.model_type]
     raise ValueError(
         f"unsupported model architecture {names or hf_config.model_type!r}; "

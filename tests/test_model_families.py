@@ -1,0 +1,89 @@
+"""Gemma 3, Gemma 2 and Phi-3 on the native forwards against transformers `generate()`.
+
+Tiny random 4-layer configs (tests/tiny_models.py): Gemma's sliding and global layers interleave with a
+6-token window shorter than most prompts, so chunked prefill crosses the window edge; Phi-3 carries
+longrope factors and pre-fused qkv/gate_up. Each runs with the native kernels on and off.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from tokenwire.engine.core.engine import LLMEngine
+from tokenwire.engine.request.sampling_params import SamplingParams
+from tokenwire.engine.worker.model_runner import ModelRunner
+
+from tests.reference import ENGINE_DTYPE, assert_greedy_matches_reference
+from tests.test_model_runner import BLOCK_SIZE, NEW_TOKENS, contiguous_tables, make_seqs, run_greedy
+from tests.tiny_models import TINY_WINDOW, build_tiny_family
+
+FAMILIES = {"gemma3": "Gemma3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+PROMPT_LENGTHS = (1, 4, 7, 11, 16, 23, 29, 37)  # batch 8; most longer than the window
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_dir(request, smollm2_dir, tmp_path_factory) -> tuple[str, str]:
+    out = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    return request.param, str(build_tiny_family(request.param, smollm2_dir, out))
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    rng = random.Random(17)
+    return [[rng.randrange(3, 49152) for _ in range(n)] for n in PROMPT_LENGTHS]
+
+
+def _runner(model_dir: str, native: bool) -> ModelRunner:
+    cache = CacheConfig(block_size=BLOCK_SIZE, num_blocks=128)
+    return ModelRunner(EngineConfig(model=model_dir, dtype=ENGINE_DTYPE, native_kernels=native, cache=cache))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_batch_of_8_and_1_with_chunks_across_the_window_match_hf(family_dir, prompts, native):
+    family, model_dir = family_dir
+    runner = _runner(model_dir, native)
+    assert runner.architecture == FAMILIES[family]
+    assert (runner.native is not None) == native
+    assert max(PROMPT_LENGTHS) > TINY_WINDOW
+    seqs = make_seqs(prompts, contiguous_tables(prompts, NEW_TOKENS))
+    run_greedy(runner, seqs, NEW_TOKENS, budget=5)  # chunk edges fall inside and past the window
+    assert_greedy_matches_reference(model_dir, prompts, [s.output_token_ids for s in seqs])
+    (alone,) = make_seqs(prompts[-1:], contiguous_tables(prompts[-1:], NEW_TOKENS))
+    run_greedy(runner, [alone], NEW_TOKENS)
+    assert_greedy_matches_reference(model_dir, prompts[-1:], [alone.output_token_ids])
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_prefix_cache_hits_and_preemption_match_hf(family_dir, native):
+    _, model_dir = family_dir
+    rng = random.Random(3)
+    shared = [rng.randrange(3, 49152) for _ in range(16)]  # 4 full blocks, past the window
+    prompts = [shared + [rng.randrange(3, 49152) for _ in range(rng.randint(1, 6))] for _ in range(6)]
+    engine = LLMEngine(
+        EngineConfig(
+            model=model_dir,
+            dtype=ENGINE_DTYPE,
+            native_kernels=native,
+            cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=20, enable_prefix_cache=True),
+            scheduler=SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=12, enable_chunked_prefill=True),
+        )
+    )
+    params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    outputs = engine.generate(prompt_token_ids=prompts, params=params)
+    stats = engine.stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hit_rate > 0
+    assert_greedy_matches_reference(model_dir, prompts, outputs)
+
+
+def test_model_type_alone_selects_the_family(family_dir, tmp_path):
+    family, model_dir = family_dir
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.pop("architectures")  # as a GGUF-loaded config: model_type only
+    (copy / "config.json").write_text(json.dumps(config))
+    assert _runner(str(copy), native=False).architecture == FAMILIES[family]
