@@ -106,14 +106,18 @@ def test_proposer_rejects_bad_bounds():
 # ---- the engine ----
 
 
-@pytest.mark.parametrize("prompts", [copy_heavy_prompts(8, seed=1), plain_prompts(8, seed=2)], ids=["copy", "plain"])
-def test_greedy_batch_identical_to_speculation_off(plain, spec, prompts):
+@pytest.mark.parametrize(
+    ("prompts", "drafts"),
+    [(copy_heavy_prompts(8, seed=1), True), (plain_prompts(8, seed=2), False)],
+    ids=["copy", "plain"],
+)
+def test_greedy_batch_identical_to_speculation_off(plain, spec, prompts, drafts):
     before = spec.stats()
     assert spec.generate(prompt_token_ids=prompts, params=GREEDY) == plain.generate(
         prompt_token_ids=prompts, params=GREEDY
     )
-    after = spec.stats()
-    assert after.num_draft_tokens > before.num_draft_tokens
+    if drafts:  # random prompts that never repeat may propose nothing, and then cost nothing
+        assert spec.stats().num_draft_tokens > before.num_draft_tokens
     assert_all_blocks_free(spec)
 
 
