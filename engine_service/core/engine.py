@@ -177,7 +177,7 @@ class LLMEngine:
             log.exception("engine step failed; failing the %d requests of its batch", len(batch.chunks))
             return self._fail_batch(batch.chunks, f"engine step failed: {exc!r}")
         clock.mark()
-        self.scheduler.on_step_done(batch)
+        self.scheduler.on_step_done(batch, sampled.num_accepted)
         self._keep_prompt_logprobs(sampled.prompt_logprobs)
         outputs = self._postprocess(sampled.seqs, sampled.token_ids, sampled.logprobs)
         clock.mark()
@@ -202,11 +202,18 @@ class LLMEngine:
                 self.output_processor.add_prompt_logprobs(state, item.entries, item.span.start + item.span.count)
 
     def _postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs) -> list[RequestOutput]:
+        """One output per sequence: its sampled token, or with speculation its accepted run of tokens
+        (consecutive rows of the same sequence)."""
         now = time.monotonic()
         outputs = []
-        for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
+        row = 0
+        while row < len(seqs):
+            seq, end = seqs[row], row + 1
+            while end < len(seqs) and seqs[end] is seq:
+                end += 1
+            run_ids, run_logprobs, row = token_ids[row:end], logprobs[row:end], end
             try:
-                outputs.append(self._process_one(seq, token_id, logprob, now))
+                outputs.append(self._process_one(seq, run_ids, run_logprobs, now))
             except Exception as exc:  # this request's problem only: fail it, the others go on
                 log.exception("post-processing failed for %s", seq.request_id)
                 failed = self.fail(seq.request_id, f"post-processing failed: {exc!r}")
@@ -214,10 +221,10 @@ class LLMEngine:
                     outputs.append(failed)
         return outputs
 
-    def _process_one(self, seq: Sequence, token_id: int, logprob, now: float) -> RequestOutput:
+    def _process_one(self, seq: Sequence, token_ids: list[int], logprobs, now: float) -> RequestOutput:
         self._inject_faults("postprocess", (seq.request_id,))
         state = self._states[seq.request_id]
-        output, reason = self.output_processor.process(state, token_id, logprob, now)
+        output, reason = self.output_processor.process_run(state, token_ids, logprobs, now)
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self._states[seq.request_id]
@@ -270,4 +277,6 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             num_requests=len(self._states),
             num_scheduled_requests=self.scheduler.num_requests,
+            num_draft_tokens=self.scheduler.num_draft_tokens,
+            num_accepted_draft_tokens=self.scheduler.num_accepted_draft_tokens,
         )

@@ -6,7 +6,7 @@ whole sequence); only requests that ask for text or have stop strings pay for de
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tokenwire.engine.core.outputs import RequestOutput, RequestTimings, StopDetail, StopKind, TokenLogprob
 from tokenwire.engine.scheduling.sequence import FinishReason, Sequence
@@ -44,6 +44,30 @@ class OutputProcessor:
         """Keep a prefill chunk's prompt logprobs, which cover the prompt positions up to `end`."""
         state.prompt_logprobs.extend(entries)
         state.seq.num_prompt_logprobs = end
+
+    def process_run(
+        self, state: RequestState, token_ids: list[int], logprobs: list, now: float
+    ) -> tuple[RequestOutput, FinishReason | None]:
+        """Append a step's tokens (several with speculative decoding) one by one, as `process` does, up to
+        the first that ends the request; one output delta for them all."""
+        output, reason = self.process(state, token_ids[0], logprobs[0], now)
+        if len(token_ids) == 1 or reason is not None:
+            return output, reason
+        parts = [output]
+        for token_id, logprob in zip(token_ids[1:], logprobs[1:]):
+            output, reason = self.process(state, token_id, logprob, now)
+            parts.append(output)
+            if reason is not None:
+                break
+        first = parts[0]
+        merged = replace(
+            output,
+            new_token_ids=[t for part in parts for t in part.new_token_ids],
+            new_logprobs=[lp for part in parts for lp in part.new_logprobs] if first.new_logprobs else None,
+            text_delta="".join(part.text_delta for part in parts),
+            prompt_logprobs=first.prompt_logprobs,
+        )
+        return merged, reason
 
     def process(
         self, state: RequestState, token_id: int, logprob: TokenLogprob | None, now: float

@@ -83,3 +83,9 @@ class EngineStats:
     num_preemptions: int
     num_requests: int = 0  # requests the engine holds state for (0 once all have ended)
     num_scheduled_requests: int = 0  # ...and the scheduler's count (running, waiting, swapped)
+    num_draft_tokens: int = 0  # speculative drafts verified
+    num_accepted_draft_tokens: int = 0  # ...and accepted
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        return self.num_accepted_draft_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0

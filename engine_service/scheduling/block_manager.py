@@ -176,10 +176,18 @@ class BlockManager:
             return
         hashes = self._hashes.setdefault(seq, [])
         bs = self.block_size
-        for i in range(len(hashes), seq.num_computed_tokens // bs):
+        # Accepted drafts are computed before they are appended: only blocks of known tokens are hashed.
+        for i in range(len(hashes), min(seq.num_computed_tokens, seq.num_tokens) // bs):
             parent = hashes[-1] if hashes else ROOT_HASH
             hashes.append(block_hash(parent, _token_slice(seq, i * bs, (i + 1) * bs)))
             self.prefix_cache.register(seq.block_table[i], hashes[-1])
+
+    def truncate(self, seq: Sequence) -> None:
+        """Give back the blocks past `seq.num_computed_tokens` (those of rejected drafts). Never cached: a
+        block is registered only once its tokens are computed and known."""
+        keep = cdiv(seq.num_computed_tokens, self.block_size)
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
 
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references. Tail blocks are released first so they are evicted first:

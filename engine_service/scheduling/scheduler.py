@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from tokenwire.engine.config import SchedulerConfig
 from tokenwire.engine.scheduling.block_manager import NO_MATCH, BlockManager, PrefixMatch
+from tokenwire.engine.scheduling.ngram_proposer import NgramProposer
 from tokenwire.engine.scheduling.sequence import FinishReason, ScheduledChunk, Sequence, SequenceStatus
 
 
@@ -40,7 +41,7 @@ class SchedulerOutput:
     @property
     def has_prefill(self) -> bool:
         """Whether any chunk is more than one sampled token (a prompt chunk rather than a decode)."""
-        return any(chunk.num_tokens > 1 or not chunk.sample for chunk in self.chunks)
+        return any(chunk.num_tokens - len(chunk.draft_token_ids) > 1 or not chunk.sample for chunk in self.chunks)
 
 
 @dataclass
@@ -54,6 +55,12 @@ class _StepBuilder:
     def add(self, seq: Sequence, num_tokens: int) -> None:
         start = seq.num_computed_tokens
         self.chunks[seq] = ScheduledChunk(seq, start, num_tokens, sample=start + num_tokens == seq.num_tokens)
+        self.budget = max(self.budget - num_tokens, 0)
+
+    def add_drafted(self, seq: Sequence, drafts: list[int]) -> None:
+        """A decode plus its drafts: positions [num_computed_tokens, + 1 + len(drafts)), all sampled."""
+        num_tokens = 1 + len(drafts)
+        self.chunks[seq] = ScheduledChunk(seq, seq.num_computed_tokens, num_tokens, True, tuple(drafts))
         self.budget = max(self.budget - num_tokens, 0)
 
     def drop(self, seq: Sequence) -> None:
@@ -81,6 +88,13 @@ class Scheduler:
         self._arrivals = itertools.count()
         self._forks: dict[str, list[Sequence]] = {}  # sample 0's id -> samples waiting to fork off it
         self.num_computed_prompt_tokens = 0  # prompt positions the model has run (prefill work)
+        self.proposer = (
+            NgramProposer(config.ngram_min, config.ngram_max, config.num_speculative_tokens)
+            if _speculative(config) == "ngram"
+            else None
+        )
+        self.num_draft_tokens = 0  # drafts verified so far
+        self.num_accepted_draft_tokens = 0  # ...and how many of them the model agreed with
 
     # ---- queue ----
 
@@ -131,6 +145,8 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        if self.proposer is not None:
+            self.proposer.forget(seq)
         del self._by_id[seq.request_id], self._arrival[seq]
         self._forks.pop(seq.request_id, None)  # its samples not forked yet are admitted as usual
         if seq.fork_of in self._forks and seq in self._forks[seq.fork_of]:
@@ -148,13 +164,21 @@ class Scheduler:
             self._admit_waiting(step)
         return SchedulerOutput(list(step.chunks.values()), self.block_manager.pop_block_copies(), step.preempted)
 
-    def on_step_done(self, output: SchedulerOutput) -> None:
+    def on_step_done(self, output: SchedulerOutput, num_accepted: dict[Sequence, int] | None = None) -> None:
         """The step's KV is written: advance each sequence and index its newly filled blocks.
+        `num_accepted`: how many drafts of each drafted chunk were accepted; the KV of the rejected ones is
+        dropped (the sequence advances past the accepted positions only and gives back blocks beyond them).
         Call before appending sampled tokens; sequences finished or aborted meanwhile are skipped."""
         for chunk in output.chunks:
             seq = chunk.seq
             if seq.status is SequenceStatus.RUNNING and seq.num_computed_tokens == chunk.start:
                 seq.num_computed_tokens = chunk.end
+                if chunk.draft_token_ids:
+                    accepted = (num_accepted or {}).get(seq, 0)
+                    self.num_draft_tokens += len(chunk.draft_token_ids)
+                    self.num_accepted_draft_tokens += accepted
+                    seq.num_computed_tokens = chunk.start + 1 + accepted
+                    self.block_manager.truncate(seq)
                 self.num_computed_prompt_tokens += max(min(chunk.end, seq.num_prompt_tokens) - chunk.start, 0)
                 self.block_manager.commit(seq)
                 if self._prefilled(seq) and seq.request_id in self._forks:
@@ -196,11 +220,36 @@ class Scheduler:
             remaining = seq.num_tokens - seq.num_computed_tokens
             if seq.status is not SequenceStatus.RUNNING or remaining <= 0 or (remaining == 1) != decoding:
                 continue
+            if decoding and self._schedule_drafted(seq, step):
+                continue
             num_tokens = self._chunk_size(remaining, step)
             if num_tokens > 1 and self.config.enable_chunked_prefill:
                 num_tokens = self._fit_chunk(seq, num_tokens, step)
             if num_tokens and self._reserve(seq, num_tokens, step):
                 step.add(seq, num_tokens)
+
+    # ---- speculative decoding ----
+
+    def _schedule_drafted(self, seq: Sequence, step: _StepBuilder) -> bool:
+        """Schedule `seq`'s decode with n-gram drafts, if it may have some, they fit the budget and their
+        blocks are free without preempting anyone (drafts are a bet: never worth another's KV)."""
+        if self.proposer is None or len(self.running) > self.config.speculative_max_num_seqs or not _draftable(seq):
+            return False
+        # Every draft and the bonus token must fit max_new_tokens and the context.
+        room = min(
+            seq.params.max_new_tokens - len(seq.output_token_ids) - 1,
+            self.max_model_len - seq.num_tokens,
+            step.budget - 1,
+        )
+        drafts = self.proposer.propose(seq, room)
+        if not drafts:
+            return False
+        bm = self.block_manager
+        spare = bm.num_free_blocks - bm.blocks_needed(seq, 1 + len(drafts)) - len(self.running)
+        if spare < 0 or not bm.ensure_slots(seq, 1 + len(drafts)):
+            return False
+        step.add_drafted(seq, drafts)
+        return True
 
     def _fit_chunk(self, seq: Sequence, num_tokens: int, step: _StepBuilder) -> int:
         """Shrink a prefill chunk to the free KV rather than preempt others for all of it; preempt
@@ -293,3 +342,23 @@ class Scheduler:
         while i < len(self.waiting) and self._arrival[self.waiting[i]] < key:
             i += 1
         self.waiting.insert(i, seq)
+
+
+def _speculative(config: SchedulerConfig) -> str:
+    if config.speculative not in ("off", "ngram"):
+        raise ValueError(f"speculative: 'off' or 'ngram', got {config.speculative!r}")
+    return config.speculative
+
+
+def _draftable(seq: Sequence) -> bool:
+    """Whether verification is exact for `seq`: greedy, and every position's logits processed alike (no
+    penalties over a history the drafts would change, no min_tokens mask still applying, no grammar
+    matcher to advance, one sample). Other requests decode one token a step."""
+    params = seq.params
+    return (
+        params.greedy
+        and not params.uses_penalties
+        and seq.grammar is None
+        and params.n == 1
+        and len(seq.output_token_ids) >= params.min_tokens
+    )

@@ -87,8 +87,11 @@ class ScheduledChunk:
 
     seq: Sequence
     start: int  # == seq.num_computed_tokens when scheduled
-    num_tokens: int  # a prefill chunk (many) or a decode (1)
+    num_tokens: int  # a prefill chunk (many), a decode (1), or a decode plus its drafts
     sample: bool  # the chunk reaches the sequence's last known token: sample the next one
+    # Speculative decoding: ids proposed to follow the last known token, verified in this forward. Each of
+    # the chunk's 1 + len(drafts) positions is sampled; the longest agreeing prefix is kept, plus one more.
+    draft_token_ids: tuple[int, ...] = ()
 
     @property
     def end(self) -> int:

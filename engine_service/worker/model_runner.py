@@ -25,6 +25,7 @@ from tokenwire.engine.models.llama import LlamaForward
 from tokenwire.engine.scheduling.sequence import ScheduledChunk, Sequence
 from tokenwire.engine.worker.device import choose_device, choose_dtype, choose_kv_cache_dtype, dtype_name
 from tokenwire.engine.worker.sampler import PromptSpan, Sampler, SamplerOutput, prompt_logprobs
+from tokenwire.engine.worker.speculative import accept_drafts
 from tokenwire.serving.model_resolver import gguf_file, resolve_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -69,9 +70,10 @@ class _ForwardInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     attention: AttentionBatch
-    sample_rows: torch.Tensor  # flat-batch rows whose logits are returned: sampling rows in chunk order,
-    # then the rows of `prompt_spans`, in order
+    sample_rows: torch.Tensor  # flat-batch rows whose logits are returned: sampling rows in chunk order
+    # (a drafted chunk's every row), then the rows of `prompt_spans`, in order
     num_sampled: int  # how many of sample_rows sample a token
+    sample_seqs: list[Sequence]  # the sequence of each sampling row
     prompt_spans: list[PromptSpan]  # prompt positions scored for prompt logprobs this step
 
 
@@ -175,12 +177,15 @@ class ModelRunner:
 
     def run(self, batch, on_forward_done=lambda: None) -> SamplerOutput:
         """One engine step's model work: copy-on-write block copies, the forward, and one sampled token for
-        each `sample` chunk of `batch` (a scheduler Batch), in chunk order."""
+        each `sample` chunk of `batch` (a scheduler Batch), in chunk order; a drafted chunk's accepted drafts
+        and the token after them (`accept_drafts`)."""
         if batch.block_copies:
             self.copy_blocks(batch.block_copies)
         logits, step = self._forward(batch.chunks)
         on_forward_done()
-        sampled = self.sampler.sample(logits[: step.num_sampled], [chunk.seq for chunk in batch.chunks if chunk.sample])
+        sampled = self.sampler.sample(logits[: step.num_sampled], step.sample_seqs)
+        if any(chunk.draft_token_ids for chunk in batch.chunks):
+            sampled = accept_drafts(sampled, [chunk for chunk in batch.chunks if chunk.sample])
         if step.prompt_spans:
             sampled.prompt_logprobs = prompt_logprobs(logits[step.num_sampled :], step.prompt_spans)
         return sampled
@@ -214,7 +219,7 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         spans: list[tuple[list[int], int, int]] = []
-        last_row = [0] * len(chunks)
+        last_row = [0] * len(chunks)  # a drafted chunk's first sampled row (its rows follow)
         prompt_rows: list[int] = []
         prompt_spans: list[PromptSpan] = []
         for i in order:
@@ -223,13 +228,16 @@ class ModelRunner:
             seq, start, end = chunk.seq, chunk.start, chunk.end
             if chunk.num_tokens == 1:
                 ids.append(seq.token_id_at(start))
+            elif chunk.draft_token_ids:
+                ids.append(seq.token_id_at(start))
+                ids += chunk.draft_token_ids
             elif end <= seq.num_prompt_tokens:
                 ids += seq.prompt_token_ids[start:end]
             else:
                 ids += seq.all_token_ids[start:end]
             positions += range(start, end)
             spans.append((seq.block_table, start, chunk.num_tokens))
-            last_row[i] = len(ids) - 1
+            last_row[i] = len(ids) - 1 - len(chunk.draft_token_ids)
             if seq.needs_prompt_logprobs:
                 span = _prompt_span(seq, start, end)
                 if span is not None:
@@ -238,20 +246,24 @@ class ModelRunner:
                     prompt_spans.append(span)
         num_decodes = sum(1 for c in chunks if c.num_tokens == 1)
         device = self.device
-        sample_rows = [last_row[i] for i, c in enumerate(chunks) if c.sample]
+        sample_rows = [
+            last_row[i] + d for i, c in enumerate(chunks) if c.sample for d in range(1 + len(c.draft_token_ids))
+        ]
+        sample_seqs = [c.seq for c in chunks if c.sample for _ in range(1 + len(c.draft_token_ids))]
         return _ForwardInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             attention=AttentionBatch.build(spans, num_decodes, self.block_size, device, self.native),
             sample_rows=torch.tensor(sample_rows + prompt_rows, dtype=torch.long, device=device),
             num_sampled=len(sample_rows),
+            sample_seqs=sample_seqs,
             prompt_spans=prompt_spans,
         )
 
     def _check(self, chunk: ScheduledChunk) -> None:
         # A scheduler bug must fail loudly here, not read another sequence's KV.
         seq = chunk.seq
-        if chunk.num_tokens < 1 or chunk.start < 0 or chunk.end > seq.num_tokens:
+        if chunk.num_tokens < 1 or chunk.start < 0 or chunk.end > seq.num_tokens + len(chunk.draft_token_ids):
             raise ValueError(
                 f"request {seq.request_id}: chunk [{chunk.start}, {chunk.end}) outside its {seq.num_tokens} tokens"
             )

@@ -75,6 +75,8 @@ class SamplerOutput:
     token_ids: list[int]  # one per row
     logprobs: list[TokenLogprobs | None]  # None for rows that did not ask for logprobs
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # this step's, span by span
+    # Speculative decoding: drafts accepted per drafted sequence (its rows are those tokens plus one more)
+    num_accepted: dict[Sequence, int] = field(default_factory=dict)
 
 
 class Sampler:
