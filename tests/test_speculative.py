@@ -13,6 +13,8 @@ from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.engine.scheduling.ngram_proposer import NgramProposer
 from tokenwire.engine.scheduling.sequence import Sequence
 
+from tests.tiny_models import build_echo_llama
+
 from tests.reference import ENGINE_DTYPE
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
@@ -66,6 +68,12 @@ def plain(tiny_llama_dir):
 @pytest.fixture(scope="module")
 def spec(tiny_llama_dir):
     return make_engine(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def echo_llama_dir(smollm2_dir, tmp_path_factory) -> str:
+    """A tiny Llama whose greedy output mostly repeats itself: drafts are accepted, and some turned away."""
+    return str(build_echo_llama(smollm2_dir, tmp_path_factory.mktemp("echo-llama")))
 
 
 # ---- the proposer ----
@@ -216,3 +224,21 @@ def test_sampled_and_constrained_requests_get_no_drafts(spec):
 def test_speculative_flag_is_checked(tiny_llama_dir):
     with pytest.raises(ValueError, match="speculative"):
         make_engine(tiny_llama_dir, speculative="eagle")
+
+
+@pytest.mark.parametrize("num_blocks", [256, 40], ids=["roomy", "preempting"])
+def test_accepted_and_rejected_drafts_keep_greedy_identical(echo_llama_dir, num_blocks):
+    """A model that mostly repeats itself: most drafts are accepted and some rejected, at batch 1 and 8
+    (and under preemption), with outputs equal to speculation off and every block given back."""
+    prompts = plain_prompts(4, seed=1) + copy_heavy_prompts(4, seed=3)
+    params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    spec = make_engine(echo_llama_dir, num_blocks=num_blocks)
+    off = make_engine(echo_llama_dir, speculative="off")
+    expected = off.generate(prompt_token_ids=prompts, params=params)
+    assert spec.generate(prompt_token_ids=prompts, params=params) == expected
+    assert [spec.generate(prompt_token_ids=[p], params=params)[0] for p in prompts[:2]] == expected[:2]
+    stats = spec.stats()
+    assert 0 < stats.num_accepted_draft_tokens < stats.num_draft_tokens
+    if num_blocks == 40:
+        assert stats.num_preemptions > 0
+    assert_all_blocks_free(spec)

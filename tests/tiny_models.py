@@ -38,6 +38,20 @@ def build_tiny_llama(tokenizer_dir: str | Path, out: Path, **overrides) -> Path:
     return _save(LlamaForCausalLM, config, tokenizer, out)
 
 
+def build_echo_llama(tokenizer_dir: str | Path, out: Path, layer_scale: float = 0.1) -> Path:
+    """The tiny Llama with its layers' outputs (o_proj, down_proj) scaled down: the tied head then mostly
+    sees the last token's own embedding, so greedy decoding mostly repeats it, and n-gram drafts are
+    accepted (a random tiny model never continues a copy) while the layers still turn some away."""
+    build_tiny_llama(tokenizer_dir, out)
+    model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(layer_scale)
+            layer.mlp.down_proj.weight.mul_(layer_scale)
+    model.save_pretrained(out)
+    return out
+
+
 def build_tiny_gpt2(tokenizer_dir: str | Path, out: Path, **overrides) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = GPT2Config(
