@@ -40,7 +40,8 @@ class EngineConfig:
     max_model_len: int | None = None     # defaults to the model's own context length
     max_new_tokens_cap: int = 4096       # the largest max_new_tokens a request may ask for
     max_logprobs: int = 20               # the largest top-n logprobs a request may ask for
-    max_grammar_compile_s: float = 10.0  # a constraint taking longer to compile is refused (INVALID_ARGUMENT)
+    max_grammar_compile_s: float = 10.0  # a constraint taking longer to compile is refused (INVALID_ARGUMENT); its compile process is killed
+    max_grammar_compile_mib: int = 1024  # address space a constraint's compile process may grow by; past it the constraint is refused
     trust_remote_code: bool = False      # never run code shipped with a checkpoint unless asked
     chat_template: str = ""              # the tokenizer service's --chat-template: part of the tokenizer's fingerprint, so both must agree
     seed: int = 0                        # seeds requests that give none, so runs are reproducible

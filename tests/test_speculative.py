@@ -13,9 +13,8 @@ from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.engine.scheduling.ngram_proposer import NgramProposer
 from tokenwire.engine.scheduling.sequence import Sequence
 
-from tests.tiny_models import build_echo_llama
-
 from tests.reference import ENGINE_DTYPE
+from tests.tiny_models import build_echo_llama
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
 

@@ -12,8 +12,8 @@ import jsonschema
 import pytest
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenwire.engine.core.engine import LLMEngine
-from tokenwire.engine.request.grammar import COMPILE_THREADS, GrammarCompiler, GrammarError
-from tokenwire.engine.request.sampling_params import MAX_CHOICES, Constraint, SamplingParams
+from tokenwire.engine.request.grammar import GrammarCompiler, GrammarError
+from tokenwire.engine.request.sampling_params import MAX_CHOICES, MAX_CONSTRAINT_BYTES, Constraint, SamplingParams
 from tokenwire.serving.errors import InvalidRequestError
 
 from tests.reference import ENGINE_DTYPE, EXACT
@@ -168,21 +168,69 @@ def test_bad_constraints_name_their_field(smol, constraint, field, message):
     assert info.value.field == field and message in str(info.value)
 
 
-def test_slow_compile_is_refused(smol):
+def chained_rules(count: int, gbnf: bool) -> str:
+    """A grammar of `count` rules, each the next one's prefix: at 3,000 (48-58 KB) llguidance's compile
+    overflows its stack (signal 11), and converting the GBNF form to Lark holds the GIL ~12 s."""
+    define = "::=" if gbnf else ":"
+    head = "root ::= r0\n" if gbnf else "start: r0\n"
+    return head + "".join(f'r{i} {define} "a" r{i + 1}\n' for i in range(count)) + f'r{count} {define} "b"\n'
+
+
+@pytest.fixture(scope="module")
+def quick_compiler(smol):
+    """A compiler with a 1 s limit (the engine's own allows 10 s)."""
     compiler = GrammarCompiler(
-        smol.tokenizer, smol.tokenizer_fingerprint, smol.vocab_size, smol.runner.eos_token_ids, max_compile_s=0.05
+        smol.tokenizer, smol.tokenizer_fingerprint, smol.vocab_size, smol.runner.eos_token_ids, max_compile_s=1.0
     )
-    # Every compile thread busy, so this compile cannot finish within the limit however fast it would be
-    # (with a 1 ns limit alone, a compile finishing before the wait began made this test flaky).
-    release = threading.Event()
-    for _ in range(COMPILE_THREADS):  # (bounded: a compiler that ignored the limit fails, not hangs)
-        compiler._pool.submit(release.wait, 10)
-    try:
-        with pytest.raises(InvalidRequestError) as info:
-            compiler.matcher(Constraint("json_schema", json.dumps(SCHEMA)))
-    finally:
-        release.set()
-    assert info.value.field == "json_schema" and "max-grammar-compile-s" in str(info.value)
+    yield compiler
+    compiler.close()
+
+
+def test_grammar_that_crashes_the_compiler_is_refused_and_the_compiler_restarts(quick_compiler):
+    grammar = chained_rules(3000, gbnf=False)
+    assert len(grammar.encode()) < MAX_CONSTRAINT_BYTES
+    restarts = quick_compiler.sandbox.restarts
+    with pytest.raises(InvalidRequestError) as info:
+        quick_compiler.matcher(Constraint("grammar", grammar))
+    assert info.value.field == "grammar" and "crashed the grammar compiler (signal 11)" in str(info.value)
+    assert quick_compiler.sandbox.restarts == restarts + 1
+    assert quick_compiler.matcher(Constraint("regex", "[0-9]{3}-after-a-crash")) is not None
+
+
+def test_slow_grammar_is_refused_while_a_neighbour_keeps_generating(smol, quick_compiler):
+    """The GBNF conversion that held the serving process's GIL for seconds runs in a sandbox child, killed
+    past the limit; meanwhile a neighbour's steps go on in this process."""
+    grammar = chained_rules(3000, gbnf=True)
+    verdict: list[BaseException] = []
+
+    def compile_it() -> None:
+        try:
+            quick_compiler.matcher(Constraint("grammar", grammar))
+        except BaseException as exc:
+            verdict.append(exc)
+
+    neighbour = smol.prepare("Count:", params=SamplingParams(max_new_tokens=4, temperature=0.0))
+    smol.add(neighbour)
+    compiling = threading.Thread(target=compile_it)
+    compiling.start()
+    tokens_while_compiling = 0
+    while smol.has_unfinished():
+        outs = smol.step()
+        if compiling.is_alive():
+            tokens_while_compiling += sum(len(out.new_token_ids) for out in outs)
+    compiling.join(30)
+    assert tokens_while_compiling == 4  # the whole neighbour ran while the grammar was compiling
+    (error,) = verdict
+    assert isinstance(error, InvalidRequestError) and error.field == "grammar"
+    assert "max-grammar-compile-s" in str(error)
+
+
+def test_grammar_failing_its_first_mask_is_refused_at_compile_time(smol):
+    """A $ref that can never terminate compiles, then fails on the first mask: in the sandbox, not mid-step."""
+    never_ends = {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+    with pytest.raises(InvalidRequestError) as info:
+        smol.prepare("x", params=SamplingParams(constraint=Constraint("json_schema", json.dumps(never_ends))))
+    assert info.value.field == "json_schema"
 
 
 def test_matcher_error_fails_only_its_request(smol):
@@ -199,5 +247,6 @@ def test_matcher_error_fails_only_its_request(smol):
         outputs += smol.step()
     ends = {out.request_id: out for out in outputs if out.finished}
     assert ends[broken.request_id].error is not None and "grammar" in ends[broken.request_id].error
+    assert ends[broken.request_id].error_field == "regex"  # INVALID_ARGUMENT naming it, not INTERNAL
     assert ends[healthy.request_id].error is None
     assert re.fullmatch("[0-9]+", text_of(smol, healthy.output_token_ids))

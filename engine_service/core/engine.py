@@ -5,6 +5,7 @@ sample) -> post-process, per-request output deltas out. Single-threaded by desig
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence as Seq
@@ -14,7 +15,7 @@ from tokenwire.engine.core.faults import FaultInjector
 from tokenwire.engine.core.output_processor import OutputProcessor, RequestState
 from tokenwire.engine.core.outputs import EngineStats, RequestOutput
 from tokenwire.engine.core.step_profile import StepProfile
-from tokenwire.engine.request.grammar import GrammarCompiler
+from tokenwire.engine.request.grammar import GrammarCompiler, GrammarError
 from tokenwire.engine.request.preparer import RequestPreparer
 from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.engine.scheduling.block_manager import BlockManager
@@ -52,6 +53,7 @@ class LLMEngine:
             self.vocab_size,
             self.runner.eos_token_ids,
             config.max_grammar_compile_s,
+            config.max_grammar_compile_mib,
         )
         self.output_processor = OutputProcessor(self.tokenizer, self.runner.eos_token_ids, self.max_model_len)
         self._states: dict[str, RequestState] = {}
@@ -148,8 +150,10 @@ class LLMEngine:
         """End a request now and free its blocks; returns its terminal output (None if unknown/done)."""
         return self._end(request_id, FinishReason.ABORT)
 
-    def fail(self, request_id: str, error: str) -> RequestOutput | None:
-        return self._end(request_id, FinishReason.ABORT, error)
+    def fail(self, request_id: str, error: str, field: str | None = None) -> RequestOutput | None:
+        """End a request with `error`; with `field`, the request field at fault (INVALID_ARGUMENT)."""
+        out = self._end(request_id, FinishReason.ABORT, error)
+        return out if out is None or field is None else dataclasses.replace(out, error_field=field)
 
     def _end(self, request_id: str, reason: FinishReason, error: str | None = None) -> RequestOutput | None:
         state = self._states.pop(request_id, None)
@@ -214,6 +218,10 @@ class LLMEngine:
             run_ids, run_logprobs, row = token_ids[row:end], logprobs[row:end], end
             try:
                 outputs.append(self._process_one(seq, run_ids, run_logprobs, now))
+            except GrammarError as exc:  # its constraint's fault (e.g. "Too many items"): this request only
+                failed = self.fail(seq.request_id, f"{exc.field}: {exc}", exc.field)
+                if failed is not None:
+                    outputs.append(failed)
             except Exception as exc:  # this request's problem only: fail it, the others go on
                 log.exception("post-processing failed for %s", seq.request_id)
                 failed = self.fail(seq.request_id, f"post-processing failed: {exc!r}")

@@ -3,7 +3,7 @@
 The in-process engine owns one; the engine service's gRPC front owns another (built from the shapes the
 engine core reports), so text is encoded once, in the front, and the core only ever sees token ids.
 A structured-output constraint is compiled once on a request's path: here when a GrammarCompiler is
-given (the in-process engine), else in the engine core (the front only checks that it parses).
+given (the in-process engine), else in the engine core (the front leaves it alone).
 """
 
 from __future__ import annotations
@@ -124,14 +124,10 @@ class RequestPreparer:
         )
 
     def _matcher(self, constraint: Constraint | None) -> GrammarMatcher | None:
-        """The constraint compiled (cached per constraint and tokenizer, time-bounded), or, without a
-        compiler, only parsed (None: the core builds the matcher). Either way a bad one is refused here."""
-        if constraint is None:
-            return None
-        if self.grammars is None:
-            from tokenwire.engine.request.grammar import check_parses
-
-            check_parses(constraint)
+        """The constraint compiled (cached per constraint and tokenizer, bounded by the grammar sandbox), or,
+        without a compiler, None: the core compiles it and refuses a bad one naming its field. Nothing
+        here parses untrusted grammar text (its conversion alone can hold the GIL for seconds)."""
+        if constraint is None or self.grammars is None:
             return None
         return self.grammars.matcher(constraint)
 
