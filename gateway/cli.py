@@ -14,6 +14,7 @@ import uvicorn
 from tokenwire.gateway import reasoning, tool_parsers
 from tokenwire.gateway.app import create_app
 from tokenwire.gateway.config import GatewayConfig
+from tokenwire.gateway.connections import header_timeout_protocol
 from tokenwire.serving.cli_env import config_values, service_parser
 from tokenwire.serving.logging_setup import configure_logging
 
@@ -59,6 +60,9 @@ def server(config: GatewayConfig) -> tuple[uvicorn.Server, socket.socket]:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=config.drain_grace_s,
+        http=header_timeout_protocol(config.header_timeout_s),
+        timeout_keep_alive=config.keep_alive_timeout_s,
+        limit_concurrency=config.max_connections,
         ssl_certfile=config.tls_cert or None,
         ssl_keyfile=config.tls_key or None,
     )

@@ -17,6 +17,9 @@ class GatewayConfig:
     max_n: int = 16                      # the largest `n` (samples per prompt) a request may ask for
     max_prompts_per_request: int = 256   # the most prompts one /v1/completions request may list; more: 400
     max_body_bytes: int = 16 << 20       # the largest request body, refused (413) before it is parsed
+    header_timeout_s: float = 10.0       # a connection that has not sent a whole request head within this is closed (silent clients, slowloris)
+    keep_alive_timeout_s: float = 5.0    # an idle keep-alive connection is closed after this
+    max_connections: int = 1024          # open connections (and requests) past which a request gets 503 instead of the app
     request_timeout_s: float = 600.0     # deadline of one request's calls to the services
     drain_grace_s: float = 30.0          # after SIGTERM, how long in-flight requests may still finish
     tls_cert: str = ""                   # PEM certificate chain: serve HTTPS (with tls_key) instead of HTTP

@@ -424,3 +424,47 @@ def test_bodies_and_prompt_lists_past_their_flags(services):
         assert two.status_code == 200 and len(two.json()["choices"]) == 2
     finally:
         thread.close()
+
+
+def _read_until_closed(sock, limit_s: float = 20.0) -> bytes:
+    """What the server sends until it closes the connection (b"" at once for a silent close)."""
+    sock.settimeout(limit_s)  # a bound for a broken server, not a wait: the close ends it
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def test_silent_and_slowloris_connections_are_closed_and_the_rest_served(services):
+    """A connection that opens and sends nothing, or a request head that never ends, is closed after
+    --header-timeout-s; one that sent a request is answered, then closed once idle past
+    --keep-alive-timeout-s; requests past --max-connections open connections get 503."""
+    import socket
+
+    tokenizer, engine = services
+    config = GatewayConfig(
+        port=0,
+        tokenizer=tokenizer.address,
+        engine=engine.address,
+        header_timeout_s=1.0,
+        keep_alive_timeout_s=1.0,
+        max_connections=8,
+    )
+    thread = GatewayThread(config)
+    address = ("127.0.0.1", thread.port)
+    try:
+        silent = [socket.create_connection(address) for _ in range(3)]
+        slowloris = socket.create_connection(address)
+        slowloris.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # the head's blank line never comes
+        for sock in [*silent, slowloris]:
+            assert _read_until_closed(sock) == b""
+        served = socket.create_connection(address)
+        served.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_until_closed(served).startswith(b"HTTP/1.1 200")  # answered, then closed when idle
+        held = [socket.create_connection(address) for _ in range(8)]
+        over = httpx.get(thread.url + "/v1/models")
+        assert over.status_code == 503
+        for sock in [*silent, slowloris, served, *held]:
+            sock.close()
+    finally:
+        thread.close()
