@@ -58,4 +58,5 @@ class ServerConfig(GrpcServerConfig):
     drain_grace_s: float = 30.0          # after SIGTERM, how long in-flight requests may still finish
     max_pending_requests: int = 1024     # requests in flight before new ones get RESOURCE_EXHAUSTED
     max_waiting_requests: int = 512      # accepted requests not yet generating before new ones get RESOURCE_EXHAUSTED
+    core_stall_timeout_s: float = 10.0   # health is NOT_SERVING while work waits and the engine core has not replied for this long
 # fmt: on

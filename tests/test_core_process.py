@@ -163,3 +163,64 @@ def _wait_serving(channel: grpc.Channel, process: subprocess.Popen, timeout_s: f
         except (grpc.FutureTimeoutError, grpc.RpcError):
             continue
     raise TimeoutError("engine not SERVING")
+
+
+def _health(channel, timeout_s: float = 3.0) -> int:
+    """The front's answer; a front blocked on its core would miss this deadline (DEADLINE_EXCEEDED)."""
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s).status
+
+
+def _health_becomes(channel, status: int, limit_s: float = 60.0) -> None:
+    end = time.monotonic() + limit_s
+    while _health(channel) != status:
+        assert time.monotonic() < end, (
+            f"health never became {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
+        )
+        time.sleep(0.05)
+
+
+def test_a_stopped_core_turns_health_not_serving_and_never_blocks_the_front(tiny_llama_dir):
+    """SIGSTOP the core under a stream and a burst of new requests (more than a pipe's buffer of
+    commands): health keeps answering, turns NOT_SERVING past --core-stall-timeout-s, and SERVING again
+    after SIGCONT, when the stream carries on and the burst is served."""
+    from tokenwire.engine.config import CacheConfig, EngineConfig, ServerConfig
+
+    from tests.servers import EngineThread
+
+    engine = EngineThread(
+        EngineConfig(model=tiny_llama_dir, dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=256)),
+        ServerConfig(port=0, core_stall_timeout_s=1.0),
+    )
+    core_pid = engine.server.core.pid
+    try:
+        with grpc.insecure_channel(engine.address) as channel:
+            stub = engine_pb2_grpc.EngineServiceStub(channel)
+            sampling = pb.SamplingParams(max_new_tokens=900, temperature=0.0, ignore_eos=True)
+            stream = stub.Generate(
+                pb.GenerateRequest(request_id="long", token_ids=pb.TokenIds(ids=[5, 6, 7]), sampling=sampling),
+                timeout=120,
+            )
+            assert next(stream).token_ids
+            os.kill(core_pid, signal.SIGSTOP)
+            try:
+                burst = [
+                    stub.Generate(  # a stream call starts at once
+                        pb.GenerateRequest(
+                            request_id=f"burst-{i}",
+                            token_ids=pb.TokenIds(ids=[(7 * i + j) % 1000 + 3 for j in range(800)]),
+                            sampling=pb.SamplingParams(max_new_tokens=1, temperature=0.0),
+                        ),
+                        timeout=120,
+                    )
+                    for i in range(64)
+                ]
+                _health_becomes(channel, health_pb2.HealthCheckResponse.NOT_SERVING)
+            finally:
+                os.kill(core_pid, signal.SIGCONT)
+            _health_becomes(channel, health_pb2.HealthCheckResponse.SERVING)
+            assert next(stream).token_ids  # the stream carries on
+            stream.cancel()
+            for call in burst:
+                assert list(call)[-1].finish_reason  # every one served
+    finally:
+        engine.close()

@@ -12,11 +12,15 @@ are refused, and `on_death` tells the server (which turns NOT_SERVING and exits 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
 import multiprocessing
 import os
+import queue
+import threading
+import time
 from collections.abc import Callable
 
 from tokenwire.engine.config import EngineConfig
@@ -46,6 +50,13 @@ log = logging.getLogger(__name__)
 
 Sink = Callable[[RequestOutput], None]
 _STOP_TIMEOUT_S = 30.0
+# Commands waiting for the core to read them. Admission bounds the requests in flight far below this, so
+# it fills only when the core has stopped reading; a full queue then refuses instead of blocking the loop.
+_MAX_QUEUED_COMMANDS = 1 << 16
+
+
+class CoreNotReading(RuntimeError):
+    """The core has stopped reading commands: new work is refused rather than queued without bound."""
 
 
 class CoreClient:
@@ -70,7 +81,9 @@ class CoreClient:
         self._process = None  # the core's process, or its thread in process
         self._commands = self._replies = None
         self._inbox: InMemoryTransport | None = None
+        self._outbox: queue.Queue | None = None  # commands for the writer thread (a core process)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_reply_at = time.monotonic()
 
     # ---- lifecycle ----
 
@@ -128,6 +141,17 @@ class CoreClient:
         commands_r.close()  # ours closed, so the core's death is EOF here and ours is EOF there
         replies_w.close()
         self._loop.add_reader(self._replies.fileno(), self._on_readable)
+        # A pipe write blocks once the core stops reading (a stuck or SIGSTOPped core); on its own thread
+        # it blocks nothing else, so health and every other handler keep answering.
+        self._outbox = queue.Queue(_MAX_QUEUED_COMMANDS)
+        threading.Thread(target=self._write_commands, name="tokenwire-core-writer", daemon=True).start()
+
+    def _write_commands(self) -> None:
+        while (command := self._outbox.get()) is not None:
+            try:
+                self._commands.send(command)
+            except OSError:  # the core is gone; its EOF reaches the reader and fails everything in flight
+                return
 
     def _start_thread(self, core_config: EngineConfig) -> None:
         self._inbox = InMemoryTransport(functools.partial(self._loop.call_soon_threadsafe, self._handle))
@@ -161,6 +185,9 @@ class CoreClient:
             await asyncio.to_thread(self._process.join)
         await asyncio.sleep(0)  # an in-process core's last replies were scheduled on the loop
         self._close_reader()
+        if self._outbox is not None:
+            with contextlib.suppress(queue.Full):
+                self._outbox.put_nowait(None)  # the writer ends (it is a daemon if the queue was full)
         if self._commands is not None:
             self._commands.close()
 
@@ -171,8 +198,8 @@ class CoreClient:
         if self.death is not None:
             sink(self._death_output(seq.request_id))
             return
-        self._sinks[seq.request_id] = sink
-        self._send(AddRequest(seq, want_text))
+        self._send(AddRequest(seq, want_text), refuse_when_full=True)
+        self._sinks[seq.request_id] = sink  # on the loop, as replies are: none can come before this
 
     def abort(self, request_id: str) -> None:
         """Ends the request at the core's next step boundary (freeing its KV blocks). Its sink gets
@@ -197,14 +224,26 @@ class CoreClient:
 
     # ---- plumbing ----
 
-    def _send(self, command: Command) -> None:
+    def stalled_for(self) -> float:
+        """Seconds since the core last replied while work waits on it (0 when there is none): a core that
+        stopped stepping (stuck, SIGSTOPped) shows here, before any request times out."""
+        if not (self._sinks or self._queries):
+            return 0.0
+        return time.monotonic() - self._last_reply_at
+
+    def _send(self, command: Command, refuse_when_full: bool = False) -> None:
+        if not (self._sinks or self._queries):
+            self._last_reply_at = time.monotonic()  # idle until now: the wait for a reply starts here
         if self._inbox is not None:
             self._inbox.put(command)
             return
         try:
-            self._commands.send(command)
-        except OSError:  # the core is gone; its EOF reaches the reader and fails everything in flight
-            pass
+            self._outbox.put_nowait(command)
+        except queue.Full:
+            message = f"the engine core has not read its last {_MAX_QUEUED_COMMANDS} commands"
+            if refuse_when_full:
+                raise CoreNotReading(message) from None
+            log.warning("%s; dropped %s", message, type(command).__name__)  # stop() kills a core that hangs
 
     def _with_front_counts(self, stats: CoreStats) -> CoreStats:
         encodes = self.preparer.num_prompt_encodes if self.preparer is not None else 0
@@ -221,6 +260,7 @@ class CoreClient:
                 self._died()
 
     def _handle(self, reply: Reply) -> None:
+        self._last_reply_at = time.monotonic()
         if isinstance(reply, StepOutputs):
             self.latest = reply.stats
             for output in reply.outputs:

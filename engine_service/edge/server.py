@@ -16,6 +16,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import grpc
+from grpc_health.v1 import health_pb2
 from tokenwire.engine.config import EngineConfig, ServerConfig
 from tokenwire.engine.edge.metrics import EngineMetrics, EngineStatsCollector
 from tokenwire.engine.edge.servicer import EngineServicer
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
 _ABORT_GRACE_S = 1.0  # after the drain: how long cancelled handlers get to abort their requests
+_WATCHDOG_PERIOD_S = 0.25  # how often the watchdog looks at the core's progress
 
 
 class EngineServer(GrpcServer):
@@ -40,6 +42,7 @@ class EngineServer(GrpcServer):
         self.engine_config = engine_config
         self.servicer = EngineServicer(server_config.max_pending_requests, server_config.max_waiting_requests)
         self.core: CoreClient | None = None
+        self._watchdog: asyncio.Future | None = None
         self.metrics = EngineMetrics(self.registry)
         self.observe_responses(self.metrics.on_response)
         self.registry.register(
@@ -64,6 +67,7 @@ class EngineServer(GrpcServer):
         self.core = core
         self.servicer.attach(core)
         await self.set_serving()
+        self._watchdog = asyncio.ensure_future(self._watch_core(core, self.config.core_stall_timeout_s))
         log.info("tokenwire-engine serving %s on port %d", self.engine_config.model, self.port)
 
     async def drain(self, grace_s: float) -> float:
@@ -78,7 +82,26 @@ class EngineServer(GrpcServer):
                 )
         return _ABORT_GRACE_S  # cancelled handlers abort their requests in the engine
 
+    async def _watch_core(self, core: CoreClient, stall_timeout_s: float) -> None:
+        """Health follows the core's progress: NOT_SERVING while work waits on a core that has not replied
+        for `stall_timeout_s` (stuck, SIGSTOPped), SERVING again once it replies. Health itself is answered
+        by the front, which never waits on the core, so a probe gets an answer either way."""
+        stalled = False
+        while core.death is None:
+            await asyncio.sleep(_WATCHDOG_PERIOD_S)
+            if (core.stalled_for() > stall_timeout_s) == stalled:
+                continue
+            stalled = not stalled
+            if stalled:
+                log.error("the engine core has not replied for %.1f s with work waiting", core.stalled_for())
+                await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            else:
+                log.warning("the engine core replies again")
+                await self.set_serving()
+
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self.core is not None:
             await self.core.stop()
 
