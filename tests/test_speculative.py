@@ -14,6 +14,7 @@ from tokenwire.engine.scheduling.ngram_proposer import NgramProposer
 from tokenwire.engine.scheduling.sequence import Sequence
 
 from tests.reference import ENGINE_DTYPE
+from tests.test_engine import assert_all_blocks_free
 from tests.tiny_models import build_echo_llama
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
@@ -51,12 +52,6 @@ def copy_heavy_prompts(n, seed=0, vocab=49152):
         filler = [rng.randrange(3, vocab) for _ in range(rng.randint(0, 6))]
         prompts.append(passage + filler + passage[: rng.randint(3, 10)])
     return prompts
-
-
-def assert_all_blocks_free(engine):
-    stats = engine.stats()
-    assert stats.num_running == 0 and stats.num_waiting == 0
-    assert stats.num_free_kv_blocks == stats.num_kv_blocks
 
 
 @pytest.fixture(scope="module")

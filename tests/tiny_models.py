@@ -20,17 +20,23 @@ def _ids(tokenizer) -> dict:
     )
 
 
+# The tiny decoders' shape (the Llama takes 2 layers; the families 4, for both layer kinds twice).
+_TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    initializer_range=0.2,
+)
+
+
 def build_tiny_llama(tokenizer_dir: str | Path, out: Path, **overrides) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=0.2,
+        **{**_TINY_SHAPE, "num_hidden_layers": 2},
         tie_word_embeddings=True,
         **_ids(tokenizer),
         **overrides,
@@ -121,13 +127,7 @@ def build_tiny_family(family: str, tokenizer_dir: str | Path, out: Path) -> Path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = config_cls(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=0.2,
+        **_TINY_SHAPE,
         tie_word_embeddings=family != "phi3",
         **_ids(tokenizer),
         **_FAMILY_CONFIGS[family],
