@@ -211,10 +211,12 @@ def gemv(
 ) -> torch.Tensor:
     """x @ weight.T (+ bias) (+ residual), summed in float32 and rounded once to x's dtype: what the
     native `gemv` computes for a few rows (it reads the plain weight, or quantized blocks, at memory
-    speed). On quantized blocks the activations are quantized to int8 per block of 32 as well."""
+    speed). On quantized blocks the activations are quantized to int8 per block of 32 as well (two levels
+    against 8-bit weights)."""
     dtype = x.dtype
     if weight.dim() == 3:  # quantized blocks
-        x, weight = quantized.quantize_activations(x), quantized.dequantize(weight)
+        two_levels = quantized.has_8bit_weights(weight)
+        x, weight = quantized.quantize_activations(x, two_levels), quantized.dequantize(weight)
     y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     return (y if residual is None else y.add_(residual.float())).to(dtype)
 

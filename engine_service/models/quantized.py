@@ -149,15 +149,28 @@ def untile_q4(tiles: torch.Tensor) -> torch.Tensor:
     return rows.permute(0, 2, 1, 3).reshape(t * TILE_ROWS, nb, 20).contiguous()
 
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+def quantize_activations(x: torch.Tensor, residual: bool = False) -> torch.Tensor:
     """Activation rows [M, K] as the native GEMV on blocks meets them (float32): int8 per row and block of 32,
-    round-half-even(x * 127 / max|x|), times max|x| / 127 (llama.cpp's q8_1), in the kernel's float ops."""
+    round-half-even(x * 127 / max|x|), times max|x| / 127 (llama.cpp's q8_1), in the kernel's float ops.
+    `residual` (against 8-bit weights): plus the rest, x minus that, quantized the same way (cpu_quant.cpp)."""
     m, k = x.shape
     groups = x.float().reshape(m, k // 32, 32)
+    first = _quantize_blocks(groups)
+    if residual:
+        first = first + _quantize_blocks(groups - first)
+    return first.view(m, k)
+
+
+def _quantize_blocks(groups: torch.Tensor) -> torch.Tensor:
     amax = groups.abs().amax(-1, keepdim=True)
     # 127 / amax as one IEEE division (a scalar over a tensor is a reciprocal, then a product, in torch)
     scale = torch.where(amax > 0, torch.full_like(amax, 127.0).div_(amax), torch.zeros_like(amax))
-    return (torch.round(groups * scale) * (amax / 127.0)).view(m, k)
+    return torch.round(groups * scale) * (amax / 127.0)
+
+
+def has_8bit_weights(blocks: torch.Tensor) -> bool:
+    """q8 blocks or q8 tiles: the GEMV meets them with two levels of activations."""
+    return blocks.dtype == torch.int8 or is_q8_tiles(blocks)
 
 
 # ---- from GGUF tensors (numpy, as gguf's reader maps them: [N, row bytes]) ----
