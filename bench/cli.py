@@ -13,6 +13,8 @@ Modes (comma-separated `--mode`, run in this order, one process):
   replicas through `--replicas` engine replicas started here, as `online`, under three setups: round robin,
            prefix-affinity routing, and one replica; hit rate, TTFT and requests per replica side by side
            (default of the multiprefix workload; see replicas.py).
+  llamacpp llama.cpp (llama-cpp-python, the optional extra) on the same GGUF file and ids, one request at
+           a time: the single-stream baseline of `naive` (bench/llamacpp.py).
   hf       transformers `generate()` (one static left-padded batch) and `generate_batch()` (its
            continuous batching): same checkpoint, dtype and prompts. `hf_static` / `hf_batch` alone too.
 `tokenwire-bench soak` is the engine service's memory soak instead (bench/soak.py, its own flags).
@@ -50,7 +52,7 @@ from tokenwire.bench.report import (
 )
 from tokenwire.bench.workloads import BenchRequest, build_requests, make_spec, pretokenize, warmup_requests
 from tokenwire.engine.request.sampling_params import SamplingParams
-from tokenwire.serving.model_resolver import resolve_model
+from tokenwire.serving.model_resolver import gguf_file, resolve_model
 from transformers import AutoTokenizer
 
 log = logging.getLogger("tokenwire.bench")
@@ -218,12 +220,23 @@ class Bench:
                 self.replica_loads[setup] = self.runs[setup][-1].extra["replicas"]
 
     def run_baselines(self) -> None:
+        if "llamacpp" in self.modes:
+            self.run_llamacpp()
         wanted = [m for m in ("hf_static", "hf_batch") if m in self.modes]
         if not wanted:
             return
         self.resolve_dtype()
         self._run_hf_modes(wanted, hf.load_hf_model(self.model_dir, self.device, self.dtype))
         gc.collect()  # the HF model is gone before anything else loads
+
+    def run_llamacpp(self) -> None:
+        """llama.cpp on the same GGUF file, one request at a time, on the same ids (see llamacpp.py)."""
+        from tokenwire.bench import llamacpp
+
+        model = llamacpp.load(gguf_file(self.args.model), context_len=4096, seed=self.args.seed)
+        self.repeat("llamacpp", lambda reqs, bar: llamacpp.run(model, reqs, self.params(reqs), bar), ids=True)
+        del model
+        gc.collect()
 
     def _run_hf_modes(self, wanted: list[str], model) -> None:
         for mode in wanted:

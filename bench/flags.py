@@ -8,11 +8,11 @@ from tokenwire.bench.workloads import STANDARD
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenwire.serving.model_resolver import DEFAULT_MODEL
 
-MODES = ("offline", "naive", "online", "online_etext", "online_ids", "replicas", "hf_static", "hf_batch")
+MODES = ("offline", "naive", "online", "online_etext", "online_ids", "replicas", "hf_static", "hf_batch", "llamacpp")
 ONLINE_MODES = ("online", "online_etext", "online_ids")
 DEFAULT_MODES = {"P1": "offline,hf", "online": "offline,online", "multiprefix": "replicas"}  # others: offline
 ENGINE_MODES = ("offline", "naive", *ONLINE_MODES)
-BASELINES = ("hf_static", "hf_batch", "offline")
+BASELINES = ("hf_static", "hf_batch", "llamacpp", "offline")
 
 
 def build_parser() -> argparse.ArgumentParser:

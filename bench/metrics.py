@@ -243,6 +243,8 @@ def compare(summaries: dict, ceiling: Ceiling | None) -> dict:
                 out[f"{mode}_fraction_of_engine_gemm_ceiling"] = (
                     summaries[mode].completion_tok_s / ceiling.engine_gemm_completion_tok_s
                 )
+    if "naive" in summaries and "llamacpp" in summaries and summaries["llamacpp"].tpot_ms.p50:
+        out["naive_tpot_vs_llamacpp"] = (summaries["naive"].tpot_ms.p50 or 0) / summaries["llamacpp"].tpot_ms.p50
     if ceiling is not None:
         out["ceiling_completion_tok_s"] = ceiling.completion_tok_s
         if ceiling.engine_gemm_completion_tok_s:

@@ -245,6 +245,12 @@ def test_an_unknown_endpoint_is_refused_naming_the_flag():
         bench_cli.parse_endpoints("grpc,http")
 
 
+def test_llamacpp_mode_needs_a_gguf_model_and_says_so(tmp_path, tiny_llama_dir):
+    # The tiny model is a transformers folder: llama.cpp has no file to run, and the refusal names the need.
+    with pytest.raises(SystemExit, match="--mode llamacpp needs a GGUF model"):
+        run_bench(tmp_path, tiny_llama_dir, "--mode", "llamacpp")
+
+
 def test_step_profile_breaks_a_decode_step_down(tiny_llama_dir, capsys):
     assert bench_profile.main(["--model", tiny_llama_dir, "--dtype", "float32", "--new-tokens", "3"]) == 0
     out = capsys.readouterr().out

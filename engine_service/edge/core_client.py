@@ -271,9 +271,18 @@ class CoreClient:
             if future is not None and not future.done():
                 future.set_result(reply.stats)
         elif isinstance(reply, Ready):
-            self._ready.set_result(reply)
+            self._settle_ready(reply)
         elif isinstance(reply, LoadFailed):
-            self._ready.set_exception(RuntimeError(f"the engine core failed to load: {reply.message}"))
+            self._settle_ready(RuntimeError(f"the engine core failed to load: {reply.message}"))
+
+    def _settle_ready(self, outcome: Ready | Exception) -> None:
+        # A stop while loading cancels the waiter first: a late Ready or exit must not raise InvalidStateError.
+        if self._ready.done():
+            return
+        if isinstance(outcome, Exception):
+            self._ready.set_exception(outcome)
+        else:
+            self._ready.set_result(outcome)
 
     def _emit(self, output: RequestOutput) -> None:
         rid = output.request_id
@@ -292,9 +301,7 @@ class CoreClient:
         self._process.join(0.5)  # EOF came as it exited; its status follows at once
         self.death = f"the engine core died (exit code {self._process.exitcode})"
         if not self._ready.done():
-            self._ready.set_exception(
-                RuntimeError(f"the engine core exited while loading (exit code {self._process.exitcode})")
-            )
+            self._settle_ready(RuntimeError(f"the engine core exited while loading (exit code {self._process.exitcode})"))
             return
         log.error("%s; failing %d requests in flight", self.death, len(self._sinks))
         self._ending.clear()
