@@ -235,8 +235,6 @@ class Bench:
 
         model = llamacpp.load(gguf_file(self.args.model), context_len=4096, seed=self.args.seed)
         self.repeat("llamacpp", lambda reqs, bar: llamacpp.run(model, reqs, self.params(reqs), bar), ids=True)
-        del model
-        gc.collect()
 
     def _run_hf_modes(self, wanted: list[str], model) -> None:
         for mode in wanted:

@@ -24,6 +24,7 @@ def build_engine(args) -> LLMEngine:
             seed=args.seed,
             few_row_gemv=args.few_row_gemv,
             quantization=args.quantization,
+            quantized_dense_copy=args.quantized_dense_copy,
             cache=CacheConfig(
                 enable_prefix_cache=not args.no_prefix_cache,
                 kv_cache_memory_gb=args.kv_cache_memory_gb,
@@ -46,6 +47,7 @@ def describe(engine: LLMEngine) -> dict:
         "kv_cache_dtype": dtype_name(runner.kv_dtype),
         "few_row_gemv": cfg.few_row_gemv,
         "quantization": runner.quantization,
+        "quantized_dense_copy": cfg.quantized_dense_copy,
         "weight_bytes": runner.weight_bytes(),
         "block_size": runner.block_size,
         "max_model_len": engine.max_model_len,

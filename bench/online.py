@@ -148,6 +148,7 @@ def _engine_flags(args, model_dir: str) -> list[str]:
         "--few-row-gemv" if args.few_row_gemv else "--no-few-row-gemv",
         "--quantization",
         args.quantization,
+        "--quantized-dense-copy" if args.quantized_dense_copy else "--no-quantized-dense-copy",
         "--log-level",
         "WARNING",
     ]

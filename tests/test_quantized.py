@@ -111,9 +111,13 @@ def tiny_gguf(tmp_path_factory) -> str:
     return str(build_tiny_gguf(gguf_file("smollm2-135m"), tmp_path_factory.mktemp("gguf") / "tiny-q4_1.gguf"))
 
 
-def _runner(model: str, quantization: str) -> ModelRunner:
+def _runner(model: str, quantization: str, dense_copy: bool = True) -> ModelRunner:
     cache = CacheConfig(block_size=BLOCK_SIZE, num_blocks=256)
-    return ModelRunner(EngineConfig(model=model, dtype=ENGINE_DTYPE, quantization=quantization, cache=cache))
+    return ModelRunner(
+        EngineConfig(
+            model=model, dtype=ENGINE_DTYPE, quantization=quantization, quantized_dense_copy=dense_copy, cache=cache
+        )
+    )
 
 
 def _greedy(runner: ModelRunner, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -145,6 +149,21 @@ def test_a_gguf_model_runs_on_its_blocks_and_agrees_with_transformers_on_the_fil
     reference = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=TORCH_DTYPE).eval()
     for prompt, output in zip(PROMPTS, _greedy(runner, PROMPTS, 8)):
         # The blocks hold the file's weights exactly, but decode steps meet them with int8 activations.
+        assert _reference_logprobs_gap(reference, prompt, output) <= BF16_LOGPROB_TOL
+
+
+def test_blocks_alone_hold_less_memory_and_keep_the_accuracy_rule(tiny_gguf):
+    """`quantized_dense_copy=False`: no linear keeps a dense copy, prefill runs the GEMV in row groups."""
+    if kernels.native() is None:
+        pytest.skip("no compiler here: without the native GEMV the dense copy is all there is")
+    both, alone = _runner(tiny_gguf, "auto"), _runner(tiny_gguf, "auto", dense_copy=False)
+    linears = [lin for layer in alone.model.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    assert all(lin.packed is None and lin.weight is None and lin.quantized is not None for lin in linears)
+    assert alone.weight_bytes()["per_token"] == both.weight_bytes()["per_token"]
+    assert alone.weight_bytes()["held"] < both.weight_bytes()["held"] - sum(lin.quantized.nbytes for lin in linears)
+    folder, name = tiny_gguf.rsplit("/", 1)
+    reference = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=TORCH_DTYPE).eval()
+    for prompt, output in zip(PROMPTS, _greedy(alone, PROMPTS, 8)):
         assert _reference_logprobs_gap(reference, prompt, output) <= BF16_LOGPROB_TOL
 
 

@@ -301,7 +301,9 @@ class CoreClient:
         self._process.join(0.5)  # EOF came as it exited; its status follows at once
         self.death = f"the engine core died (exit code {self._process.exitcode})"
         if not self._ready.done():
-            self._settle_ready(RuntimeError(f"the engine core exited while loading (exit code {self._process.exitcode})"))
+            self._settle_ready(
+                RuntimeError(f"the engine core exited while loading (exit code {self._process.exitcode})")
+            )
             return
         log.error("%s; failing %d requests in flight", self.death, len(self._sinks))
         self._ending.clear()

@@ -62,6 +62,7 @@ class Linear:
         # The packed copy replaces the plain weight unless the GEMV reads it (plain, not blocks).
         plain_for_gemv = self._gemv is not None and self.quantized is None
         self.weight = weight if self._packed is None or plain_for_gemv else None
+        self._blocks_only = False  # see drop_dense_copy
 
     @property
     def packed(self) -> torch.Tensor | None:
@@ -89,13 +90,36 @@ class Linear:
         w = self.gemv_weight
         return 0 if w is None else w.numel() * w.element_size()
 
+    def drop_dense_copy(self) -> None:
+        """Quantized weights only: keep the blocks alone (`--no-quantized-dense-copy`). GEMMs of any row
+        count then run the native GEMV, GEMV_MAX_ROWS rows a pass over the blocks: the least memory, at
+        the price of batches and prefill (docs/benchmarks.md has the measured cost)."""
+        if self.quantized is not None and self._gemv is not None:
+            self._packed = self.weight = None
+            self._blocks_only = True
+
     def _on_gemv(self, m: int) -> bool:
-        return self._gemv is not None and 0 < m <= GEMV_MAX_ROWS
+        return self._gemv is not None and (0 < m <= GEMV_MAX_ROWS or self._blocks_only)
+
+    def _row_groups(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The GEMV over `x`, GEMV_MAX_ROWS rows a call (one call where `x` has that few)."""
+        if x.shape[0] <= GEMV_MAX_ROWS:
+            return self._gemv(x, self.gemv_weight, self.bias, residual)
+        parts = [
+            self._gemv(
+                x[i : i + GEMV_MAX_ROWS],
+                self.gemv_weight,
+                self.bias,
+                None if residual is None else residual[i : i + GEMV_MAX_ROWS],
+            )
+            for i in range(0, x.shape[0], GEMV_MAX_ROWS)
+        ]
+        return torch.cat(parts)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         if self._on_gemv(m):
-            return self._gemv(x, self.gemv_weight, self.bias, None)
+            return self._row_groups(x, None)
         if self._packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(_pad_rows(x, gemm_rows(m)), self._packed, self.bias, "none", [], "")
             return y if y.shape[0] == m else y[:m]
@@ -106,7 +130,7 @@ class Linear:
         oneDNN and the GEMV, `residual` updated in place otherwise)."""
         m = x.shape[0]
         if self._on_gemv(m):
-            return self._gemv(x, self.gemv_weight, self.bias, residual)
+            return self._row_groups(x, residual)
         if self._packed is not None:
             rows = gemm_rows(m)
             y = torch.ops.mkldnn._linear_pointwise.binary(

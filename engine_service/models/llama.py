@@ -9,6 +9,7 @@ the HF rotary module) are handled from the config.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +60,15 @@ class LlamaForward:
             self._windows = [w or 0 for w in windows]
         self.vocab_size = self.lm_head.out_features
         self._check_rope()
-        self._decode_weights = self._native_decode_weights()
-        self._small_decode_weights = self._native_decode_weights(small=True)
+
+    # Computed on first use: the runner may yet drop the linears' dense copies (Linear.drop_dense_copy).
+    @functools.cached_property
+    def _decode_weights(self) -> list[torch.Tensor | None] | None:
+        return self._native_decode_weights()
+
+    @functools.cached_property
+    def _small_decode_weights(self) -> list[torch.Tensor | None] | None:
+        return self._native_decode_weights(small=True)
 
     def _native_decode_weights(self, small: bool = False) -> list[torch.Tensor | None] | None:
         """The flat weight list of the native decode layers (`cpu_decode.cpp`), or None where that op

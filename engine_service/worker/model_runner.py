@@ -99,6 +99,9 @@ class ModelRunner:
         gemv = self.native.gemv if self.native is not None and config.few_row_gemv else None
         self.model: CausalLM = _ARCHITECTURES[self.architecture](hf_model, gemv)
         del hf_model  # our forward keeps only the (fused) weights it needs
+        if not config.quantized_dense_copy:
+            for linear in _weights_of(self.model)[0]:
+                linear.drop_dense_copy()
         self.vocab_size = self.model.vocab_size
         self.sampler = Sampler(self.native, self.eos_token_ids)
         self.block_size = config.cache.block_size
