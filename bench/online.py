@@ -148,6 +148,8 @@ def _engine_flags(args, model_dir: str) -> list[str]:
         "--few-row-gemv" if args.few_row_gemv else "--no-few-row-gemv",
         "--quantization",
         args.quantization,
+        "--model-impl",
+        args.model_impl,
         "--log-level",
         "WARNING",
     ]
