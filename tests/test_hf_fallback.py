@@ -15,6 +15,7 @@ import random
 
 import grpc
 import pytest
+import torch
 from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenwire.engine.core.engine import LLMEngine
 from tokenwire.engine.request.sampling_params import SamplingParams
@@ -123,6 +124,12 @@ def test_model_info_and_the_log_name_the_fallback(family_dir, caplog, capfd):
         thread.close()
     # The engine core is a child process: its startup lines reach the inherited stderr.
     assert f"({FAMILIES[family_dir[0]]}, transformers forward)" in capfd.readouterr().err
+
+
+def test_dtype_auto_runs_the_fallback_in_float32_on_a_cpu(family_dir):
+    """The HF modules' own bf16 ops decode several times slower than fp32 on CPUs (README)."""
+    config = EngineConfig(model=family_dir[1], dtype="auto", device="cpu", cache=CacheConfig(num_blocks=8))
+    assert ModelRunner(config).dtype == torch.float32
 
 
 @pytest.mark.parametrize("model_impl", ["auto", "transformers"])

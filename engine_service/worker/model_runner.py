@@ -74,7 +74,7 @@ class ModelRunner:
         self.architecture, self.model_impl = chosen.architecture, chosen.impl
         self.max_model_len = _max_model_len(self.hf_config, config.max_model_len)  # checked before loading
         self.device = choose_device(config.device)
-        self.dtype = choose_dtype(config.dtype, self.device)
+        self.dtype = choose_dtype(config.dtype, self.device, native_forward=self.model_impl != TRANSFORMERS)
         self.kv_dtype = choose_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype)
         hf_model = AutoModelForCausalLM.from_pretrained(
             path, dtype=self.dtype, trust_remote_code=config.trust_remote_code
