@@ -23,8 +23,8 @@ import time
 from tokenwire.engine.config import CacheConfig, EngineConfig
 from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.engine.scheduling.sequence import ScheduledChunk, Sequence
-from tokenwire.engine.worker.model_runner import ModelRunner
 from tokenwire.engine.worker.device import dtype_name
+from tokenwire.engine.worker.model_runner import ModelRunner
 
 PROMPT_LEN = 32
 

@@ -47,7 +47,9 @@ def prompts() -> list[list[int]]:
 
 def _runner(model_dir: str, model_impl: str = "auto", native: bool = True) -> ModelRunner:
     cache = CacheConfig(block_size=BLOCK_SIZE, num_blocks=128)
-    config = EngineConfig(model=model_dir, dtype=ENGINE_DTYPE, native_kernels=native, model_impl=model_impl, cache=cache)
+    config = EngineConfig(
+        model=model_dir, dtype=ENGINE_DTYPE, native_kernels=native, model_impl=model_impl, cache=cache
+    )
     return ModelRunner(config)
 
 

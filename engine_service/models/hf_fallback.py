@@ -141,7 +141,11 @@ class HFFallbackForward:
         step = {_STEP_KWARG: _Step(kv, batch)}
         if self._keeps_rows:
             logits = self.hf_model(
-                input_ids=input_ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=sample_rows, **step
+                input_ids=input_ids[None],
+                position_ids=positions[None],
+                use_cache=False,
+                logits_to_keep=sample_rows,
+                **step,
             ).logits[0]
         else:
             logits = self.hf_model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False, **step)

@@ -127,7 +127,9 @@ class ModelRunner:
         if mode == "none" or (mode == "auto" and source is None):
             return "none"
         if self.architecture not in QUANTIZED_ARCHITECTURES or self.model_impl == TRANSFORMERS:
-            log.warning("quantization %s: not on %s (%s forward); dense weights", mode, self.architecture, self.model_impl)
+            log.warning(
+                "quantization %s: not on %s (%s forward); dense weights", mode, self.architecture, self.model_impl
+            )
             return "none"
         if mode == "int8":
             return f"int8 ({attach_int8(hf_model)} linears)"
