@@ -27,7 +27,8 @@ from transformers import BertConfig
 from tests.reference import ENGINE_DTYPE, assert_greedy_matches_reference, assert_runs_agree
 from tests.test_engine_service import ServerThread
 from tests.test_model_runner import BLOCK_SIZE, NEW_TOKENS, contiguous_tables, make_seqs, run_greedy
-from tests.tiny_models import build_tiny_fallback, build_tiny_family
+from tests.test_speculative import copy_heavy_prompts, plain_prompts
+from tests.tiny_models import build_echo_llama, build_tiny_fallback, build_tiny_family
 
 FAMILIES = {"gpt_neox": "GPTNeoXForCausalLM", "opt": "OPTForCausalLM"}
 PROMPT_LENGTHS = (1, 4, 7, 11, 16, 23, 29, 37)  # batch 8
@@ -107,6 +108,31 @@ def test_forced_on_gemma2_keeps_hf_window_and_soft_caps(smollm2_dir, tmp_path, p
     runner = _runner(model_dir, model_impl="transformers")
     assert runner.model_impl == "transformers"
     assert_greedy_matches_reference(model_dir, prompts, _greedy(runner, prompts, budget=5))
+
+
+def test_speculative_drafts_verify_through_the_fallback(smollm2_dir, tmp_path):
+    """n-gram drafts are verified as a multi-token chunk over cached context: accepted and rejected drafts
+    through the HF modules leave greedy outputs equal to speculation off."""
+    model_dir = str(build_echo_llama(smollm2_dir, tmp_path / "echo"))
+    prompts = plain_prompts(4, seed=1) + copy_heavy_prompts(4, seed=3)
+    params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+
+    def engine(speculative: str) -> LLMEngine:
+        scheduler = SchedulerConfig(
+            max_num_seqs=16, max_num_batched_tokens=64, speculative=speculative, speculative_max_num_seqs=8
+        )
+        cache = CacheConfig(block_size=BLOCK_SIZE, num_blocks=256)
+        return LLMEngine(
+            EngineConfig(
+                model=model_dir, dtype=ENGINE_DTYPE, model_impl="transformers", cache=cache, scheduler=scheduler
+            )
+        )
+
+    spec = engine("ngram")
+    got = spec.generate(prompt_token_ids=prompts, params=params)
+    assert_runs_agree(model_dir, prompts, got, engine("off").generate(prompt_token_ids=prompts, params=params))
+    stats = spec.stats()
+    assert 0 < stats.num_accepted_draft_tokens < stats.num_draft_tokens
 
 
 def test_model_info_and_the_log_name_the_fallback(family_dir, caplog, capfd):
