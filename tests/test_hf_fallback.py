@@ -22,7 +22,7 @@ from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.engine.worker.model_runner import ModelRunner
 from tokenwire.v1 import engine_pb2 as pb
 from tokenwire.v1 import engine_pb2_grpc
-from transformers import BertConfig
+from transformers import BertConfig, BloomConfig
 
 from tests.reference import ENGINE_DTYPE, assert_greedy_matches_reference, assert_runs_agree
 from tests.test_engine_service import ServerThread
@@ -178,4 +178,13 @@ def test_an_encoder_decoder_is_refused(tmp_path):
     config = {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="T5ForConditionalGeneration .*encoder-decoder"):
+        _runner(str(tmp_path))
+
+
+def test_a_model_outside_the_attention_interface_is_refused(tmp_path):
+    """BLOOM adds its ALiBi bias inside its own attention, which no registered function replaces."""
+    BloomConfig(
+        architectures=["BloomForCausalLM"], vocab_size=128, hidden_size=32, n_layer=1, n_head=2
+    ).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"BloomForCausalLM .*does not call transformers' attention interface"):
         _runner(str(tmp_path))
