@@ -25,6 +25,7 @@ def build_engine(args) -> LLMEngine:
             few_row_gemv=args.few_row_gemv,
             quantization=args.quantization,
             quantized_dense_copy=args.quantized_dense_copy,
+            model_impl=args.model_impl,
             cache=CacheConfig(
                 enable_prefix_cache=not args.no_prefix_cache,
                 kv_cache_memory_gb=args.kv_cache_memory_gb,
@@ -41,6 +42,7 @@ def describe(engine: LLMEngine) -> dict:
     runner, cfg = engine.runner, engine.config
     return {
         "architecture": runner.architecture,
+        "model_impl": runner.model_impl,
         "device": str(runner.device),
         "dtype": dtype_name(runner.dtype),
         "num_kv_blocks": runner.num_blocks,

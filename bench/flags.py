@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=EngineConfig.quantized_dense_copy,
         help="quantized weights: a de-quantized copy for batches and prefill; off: the blocks alone (engine flag)",
     )
+    e.add_argument(
+        "--model-impl",
+        default=EngineConfig.model_impl,
+        help="forward: auto (native where known, else transformers), native, transformers (engine flag)",
+    )
     r = p.add_argument_group("run")
     r.add_argument("--pretok", action="store_true", help="tokenize before the timed region and send ids")
     r.add_argument("--warmup-runs", type=int, default=1)

@@ -149,6 +149,8 @@ def _engine_flags(args, model_dir: str) -> list[str]:
         "--quantization",
         args.quantization,
         "--quantized-dense-copy" if args.quantized_dense_copy else "--no-quantized-dense-copy",
+        "--model-impl",
+        args.model_impl,
         "--log-level",
         "WARNING",
     ]

@@ -143,7 +143,10 @@ def _print_stream(chunks: Iterable[GenerationChunk], show_ids: bool) -> str:
 
 def _info(client: Client, args: argparse.Namespace) -> int:
     model, tokenizer = client.model_info(), client.tokenizer_info()
-    print(f"model        {model.model} ({model.architecture}), context {model.max_model_len}, vocab {model.vocab_size}")
+    print(
+        f"model        {model.model} ({model.architecture}, {model.config.model_impl} forward), context"
+        f" {model.max_model_len}, vocab {model.vocab_size}"
+    )
     print(
         f"engine       {model.config.device}/{model.config.dtype}, {model.config.num_kv_blocks} KV blocks "
         f"of {model.config.block_size} tokens, up to {model.config.max_num_seqs} running"

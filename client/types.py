@@ -227,6 +227,7 @@ class EngineConfigInfo:
     max_logprobs: int
     kv_cache_dtype: str
     quantization: str  # "none" (dense weights), or the blocks kept, e.g. "gguf (210 x Q4_1)"
+    model_impl: str  # the forward serving the model: "native" or "transformers" (the fallback)
 
 
 @dataclass(frozen=True)

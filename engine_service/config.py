@@ -47,6 +47,7 @@ class EngineConfig:
     seed: int = 0                        # seeds requests that give none, so runs are reproducible
     native_kernels: bool = True          # CPU: fused kernels compiled on first use into $TOKENWIRE_HOME/kernels (off: torch ops)
     few_row_gemv: bool = True            # CPU: GEMMs of 1-4 rows (one stream, a few) on a plain weight copy: faster, the linear layers' memory twice
+    model_impl: str = "auto"             # forward: "auto" (tokenwire's own where it knows the architecture, else transformers' modules), "native" (refuse others), "transformers" (the fallback for any causal LM)
     quantization: str = "auto"           # linear weights: "auto" (a GGUF file's own 4/8-bit blocks, else dense), "gguf", "int8" (quantized at load), "none" (dense)
     quantized_dense_copy: bool = True    # quantized weights: also a de-quantized copy for batches and prefill (oneDNN GEMMs); off: the blocks alone, the least memory, slower batches
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -12,6 +12,7 @@ import subprocess
 import pytest
 import torch
 from tokenwire.bench import cli as bench_cli
+from tokenwire.bench import model_impl as bench_model_impl
 from tokenwire.bench import profile as bench_profile
 from tokenwire.bench.replicas import Counters, parse_counters
 from tokenwire.bench.report import openmp_lines
@@ -340,3 +341,11 @@ def test_multiprefix_compares_round_robin_prefix_affinity_and_one_replica(tmp_pa
         "prefix_hit_rate_vs_single >= 0.9",
         "prefix_max_over_mean_requests <= 1.5",
     }
+
+
+def test_model_impl_bench_runs_both_forwards_in_one_run(tiny_llama_dir):
+    result = bench_model_impl.measure(tiny_llama_dir, "float32", "none", new_tokens=4, rounds=2)
+    assert result["same_ids"]  # float32: the fallback decodes the native forward's ids
+    assert set(result["ms_per_token"]) == {"native", "transformers"}
+    assert all(len(v) == 2 and min(v) > 0 for v in result["ms_per_token"].values())
+    assert result["fallback_over_native"] > 0 and result["quantization"] == "none"

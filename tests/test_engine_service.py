@@ -324,6 +324,7 @@ def test_model_info(stub, config):
     assert (info.config.num_kv_blocks, info.config.block_size, info.config.dtype) == (NUM_BLOCKS, 16, "float32")
     assert info.config.max_num_seqs == config.scheduler.max_num_seqs
     assert info.config.kv_cache_dtype == "float32"
+    assert info.config.model_impl == "native"
 
 
 def test_a_bfloat16_kv_cache_is_reported_and_serves(config, tokenizer, hf_model):

@@ -170,10 +170,12 @@ def test_bad_chunk_is_refused(runner, prompts):
 
 
 def test_unsupported_architecture(tmp_path):
+    """`--model-impl native` refuses what tokenwire has no forward for (auto takes the fallback:
+    test_hf_fallback.py)."""
     config = {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="supported: LlamaForCausalLM"):
-        ModelRunner(EngineConfig(model=str(tmp_path), dtype="float32"))
+    with pytest.raises(ValueError, match="for model_impl 'native'; supported: LlamaForCausalLM"):
+        ModelRunner(EngineConfig(model=str(tmp_path), dtype="float32", model_impl="native"))
 
 
 def test_max_model_len_beyond_model_is_refused(tiny_gpt2_dir):

@@ -143,6 +143,43 @@ def build_tiny_family(family: str, tokenizer_dir: str | Path, out: Path) -> Path
     return out
 
 
+# Tiny families served by the transformers fallback (models/hf_fallback.py), none of them natively:
+# GPT-NeoX with partial rotary and parallel residuals, OPT with learned positions offset by 2.
+_FALLBACK_CONFIGS = {
+    "gpt_neox": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        rotary_pct=0.5,
+        use_parallel_residual=True,
+    ),
+    "opt": dict(
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+        init_std=0.2,
+        word_embed_proj_dim=64,
+    ),
+}
+
+
+def build_tiny_fallback(family: str, tokenizer_dir: str | Path, out: Path) -> Path:
+    """A 2-layer random `family` model (gpt_neox, opt) with the SmolLM2 tokenizer."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, OPTConfig, OPTForCausalLM
+
+    model_cls, config_cls = {"gpt_neox": (GPTNeoXForCausalLM, GPTNeoXConfig), "opt": (OPTForCausalLM, OPTConfig)}[
+        family
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = config_cls(vocab_size=len(tokenizer), **_ids(tokenizer), **_FALLBACK_CONFIGS[family])
+    return _save(model_cls, config, tokenizer, out)
+
+
 def _save(model_cls, config, tokenizer, out: Path) -> Path:
     torch.manual_seed(SEED)
     model = model_cls(config).to(torch.float32).eval()

@@ -71,9 +71,10 @@ class LLMEngine:
         if self.faults is not None:
             log.warning("fault injection is ON: %s", self.faults.rules)
         log.info(
-            "engine ready: %s (%s) on %s/%s, %d KV blocks of %d tokens, context %d",
+            "engine ready: %s (%s, %s forward) on %s/%s, %d KV blocks of %d tokens, context %d",
             config.model,
             self.runner.architecture,
+            self.runner.model_impl,
             self.runner.device,
             self.runner.dtype,
             self.runner.num_blocks,

@@ -83,6 +83,7 @@ class CoreInfo:
     """What the front needs from the loaded model to validate requests and answer GetModelInfo."""
 
     architecture: str
+    model_impl: str  # the forward serving it: "native" or "transformers" (the fallback)
     device: str
     dtype: str  # "float32", "bfloat16", ...
     kv_cache_dtype: str  # dtype, or a narrower one under a float32 model

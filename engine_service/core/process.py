@@ -110,6 +110,7 @@ def core_info(engine) -> CoreInfo:
     runner = engine.runner
     return CoreInfo(
         architecture=runner.architecture,
+        model_impl=runner.model_impl,
         device=str(runner.device),
         dtype=dtype_name(runner.dtype),
         kv_cache_dtype=dtype_name(runner.kv_dtype),

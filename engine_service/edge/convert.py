@@ -138,6 +138,7 @@ def engine_config_info(config: EngineConfig, info: CoreInfo) -> pb.EngineConfigI
         dtype=info.dtype,
         kv_cache_dtype=info.kv_cache_dtype,
         quantization=info.quantization,
+        model_impl=info.model_impl,
         block_size=info.block_size,
         num_kv_blocks=info.num_blocks,
         enable_prefix_cache=config.cache.enable_prefix_cache,

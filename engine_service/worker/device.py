@@ -27,9 +27,10 @@ def choose_device(name: str = "auto") -> torch.device:
     return device
 
 
-def choose_dtype(name: str, device: torch.device) -> torch.dtype:
+def choose_dtype(name: str, device: torch.device, native_forward: bool = True) -> torch.dtype:
     """An explicit dtype is honoured; `auto` picks bf16/fp16 on CUDA, and on CPU bf16 where it is native
-    (`cpu_auto_dtype`), else fp32."""
+    (`cpu_auto_dtype`), else fp32. `native_forward=False` (the transformers fallback): fp32 on CPU, where
+    the HF modules' own bf16 ops decoded SmolLM2 5.8x slower than fp32 on an AVX-512 BF16 EPYC (no AMX)."""
     if name in _EXPLICIT_DTYPES:
         return _EXPLICIT_DTYPES[name]
     if name != "auto":
@@ -38,6 +39,9 @@ def choose_dtype(name: str, device: torch.device) -> torch.dtype:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         log.info("dtype auto -> %s (CUDA device %s)", dtype, torch.cuda.get_device_name(device))
         return dtype
+    if not native_forward:
+        log.info("dtype auto -> float32: the transformers fallback on a CPU")
+        return torch.float32
     return _cpu_auto_dtype()
 
 

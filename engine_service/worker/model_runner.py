@@ -17,12 +17,12 @@ import torch
 from tokenwire.engine.config import EngineConfig
 from tokenwire.engine.models import kernels
 from tokenwire.engine.models.attention import AttentionBatch, KVCache
-from tokenwire.engine.models.gemma import GemmaForward
 from tokenwire.engine.models.gguf_weights import attach_gguf, attach_int8
-from tokenwire.engine.models.gpt2 import GPT2Forward
+from tokenwire.engine.models.hf_fallback import HFFallbackForward
 from tokenwire.engine.models.linear import Linear
-from tokenwire.engine.models.llama import LlamaForward
 from tokenwire.engine.scheduling.sequence import ScheduledChunk, Sequence
+from tokenwire.engine.worker import architectures
+from tokenwire.engine.worker.architectures import NATIVE_FORWARDS, QUANTIZED_ARCHITECTURES, TRANSFORMERS
 from tokenwire.engine.worker.device import choose_device, choose_dtype, choose_kv_cache_dtype, dtype_name
 from tokenwire.engine.worker.sampler import PromptSpan, Sampler, SamplerOutput, prompt_logprobs
 from tokenwire.engine.worker.speculative import accept_drafts
@@ -31,19 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 log = logging.getLogger(__name__)
 
-_ARCHITECTURES = {
-    "LlamaForCausalLM": LlamaForward,
-    "MistralForCausalLM": LlamaForward,
-    "Qwen2ForCausalLM": LlamaForward,
-    "Qwen3ForCausalLM": LlamaForward,
-    "Phi3ForCausalLM": LlamaForward,
-    "Gemma2ForCausalLM": GemmaForward,
-    "Gemma3ForCausalLM": GemmaForward,
-    "GPT2LMHeadModel": GPT2Forward,
-}
-SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
-# The forwards that fuse quantized blocks (llama._linear); the others run dense.
-_QUANTIZED_ARCHITECTURES = {name for name, forward in _ARCHITECTURES.items() if forward in (LlamaForward, GemmaForward)}
+SUPPORTED_ARCHITECTURES = architectures.SUPPORTED_ARCHITECTURES
 QUANTIZATION_MODES = ("auto", "gguf", "int8", "none")
 
 
@@ -82,10 +70,11 @@ class ModelRunner:
         self.config = config
         path = resolve_model(config.model)
         self.hf_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
-        self.architecture = _architecture(self.hf_config)
+        chosen = architectures.select(self.hf_config, config.model_impl)  # refuses what neither path serves
+        self.architecture, self.model_impl = chosen.architecture, chosen.impl
         self.max_model_len = _max_model_len(self.hf_config, config.max_model_len)  # checked before loading
         self.device = choose_device(config.device)
-        self.dtype = choose_dtype(config.dtype, self.device)
+        self.dtype = choose_dtype(config.dtype, self.device, native_forward=self.model_impl != TRANSFORMERS)
         self.kv_dtype = choose_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype)
         hf_model = AutoModelForCausalLM.from_pretrained(
             path, dtype=self.dtype, trust_remote_code=config.trust_remote_code
@@ -97,8 +86,9 @@ class ModelRunner:
         self.native = kernels.native() if self.device.type == "cpu" and config.native_kernels else None
         # The few-row GEMV keeps a plain copy of every linear weight besides oneDNN's packed one.
         gemv = self.native.gemv if self.native is not None and config.few_row_gemv else None
-        self.model: CausalLM = _ARCHITECTURES[self.architecture](hf_model, gemv)
-        del hf_model  # our forward keeps only the (fused) weights it needs
+        forward = HFFallbackForward if self.model_impl == TRANSFORMERS else NATIVE_FORWARDS[self.architecture]
+        self.model: CausalLM = forward(hf_model, gemv)
+        del hf_model  # a native forward keeps only the (fused) weights it needs
         if not config.quantized_dense_copy:
             for linear in _weights_of(self.model)[0]:
                 linear.drop_dense_copy()
@@ -116,9 +106,10 @@ class ModelRunner:
             self.device,
         )
         log.info(
-            "model %s (%s) on %s in %s, quantization %s; KV cache %d blocks x %d tokens in %s (%.0f MiB)",
+            "model %s (%s, %s forward) on %s in %s, quantization %s; KV cache %d blocks x %d tokens in %s (%.0f MiB)",
             config.model,
             self.architecture,
+            self.model_impl,
             self.device,
             self.dtype,
             self.quantization,
@@ -138,8 +129,10 @@ class ModelRunner:
             raise ValueError(f"quantization: 'gguf' needs a .gguf model, got {self.config.model!r}")
         if mode == "none" or (mode == "auto" and source is None):
             return "none"
-        if self.architecture not in _QUANTIZED_ARCHITECTURES:
-            log.warning("quantization %s: not on %s; dense weights", mode, self.architecture)
+        if self.architecture not in QUANTIZED_ARCHITECTURES or self.model_impl == TRANSFORMERS:
+            log.warning(
+                "quantization %s: not on %s (%s forward); dense weights", mode, self.architecture, self.model_impl
+            )
             return "none"
         if mode == "int8":
             return f"int8 ({attach_int8(hf_model)} linears)"
@@ -153,6 +146,8 @@ class ModelRunner:
         gemv = sum(lin.gemv_bytes for lin in linears)
         dense = sum(lin.nbytes for lin in linears if lin.gemv_bytes == 0)
         held = sum(lin.nbytes for lin in linears) + sum(t.numel() * t.element_size() for t in tensors)
+        if self.model_impl == TRANSFORMERS:  # HF's own linears, no Linear of ours: every weight, a bound
+            return {"held": held, "per_token": held}
         return {"held": held, "per_token": gemv + dense}
 
     def _num_blocks(self) -> int:
@@ -286,34 +281,6 @@ def _prompt_span(seq: Sequence, start: int, end: int) -> PromptSpan | None:
     if first >= last:
         return None
     return PromptSpan(seq, first, last - first, seq.prompt_token_ids[first + 1 : last + 1])
-
-
-# Old checkpoints and GGUF-loaded configs may omit `architectures` (or name a multimodal wrapper);
-# their model_type names the family.
-_BY_MODEL_TYPE = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "phi3": "Phi3ForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-    "gemma3_text": "Gemma3ForCausalLM",
-    "gpt2": "GPT2LMHeadModel",
-}
-
-
-def _architecture(hf_config) -> str:
-    names = getattr(hf_config, "architectures", None) or []
-    for name in names:
-        if name in _ARCHITECTURES:
-            return name
-    # GGUF-loaded configs carry a model_type (gemma3_text) and no architectures.
-    if getattr(hf_config, "model_type", None) in _BY_MODEL_TYPE:
-        return _BY_MODEL_TYPE[hf_config.model_type]
-    raise ValueError(
-        f"unsupported model architecture {names or hf_config.model_type!r}; "
-        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-    )
 
 
 def _max_model_len(hf_config, requested: int | None) -> int:

@@ -711,6 +711,7 @@ class EngineConfigInfo(_message.Message):
     MAX_LOGPROBS_FIELD_NUMBER: _builtins.int
     KV_CACHE_DTYPE_FIELD_NUMBER: _builtins.int
     QUANTIZATION_FIELD_NUMBER: _builtins.int
+    MODEL_IMPL_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     """Device the model runs on, e.g. "cpu" or "cuda:0"."""
     dtype: _builtins.str
@@ -735,6 +736,10 @@ class EngineConfigInfo(_message.Message):
     """dtype of the KV cache: `dtype`, or bfloat16 / float16 under a float32 model (--kv-cache-dtype)."""
     quantization: _builtins.str
     """The linear weights' form, in words: "none" (dense), "gguf (<count> x <type>, ...)", "int8 (...)"."""
+    model_impl: _builtins.str
+    """Which forward serves the model (--model-impl): "native" (tokenwire's own, on its fused GEMMs and
+    kernels) or "transformers" (the model's own transformers modules over tokenwire's paged KV cache).
+    """
     def __init__(
         self,
         *,
@@ -750,10 +755,11 @@ class EngineConfigInfo(_message.Message):
         max_logprobs: _builtins.int = ...,
         kv_cache_dtype: _builtins.str = ...,
         quantization: _builtins.str = ...,
+        model_impl: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "device", b"device", "dtype", b"dtype", "enable_chunked_prefill", b"enable_chunked_prefill", "enable_prefix_cache", b"enable_prefix_cache", "kv_cache_dtype", b"kv_cache_dtype", "max_logprobs", b"max_logprobs", "max_new_tokens_cap", b"max_new_tokens_cap", "max_num_batched_tokens", b"max_num_batched_tokens", "max_num_seqs", b"max_num_seqs", "num_kv_blocks", b"num_kv_blocks", "quantization", b"quantization"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "device", b"device", "dtype", b"dtype", "enable_chunked_prefill", b"enable_chunked_prefill", "enable_prefix_cache", b"enable_prefix_cache", "kv_cache_dtype", b"kv_cache_dtype", "max_logprobs", b"max_logprobs", "max_new_tokens_cap", b"max_new_tokens_cap", "max_num_batched_tokens", b"max_num_batched_tokens", "max_num_seqs", b"max_num_seqs", "model_impl", b"model_impl", "num_kv_blocks", b"num_kv_blocks", "quantization", b"quantization"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
