@@ -9,6 +9,7 @@ import copy
 import json
 import re
 import threading
+from pathlib import Path
 
 import grpc
 import pytest
@@ -417,3 +418,33 @@ def test_continue_final_message_leaves_the_turn_open(stub, reference):
     response = stub.ApplyChatTemplate(pb.ApplyChatTemplateRequest(messages=messages, continue_final_message=True))
     expected = reference.apply_chat_template(chat, continue_final_message=True)["input_ids"]
     assert list(response.ids) == expected and reference.decode(expected).endswith("Hello the")
+
+
+# Gemma's templates as those checkpoints ship them, reduced to their role handling: Gemma 2's refuses a
+# system message, Gemma 3's folds it into the first user turn. Neither may lose it silently.
+GEMMA_TEMPLATES = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_a_system_message_is_folded_or_refused_by_gemma_templates_never_dropped(config, family):
+    from dataclasses import replace
+
+    server = ServerThread(replace(config, chat_template=str(GEMMA_TEMPLATES / f"{family}_chat_template.jinja")))
+    try:
+        system = common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_SYSTEM, content="Answer in French.")
+        user = common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_USER, content="hi")
+        request = pb.ApplyChatTemplateRequest(messages=[system, user], add_generation_prompt=True, return_text=True)
+        if family == "gemma2":
+            with pytest.raises(grpc.RpcError) as error:
+                server.stub.ApplyChatTemplate(request)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "messages" in error.value.details() and "System role not supported" in error.value.details()
+        else:
+            text = server.stub.ApplyChatTemplate(request).text
+            assert text.endswith("<start_of_turn>user\nAnswer in French.\n\nhi<end_of_turn>\n<start_of_turn>model\n")
+        without_system = pb.ApplyChatTemplateRequest(messages=[user], add_generation_prompt=True, return_text=True)
+        assert server.stub.ApplyChatTemplate(without_system).text.endswith(
+            "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+        )
+    finally:
+        server.close()
