@@ -351,13 +351,13 @@ def _speculative(config: SchedulerConfig) -> str:
 
 
 def _draftable(seq: Sequence) -> bool:
-    """Whether verification is exact for `seq`: greedy, and every position's logits processed alike (no
-    penalties over a history the drafts would change, no min_tokens mask still applying, no grammar
-    matcher to advance, one sample). Other requests decode one token a step."""
+    """Whether verification is exact for `seq`: every position's logits processed alike (no penalties over
+    a history the drafts would change, no min_tokens mask still applying, no grammar matcher to advance),
+    one sample. Greedy and sampled requests alike (worker/speculative.py: the rejection rule). Other
+    requests decode one token a step."""
     params = seq.params
     return (
-        params.greedy
-        and not params.uses_penalties
+        not params.uses_penalties
         and seq.grammar is None
         and params.n == 1
         and len(seq.output_token_ids) >= params.min_tokens

@@ -87,8 +87,10 @@ class Sampler:
         self._argmax = native.argmax if native is not None else kernels.argmax
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """logits [len(seqs), vocab] float32 (raw model output) -> one token per sequence."""
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], ahead: list[int] | None = None) -> SamplerOutput:
+        """logits [len(seqs), vocab] float32 (raw model output) -> one token per row. `ahead`: per row, how
+        many positions past its sequence's last known token it samples (a drafted chunk's rows are 0..k), so
+        each position draws its own noise; None means every row is 0."""
         params = [s.params for s in seqs]
         scores = logits
         if any(p.logit_bias for p in params):
@@ -106,7 +108,7 @@ class Sampler:
         if all(greedy):
             tokens = self._argmax(scores)
         else:
-            tokens = self._sample_rows(scores, seqs, greedy)
+            tokens = self._sample_rows(scores, seqs, greedy, ahead or [0] * len(seqs))
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not wanted:
             return SamplerOutput(seqs, tokens.tolist(), [None] * len(seqs))
@@ -134,14 +136,16 @@ class Sampler:
             return scores.add_(bias)
         return scores.index_add_(0, torch.tensor(rows, device=scores.device), bias)
 
-    def _sample_rows(self, scores: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
+    def _sample_rows(
+        self, scores: torch.Tensor, seqs: list[Sequence], greedy: list[bool], ahead: list[int]
+    ) -> torch.Tensor:
         rows = [i for i, g in enumerate(greedy) if not g]
         device = scores.device
         index = torch.tensor(rows, device=device)
         params = [seqs[i].params for i in rows]
         temperature = torch.tensor([p.temperature for p in params], device=device)
         x = _apply_min_p(scores.index_select(0, index) / temperature[:, None], params)
-        row_keys = _row_keys([seqs[i].seed for i in rows], [seqs[i].num_tokens for i in rows], device)
+        row_keys = _row_keys([seqs[i].seed for i in rows], [seqs[i].num_tokens + ahead[i] for i in rows], device)
         chosen = _draw(x, params, row_keys, self._vocab_keys_for(x.shape[1], device))
         if len(rows) == len(seqs):
             return chosen
