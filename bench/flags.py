@@ -10,7 +10,8 @@ from tokenwire.serving.model_resolver import DEFAULT_MODEL
 
 MODES = ("offline", "naive", "online", "online_etext", "online_ids", "replicas", "hf_static", "hf_batch")
 ONLINE_MODES = ("online", "online_etext", "online_ids")
-DEFAULT_MODES = {"P1": "offline,hf", "online": "offline,online", "multiprefix": "replicas", "copy": "naive"}  # others: offline
+# Others: offline. copy: one stream at a time, speculation off and on (--spec-compare).
+DEFAULT_MODES = {"P1": "offline,hf", "online": "offline,online", "multiprefix": "replicas", "copy": "naive"}
 ENGINE_MODES = ("offline", "naive", *ONLINE_MODES)
 BASELINES = ("hf_static", "hf_batch", "offline")
 
