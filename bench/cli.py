@@ -17,6 +17,8 @@ Modes (comma-separated `--mode`, run in this order, one process):
            continuous batching): same checkpoint, dtype and prompts. `hf_static` / `hf_batch` alone too.
 `tokenwire-bench soak` is the engine service's memory soak instead (bench/soak.py, its own flags).
 The json workload runs offline twice per run, with a JSON schema per request (`offline_json`) and without.
+`--spec-compare` (the copy workload's default) runs offline/naive on two engines, speculation off and ngram,
+interleaved (`naive` / `naive_spec`), and reports the TPOT ratio and the acceptance rate (bench/speculative.py).
 `--pretok` tokenizes text prompts before the timed region and sends ids (the engine then encodes
 nothing); without it, text goes in and tokenization is timed. Metrics: see metrics.py.
 

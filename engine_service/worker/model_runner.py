@@ -74,7 +74,7 @@ class _ForwardInputs:
     # (a drafted chunk's every row), then the rows of `prompt_spans`, in order
     num_sampled: int  # how many of sample_rows sample a token
     sample_seqs: list[Sequence]  # the sequence of each sampling row
-    sample_ahead: list[int]  # each sampling row's position past its sequence's last token (drafts: 0..k)
+    sample_drafted: list[tuple[int, ...]]  # the drafts before each sampling row (a drafted chunk's row d: d)
     prompt_spans: list[PromptSpan]  # prompt positions scored for prompt logprobs this step
 
 
@@ -184,7 +184,7 @@ class ModelRunner:
             self.copy_blocks(batch.block_copies)
         logits, step = self._forward(batch.chunks)
         on_forward_done()
-        sampled = self.sampler.sample(logits[: step.num_sampled], step.sample_seqs, step.sample_ahead)
+        sampled = self.sampler.sample(logits[: step.num_sampled], step.sample_seqs, step.sample_drafted)
         if any(chunk.draft_token_ids for chunk in batch.chunks):
             sampled = accept_drafts(sampled, [chunk for chunk in batch.chunks if chunk.sample])
         if step.prompt_spans:
@@ -256,7 +256,7 @@ class ModelRunner:
             last_row[i] + d for i, c in enumerate(chunks) if c.sample for d in range(1 + len(c.draft_token_ids))
         ]
         sample_seqs = [c.seq for c in chunks if c.sample for _ in range(1 + len(c.draft_token_ids))]
-        sample_ahead = [d for c in chunks if c.sample for d in range(1 + len(c.draft_token_ids))]
+        sample_drafted = [c.draft_token_ids[:d] for c in chunks if c.sample for d in range(1 + len(c.draft_token_ids))]
         return _ForwardInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
@@ -264,7 +264,7 @@ class ModelRunner:
             sample_rows=torch.tensor(sample_rows + prompt_rows, dtype=torch.long, device=device),
             num_sampled=len(sample_rows),
             sample_seqs=sample_seqs,
-            sample_ahead=sample_ahead,
+            sample_drafted=sample_drafted,
             prompt_spans=prompt_spans,
         )
 
