@@ -68,7 +68,8 @@ def compare_spec(summaries: dict, runs: dict[str, list[RunRecord]], greedy: bool
         accepted = sum(r.extra["num_accepted_draft_tokens"] for r in runs[mode + SUFFIX])
         out[f"{mode}_spec_draft_tokens"] = drafted
         out[f"{mode}_spec_acceptance_rate"] = accepted / drafted if drafted else 0.0
-        out[f"{mode}_spec_accepted_per_token"] = accepted / max(on.completion_tokens, 1)
+        tokens = sum(r.completion_tokens for run in runs[mode + SUFFIX] for r in run.requests)
+        out[f"{mode}_spec_accepted_per_token"] = accepted / max(tokens, 1)
         if greedy:
             pairs = [
                 (a.token_ids, b.token_ids)
