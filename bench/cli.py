@@ -19,6 +19,8 @@ Modes (comma-separated `--mode`, run in this order, one process):
            continuous batching): same checkpoint, dtype and prompts. `hf_static` / `hf_batch` alone too.
 `tokenwire-bench soak` is the engine service's memory soak instead (bench/soak.py, its own flags).
 The json workload runs offline twice per run, with a JSON schema per request (`offline_json`) and without.
+`--spec-compare` (the copy workload's default) runs offline/naive on two engines, speculation off and ngram,
+interleaved (`naive` / `naive_spec`), and reports the TPOT ratio and the acceptance rate (bench/speculative.py).
 `--pretok` tokenizes text prompts before the timed region and sends ids (the engine then encodes
 nothing); without it, text goes in and tokenization is timed. Metrics: see metrics.py.
 
@@ -36,7 +38,7 @@ from dataclasses import asdict
 
 import torch
 from tokenwire.bench import baselines as hf
-from tokenwire.bench import structured
+from tokenwire.bench import speculative, structured
 from tokenwire.bench.flags import DEFAULT_MODES, ONLINE_MODES, build_parser, parse_endpoints, parse_modes
 from tokenwire.bench.metrics import RunRecord, agreement, compare, latency_samples, summarize
 from tokenwire.bench.proc_cpu import openmp_placement
@@ -99,6 +101,8 @@ class Bench:
         self.extra: dict = {}
         self.replica_loads: dict[str, dict] = {}  # replicas mode: setup -> its SetupLoad (last run)
         self.busy_cores_before = cpu_busy_cores()
+        compare_default = self.spec.name == "copy"
+        self.spec_compare = compare_default if args.spec_compare is None else args.spec_compare
 
     def requests(self, variant: int, warmup: bool = False, ids: bool = False) -> list[BenchRequest]:
         """Run `variant`'s prompts: same lengths every run, fresh content, so no run reuses another's
@@ -142,6 +146,8 @@ class Bench:
 
         if self.spec.name == "json":
             return structured.run_json(self)
+        if self.spec_compare:
+            return speculative.run_compare(self)
         for mode in (m for m in ("offline", "naive") if m in self.modes):
             self._run_engine_mode(mode, bench_engine)
             gc.collect()  # the mode's engine is gone: its memory is back before the next one loads
@@ -276,6 +282,7 @@ class Bench:
         summaries = {mode: summarize(mode, runs) for mode, runs in self.runs.items()}
         comparisons = compare(summaries, ceiling)
         comparisons.update(agreement(self.runs, self.args.temperature == 0) | structured.compare_json(summaries))
+        comparisons.update(speculative.compare_spec(summaries, self.runs, self.args.temperature == 0))
         replicas, replicas_table = self.replicas_report(summaries, comparisons)
         print(format_table(list(summaries.values()), comparisons))
         for line in openmp_lines(self.extra):

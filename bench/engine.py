@@ -32,7 +32,10 @@ def build_engine(args) -> LLMEngine:
                 kv_cache_dtype=args.kv_cache_dtype,
             ),
             scheduler=SchedulerConfig(
-                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                speculative=args.speculative,
+                num_speculative_tokens=args.num_speculative_tokens,
             ),
         )
     )
@@ -56,6 +59,8 @@ def describe(engine: LLMEngine) -> dict:
         "enable_prefix_cache": cfg.cache.enable_prefix_cache,
         "max_num_seqs": cfg.scheduler.max_num_seqs,
         "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens,
+        "speculative": cfg.scheduler.speculative,
+        "num_speculative_tokens": cfg.scheduler.num_speculative_tokens,
     }
 
 
@@ -119,7 +124,9 @@ class _RunStats:
         self.engine.reset_prefix_cache()
         self.encodes, self.cache = self.engine.num_prompt_encodes, self._cache_counts()
         self.encode_s = self.engine.prompt_encode_s
-        self.preemptions = self.engine.stats().num_preemptions
+        stats = self.engine.stats()
+        self.preemptions = stats.num_preemptions
+        self.drafts = (stats.num_draft_tokens, stats.num_accepted_draft_tokens)
         self.steps = self.engine.step_profile.snapshot()
         return self
 
@@ -137,6 +144,7 @@ class _RunStats:
             queried, hit = now[0] - self.cache[0], now[1] - self.cache[1]
             rate = hit / queried if queried else 0.0
         end = max([self.end] + [r.finish_time for r in records if r.finish_time is not None])
+        stats = self.engine.stats()
         return RunRecord(
             mode,
             start,
@@ -146,7 +154,9 @@ class _RunStats:
             prefix_cache_hit_rate=rate,
             reports_cached_tokens=True,
             extra={
-                "num_preemptions": self.engine.stats().num_preemptions - self.preemptions,
+                "num_preemptions": stats.num_preemptions - self.preemptions,
+                "num_draft_tokens": stats.num_draft_tokens - self.drafts[0],
+                "num_accepted_draft_tokens": stats.num_accepted_draft_tokens - self.drafts[1],
                 "prompt_encode_s": self.engine.prompt_encode_s - self.encode_s,
                 "step_profile": self.engine.step_profile.minus(self.steps).to_dict(),
             },

@@ -10,7 +10,8 @@ from tokenwire.serving.model_resolver import DEFAULT_MODEL
 
 MODES = ("offline", "naive", "online", "online_etext", "online_ids", "replicas", "hf_static", "hf_batch", "llamacpp")
 ONLINE_MODES = ("online", "online_etext", "online_ids")
-DEFAULT_MODES = {"P1": "offline,hf", "online": "offline,online", "multiprefix": "replicas"}  # others: offline
+# Others: offline. copy: one stream at a time, speculation off and on (--spec-compare).
+DEFAULT_MODES = {"P1": "offline,hf", "online": "offline,online", "multiprefix": "replicas", "copy": "naive"}
 ENGINE_MODES = ("offline", "naive", *ONLINE_MODES)
 BASELINES = ("hf_static", "hf_batch", "llamacpp", "offline")
 
@@ -83,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-impl",
         default=EngineConfig.model_impl,
         help="forward: auto (native where known, else transformers), native, transformers (engine flag)",
+    )
+    e.add_argument(
+        "--speculative",
+        default=SchedulerConfig.speculative,
+        help="ngram: prompt-lookup drafts (engine flag); off",
+    )
+    e.add_argument("--num-speculative-tokens", type=int, default=SchedulerConfig.num_speculative_tokens)
+    e.add_argument(
+        "--spec-compare",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="offline/naive with speculation off and ngram, runs interleaved, TPOT ratio and acceptance "
+        "(default: on for the copy workload)",
     )
     r = p.add_argument_group("run")
     r.add_argument("--pretok", action="store_true", help="tokenize before the timed region and send ids")

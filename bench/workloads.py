@@ -41,6 +41,9 @@ STANDARD: dict[str, dict] = {
         num_prefixes=8,
         input_len_range=(16, 48),
     ),
+    # Speculative decoding: each prompt asks to repeat a ~300-word passage and starts the copy, so the answer
+    # is seen before (n-gram drafts pay); run with speculation off and on, one stream (bench/speculative.py).
+    "copy": dict(num_requests=8, max_new_tokens=128, ignore_eos=True, copy_words=300),
     # Serving: 200 requests arriving faster than the engine completes them on a 2-core CPU.
     "online": dict(num_requests=200, max_new_tokens=64, ignore_eos=True, input_len_range=(32, 255), request_rate=4.0),
 }
@@ -64,6 +67,7 @@ class WorkloadSpec:
     shared_prefix_len: int = 0  # tokens of a system prompt shared by every request
     num_prefixes: int = 1  # distinct system prompts; request i gets prefix i % num_prefixes
     words: int | None = None  # synthetic prompts of this many words (longprompt)
+    copy_words: int = 0  # > 0: each prompt asks to repeat a passage of this many words (copy)
     as_ids: bool = False  # synthetic prompts as random token ids instead of text
     prompt: str | None = None  # one prompt, repeated num_requests times
     prompts_file: str | None = None  # one prompt per line, or JSONL with a "prompt" field
@@ -112,6 +116,11 @@ def build_requests(spec: WorkloadSpec, tokenizer, variant: int = 0) -> list[Benc
             for i, n in enumerate(lengths)
         ]
     words = word_pool(tokenizer)
+    if spec.copy_words > 0:
+        return [
+            BenchRequest(copy_prompt(spec.copy_words, words, rng), None, spec.max_new_tokens)
+            for _ in range(spec.num_requests)
+        ]
     prefixes = [shared_prefix_text(spec.shared_prefix_len, tokenizer, words, rng) for _ in range(spec.num_prefixes)]
     texts = []
     for i, n in enumerate(lengths):
@@ -170,6 +179,14 @@ def shared_prefix_text(num_tokens: int, tokenizer, words: list[str], rng: random
     text = "You are a helpful assistant. " + " ".join(rng.choice(words) for _ in range(num_tokens))
     ids = tokenizer.encode(text, add_special_tokens=False)[:num_tokens]
     return tokenizer.decode(ids)
+
+
+def copy_prompt(num_words: int, words: list[str], rng: random.Random) -> str:
+    """A request to repeat a passage of random words, with the copy's first words already given: what the
+    model should write next was seen in the prompt (quoting, rewrites, RAG answers)."""
+    passage = [rng.choice(words) for _ in range(num_words)]
+    start = " ".join(passage[:8])
+    return f"Repeat the following text exactly, word for word.\n\nText: {' '.join(passage)}\n\nRepeated: {start}"
 
 
 def read_prompts(path: str) -> list[str]:

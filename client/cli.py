@@ -159,6 +159,11 @@ def _info(client: Client, args: argparse.Namespace) -> int:
         f"{stats.num_free_kv_blocks}/{stats.num_kv_blocks} blocks free, "
         f"{stats.num_prompt_encodes} engine-side encodes, prefix hit rate {stats.prefix_cache_hit_rate:.0%}"
     )
+    if stats.num_draft_tokens:
+        print(
+            f"speculative  {stats.num_accepted_draft_tokens}/{stats.num_draft_tokens} drafts accepted "
+            f"({stats.draft_acceptance_rate:.0%})"
+        )
     return 0
 
 

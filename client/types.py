@@ -240,6 +240,9 @@ class EngineStats:
     prefix_cache_hit_rate: float
     num_preemptions: int
     num_active_requests: int
+    num_draft_tokens: int  # speculative drafts verified (0 with --speculative off)
+    num_accepted_draft_tokens: int  # ...and accepted
+    draft_acceptance_rate: float  # accepted / drafted; 0 before any draft
 
 
 @dataclass(frozen=True)

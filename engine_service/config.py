@@ -25,7 +25,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64               # bound on running requests
     max_num_batched_tokens: int = 512    # per-step token budget (prefill chunks + decodes)
     enable_chunked_prefill: bool = True  # split long prompts across steps under the budget
-    speculative: str = "off"             # "ngram": prompt-lookup drafts verified in the step's forward (greedy requests; see README), "off"
+    speculative: str = "off"             # "ngram": prompt-lookup drafts verified in the step's forward (greedy and sampled requests; see README), "off"
     num_speculative_tokens: int = 3      # drafts per sequence and step (3 keeps the verify rows within the few-row GEMV)
     ngram_min: int = 2                   # shortest n-gram that may propose drafts
     ngram_max: int = 4                   # longest n-gram tried first

@@ -9,7 +9,7 @@ import pytest
 from tokenwire.serving.model_resolver import resolve_model
 from tokenwire.v1 import engine_pb2_grpc
 
-from tests.tiny_models import build_tiny_gpt2, build_tiny_llama
+from tests.tiny_models import build_echo_llama, build_tiny_gpt2, build_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +26,12 @@ def tiny_llama_dir(smollm2_dir, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(smollm2_dir, tmp_path_factory) -> str:
     return str(build_tiny_gpt2(smollm2_dir, tmp_path_factory.mktemp("tiny-gpt2")))
+
+
+@pytest.fixture(scope="session")
+def echo_llama_dir(smollm2_dir, tmp_path_factory) -> str:
+    """A tiny Llama whose greedy output mostly repeats itself: drafts are accepted, and some turned away."""
+    return str(build_echo_llama(smollm2_dir, tmp_path_factory.mktemp("echo-llama")))
 
 
 # ---- over a module's own `gateway` and `services` fixtures (the gateway test modules) ----

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tokenwire.client import Client, InvalidRequestError
-from tokenwire.engine.config import CacheConfig, EngineConfig, ServerConfig
+from tokenwire.engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
 from tokenwire.engine.edge.server import EngineServer
 from tokenwire.tokenizer.config import TokenizerServiceConfig
 from tokenwire.tokenizer.server import TokenizerServer
@@ -29,16 +29,18 @@ GREEDY = dict(temperature=0.0, max_new_tokens=5)
 class Servers:
     """A tokenizer and an engine server, in-process, on one event-loop thread."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, scheduler: SchedulerConfig | None = None):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.tokenizer, self.engine = self.run(self._start(model))
+        self.tokenizer, self.engine = self.run(self._start(model, scheduler or SchedulerConfig()))
 
-    async def _start(self, model: str) -> tuple[TokenizerServer, EngineServer]:
+    async def _start(self, model: str, scheduler: SchedulerConfig) -> tuple[TokenizerServer, EngineServer]:
         tokenizer = TokenizerServer(TokenizerServiceConfig(model=model, port=0, metrics_port=0))
         engine = EngineServer(
-            EngineConfig(model=model, dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=NUM_BLOCKS)),
+            EngineConfig(
+                model=model, dtype=ENGINE_DTYPE, cache=CacheConfig(num_blocks=NUM_BLOCKS), scheduler=scheduler
+            ),
             ServerConfig(port=0, metrics_port=0),
         )
         await tokenizer.start()
@@ -161,3 +163,33 @@ def test_each_server_has_its_own_registry(servers):
     tokenizer, engine = scrape(servers.tokenizer.metrics_endpoint.port), scrape(servers.engine.metrics_endpoint.port)
     assert not any(name.startswith("tokenwire_engine_") for name, _ in tokenizer)
     assert not any(name.startswith("tokenwire_tokenizer_") for name, _ in engine)
+
+
+@pytest.fixture(scope="module")
+def spec_servers(echo_llama_dir):
+    """Servers with n-gram speculation over the tiny model that mostly repeats itself (drafts get accepted)."""
+    servers = Servers(echo_llama_dir, SchedulerConfig(speculative="ngram"))
+    yield servers
+    servers.close()
+
+
+def test_speculative_drafts_are_counted_in_model_info_and_metrics(spec_servers):
+    port = spec_servers.engine.metrics_endpoint.port
+    copy_heavy = LONG_PROMPT_IDS + LONG_PROMPT_IDS[:6]  # what follows was seen before
+    with Client(None, f"127.0.0.1:{spec_servers.engine.port}", timeout=60) as client:
+        before, scraped_before = client.model_info().stats, scrape(port)
+        client.complete(token_ids=copy_heavy, temperature=0.0, max_new_tokens=24, ignore_eos=True)
+        after, scraped_after = client.model_info().stats, scrape(port)
+    drafted = after.num_draft_tokens - before.num_draft_tokens
+    accepted = after.num_accepted_draft_tokens - before.num_accepted_draft_tokens
+    assert 0 < accepted <= drafted
+    assert after.draft_acceptance_rate == pytest.approx(after.num_accepted_draft_tokens / after.num_draft_tokens)
+    assert delta(scraped_before, scraped_after, "tokenwire_engine_spec_draft_tokens_total") == drafted
+    assert delta(scraped_before, scraped_after, "tokenwire_engine_spec_accepted_tokens_total") == accepted
+    assert value(scraped_after, "tokenwire_engine_spec_acceptance_rate") == pytest.approx(after.draft_acceptance_rate)
+
+
+def test_no_draft_is_counted_with_speculation_off(traffic):
+    _, _, _, e1, _ = traffic
+    assert value(e1, "tokenwire_engine_spec_draft_tokens_total") == 0
+    assert value(e1, "tokenwire_engine_spec_acceptance_rate") == 0

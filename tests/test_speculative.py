@@ -15,12 +15,13 @@ from tokenwire.engine.scheduling.sequence import Sequence
 
 from tests.reference import ENGINE_DTYPE, assert_runs_agree
 from tests.test_engine import assert_all_blocks_free
-from tests.tiny_models import build_echo_llama
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
 
 
-def make_engine(model_dir, speculative="ngram", num_blocks=256, block_size=4, max_seqs=16, k=3, max_spec_seqs=8):
+def make_engine(
+    model_dir, speculative="ngram", num_blocks=256, block_size=4, max_seqs=16, k=3, max_spec_seqs=8, **scheduler
+):
     return LLMEngine(
         EngineConfig(
             model=model_dir,
@@ -29,10 +30,11 @@ def make_engine(model_dir, speculative="ngram", num_blocks=256, block_size=4, ma
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_seqs,
-                max_num_batched_tokens=64,
+                max_num_batched_tokens=scheduler.pop("max_num_batched_tokens", 64),
                 speculative=speculative,
                 num_speculative_tokens=k,
                 speculative_max_num_seqs=max_spec_seqs,
+                **scheduler,
             ),
         )
     )
@@ -62,12 +64,6 @@ def plain(tiny_llama_dir):
 @pytest.fixture(scope="module")
 def spec(tiny_llama_dir):
     return make_engine(tiny_llama_dir)
-
-
-@pytest.fixture(scope="module")
-def echo_llama_dir(smollm2_dir, tmp_path_factory) -> str:
-    """A tiny Llama whose greedy output mostly repeats itself: drafts are accepted, and some turned away."""
-    return str(build_echo_llama(smollm2_dir, tmp_path_factory.mktemp("echo-llama")))
 
 
 # ---- the proposer ----
@@ -202,14 +198,15 @@ def test_soak_with_rejections_leaks_no_block(tiny_llama_dir):
     assert stats.num_accepted_draft_tokens < stats.num_draft_tokens
 
 
-def test_sampled_and_constrained_requests_get_no_drafts(spec):
+def test_penalized_requests_get_no_drafts(spec):
+    """Penalties read the history the drafts would change: such requests decode one token a step."""
     before = spec.stats().num_draft_tokens
     prompts = copy_heavy_prompts(3, seed=8)
-    spec.generate(prompt_token_ids=prompts, params=SamplingParams(max_new_tokens=12, temperature=0.8, seed=1))
-    spec.generate(
-        prompt_token_ids=prompts,
-        params=SamplingParams(max_new_tokens=12, temperature=0.0, repetition_penalty=1.3),
-    )
+    for params in (
+        SamplingParams(max_new_tokens=12, temperature=0.0, repetition_penalty=1.3),
+        SamplingParams(max_new_tokens=12, temperature=0.8, seed=1, frequency_penalty=0.5),
+    ):
+        spec.generate(prompt_token_ids=prompts, params=params)
     assert spec.stats().num_draft_tokens == before
     assert_all_blocks_free(spec)
 

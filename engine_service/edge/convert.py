@@ -160,4 +160,7 @@ def engine_stats(stats: EngineStats, num_active_requests: int) -> pb.EngineStats
         prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
         num_preemptions=stats.num_preemptions,
         num_active_requests=num_active_requests,
+        num_draft_tokens=stats.num_draft_tokens,
+        num_accepted_draft_tokens=stats.num_accepted_draft_tokens,
+        draft_acceptance_rate=stats.draft_acceptance_rate,
     )

@@ -195,3 +195,16 @@ class EngineStatsCollector(Collector):
         yield CounterMetricFamily(
             p + "preemptions", "Requests preempted (blocks reclaimed, recomputed later)", value=stats.num_preemptions
         )
+        yield CounterMetricFamily(
+            p + "spec_draft_tokens", "Speculative draft tokens verified", value=stats.num_draft_tokens
+        )
+        yield CounterMetricFamily(
+            p + "spec_accepted_tokens",
+            "Speculative draft tokens accepted (kept as output)",
+            value=stats.num_accepted_draft_tokens,
+        )
+        yield GaugeMetricFamily(
+            p + "spec_acceptance_rate",
+            "Accepted / verified speculative draft tokens, since start",
+            value=stats.draft_acceptance_rate,
+        )

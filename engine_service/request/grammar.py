@@ -128,6 +128,23 @@ class GrammarCompiler:
 _executor: list[llguidance.LLExecutor] = []  # one, made on the first constrained step
 
 
+def fill_draft_bitmasks(matcher: GrammarMatcher, drafts: tuple[int, ...], vocab_size: int) -> np.ndarray:
+    """fill_bitmasks' rows for a decode and its drafts: row d is the mask after drafts[:d]. The matcher
+    consumes the drafts its grammar allows, for the masks, and is rolled back: it ends where it began (the
+    tokens kept are accepted later, as any). Rows past the first refused draft repeat the mask before it:
+    that draft is then rejected there, so their tokens are never kept."""
+    m = matcher._matcher
+    allowed = 0 if m.is_stopped() or m.is_error() else m.validate_tokens(list(drafts))
+    rows = []
+    for d in range(allowed + 1):
+        rows.append(fill_bitmasks([matcher], vocab_size)[0])
+        if d < allowed and not m.consume_token(drafts[d]):
+            raise GrammarError(f"grammar matcher rejected draft {drafts[d]} it had validated", matcher.field)
+    m.rollback(allowed)
+    rows += [rows[-1]] * (len(drafts) - allowed)
+    return np.stack(rows)
+
+
 def fill_bitmasks(matchers: list[GrammarMatcher], vocab_size: int) -> np.ndarray:
     """int32 [len(matchers), ceil(vocab_size / 32)]: bit j of row i set iff matchers[i] allows token j
     (`vocab_size` is the logits' width, so the mask covers every column). Engine loop only."""

@@ -351,14 +351,9 @@ def _speculative(config: SchedulerConfig) -> str:
 
 
 def _draftable(seq: Sequence) -> bool:
-    """Whether verification is exact for `seq`: greedy, and every position's logits processed alike (no
-    penalties over a history the drafts would change, no min_tokens mask still applying, no grammar
-    matcher to advance, one sample). Other requests decode one token a step."""
+    """Whether verification is exact for `seq`: every position's logits processed alike (no penalties over
+    a history the drafts would change, no min_tokens mask still applying), one sample. Greedy and sampled
+    requests alike (worker/speculative.py: the rejection rule); a grammar masks each drafted position by
+    its state after the drafts before it (worker/sampler.py). Other requests decode one token a step."""
     params = seq.params
-    return (
-        params.greedy
-        and not params.uses_penalties
-        and seq.grammar is None
-        and params.n == 1
-        and len(seq.output_token_ids) >= params.min_tokens
-    )
+    return not params.uses_penalties and params.n == 1 and len(seq.output_token_ids) >= params.min_tokens

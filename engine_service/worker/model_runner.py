@@ -62,6 +62,7 @@ class _ForwardInputs:
     # (a drafted chunk's every row), then the rows of `prompt_spans`, in order
     num_sampled: int  # how many of sample_rows sample a token
     sample_seqs: list[Sequence]  # the sequence of each sampling row
+    sample_drafted: list[tuple[int, ...]]  # the drafts before each sampling row (a drafted chunk's row d: d)
     prompt_spans: list[PromptSpan]  # prompt positions scored for prompt logprobs this step
 
 
@@ -181,7 +182,7 @@ class ModelRunner:
             self.copy_blocks(batch.block_copies)
         logits, step = self._forward(batch.chunks)
         on_forward_done()
-        sampled = self.sampler.sample(logits[: step.num_sampled], step.sample_seqs)
+        sampled = self.sampler.sample(logits[: step.num_sampled], step.sample_seqs, step.sample_drafted)
         if any(chunk.draft_token_ids for chunk in batch.chunks):
             sampled = accept_drafts(sampled, [chunk for chunk in batch.chunks if chunk.sample])
         if step.prompt_spans:
@@ -208,11 +209,11 @@ class ModelRunner:
         return logits, step
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> _ForwardInputs:
-        # Decodes (one token) first, shortest context first, so attention can batch them in groups of
-        # similar lengths; prefill chunks follow in their given order.
+        # Decodes (one token, or one plus drafts) first, shortest context first, so attention can batch them
+        # in groups of similar lengths; prefill chunks follow in their given order.
         order = sorted(
             range(len(chunks)),
-            key=lambda i: (chunks[i].num_tokens != 1, chunks[i].start if chunks[i].num_tokens == 1 else 0),
+            key=lambda i: (not _decodes(chunks[i]), chunks[i].start if _decodes(chunks[i]) else 0),
         )
         ids: list[int] = []
         positions: list[int] = []
@@ -234,7 +235,12 @@ class ModelRunner:
             else:
                 ids += seq.all_token_ids[start:end]
             positions += range(start, end)
-            spans.append((seq.block_table, start, chunk.num_tokens))
+            if chunk.draft_token_ids:
+                # Each drafted position attends as a decode of its own length over the cache (the step writes
+                # every position's K/V first): a step of decodes and drafts stays on the decode kernels.
+                spans += [(seq.block_table, position, 1) for position in range(start, end)]
+            else:
+                spans.append((seq.block_table, start, chunk.num_tokens))
             last_row[i] = len(ids) - 1 - len(chunk.draft_token_ids)
             if seq.needs_prompt_logprobs:
                 span = _prompt_span(seq, start, end)
@@ -242,12 +248,13 @@ class ModelRunner:
                     first_row = len(ids) - chunk.num_tokens + span.start - start
                     prompt_rows += range(first_row, first_row + span.count)
                     prompt_spans.append(span)
-        num_decodes = sum(1 for c in chunks if c.num_tokens == 1)
+        num_decodes = sum(c.num_tokens for c in chunks if _decodes(c))
         device = self.device
         sample_rows = [
             last_row[i] + d for i, c in enumerate(chunks) if c.sample for d in range(1 + len(c.draft_token_ids))
         ]
         sample_seqs = [c.seq for c in chunks if c.sample for _ in range(1 + len(c.draft_token_ids))]
+        sample_drafted = [c.draft_token_ids[:d] for c in chunks if c.sample for d in range(1 + len(c.draft_token_ids))]
         return _ForwardInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
@@ -255,6 +262,7 @@ class ModelRunner:
             sample_rows=torch.tensor(sample_rows + prompt_rows, dtype=torch.long, device=device),
             num_sampled=len(sample_rows),
             sample_seqs=sample_seqs,
+            sample_drafted=sample_drafted,
             prompt_spans=prompt_spans,
         )
 
@@ -271,6 +279,11 @@ class ModelRunner:
             )
         if len(seq.block_table) * self.block_size < chunk.end:
             raise ValueError(f"request {seq.request_id}: {len(seq.block_table)} blocks cannot hold {chunk.end} tokens")
+
+
+def _decodes(chunk: ScheduledChunk) -> bool:
+    """Whether every position of `chunk` attends as a decode: one token, or a decode and its drafts."""
+    return chunk.num_tokens == 1 or bool(chunk.draft_token_ids)
 
 
 def _prompt_span(seq: Sequence, start: int, end: int) -> PromptSpan | None:

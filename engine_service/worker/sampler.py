@@ -17,9 +17,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tokenwire.engine.models import kernels
-from tokenwire.engine.request.grammar import fill_bitmasks
+from tokenwire.engine.request.grammar import fill_bitmasks, fill_draft_bitmasks
 from tokenwire.engine.scheduling.sequence import Sequence
 
 # top_p alone is first tried within the top-N tokens (torch.topk is ~10x cheaper than a full sort on
@@ -87,8 +88,14 @@ class Sampler:
         self._argmax = native.argmax if native is not None else kernels.argmax
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """logits [len(seqs), vocab] float32 (raw model output) -> one token per sequence."""
+    def sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], drafted: list[tuple[int, ...]] | None = None
+    ) -> SamplerOutput:
+        """logits [len(seqs), vocab] float32 (raw model output) -> one token per row. `drafted`: per row, the
+        draft ids between its sequence's last known token and the row (a drafted chunk's row d follows its
+        first d drafts), so each position draws its own noise and is masked by the grammar state there;
+        None: no row follows drafts."""
+        drafted = drafted or [()] * len(seqs)
         params = [s.params for s in seqs]
         scores = logits
         if any(p.logit_bias for p in params):
@@ -99,14 +106,14 @@ class Sampler:
         constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
         if constrained:  # logprobs stay those of the raw model: mask a copy when any row wants them
             copy = scores is logits and any(p.logprobs is not None for p in params)
-            scores = self._apply_grammars(scores.clone() if copy else scores, seqs, constrained)
+            scores = self._apply_grammars(scores.clone() if copy else scores, seqs, constrained, drafted)
         if any(p.uses_penalties for p in params):
             scores = apply_penalties(scores, seqs)
         greedy = [p.greedy for p in params]
         if all(greedy):
             tokens = self._argmax(scores)
         else:
-            tokens = self._sample_rows(scores, seqs, greedy)
+            tokens = self._sample_rows(scores, seqs, greedy, [len(d) for d in drafted])
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not wanted:
             return SamplerOutput(seqs, tokens.tolist(), [None] * len(seqs))
@@ -124,9 +131,11 @@ class Sampler:
             scores.view(-1).index_fill_(0, torch.tensor(keys, device=scores.device), float("-inf"))
         return scores
 
-    def _apply_grammars(self, scores: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor:
+    def _apply_grammars(
+        self, scores: torch.Tensor, seqs: list[Sequence], rows: list[int], drafted: list[tuple[int, ...]]
+    ) -> torch.Tensor:
         """In place: -inf on every token the rows' grammars disallow (bitmasks for those rows only)."""
-        packed = torch.from_numpy(fill_bitmasks([seqs[i].grammar for i in rows], scores.shape[1]))
+        packed = torch.from_numpy(_grammar_masks(seqs, rows, drafted, scores.shape[1]))
         device = scores.device
         byte_values = packed.view(torch.uint8).reshape(-1).to(device, torch.long)  # little-endian words
         bias = _BYTE_BIAS.to(device).index_select(0, byte_values).view(len(rows), -1)[:, : scores.shape[1]]
@@ -134,14 +143,16 @@ class Sampler:
             return scores.add_(bias)
         return scores.index_add_(0, torch.tensor(rows, device=scores.device), bias)
 
-    def _sample_rows(self, scores: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
+    def _sample_rows(
+        self, scores: torch.Tensor, seqs: list[Sequence], greedy: list[bool], ahead: list[int]
+    ) -> torch.Tensor:
         rows = [i for i, g in enumerate(greedy) if not g]
         device = scores.device
         index = torch.tensor(rows, device=device)
         params = [seqs[i].params for i in rows]
         temperature = torch.tensor([p.temperature for p in params], device=device)
         x = _apply_min_p(scores.index_select(0, index) / temperature[:, None], params)
-        row_keys = _row_keys([seqs[i].seed for i in rows], [seqs[i].num_tokens for i in rows], device)
+        row_keys = _row_keys([seqs[i].seed for i in rows], [seqs[i].num_tokens + ahead[i] for i in rows], device)
         chosen = _draw(x, params, row_keys, self._vocab_keys_for(x.shape[1], device))
         if len(rows) == len(seqs):
             return chosen
@@ -152,6 +163,27 @@ class Sampler:
         if keys is None or keys.shape[0] != vocab or keys.device != device:
             keys = self._vocab_keys = _int32(torch.arange(vocab, dtype=torch.long, device=device) * _GOLDEN32)
         return keys
+
+
+def _grammar_masks(seqs: list[Sequence], rows: list[int], drafted: list[tuple[int, ...]], vocab: int) -> np.ndarray:
+    """Packed masks of `rows`: one batched fill for sequences without drafts; a drafted sequence's row d is
+    its grammar's mask after its first d drafts (the matcher is rolled back: drafts never advance it)."""
+    chunk_drafts: dict[Sequence, tuple[int, ...]] = {}  # a drafted sequence -> its drafts (its last row's)
+    for i in rows:
+        if len(drafted[i]) > len(chunk_drafts.get(seqs[i], ())):
+            chunk_drafts[seqs[i]] = drafted[i]
+    plain = [j for j, i in enumerate(rows) if seqs[i] not in chunk_drafts]
+    if not chunk_drafts:
+        return fill_bitmasks([seqs[i].grammar for i in rows], vocab)
+    out = np.empty((len(rows), (vocab + 31) // 32), dtype=np.int32)
+    if plain:
+        out[plain] = fill_bitmasks([seqs[rows[j]].grammar for j in plain], vocab)
+    for seq, drafts in chunk_drafts.items():
+        masks = fill_draft_bitmasks(seq.grammar, drafts, vocab)
+        for j, i in enumerate(rows):
+            if seqs[i] is seq:
+                out[j] = masks[len(drafted[i])]
+    return out
 
 
 def _below_min_tokens(seqs: list[Sequence]) -> list[int]:

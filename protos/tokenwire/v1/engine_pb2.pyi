@@ -779,6 +779,9 @@ class EngineStats(_message.Message):
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _builtins.int
     NUM_PREEMPTIONS_FIELD_NUMBER: _builtins.int
     NUM_ACTIVE_REQUESTS_FIELD_NUMBER: _builtins.int
+    NUM_DRAFT_TOKENS_FIELD_NUMBER: _builtins.int
+    NUM_ACCEPTED_DRAFT_TOKENS_FIELD_NUMBER: _builtins.int
+    DRAFT_ACCEPTANCE_RATE_FIELD_NUMBER: _builtins.int
     num_running: _builtins.int
     """Requests holding KV blocks and scheduled every step."""
     num_waiting: _builtins.int
@@ -795,6 +798,12 @@ class EngineStats(_message.Message):
     """Requests preempted (blocks reclaimed, to be recomputed) since start."""
     num_active_requests: _builtins.int
     """Generate / GenerateBatch requests the server is currently handling."""
+    num_draft_tokens: _builtins.int
+    """Speculative decoding (--speculative): draft tokens verified since start."""
+    num_accepted_draft_tokens: _builtins.int
+    """...and how many of them were accepted (kept as output)."""
+    draft_acceptance_rate: _builtins.float
+    """num_accepted_draft_tokens / num_draft_tokens; 0 before any draft."""
     def __init__(
         self,
         *,
@@ -806,10 +815,13 @@ class EngineStats(_message.Message):
         prefix_cache_hit_rate: _builtins.float = ...,
         num_preemptions: _builtins.int = ...,
         num_active_requests: _builtins.int = ...,
+        num_draft_tokens: _builtins.int = ...,
+        num_accepted_draft_tokens: _builtins.int = ...,
+        draft_acceptance_rate: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_active_requests", b"num_active_requests", "num_free_kv_blocks", b"num_free_kv_blocks", "num_kv_blocks", b"num_kv_blocks", "num_preemptions", b"num_preemptions", "num_prompt_encodes", b"num_prompt_encodes", "num_running", b"num_running", "num_waiting", b"num_waiting", "prefix_cache_hit_rate", b"prefix_cache_hit_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draft_acceptance_rate", b"draft_acceptance_rate", "num_accepted_draft_tokens", b"num_accepted_draft_tokens", "num_active_requests", b"num_active_requests", "num_draft_tokens", b"num_draft_tokens", "num_free_kv_blocks", b"num_free_kv_blocks", "num_kv_blocks", b"num_kv_blocks", "num_preemptions", b"num_preemptions", "num_prompt_encodes", b"num_prompt_encodes", "num_running", b"num_running", "num_waiting", b"num_waiting", "prefix_cache_hit_rate", b"prefix_cache_hit_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
