@@ -151,6 +151,10 @@ def _engine_flags(args, model_dir: str) -> list[str]:
         "--quantized-dense-copy" if args.quantized_dense_copy else "--no-quantized-dense-copy",
         "--model-impl",
         args.model_impl,
+        "--speculative",
+        args.speculative,
+        "--num-speculative-tokens",
+        str(args.num_speculative_tokens),
         "--log-level",
         "WARNING",
     ]
