@@ -49,9 +49,10 @@ def run(model, requests: list[BenchRequest], params: list[SamplingParams], progr
             raise ValueError("the llamacpp mode takes token ids (the bench pre-tokenizes for it)")
         record = RequestRecord(submit_time=time.perf_counter(), prompt_tokens=len(req.token_ids))
         model.reset()  # no prefix reuse across requests, as the engine modes' runs
+        stop_id = None if p.ignore_eos else model.token_eos()
         for token in model.generate(req.token_ids, **_sampling(p)):
             record.add_chunk(time.perf_counter(), [token])
-            if len(record.token_ids) >= p.max_new_tokens or (not p.ignore_eos and token == model.token_eos()):
+            if len(record.token_ids) >= p.max_new_tokens or token == stop_id:
                 break
         record.finish_time = time.perf_counter()
         records.append(record)

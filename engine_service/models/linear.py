@@ -62,7 +62,6 @@ class Linear:
         # The packed copy replaces the plain weight unless the GEMV reads it (plain, not blocks).
         plain_for_gemv = self._gemv is not None and self.quantized is None
         self.weight = weight if self._packed is None or plain_for_gemv else None
-        self._blocks_only = False  # see drop_dense_copy
 
     @property
     def packed(self) -> torch.Tensor | None:
@@ -96,10 +95,11 @@ class Linear:
         the price of batches and prefill (docs/benchmarks.md has the measured cost)."""
         if self.quantized is not None and self._gemv is not None:
             self._packed = self.weight = None
-            self._blocks_only = True
 
     def _on_gemv(self, m: int) -> bool:
-        return self._gemv is not None and (0 < m <= GEMV_MAX_ROWS or self._blocks_only)
+        # No packed and no plain weight: only drop_dense_copy leaves that, and the GEMV takes every row count.
+        blocks_only = self._packed is None and self.weight is None
+        return self._gemv is not None and m > 0 and (m <= GEMV_MAX_ROWS or blocks_only)
 
     def _row_groups(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """The GEMV over `x`, GEMV_MAX_ROWS rows a call (one call where `x` has that few)."""

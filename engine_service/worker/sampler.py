@@ -172,9 +172,9 @@ def _grammar_masks(seqs: list[Sequence], rows: list[int], drafted: list[tuple[in
     for i in rows:
         if len(drafted[i]) > len(chunk_drafts.get(seqs[i], ())):
             chunk_drafts[seqs[i]] = drafted[i]
-    plain = [j for j, i in enumerate(rows) if seqs[i] not in chunk_drafts]
     if not chunk_drafts:
         return fill_bitmasks([seqs[i].grammar for i in rows], vocab)
+    plain = [j for j, i in enumerate(rows) if seqs[i] not in chunk_drafts]
     out = np.empty((len(rows), (vocab + 31) // 32), dtype=np.int32)
     if plain:
         out[plain] = fill_bitmasks([seqs[rows[j]].grammar for j in plain], vocab)
