@@ -23,11 +23,12 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-# Spin iterations before a waiting thread sleeps (libgomp's unit: one `pause` each, ~10-50 us in all on
-# the CPUs measured). That covers the gaps between a decode step's ops (tens of microseconds) and sleeps
-# through the waits between steps. Longer spins paid off offline on an idle machine but collapsed when
-# another process shared the cores: 100000 made 40 tok/s where PASSIVE made 106 (docs/benchmarks.md).
-DEFAULT_SPIN_COUNT = 1_000
+# Spin iterations before a waiting thread sleeps (libgomp's unit: one `pause` each, a few to ~15 us in all
+# on the CPUs measured). That covers the gaps between a decode step's ops and sleeps through the waits
+# between steps. Longer spins paid off offline on an idle machine but lost when another process shared
+# the cores: 100000 made 40 tok/s where PASSIVE made 106 on the AMX Xeon; 1000 still lost 12% online on
+# the EPYC with one core busy, where 300 matched PASSIVE and kept most of the idle gain (docs/benchmarks.md).
+DEFAULT_SPIN_COUNT = 300
 _OPERATOR_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2; "max 100000" when there is no quota
 
