@@ -258,3 +258,33 @@ def assert_readable(bm, seq, kv):
     assert len(set(seq.block_table)) == len(seq.block_table)
     for pos in range(seq.num_computed_tokens):
         assert kv.get(slot(seq, pos)) == tuple(tokens[: pos + 1])
+
+
+def test_a_sliding_window_gives_back_leading_blocks_once_and_forks_share_the_rest():
+    bm = BlockManager(16, BS, enable_prefix_cache=True, window=5)
+    parent = admit(bm, range(100, 122))  # 22 tokens: 6 blocks
+    compute(bm, parent)
+    bm.release_outside_window(parent)
+    # Positions < 22 - 5 = 17 are never read again: blocks 0-3 (positions 0-15) go back, cached.
+    assert bm.num_held_blocks(parent) == 2 and [bm.ref_count(b) for b in parent.block_table] == [0] * 4 + [1, 1]
+    bm.release_outside_window(parent)  # idempotent: nothing is given back twice
+    assert bm.num_held_blocks(parent) == 2 and bm.num_used_blocks == 2
+
+    child = make_seq(range(100, 122), "c")
+    bm.fork(parent, child, 21)  # takes only the blocks its parent still holds
+    assert child.block_table == parent.block_table and bm.num_held_blocks(child) == 2
+    assert [bm.ref_count(b) for b in parent.block_table[4:]] == [2, 2]
+
+    other = admit(bm, range(100, 110), "o")  # the given-back blocks serve a prefix hit meanwhile
+    assert other.num_computed_tokens == 8 and other.block_table == parent.block_table[:2]
+    for seq in (parent, child, other):
+        bm.free(seq)
+    assert_all_free(bm)
+
+
+def test_without_a_window_every_block_stays():
+    bm = BlockManager(16, BS, enable_prefix_cache=False)
+    seq = admit(bm, range(40))
+    compute(bm, seq)
+    bm.release_outside_window(seq)
+    assert bm.num_held_blocks(seq) == len(seq.block_table) == 10

@@ -95,6 +95,7 @@ _FAMILY_CONFIGS = {
         attn_logit_softcapping=5.0,  # low caps, so the cap changes scores of a random model
         final_logit_softcapping=3.0,
     ),
+    "mistral": dict(sliding_window=TINY_WINDOW),  # every layer slides: KV past the window goes back
     "phi3": dict(
         # su/longrope: short and long factors per rotary frequency (head_dim 16 -> 8).
         rope_parameters={
@@ -109,12 +110,14 @@ _FAMILY_CONFIGS = {
 
 
 def build_tiny_family(family: str, tokenizer_dir: str | Path, out: Path) -> Path:
-    """A 4-layer random `family` model (gemma3, gemma2, phi3) with the SmolLM2 tokenizer."""
+    """A 4-layer random `family` model (gemma3, gemma2, mistral, phi3) with the SmolLM2 tokenizer."""
     from transformers import (
         Gemma2Config,
         Gemma2ForCausalLM,
         Gemma3ForCausalLM,
         Gemma3TextConfig,
+        MistralConfig,
+        MistralForCausalLM,
         Phi3Config,
         Phi3ForCausalLM,
     )
@@ -122,6 +125,7 @@ def build_tiny_family(family: str, tokenizer_dir: str | Path, out: Path) -> Path
     model_cls, config_cls = {
         "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig),
         "gemma2": (Gemma2ForCausalLM, Gemma2Config),
+        "mistral": (MistralForCausalLM, MistralConfig),
         "phi3": (Phi3ForCausalLM, Phi3Config),
     }[family]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -42,7 +42,7 @@ class LLMEngine:
         self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.vocab_size = self.runner.vocab_size
         self.block_manager = BlockManager(
-            self.runner.num_blocks, self.runner.block_size, config.cache.enable_prefix_cache
+            self.runner.num_blocks, self.runner.block_size, config.cache.enable_prefix_cache, self.runner.kv_window
         )
         # A sequence longer than the whole KV pool could never be scheduled again once preempted.
         self.max_model_len = min(self.runner.max_model_len, self.block_manager.num_token_slots)

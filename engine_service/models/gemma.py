@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tokenwire.engine.models.attention import AttentionBatch, KVCache, paged_attention
 from tokenwire.engine.models.gguf_weights import quantized_of
 from tokenwire.engine.models.linear import Linear
-from tokenwire.engine.models.llama import _embedding, _layer_windows, _linear, apply_rope
+from tokenwire.engine.models.llama import _embedding, _layer_windows, _linear, apply_rope, common_window
 from transformers.activations import ACT2FN
 
 
@@ -66,6 +66,7 @@ class GemmaForward:
             self.lm_head = Linear(head.weight.detach(), gemv=gemv, quantized=quantized_of(head))
             windows = _layer_windows(config)
             self.layers = [_fuse(layer, windows[i], kinds[i], gemv) for i, layer in enumerate(inner.layers)]
+        self.kv_window = common_window(windows)  # None for Gemma 2/3: their global layers read every block
         self.vocab_size = self.lm_head.out_features
 
     def forward(

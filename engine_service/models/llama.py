@@ -58,6 +58,7 @@ class LlamaForward:
             windows = _layer_windows(config)
             self.layers = [_fuse(layer, windows[i], gemv) for i, layer in enumerate(inner.layers)]
             self._windows = [w or 0 for w in windows]
+        self.kv_window = common_window(windows)
         self.vocab_size = self.lm_head.out_features
         self._check_rope()
 
@@ -220,6 +221,12 @@ def _layer_windows(config) -> list[int | None]:
     if types is None:  # Mistral: one window for every layer
         return [window] * config.num_hidden_layers
     return [window if t == "sliding_attention" else None for t in types]
+
+
+def common_window(windows: list[int | None]) -> int | None:
+    """The window all layers attend within, so KV older than it is never read again (the block manager
+    gives its blocks back); None when any layer is global."""
+    return None if not windows or None in windows else max(windows)
 
 
 def _cat(*tensors: torch.Tensor | None) -> torch.Tensor | None:

@@ -32,11 +32,16 @@ NO_MATCH = PrefixMatch()
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool, window: int | None = None):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        if window is not None and window < 1:
+            raise ValueError(f"need window >= 1 or None, got {window}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        # Every layer's sliding window (tokens), or None: some layer attends to all earlier positions.
+        self.window = window
+        self._released: dict[Sequence, int] = {}  # how many leading blocks each sequence gave back
         self.prefix_cache = PrefixCache() if enable_prefix_cache else None
         self._refs = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
@@ -111,9 +116,12 @@ class BlockManager:
         if child.block_table:
             raise RuntimeError(f"{child.request_id} already holds blocks")
         table = parent.block_table[: cdiv(num_tokens, self.block_size)]
-        for block_id in table:
+        released = min(self._released.get(parent, 0), len(table))
+        for block_id in table[released:]:
             self._take(block_id)
         child.block_table = list(table)
+        if released:
+            self._released[child] = released
         self._hashes[child] = list(self._hashes.get(parent, ())[: num_tokens // self.block_size])
 
     # ---- growth ----
@@ -182,6 +190,26 @@ class BlockManager:
             hashes.append(block_hash(parent, _token_slice(seq, i * bs, (i + 1) * bs)))
             self.prefix_cache.register(seq.block_table[i], hashes[-1])
 
+    def release_outside_window(self, seq: Sequence) -> None:
+        """Give back the leading blocks no later query of `seq` reads: every layer slides, and a query at
+        position p sees positions > p - window. The table keeps their ids, so every position keeps its slot;
+        attention masks them (the native decode kernel skips them), whoever holds those blocks now."""
+        if self.window is None:
+            return
+        # Drafts past num_tokens may be rolled back; a forked sample recomputes the prompt's last token
+        # (one position before its parent's next query): blocks wholly before known - window are unread.
+        known = min(seq.num_computed_tokens, seq.num_tokens)
+        release = min(max((known - self.window) // self.block_size, 0), len(seq.block_table))
+        done = self._released.get(seq, 0)
+        for block_id in seq.block_table[done:release]:
+            self._release(block_id)  # committed already: a cached block parks for prefix reuse
+        if release > done:
+            self._released[seq] = release
+
+    def num_held_blocks(self, seq: Sequence) -> int:
+        """Blocks `seq` holds references to (its table, less those given back outside the window)."""
+        return len(seq.block_table) - self._released.get(seq, 0)
+
     def truncate(self, seq: Sequence) -> None:
         """Give back the blocks past `seq.num_computed_tokens` (those of rejected drafts). Never cached: a
         block is registered only once its tokens are computed and known."""
@@ -192,11 +220,11 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references. Tail blocks are released first so they are evicted first:
         a prefix is worth more than its continuation, which is useless without it."""
-        table = seq.block_table
-        for block_id in reversed(table):
+        held = seq.block_table[self._released.pop(seq, 0) :]  # blocks given back earlier belong to others now
+        for block_id in reversed(held):
             self._release(block_id)
         if self._copies:  # a copy into a block just given back would only clobber its next owner
-            freed = set(table)
+            freed = set(held)
             self._copies = [(s, d) for s, d in self._copies if d not in freed]
         seq.block_table = []
         self._hashes.pop(seq, None)

@@ -181,6 +181,7 @@ class Scheduler:
                     self.block_manager.truncate(seq)
                 self.num_computed_prompt_tokens += max(min(chunk.end, seq.num_prompt_tokens) - chunk.start, 0)
                 self.block_manager.commit(seq)
+                self.block_manager.release_outside_window(seq)
                 if self._prefilled(seq) and seq.request_id in self._forks:
                     self._fork_samples(seq)
 

@@ -94,6 +94,9 @@ class ModelRunner:
             for linear in _weights_of(self.model)[0]:
                 linear.drop_dense_copy()
         self.vocab_size = self.model.vocab_size
+        # Set where every layer slides (Mistral, Phi-3 mini): blocks older than the window can go back. The
+        # transformers fallback and GPT-2 have none (the fallback's modules make no such promise).
+        self.kv_window: int | None = getattr(self.model, "kv_window", None)
         self.sampler = Sampler(self.native, self.eos_token_ids)
         self.block_size = config.cache.block_size
         self.num_blocks = self._num_blocks()
