@@ -100,11 +100,12 @@ def test_model_type_alone_selects_the_family(family_dir, tmp_path):
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
-def test_blocks_behind_the_window_go_back_only_where_every_layer_slides(family_dir, native):
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])  # every layer slides; some layers are global
+def test_blocks_behind_the_window_go_back_only_where_every_layer_slides(family, native, smollm2_dir, tmp_path):
     """Long sequences on a small pool: where every layer slides, each holds about window / block_size
     blocks however long it grows, the blocks it gave back serve the others (prefix cache on, chunked
     prefill), and greedy still equals generate(); a global layer keeps every block."""
-    family, model_dir = family_dir
+    model_dir = str(build_tiny_family(family, smollm2_dir, tmp_path))
     rng = random.Random(8)
     prompts = [[rng.randrange(3, 49152) for _ in range(n)] for n in (9, 26, 31)]
     engine = LLMEngine(
