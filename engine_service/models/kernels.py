@@ -52,6 +52,9 @@ def _load():
 
     build_dir = build_directory()
     build_dir.mkdir(parents=True, exist_ok=True)
+    # The real path: through a symlinked $TOKENWIRE_HOME/kernels (the compose test's volume) the ninja
+    # file would name other source paths, and each side would rebuild what the other built (~100 s each).
+    build_dir = build_dir.resolve()
     cached = any(build_dir.glob("*.so"))
     start = time.perf_counter()
     try:
