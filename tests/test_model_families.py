@@ -139,3 +139,26 @@ def test_blocks_behind_the_window_go_back_only_where_every_layer_slides(family, 
         assert manager.window is None and most_held >= longest - 1
     assert manager.num_used_blocks == 0  # every finished sequence gave back all it still held
     assert_greedy_matches_reference(model_dir, prompts, [outputs[i] for i in ids])
+
+
+def test_drafts_on_an_all_sliding_model_roll_back_without_touching_given_back_blocks(smollm2_dir, tmp_path):
+    """Speculation and window release together: prompts that repeat themselves draft from the first step,
+    rejected drafts roll back over tables whose leading blocks went back, and greedy equals generate()."""
+    model_dir = str(build_tiny_family("mistral", smollm2_dir, tmp_path))
+    rng = random.Random(4)
+    patterns = [[rng.randrange(3, 49152) for _ in range(n)] for n in (3, 5, 7)]
+    prompts = [(p * 8)[: 20 + 3 * i] for i, p in enumerate(patterns)]
+    engine = LLMEngine(
+        EngineConfig(
+            model=model_dir,
+            dtype=ENGINE_DTYPE,
+            cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=48, enable_prefix_cache=True),
+            scheduler=SchedulerConfig(max_num_seqs=3, speculative="ngram"),
+        )
+    )
+    params = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
+    outputs = engine.generate(prompt_token_ids=prompts, params=params)
+    stats = engine.stats()
+    assert stats.num_draft_tokens > stats.num_accepted_draft_tokens > 0  # some drafts kept, some rolled back
+    assert engine.block_manager.window == TINY_WINDOW and engine.block_manager.num_used_blocks == 0
+    assert_greedy_matches_reference(model_dir, prompts, outputs)

@@ -71,7 +71,7 @@ class LLMEngine:
         if self.faults is not None:
             log.warning("fault injection is ON: %s", self.faults.rules)
         log.info(
-            "engine ready: %s (%s, %s forward) on %s/%s, %d KV blocks of %d tokens, context %d",
+            "engine ready: %s (%s, %s forward) on %s/%s, %d KV blocks of %d tokens, context %d%s",
             config.model,
             self.runner.architecture,
             self.runner.model_impl,
@@ -80,6 +80,9 @@ class LLMEngine:
             self.runner.num_blocks,
             self.runner.block_size,
             self.max_model_len,
+            ""
+            if self.runner.kv_window is None
+            else f"; blocks behind the {self.runner.kv_window}-token window go back",
         )
 
     # ---- submission (validation and encoding happen here, never inside the step loop) ----
