@@ -27,7 +27,8 @@ from pathlib import Path
 # on the CPUs measured). That covers the gaps between a decode step's ops and sleeps through the waits
 # between steps. Longer spins paid off offline on an idle machine but lost when another process shared
 # the cores: 100000 made 40 tok/s where PASSIVE made 106 on the AMX Xeon; 1000 still lost 12% online on
-# the EPYC with one core busy, where 300 matched PASSIVE and kept most of the idle gain (docs/benchmarks.md).
+# the EPYC with one core busy, where 300 matched PASSIVE; idle, 300 ran 5-9% below 1000 there, still above
+# PASSIVE (docs/benchmarks.md). A host with cores to spare can set GOMP_SPINCOUNT=1000 or more.
 DEFAULT_SPIN_COUNT = 300
 _OPERATOR_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2; "max 100000" when there is no quota
