@@ -31,7 +31,10 @@ def admit(bm, tokens, rid="r"):
     return seq
 
 
-def assert_all_free(bm):
+def assert_all_free(bm, *freeing):
+    """Free `freeing` first; then every block is free and unreferenced."""
+    for seq in freeing:
+        bm.free(seq)
     assert bm.num_free_blocks == bm.num_blocks and bm.num_used_blocks == 0
     assert all(bm.ref_count(b) == 0 for b in range(bm.num_blocks))
 
@@ -81,9 +84,7 @@ def test_full_and_partial_prefix_hits_after_free():
     assert bm.ref_count(hit.block_table[0]) == 2
     stats = bm.prefix_cache_stats
     assert (stats.queried_tokens, stats.hit_tokens) == (10 + 11 + 9, 8 + 4)
-    for seq in (hit, partial):
-        bm.free(seq)
-    assert_all_free(bm)
+    assert_all_free(bm, hit, partial)
 
 
 def test_fully_cached_prompt_leaves_last_token_to_compute():
@@ -114,9 +115,7 @@ def test_copy_on_write_when_writing_into_a_shared_block():
     assert twin.block_table == [owner.block_table[0], dst]
     assert bm.ref_count(shared) == 1 and bm.ref_count(dst) == 1
     assert bm.pop_block_copies() == []
-    for seq in (owner, twin):
-        bm.free(seq)
-    assert_all_free(bm)
+    assert_all_free(bm, owner, twin)
 
 
 def test_can_allocate_counts_revived_evictable_blocks_and_the_copy():
@@ -134,9 +133,7 @@ def test_can_allocate_counts_revived_evictable_blocks_and_the_copy():
     filler = make_seq([7] * 4, "filler")
     assert bm.ensure_slots(filler, 4)
     assert not bm.can_allocate(twin, 1, bm.match_prefix(twin))
-    for s in (holder, filler):
-        bm.free(s)
-    assert_all_free(bm)
+    assert_all_free(bm, holder, filler)
 
 
 def test_generated_tokens_are_cached_too():
@@ -277,9 +274,7 @@ def test_a_sliding_window_gives_back_leading_blocks_once_and_forks_share_the_res
 
     other = admit(bm, range(100, 110), "o")  # the given-back blocks serve a prefix hit meanwhile
     assert other.num_computed_tokens == 8 and other.block_table == parent.block_table[:2]
-    for seq in (parent, child, other):
-        bm.free(seq)
-    assert_all_free(bm)
+    assert_all_free(bm, parent, child, other)
 
 
 def test_without_a_window_every_block_stays():

@@ -56,6 +56,7 @@ class GPT2Forward:
             self.lm_head = Linear(hf_model.get_output_embeddings().weight.detach(), gemv=gemv)
             self.blocks = [_block(b, gemv) for b in inner.h]
         self.vocab_size = self.lm_head.out_features
+        self.kv_window = None  # no sliding layers
 
     def forward(
         self,

@@ -124,6 +124,7 @@ class HFFallbackForward:
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.vocab_size = hf_model.get_output_embeddings().weight.shape[0]
+        self.kv_window = None  # HF's modules may read any earlier position: every block is kept
         # Only the sampling rows reach the lm_head where the model's forward can be told so.
         self._keeps_rows = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
         # Every parameter once (tied ones share storage): what model_runner.weight_bytes counts.

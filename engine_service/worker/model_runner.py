@@ -40,6 +40,7 @@ class CausalLM(Protocol):
     num_kv_heads: int
     head_dim: int
     vocab_size: int
+    kv_window: int | None  # every layer's window, when all slide: KV behind it is never read again
 
     def forward(
         self,
@@ -94,9 +95,7 @@ class ModelRunner:
             for linear in _weights_of(self.model)[0]:
                 linear.drop_dense_copy()
         self.vocab_size = self.model.vocab_size
-        # Set where every layer slides (Mistral, Phi-3 mini): blocks older than the window can go back. The
-        # transformers fallback and GPT-2 have none (the fallback's modules make no such promise).
-        self.kv_window: int | None = getattr(self.model, "kv_window", None)
+        self.kv_window = self.model.kv_window  # the block manager gives back blocks behind it
         self.sampler = Sampler(self.native, self.eos_token_ids)
         self.block_size = config.cache.block_size
         self.num_blocks = self._num_blocks()
