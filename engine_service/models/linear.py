@@ -157,12 +157,12 @@ _ONEDNN_OK: dict[torch.dtype, bool] = {}
 
 
 def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
-    if weight.device.type != "cpu" or not _onednn_works(weight.dtype):
+    if weight.device.type != "cpu" or not onednn_works(weight.dtype):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
 
-def _onednn_works(dtype: torch.dtype) -> bool:
+def onednn_works(dtype: torch.dtype) -> bool:
     """Whether this torch build runs prepacked oneDNN linears in `dtype` and agrees with F.linear."""
     if dtype not in _ONEDNN_OK:
         ok = False
