@@ -112,9 +112,47 @@ void rms_norm_impl(const torch::Tensor& x, const torch::Tensor& w, double eps, t
   });
 }
 
+int64_t first_nan(const float* x, int64_t V) {
+  for (int64_t j = 0; j < V; ++j) if (std::isnan(x[j])) return j;
+  return -1;
+}
+
 // Index of the first maximum of each row of x [n, V] (float32), NaN counting as the maximum as in
 // torch.argmax. torch's argmax reads the logits of a batch-32 step (6 MB) in 1.2 ms on 2 Xeon cores,
 // a tenth of memory speed; 16 lanes that each keep their best value and its index read them in 0.15.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// Without AVX-512 the 16-lane select below ran 1.5-2.4x slower than torch.argmax (2-core AMD EPYC,
+// 32 x 262,144: 12.3 vs 5.1 ms): a max pass (four 8-lane accumulators), then a pass that finds the
+// first index holding it, while the row is still in cache.
+int64_t argmax_row(const float* x, int64_t V) {
+  const __m256 lowest = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 m0 = lowest, m1 = lowest, m2 = lowest, m3 = lowest, unordered = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= V; i += 32) {
+    const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+    const __m256 c = _mm256_loadu_ps(x + i + 16), d = _mm256_loadu_ps(x + i + 24);
+    unordered = _mm256_or_ps(unordered, _mm256_or_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q), _mm256_cmp_ps(c, d, _CMP_UNORD_Q)));
+    m0 = _mm256_max_ps(m0, a), m1 = _mm256_max_ps(m1, b), m2 = _mm256_max_ps(m2, c), m3 = _mm256_max_ps(m3, d);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+  float m = *std::max_element(lanes, lanes + 8);
+  bool any_nan = _mm256_movemask_ps(unordered) != 0;
+  for (int64_t j = i; j < V; ++j) {
+    any_nan |= std::isnan(x[j]);
+    m = x[j] > m ? x[j] : m;
+  }
+  if (any_nan) return first_nan(x, V);
+  const __m256 target = _mm256_set1_ps(m);
+  int64_t j = 0;
+  for (; j + 8 <= V; j += 8) {
+    const int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), target, _CMP_EQ_OQ));
+    if (hits) return j + __builtin_ctz(hits);
+  }
+  for (; j < V; ++j) if (x[j] == m) return j;
+  return 0;  // unreachable: m is one of the row's values
+}
+#else
 int64_t argmax_row(const float* x, int64_t V) {
   using vec::v16;
   using vec::v16i;
@@ -130,7 +168,7 @@ int64_t argmax_row(const float* x, int64_t V) {
   }
   bool any_nan = false;
   for (int l = 0; l < 16; ++l) any_nan |= nan[l] != 0;
-  if (any_nan) for (int64_t j = 0; j < i; ++j) if (std::isnan(x[j])) return j;
+  if (any_nan) return first_nan(x, i);
   float m = i > 0 ? best[0] : x[0];
   int64_t arg = i > 0 ? at[0] : 0;
   for (int l = 1; l < 16 && i > 0; ++l)
@@ -141,6 +179,7 @@ int64_t argmax_row(const float* x, int64_t V) {
   }
   return arg;
 }
+#endif
 
 }  // namespace
 
