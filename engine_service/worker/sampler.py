@@ -150,10 +150,11 @@ class Sampler:
         device = scores.device
         index = torch.tensor(rows, device=device)
         params = [seqs[i].params for i in rows]
-        temperature = torch.tensor([p.temperature for p in params], device=device)
-        x = _apply_min_p(scores.index_select(0, index) / temperature[:, None], params)
+        # Temperature and min_p apply inside _draw: bounded rows scale their candidates alone.
+        x = scores if len(rows) == len(seqs) else scores.index_select(0, index)
+        temperature = torch.tensor([p.temperature for p in params], dtype=x.dtype, device=device)[:, None]
         row_keys = _row_keys([seqs[i].seed for i in rows], [seqs[i].num_tokens + ahead[i] for i in rows], device)
-        chosen = _draw(x, params, row_keys, self._vocab_keys_for(x.shape[1], device))
+        chosen = _draw(x, temperature, params, row_keys, self._vocab_keys_for(x.shape[1], device))
         if len(rows) == len(seqs):
             return chosen
         return self._argmax(scores).index_copy_(0, index, chosen)
@@ -191,34 +192,42 @@ def _below_min_tokens(seqs: list[Sequence]) -> list[int]:
     return [i for i, s in enumerate(seqs) if len(s.output_token_ids) < s.params.min_tokens]
 
 
-def _draw(x: torch.Tensor, params: list, row_keys: torch.Tensor, vocab_keys: torch.Tensor) -> torch.Tensor:
-    """Gumbel-max over each row's allowed tokens. Noise depends on (row key, vocab id) only, so the
-    draw is the same whether it looks at the whole vocabulary or at a row's candidates."""
+def _draw(
+    x: torch.Tensor, temperature: torch.Tensor, params: list, row_keys: torch.Tensor, vocab_keys: torch.Tensor
+) -> torch.Tensor:
+    """Gumbel-max over each row's allowed tokens of x / temperature (x: scores before temperature, never
+    written). Noise depends on (row key, vocab id) only, so the draw is the same whether it looks at the
+    whole vocabulary or at a row's candidates."""
     bounded = [p.top_k > 0 or p.top_p < 1 for p in params]
     if not any(bounded):
-        return (x + _gumbel(row_keys, vocab_keys)).argmax(-1)
+        scaled = _apply_min_p_(x / temperature, params)
+        return scaled.add_(_gumbel(row_keys, vocab_keys)).argmax(-1)
     if all(bounded):
-        values, ids = _candidates(x, params)
+        values, ids = _candidates(x, temperature, params)
         noise = _gumbel(row_keys, vocab_keys[ids])
         return ids.gather(1, (values + noise).argmax(-1, keepdim=True)).squeeze(1)
     out = torch.empty(len(params), dtype=torch.long, device=x.device)
     for flag in (True, False):  # bounded rows on candidates, the others on the whole vocabulary
         rows = [i for i, b in enumerate(bounded) if b is flag]
         index = torch.tensor(rows, device=x.device)
-        out.index_copy_(
-            0,
-            index,
-            _draw(x.index_select(0, index), [params[i] for i in rows], row_keys.index_select(0, index), vocab_keys),
-        )
+        picked = [params[i] for i in rows]
+        keys = row_keys.index_select(0, index)
+        out.index_copy_(0, index, _draw(x.index_select(0, index), temperature[index], picked, keys, vocab_keys))
     return out
 
 
-def _candidates(x: torch.Tensor, params: list, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, vocab ids) [rows, width] of each row's top tokens, -inf beyond its top_k / top_p cut."""
+def _candidates(
+    x: torch.Tensor, temperature: torch.Tensor, params: list, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values / temperature, vocab ids) [rows, width] of each row's top tokens, -inf beyond its min_p /
+    top_k / top_p cut. A positive temperature keeps the order, so top-k runs on the unscaled row and only
+    the candidates are scaled (at a 262k vocabulary a full-row copy and divide cost more than the top-k);
+    the row's maximum is its first candidate, so min_p needs no pass over the row either."""
     vocab = x.shape[1]
     if width is None:
         width = min(vocab, max(p.top_k if p.top_k > 0 else _NUCLEUS_WIDTH for p in params))
     values, ids = x.topk(width, dim=-1)
+    values = _apply_min_p_(values.div_(temperature), params)
     device, neg_inf = x.device, float("-inf")
     top_k = torch.tensor([p.top_k if 0 < p.top_k < width else width for p in params], device=device)
     values.masked_fill_(torch.arange(width, device=device) >= top_k[:, None], neg_inf)
@@ -226,25 +235,29 @@ def _candidates(x: torch.Tensor, params: list, width: int | None = None) -> tupl
         return values, ids
     # top_p after top_k (HF, vLLM): mass over the top_k survivors, or over the whole row without top_k.
     has_top_k = torch.tensor([p.top_k > 0 for p in params], device=device)[:, None]
-    norm = torch.where(has_top_k, values.logsumexp(-1, keepdim=True), x.logsumexp(-1, keepdim=True))
+    norm = values.logsumexp(-1, keepdim=True)
+    if not bool(has_top_k.all()):
+        whole_row = _apply_min_p_(x / temperature, params).logsumexp(-1, keepdim=True)
+        norm = torch.where(has_top_k, norm, whole_row)
     probs = (values - norm).exp_()
     top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=device)[:, None]
     covered = has_top_k | (probs.sum(-1, keepdim=True) >= top_p)
     if width < vocab and not bool(covered.all()):  # a nucleus wider than `width`: sort everything
-        return _candidates(x, params, vocab)
+        return _candidates(x, temperature, params, vocab)
     # Keep the shortest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
     values.masked_fill_(probs.cumsum(-1) - probs >= top_p, neg_inf)
     return values, ids
 
 
-def _apply_min_p(x: torch.Tensor, params: list) -> torch.Tensor:
-    """p < min_p * p_max  <=>  logit < max_logit + log(min_p): no softmax needed."""
+def _apply_min_p_(x: torch.Tensor, params: list) -> torch.Tensor:
+    """In place, on temperature-scaled scores: p < min_p * p_max  <=>  logit < max_logit + log(min_p)
+    (no softmax needed)."""
     if all(p.min_p <= 0 for p in params):
         return x
     log_min_p = torch.tensor(
         [math.log(p.min_p) if p.min_p > 0 else float("-inf") for p in params], dtype=x.dtype, device=x.device
     )
-    return x.masked_fill(x < x.amax(-1, keepdim=True) + log_min_p[:, None], float("-inf"))
+    return x.masked_fill_(x < x.amax(-1, keepdim=True) + log_min_p[:, None], float("-inf"))
 
 
 def _row_keys(seeds: list[int], positions: list[int], device: torch.device) -> torch.Tensor:
