@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="GEMMs of 1-4 rows on a plain weight copy (engine flag)",
     )
+    ap.add_argument(
+        "--quantization", default="auto", help="linear weights: auto, gguf, int8, none (engine flag)"
+    )
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument(
         "--ceiling",
@@ -171,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve_model(args.model)
     runner = ModelRunner(
         EngineConfig(
-            model=model_dir,
+            model=args.model,  # a name or .gguf path: the runner resolves it (and serves its blocks)
             dtype=args.dtype,
             few_row_gemv=args.few_row_gemv,
+            quantization=args.quantization,
             cache=CacheConfig(kv_cache_dtype=args.kv_cache_dtype),
         )
     )

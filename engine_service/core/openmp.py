@@ -23,13 +23,15 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-# Spin iterations before a waiting thread sleeps (libgomp's unit: one `pause` each, a few to ~15 us in all
-# on the CPUs measured). That covers the gaps between a decode step's ops and sleeps through the waits
-# between steps. Longer spins paid off offline on an idle machine but lost when another process shared
-# the cores: 100000 made 40 tok/s where PASSIVE made 106 on the AMX Xeon; 1000 still lost 12% online on
-# the EPYC with one core busy, where 300 matched PASSIVE; idle, 300 ran 5-9% below 1000 there, still above
-# PASSIVE (docs/benchmarks.md). A host with cores to spare can set GOMP_SPINCOUNT=1000 or more.
-DEFAULT_SPIN_COUNT = 300
+# Spin iterations before a waiting thread sleeps (libgomp's unit: one `pause` each; 28 ns on the AVX2-only
+# EPYC, so 1000 is 28 us). That covers the gaps between a decode step's ops and sleeps through the waits
+# between steps. One stream is where it shows: on the AVX2-only EPYC (a VM, whose wake-ups are slow) 300
+# made a token in 23.4 ms and PASSIVE in 26.0, 1000 in 9.7. Longer spins lose when another process
+# shares the cores: 100000 made 40 tok/s where PASSIVE made 106 on the AMX Xeon; with one core busy 1000
+# lost 12% online against PASSIVE on the AVX-512 EPYC and 19% on one stream against 300 on the AVX2 one,
+# where batches moved under 8% either way (docs/benchmarks.md, "OpenMP waits"). A crowded host sets
+# OMP_WAIT_POLICY=PASSIVE.
+DEFAULT_SPIN_COUNT = 1000
 _OPERATOR_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2; "max 100000" when there is no quota
 
