@@ -159,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="GEMMs of 1-4 rows on a plain weight copy (engine flag)",
     )
-    ap.add_argument(
-        "--quantization", default="auto", help="linear weights: auto, gguf, int8, none (engine flag)"
-    )
+    ap.add_argument("--quantization", default="auto", help="linear weights: auto, gguf, int8, none (engine flag)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument(
         "--ceiling",
