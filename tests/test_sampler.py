@@ -10,6 +10,7 @@ import torch
 from tokenwire.engine.request.sampling_params import SamplingParams
 from tokenwire.engine.scheduling.sequence import Sequence
 from tokenwire.engine.worker import sampler as sampler_module
+from tokenwire.engine.worker import sampling_noise
 from tokenwire.engine.worker.sampler import Sampler, apply_penalties
 from tokenwire.serving.errors import InvalidRequestError
 
@@ -177,9 +178,8 @@ def test_noise_is_the_documented_hash():
         x = (x * 0x846CA68B) & 0xFFFFFFFF
         return x ^ (x >> 16)
 
-    row_keys = sampler_module._row_keys([0, 7, 2**63 - 1], [0, 5, 100], torch.device("cpu"))
-    vocab_keys = sampler_module._int32(torch.arange(300) * sampler_module._GOLDEN32)
-    noise = sampler_module._gumbel(row_keys, vocab_keys)
+    row_keys = sampling_noise.row_keys([0, 7, 2**63 - 1], [0, 5, 100], torch.device("cpu"))
+    noise = sampling_noise.gumbel(row_keys, sampling_noise.vocab_keys(300, torch.device("cpu")))
     for r, key in enumerate(row_keys.tolist()):
         for v in (0, 1, 150, 299):
             bits = lowbias32((key ^ ((v * 0x9E3779B9) & 0xFFFFFFFF)) & 0xFFFFFFFF) >> 9

@@ -22,27 +22,14 @@ import torch
 from tokenwire.engine.models import kernels
 from tokenwire.engine.request.grammar import fill_bitmasks, fill_draft_bitmasks
 from tokenwire.engine.scheduling.sequence import Sequence
+from tokenwire.engine.worker import sampling_noise
 
 # top_p alone is first tried within the top-N tokens (torch.topk is ~10x cheaper than a full sort on
 # CPU); only when the nucleus is wider than that do its rows sort the whole vocabulary.
 _NUCLEUS_WIDTH = 1024
-# Noise is built in vocabulary tiles of about this many elements so its int32 temporaries stay in cache.
-_NOISE_TILE_ELEMENTS = 1 << 17
-_UNIFORM_BITS = 23  # k + 0.5 stays exact in float32, so u never rounds to 0 or 1
 # Byte value -> the 8 logit offsets it stands for (bit b clear: -inf). One index_select and one add
 # expand a packed bitmask onto the logits: ~5x cheaper on CPU than unpacking bits with shifts.
 _BYTE_BIAS = torch.zeros(256, 8).masked_fill_(((torch.arange(256)[:, None] >> torch.arange(8)) & 1) == 0, float("-inf"))
-
-
-def _signed(value: int, bits: int) -> int:
-    """An unsigned constant as the signed integer with the same bits (torch lacks unsigned arithmetic)."""
-    return value - (1 << bits) if value >= 1 << (bits - 1) else value
-
-
-_GOLDEN64 = _signed(0x9E3779B97F4A7C15, 64)
-_SPLITMIX = (_signed(0xBF58476D1CE4E5B9, 64), _signed(0x94D049BB133111EB, 64))
-_GOLDEN32 = 0x9E3779B9
-_LOWBIAS = (_signed(0x7FEB352D, 32), _signed(0x846CA68B, 32))
 
 
 @dataclass(frozen=True)
@@ -153,7 +140,9 @@ class Sampler:
         # Temperature and min_p apply inside _draw: bounded rows scale their candidates alone.
         x = scores if len(rows) == len(seqs) else scores.index_select(0, index)
         temperature = torch.tensor([p.temperature for p in params], dtype=x.dtype, device=device)[:, None]
-        row_keys = _row_keys([seqs[i].seed for i in rows], [seqs[i].num_tokens + ahead[i] for i in rows], device)
+        row_keys = sampling_noise.row_keys(
+            [seqs[i].seed for i in rows], [seqs[i].num_tokens + ahead[i] for i in rows], device
+        )
         chosen = _draw(x, temperature, params, row_keys, self._vocab_keys_for(x.shape[1], device))
         if len(rows) == len(seqs):
             return chosen
@@ -162,7 +151,7 @@ class Sampler:
     def _vocab_keys_for(self, vocab: int, device: torch.device) -> torch.Tensor:
         keys = self._vocab_keys
         if keys is None or keys.shape[0] != vocab or keys.device != device:
-            keys = self._vocab_keys = _int32(torch.arange(vocab, dtype=torch.long, device=device) * _GOLDEN32)
+            keys = self._vocab_keys = sampling_noise.vocab_keys(vocab, device)
         return keys
 
 
@@ -201,10 +190,10 @@ def _draw(
     bounded = [p.top_k > 0 or p.top_p < 1 for p in params]
     if not any(bounded):
         scaled = _apply_min_p_(x / temperature, params)
-        return scaled.add_(_gumbel(row_keys, vocab_keys)).argmax(-1)
+        return scaled.add_(sampling_noise.gumbel(row_keys, vocab_keys)).argmax(-1)
     if all(bounded):
         values, ids = _candidates(x, temperature, params)
-        noise = _gumbel(row_keys, vocab_keys[ids])
+        noise = sampling_noise.gumbel(row_keys, vocab_keys[ids])
         return ids.gather(1, (values + noise).argmax(-1, keepdim=True)).squeeze(1)
     out = torch.empty(len(params), dtype=torch.long, device=x.device)
     for flag in (True, False):  # bounded rows on candidates, the others on the whole vocabulary
@@ -258,54 +247,6 @@ def _apply_min_p_(x: torch.Tensor, params: list) -> torch.Tensor:
         [math.log(p.min_p) if p.min_p > 0 else float("-inf") for p in params], dtype=x.dtype, device=x.device
     )
     return x.masked_fill_(x < x.amax(-1, keepdim=True) + log_min_p[:, None], float("-inf"))
-
-
-def _row_keys(seeds: list[int], positions: list[int], device: torch.device) -> torch.Tensor:
-    """int32 key per row from (seed, position) through splitmix64: the counter of a counter-based RNG."""
-    seed = torch.tensor(seeds, dtype=torch.long, device=device)
-    pos = torch.tensor(positions, dtype=torch.long, device=device)
-    return (_splitmix64(_splitmix64(seed + _GOLDEN64) + pos * _GOLDEN64) >> 32).to(torch.int32)
-
-
-def _gumbel(row_keys: torch.Tensor, vocab_keys: torch.Tensor) -> torch.Tensor:
-    """Gumbel noise [rows, width]: element (r, j) is a pure function of row_keys[r] and its vocab key
-    (vocab_keys is [width], or [rows, width] for per-row candidates)."""
-    rows, width = row_keys.shape[0], vocab_keys.shape[-1]
-    out = torch.empty(rows, width, dtype=torch.float32, device=row_keys.device)
-    tile = width if row_keys.device.type == "cuda" else max(256, _NOISE_TILE_ELEMENTS // rows)
-    for start in range(0, width, tile):
-        z = row_keys[:, None] ^ vocab_keys[..., start : start + tile]
-        scratch = torch.empty_like(z)
-        _lowbias32_(z, scratch)
-        torch.bitwise_right_shift(z, 32 - _UNIFORM_BITS, out=scratch).bitwise_and_((1 << _UNIFORM_BITS) - 1)
-        u = out[:, start : start + tile].copy_(scratch)
-        u.mul_(2.0**-_UNIFORM_BITS).add_(2.0 ** -(_UNIFORM_BITS + 1))  # (k + 0.5) / 2^bits in (0, 1)
-        u.log_().neg_().log_().neg_()
-    return out
-
-
-def _lowbias32_(z: torch.Tensor, scratch: torch.Tensor) -> None:
-    """In place: Wellons' lowbias32 integer finaliser on int32 bits (logical shifts emulated)."""
-    for shift, multiplier in ((16, _LOWBIAS[0]), (15, _LOWBIAS[1]), (16, None)):
-        torch.bitwise_right_shift(z, shift, out=scratch).bitwise_and_((1 << (32 - shift)) - 1)
-        z.bitwise_xor_(scratch)
-        if multiplier is not None:
-            z.mul_(multiplier)
-
-
-def _splitmix64(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 bits (logical shifts emulated)."""
-    for shift, multiplier in ((30, _SPLITMIX[0]), (27, _SPLITMIX[1]), (31, None)):
-        z = z ^ ((z >> shift) & ((1 << (64 - shift)) - 1))
-        if multiplier is not None:
-            z = z * multiplier
-    return z
-
-
-def _int32(z: torch.Tensor) -> torch.Tensor:
-    """The low 32 bits of int64 values, as int32."""
-    low = z & 0xFFFFFFFF
-    return torch.where(low >= 1 << 31, low - (1 << 32), low).to(torch.int32)
 
 
 def apply_logit_bias(logits: torch.Tensor, params: list) -> torch.Tensor:
